@@ -1,0 +1,6 @@
+"""Representation passes: one representation per module (its nn.Module, its fit, its pass).
+
+Importing this package registers every representation, so specs naming them can be loaded.
+"""
+
+from passes import md, qr  # noqa: F401

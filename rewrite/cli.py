@@ -1,0 +1,145 @@
+"""The ``rewrite`` command.
+
+Exit codes: 0 success, 1 a verification failed, 2 bad input.  Results go to stdout (one JSON
+object with ``--json``); progress bars and logs go to stderr.  ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from rewrite.errors import RewriteError
+
+
+class _Group(click.Group):
+    """Turns toolkit errors into one line on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RewriteError as e:
+            if ctx.meta.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except (KeyboardInterrupt, BrokenPipeError):
+            ctx.exit(130)
+
+
+def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    click.echo(json.dumps(result, indent=1, default=str) if as_json else human(result))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks instead of one-line errors")
+@click.version_option(package_name="dlrm-rewrite")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Rewrite a trained DLRM's embedding tables, compile the result, pick a path."""
+    ctx.meta["debug"] = debug
+
+
+def load_options(f):
+    f = click.option("--interaction", type=click.Choice(["dot", "dot-self", "cat"]),
+                     help="dlrm files: the interaction, where layer widths cannot tell")(f)
+    f = click.option("--qr-op", type=click.Choice(["mult", "add", "concat"]),
+                     help="dlrm files: --qr-operation used in training (not stored in the file)")(f)
+    return f
+
+
+def load_model(path: Path, interaction: str | None, qr_op: str | None):
+    from rewrite.formats import load
+
+    overrides = {k: v for k, v in (("interaction", interaction), ("qr_op", qr_op)) if v}
+    return load(path, **overrides)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@load_options
+@json_option
+def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
+    """What a checkpoint holds: tables, representations, bytes, MLPs."""
+    from rewrite.inspection import describe_model, human_bytes
+
+    model = load_model(path, interaction, qr_op)
+    info = describe_model(model, path)
+
+    def human(d):
+        lines = [f"{d['path']}  ({d['format']})",
+                 f"  dense {d['n_dense']} -> bottom {d['bottom_mlp'][1:]}  "
+                 f"interaction {d['interaction']}  top {d['top_mlp']}",
+                 f"  {len(d['tables'])} tables, embeddings {human_bytes(d['embedding_bytes'])}, "
+                 f"MLPs {human_bytes(d['dense_bytes'])}",
+                 f"  {'table':<10}{'rows':>12}{'dim':>6}  {'bytes':>12}  representation"]
+        for t in d["tables"]:
+            lines.append(f"  {t['name']:<10}{t['rows']:>12,}{t['dim']:>6}  {human_bytes(t['bytes']):>12}"
+                         f"  {t['describe']}")
+        meta = d["provenance"].get("metadata")
+        if meta:
+            lines.append("  training metadata: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+        return "\n".join(lines)
+
+    emit(info, as_json, human)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="dlrm-processed .npz (X_int, X_cat[, y])")
+@click.option("--sample-rate", default=1.0, show_default=True, type=float,
+              help="fraction of samples counted (FAE samples ~5%)")
+@click.option("--coverage", default=0.9, show_default=True, type=float,
+              help="report the hot set covering this share of lookups")
+@click.option("--hot-bytes", default=None, type=str, help="report the hot rows fitting this budget, e.g. 64MB")
+@click.option("--dense-transform", default="log1p", show_default=True, type=click.Choice(["log1p", "none"]))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="write the profile JSON here")
+@load_options
+@json_option
+def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, output,
+            interaction, qr_op, as_json) -> None:
+    """Per-table access statistics (FAE-style) on a sample of the data."""
+    from rewrite import data
+    from rewrite.inspection import human_bytes
+    from rewrite.profiling import profile as run_profile
+    from rewrite.units import parse_bytes
+
+    if not 0 < coverage <= 1:
+        raise RewriteError(f"--coverage must be in (0, 1], got {coverage}")
+    budget = parse_bytes(hot_bytes) if hot_bytes else None
+    model = load_model(path, interaction, qr_op)
+    prof = run_profile(model, data.open(data_path, dense_transform), sample_rate)
+    if output:
+        prof.save(output, coverage, budget)
+    result = prof.to_json(coverage, budget)
+    result.pop("counts")
+
+    def human(d):
+        lines = [f"{d['samples']:,} samples from {d['source']} (rate {d['sample_rate']})",
+                 f"  {'table':<8}{'rows':>10}{'touched':>10}{'top1%':>8}{'top10%':>8}{'zipf':>7}"
+                 f"{'hot@' + format(coverage, '.0%'):>10}"
+                 + (f"{'in ' + human_bytes(budget):>14}{'covers':>8}" if budget else "")]
+        for t in d["tables"]:
+            line = (f"  {t['name']:<8}{t['rows']:>10,}{t['touched_rows']:>10,}"
+                    f"{t['top_1pct_coverage']:>8.1%}{t['top_10pct_coverage']:>8.1%}"
+                    f"{t['zipf_exponent']:>7.2f}{t['hot_rows_for_coverage']:>10,}")
+            if budget:
+                line += f"{t['hot_rows_in_budget']:>14,}{t['hot_budget_coverage']:>8.1%}"
+            lines.append(line)
+        if output:
+            lines.append(f"profile written to {output}")
+        return "\n".join(lines)
+
+    emit(result, as_json, human)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``torch.load`` that never runs pickled code.
+
+dlrm's ``--save-model`` pickles numpy scalars (``test_acc`` etc.); PyTorch's weights-only unpickler
+refuses them unless allowed.  We allow exactly numpy's scalar reconstructor and dtype classes,
+under both the numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) module spellings, and nothing
+else: a pickle that names any other global is rejected with the name of that global.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rewrite.errors import RewriteError
+
+
+def _numpy_allowlist() -> list[Any]:
+    scalar = np._core.multiarray.scalar
+    allowed: list[Any] = [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+    ]
+    for name in dir(np.dtypes):
+        cls = getattr(np.dtypes, name)
+        if name.endswith("DType") and isinstance(cls, type):
+            allowed.append(cls)
+    return allowed
+
+
+def load_pickled(path: Path) -> Any:
+    """Load a ``torch.save`` file with ``weights_only=True`` and the numpy allow-list."""
+    try:
+        with torch.serialization.safe_globals(_numpy_allowlist()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_zipfile(path))
+    except FileNotFoundError:
+        raise RewriteError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise RewriteError(f"{path}: is a directory, not a checkpoint file") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise RewriteError(f"{path}: not a loadable checkpoint: {_reason(path, e)}") from None
+
+
+def _zipfile(path: Path) -> bool:
+    """mmap works only for the zip format torch.save writes since 1.6."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _reason(path: Path, e: Exception) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "GLOBAL" in line:
+            name = line.split("GLOBAL")[-1].strip(" :.")
+            return f"it names code to run ({name}); refusing to unpickle it"
+    if "central directory" in text or isinstance(e, EOFError):
+        return "the file is truncated or corrupted"
+    if not _zipfile(path):
+        return "not a torch.save file (neither a zip archive nor a pickle)"
+    return (text.splitlines() or [type(e).__name__])[0].split(". ")[0][:200]

@@ -1,0 +1,41 @@
+"""What ``rewrite inspect`` reports about a model (schema in docs/cli.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rewrite.formats import detect
+from rewrite.model import RecModel
+
+INSPECT_VERSION = 1
+
+
+def describe_model(model: RecModel, path: Path) -> dict[str, Any]:
+    spec = model.spec
+    return {
+        "schema": f"inspect/{INSPECT_VERSION}",
+        "path": str(path),
+        "format": spec.provenance.get("format", detect(path)),
+        "n_dense": spec.n_dense,
+        "bottom_mlp": [spec.n_dense, *spec.bottom],
+        "top_mlp": list(spec.top),
+        "interaction": spec.interaction,
+        "interaction_pairs": spec.pairs,
+        "features": [{"name": f, "table": t} for f, t in spec.features],
+        "tables": [{"name": name, "rows": rep.rows, "dim": rep.dim, "pooling": rep.pooling,
+                    "representation": rep.kind, "describe": rep.describe(), "params": rep.params(),
+                    "bytes": rep.num_bytes()}
+                   for name, rep in model.embeddings.items()],
+        "embedding_bytes": model.embedding_bytes(),
+        "dense_bytes": model.dense_bytes(),
+        "provenance": spec.provenance,
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
