@@ -3,4 +3,4 @@
 Importing this package registers every representation, so specs naming them can be loaded.
 """
 
-from passes import md, qr  # noqa: F401
+from passes import mixed_dim, quotient_remainder  # noqa: F401

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from passes.md import MDBag
-from passes.qr import QRBag
+from passes.mixed_dim import MDBag
+from passes.quotient_remainder import QRBag
 from rewrite.embedding import Representation, TableBag
 from rewrite.errors import RewriteError
 from rewrite.model import ModelSpec, RecModel, interaction_pairs
