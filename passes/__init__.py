@@ -1,6 +1,12 @@
 """Representation passes: one representation per module (its nn.Module, its fit, its pass).
 
-Importing this package registers every representation, so specs naming them can be loaded.
+Importing this package registers every representation and pass.  Each pass also has a Python
+configurator of the same name: ``passes.onehot(max_rows=64)`` == ``-p onehot:max_rows=64``.
 """
 
-from passes import mixed_dim, quotient_remainder  # noqa: F401
+from passes import mixed_dim, onehot as _onehot_module, quotient_remainder  # noqa: F401
+from rewrite.passinfra import ConfiguredPass, configure
+
+
+def onehot(**options) -> ConfiguredPass:
+    return configure("onehot", **options)

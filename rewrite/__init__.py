@@ -3,6 +3,7 @@
     model = rewrite.load("model.pt")
     gm, sites = rewrite.capture(model)
     prof = rewrite.profile(model, rewrite.data.open("day_0.npz"))
+    rw, report = rewrite.apply(model, [passes.onehot()], profile=prof)
 """
 
 from rewrite import data
@@ -11,10 +12,11 @@ from rewrite.errors import RewriteError, VerificationError
 from rewrite.formats import load
 from rewrite.formats.native import save
 from rewrite.model import ModelSpec, RecModel
+from rewrite.pipeline import apply
 from rewrite.profiling import AccessProfile, profile
 from rewrite.tracing import EmbeddingSite, capture
 
 __version__ = "0.1.0"
 
 __all__ = ["AccessProfile", "Batch", "EmbeddingSite", "ModelSpec", "RecModel", "RewriteError",
-           "VerificationError", "capture", "data", "load", "profile", "save"]
+           "VerificationError", "apply", "capture", "data", "load", "profile", "save"]

@@ -28,8 +28,8 @@ class EmbeddingSite:
     representation: str
     bytes: int
 
-    def module(self, gm: torch.nn.Module) -> Representation:
-        return gm.get_submodule(self.module_path)
+    def module(self, model: torch.nn.Module) -> Representation:
+        return model.get_submodule(self.module_path)
 
 
 class _Tracer(fx.Tracer):

@@ -1,0 +1,229 @@
+"""The pass contract: registration, configs, and the ``-p NAME[:key=value]...`` grammar.
+
+A pass is a function ``run(site, config, ctx) -> Rewrite | Skip`` of one embedding site, its
+frozen-dataclass config and a ``PassContext``; it is registered once by name, and the same name
+is used on the CLI (``-p quantize:bits=4``) and in Python (``passes.quantize(bits=4)``).  Table
+selection (``tables=``, ``min_rows=``) is common to every pass and applied by the pass manager,
+so a pass only sees the tables it was asked to rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from rewrite.batch import Batch
+from rewrite.embedding import Representation
+from rewrite.errors import RewriteError
+from rewrite.model import RecModel
+from rewrite.profiling import AccessProfile
+from rewrite.tracing import EmbeddingSite
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A fitted replacement.  ``error_bound``: the analytic max |Δ| per output element per id in
+    the bag (quantization, exact forms); None for fitted approximations, which are checked
+    against the config's ``max_error`` (relative embedding error) instead."""
+
+    representation: Representation
+    error_bound: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skip:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tables a pass touches: by name, and/or by size.  Inherit in every pass config."""
+
+    tables: tuple[str, ...] = ()      # empty: every table
+    min_rows: int = 0                 # leave tables with fewer rows alone
+
+
+@dataclass
+class PassContext:
+    model: RecModel                   # the model as it stands before this pass (read-only)
+    profile: AccessProfile | None
+    sample: list[Batch]               # verification / calibration batches
+    seed: int = 0
+
+    def counts(self, table: str) -> np.ndarray | None:
+        """Sampled accesses per row of ``table``, or None without a profile."""
+        if self.profile is None or table not in self.profile.tables:
+            return None
+        return self.profile.counts(table)
+
+    def row_weights(self, table: str, rows: int) -> np.ndarray:
+        """Per-row fitting weights, mean 1: access frequency (+1 smoothing so unseen rows still
+        count a little), or uniform without a profile."""
+        c = self.counts(table)
+        if c is None:
+            return np.ones(rows, dtype=np.float64)
+        w = c.astype(np.float64) + 1.0
+        return w * (rows / w.sum())
+
+
+RunFn = Callable[[EmbeddingSite, Any, PassContext], "Rewrite | Skip"]
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    config: type
+    run: RunFn
+
+    @property
+    def summary(self) -> str:
+        return (self.run.__doc__ or "").strip().splitlines()[0] if self.run.__doc__ else ""
+
+
+PASSES: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, config: type):
+    """Decorator: register ``run`` under ``name`` with its frozen-dataclass ``config``."""
+    if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+        raise TypeError(f"pass {name}: config must be a frozen dataclass")
+    if not issubclass(config, Selection):
+        raise TypeError(f"pass {name}: config must inherit Selection")
+
+    def wrap(run: RunFn) -> RunFn:
+        if name in PASSES:
+            raise ValueError(f"pass {name!r} registered twice")
+        PASSES[name] = PassInfo(name, config, run)
+        return run
+
+    return wrap
+
+
+def get_pass(name: str) -> PassInfo:
+    import passes  # noqa: F401  (registers every pass)
+
+    if name not in PASSES:
+        raise RewriteError(f"unknown pass {name!r} (known: {', '.join(sorted(PASSES))}; "
+                           f"`rewrite passes` lists them)")
+    return PASSES[name]
+
+
+@dataclass(frozen=True)
+class ConfiguredPass:
+    """A pass with its config: what ``passes.quantize(bits=4)`` and ``-p quantize:bits=4`` make."""
+
+    name: str
+    config: Any
+
+    @property
+    def info(self) -> PassInfo:
+        return get_pass(self.name)
+
+    def __str__(self) -> str:
+        defaults = self.info.config()
+        opts = [f"{f.name}={_format(getattr(self.config, f.name))}"
+                for f in dataclasses.fields(self.config)
+                if getattr(self.config, f.name) != getattr(defaults, f.name)]
+        return ":".join([self.name, *opts])
+
+
+def configure(name: str, **options: Any) -> ConfiguredPass:
+    """Build a configured pass, coercing CLI strings to the config's field types."""
+    info = get_pass(name)
+    hints = typing.get_type_hints(info.config)
+    known = {f.name for f in dataclasses.fields(info.config)}
+    values = {}
+    for key, raw in options.items():
+        if key not in known:
+            raise RewriteError(f"pass {name}: unknown option {key!r} (options: {', '.join(sorted(known))})")
+        values[key] = _coerce(name, key, raw, hints[key])
+    try:
+        return ConfiguredPass(name, info.config(**values))
+    except (ValueError, TypeError) as e:
+        raise RewriteError(f"pass {name}: {e}") from None
+
+
+def parse_pass(text: str) -> ConfiguredPass:
+    """``NAME[:key=value]...``; list values separated by ','.  A field whose metadata says
+    ``{"rest": True}`` (a nested pass, e.g. ``cold=quantize:bits=4``) takes the rest of the text."""
+    name, _, rest = text.partition(":")
+    info = get_pass(name.strip())
+    rest_fields = {f.name for f in dataclasses.fields(info.config) if f.metadata.get("rest")}
+    options: dict[str, str] = {}
+    while rest:
+        item, _, tail = rest.partition(":")
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise RewriteError(f"pass {name}: cannot read {item!r}; options are key=value "
+                               f"separated by ':' (e.g. -p quantize:bits=4:min_rows=1000)")
+        if key in rest_fields:
+            value, tail = rest[len(key) + 1:], ""
+        options[key.strip()] = value.strip()
+        rest = tail
+    return configure(info.name, **options)
+
+
+def _coerce(name: str, key: str, raw: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not isinstance(raw, str):
+        if origin is tuple and isinstance(raw, (list, tuple)):
+            return tuple(raw)
+        return raw
+    try:
+        if origin in (typing.Union, types.UnionType):
+            inner = [a for a in args if a is not type(None)]
+            if raw.lower() in ("none", ""):
+                return None
+            return _coerce(name, key, raw, inner[0])
+        if origin is Literal:
+            for a in args:
+                if str(a) == raw:
+                    return a
+            raise ValueError(f"must be one of {', '.join(map(str, args))}")
+        if origin is tuple:
+            return tuple(_coerce(name, key, v, args[0]) for v in raw.split(",") if v)
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("must be true or false")
+        if hint is int:
+            v = float(raw)
+            if not v.is_integer():
+                raise ValueError("must be a whole number")
+            return int(v)
+        if hint is float:
+            return float(raw)
+        return raw
+    except ValueError as e:
+        raise RewriteError(f"pass {name}: option {key}={raw!r}: {e}") from None
+
+
+def _format(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def option_rows(info: PassInfo) -> list[tuple[str, str, str]]:
+    """(option, type, default) for ``rewrite passes``."""
+    hints = typing.get_type_hints(info.config)
+    defaults = info.config()
+    return [(f.name, _type_name(hints[f.name]), _format(getattr(defaults, f.name)))
+            for f in dataclasses.fields(info.config)]
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or none"
+    return getattr(hint, "__name__", str(hint))
