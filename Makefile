@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/train_demo.py --out $(DEMO)
 	$(VENV)/bin/rewrite inspect $(DEMO)/model.pt
-	$(VENV)/bin/rewrite profile $(DEMO)/model.pt --data $(DEMO)/day_1.npz --sample-rate 0.05 \
+	$(VENV)/bin/rewrite profile $(DEMO)/model.pt --data $(DEMO)/day_0.npz --sample-rate 0.05 \
 	    --hot-bytes 256KiB -o $(DEMO)/profile.json
 
 test: $(VENV)/.installed
