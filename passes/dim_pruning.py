@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes.row_index import INT16_MAX, INT32_MAX
 from rewrite.embedding import Representation, TableBag, pool, register_representation
 from rewrite.errors import RewriteError
 from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, register_pass
