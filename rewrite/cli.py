@@ -76,7 +76,9 @@ def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
     def human(d):
         lines = [f"{d['path']}  ({d['format']})",
                  f"  dense {d['n_dense']} -> bottom {d['bottom_mlp'][1:]}  "
-                 f"interaction {d['interaction']}  top {d['top_mlp']}",
+                 f"interaction {d['interaction']}"
+                 + (f" ({d['cross_layers']} cross layers, rank {d['cross_rank']})"
+                    if d['interaction'] == "dcn" else "") + f"  top {d['top_mlp']}",
                  f"  {len(d['tables'])} tables, embeddings {human_bytes(d['embedding_bytes'])}, "
                  f"MLPs {human_bytes(d['dense_bytes'])}",
                  f"  {'table':<10}{'rows':>12}{'dim':>6}  {'bytes':>12}  representation"]
