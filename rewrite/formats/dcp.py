@@ -8,7 +8,7 @@ into full tensors: we pre-allocate ``torch.empty(size, dtype)`` for every tensor
 
 Nothing from the directory runs: ``.metadata`` is read with a restricted unpickler that
 resolves only DCP's metadata dataclasses, ``torch.Size`` and torch dtype/layout/memory-format
-constants (any other global is refused by name); tensor chunks are read by DCP's
+constants, the last by name (any other global is refused by name); tensor chunks are read by DCP's
 ``FileSystemReader`` with ``torch.load(weights_only=True)``; non-tensor entries (step counters,
 strings), which DCP stores as arbitrary pickles, are not read at all.
 """
@@ -35,10 +35,26 @@ _ALLOWED = {
 }
 
 
+def _layout(name: str) -> torch.layout:
+    """torch.layout by its repr ("torch.strided"), as ``torch.serialization._get_layout`` does."""
+    layout = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(layout, torch.layout):
+        raise _Refused(f"torch layout {name!r}")
+    return layout
+
+
+def _path_text(*parts: str) -> str:
+    return "/".join(str(p) for p in parts)
+
+
 def _storage_info():
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     return _StorageInfo
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global outside the allow-list (message: its name)."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -51,14 +67,16 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _storage_info()
         if module == "torch" and name == "Size":
             return torch.Size
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout
         if module == "torch" and isinstance(getattr(torch, name, None),
                                             (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
         if module == "pathlib" and name in ("PosixPath", "WindowsPath", "Path"):
-            return str  # StorageMeta.checkpoint_id: keep the text, build no path object
+            return _path_text  # StorageMeta.checkpoint_id: keep the text, build no path object
         if (module, name) == ("collections", "OrderedDict"):
             return dict
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _Refused(f"{module}.{name}")
 
 
 def is_dcp(path: Path) -> bool:
@@ -69,14 +87,20 @@ def read_metadata(path: Path) -> md.Metadata:
     try:
         with open(path / METADATA_FILE, "rb") as f:
             meta = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise RewriteError(f"{path / METADATA_FILE}: names {e}, which a DCP metadata file does not "
                            f"need; refusing to unpickle it") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise RewriteError(f"{path / METADATA_FILE}: not a readable DCP metadata file ({e})") from None
     if not isinstance(meta, md.Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise RewriteError(f"{path / METADATA_FILE}: holds {type(meta).__name__}, not DCP Metadata")
     return meta
+
+
+def _last_line(e: BaseException) -> str:
+    """The failure itself: DCP's CheckpointException text ends with the rank's traceback."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
 
 
 class _SafeReader(dcp.FileSystemReader):
@@ -107,7 +131,7 @@ def load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=_SafeReader(path))
-    except Exception as e:  # DCP wraps reader failures in CheckpointException
-        text = " ".join(str(e).split())[:300]
+    except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
+        text = _last_line(e)
         raise RewriteError(f"{path}: could not read the DCP checkpoint's data files ({text})") from None
     return state, skipped

@@ -25,8 +25,8 @@ from rewrite.errors import RewriteError
 
 _ST = "torch.distributed._shard.sharded_tensor"
 WAY_OUT = ("save the model with torch.distributed.checkpoint (dcp.save(model.state_dict(), "
-           "checkpoint_id=DIR)) and load DIR, or torch.save the files of all ranks into one "
-           "state dict of plain tensors")
+           "checkpoint_id=DIR)) and load DIR, or gather every table to one rank as a plain "
+           "tensor before torch.save")
 
 
 class _Record:
