@@ -66,7 +66,7 @@ def test_inspect_shows_cross_net(tmp_path):
     torch.save(dcn().state_dict(), tmp_path / "dcn.pt")
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "dcn.pt"), "--json"])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)
     assert (info["interaction"], info["cross_layers"], info["cross_rank"]) == ("dcn", 2, 3)
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "dcn.pt")])
     assert "interaction dcn (2 cross layers, rank 3)" in res.output

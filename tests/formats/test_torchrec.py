@@ -153,6 +153,6 @@ def test_inspect_reports_torchrec(tmp_path):
     torch.save(small().state_dict(), tmp_path / "m.pt")
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "m.pt"), "--json"])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)
     assert info["format"] == "torchrec" and info["interaction_pairs"] == "torchrec"
     assert [t["name"] for t in info["tables"]] == [f"t_cat_{i}" for i in range(5)]
