@@ -6,7 +6,8 @@ integer and categorical fields read as 0, as TorchRec's ``tsv_to_npys`` reads th
 field count, label (0/1), integer or hex field does not parse is an error naming its line, or,
 with ``skip_bad_rows``, is counted (``skipped_rows``) and skipped.
 
-Parsing is vectorised per chunk of lines: fields go into a numpy string array; integers parse
+Parsing is vectorised per chunk of lines: the chunk is split once into a numpy string array
+(rows with the wrong number of tabs are set aside first); integers parse
 with ``astype(int64)``; hex strings are turned into digits by a 256-entry lookup table over
 their bytes and folded (v = 16 v + digit) into uint64, so a row costs a split, not 39 ``int()``
 calls.  The id mapping (``data_formats.common``) then gives row numbers.
@@ -86,10 +87,14 @@ def parse(lines: list[str], line_nos: np.ndarray, n_fields: int) -> Parsed:
     """Parse a chunk of lines (numbered ``line_nos``, 1-based); refused rows go to ``bad``."""
     labeled = n_fields == 1 + N_INT + N_CAT
     off = 1 if labeled else 0
-    split = [ln.rstrip("\r\n").split("\t") for ln in lines]
-    shaped = np.fromiter((len(f) == n_fields for f in split), bool, len(split))
+    shaped = np.fromiter((ln.count("\t") == n_fields - 1 for ln in lines), bool, len(lines))
     good = np.flatnonzero(shaped)
-    table = np.array([split[i] for i in good], dtype=str).reshape(len(good), n_fields)
+    if len(good) == len(lines):  # one split of the whole chunk: about 2x faster than per line
+        text = "".join(lines).replace("\r\n", "\n")
+        fields = (text if text.endswith("\n") else text + "\n").replace("\n", "\t").split("\t")[:-1]
+    else:
+        fields = [v for i in good for v in lines[i].rstrip("\r\n").split("\t")]
+    table = np.array(fields, dtype=str).reshape(len(good), n_fields)
     ok = np.ones(len(good), bool)
     if labeled:
         ok &= (table[:, 0] == "0") | (table[:, 0] == "1")
@@ -107,7 +112,8 @@ def parse(lines: list[str], line_nos: np.ndarray, n_fields: int) -> Parsed:
     cat, cat_ok = _hex(table[:, off + N_INT:])
     ok &= cat_ok
     refused = sorted(set(np.flatnonzero(~shaped).tolist()) | set(good[~ok].tolist()))
-    bad = {int(line_nos[i]): _row_problem(split[i], n_fields, labeled) for i in refused}
+    bad = {int(line_nos[i]): _row_problem(lines[i].rstrip("\r\n").split("\t"), n_fields, labeled)
+           for i in refused}
     labels = table[ok, 0].astype(np.float32) if labeled else None
     return Parsed(dense[ok], cat[ok], labels, bad)
 

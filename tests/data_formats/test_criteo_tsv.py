@@ -77,6 +77,14 @@ def test_dlrm_model_defaults_to_log1p_and_gzip_unlabeled(tmp_path):
     assert np.array_equal(ids, want_ids) and labels is None
 
 
+def test_crlf_and_no_final_newline(tmp_path, model_and_rows):
+    model, rows = model_and_rows
+    lines = tsv_lines(5, rows, seed=9)
+    (tmp_path / "d.tsv").write_bytes("".join(ln.replace("\n", "\r\n") for ln in lines).encode()[:-2])
+    ids = read_all(data.open(tmp_path / "d.tsv", model=model), batch_size=5)[1]
+    assert np.array_equal(ids, reference_columns(lines, rows, "mod", log3)[1])
+
+
 BAD = [("1\t2" + "\t3" * 37 + "\n", "expected 40 tab-separated fields, found 39"),
        ("7" + "\t1" * 13 + "\tab" * 26 + "\n", "label must be 0 or 1, found '7'"),
        ("0\t1\t2.5" + "\t1" * 11 + "\tab" * 26 + "\n", "integer column 2 is '2.5'"),

@@ -3,6 +3,7 @@ written with real torch.distributed APIs (gloo on CPU) and read with no process 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from click.testing import CliRunner
 
 import rewrite
+from rewrite.cli import main
 from tests.formats import dmp_writer
 from tests.formats.test_torchrec import assert_same, rows_of
 from tests.formats.torchrec_ref import DLRMTrain, RefDLRM
@@ -108,6 +111,9 @@ def test_dcp_without_process_group_skips_non_tensor_entries(tmp_path):
     assert model.spec.provenance["ignored_keys"] == 1  # optim.lr
     assert list(model.embeddings) == [f"t_cat_{i}" for i in range(11)]
     assert_same(ref, model, rows_of(ref))
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "ck"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["provenance"]["container"] == "torch.distributed.checkpoint"
 
 
 class _Payload:
