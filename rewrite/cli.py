@@ -76,7 +76,9 @@ def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
     def human(d):
         lines = [f"{d['path']}  ({d['format']})",
                  f"  dense {d['n_dense']} -> bottom {d['bottom_mlp'][1:]}  "
-                 f"interaction {d['interaction']}  top {d['top_mlp']}",
+                 f"interaction {d['interaction']}"
+                 + (f" ({d['cross_layers']} cross layers, rank {d['cross_rank']})"
+                    if d['interaction'] == "dcn" else "") + f"  top {d['top_mlp']}",
                  f"  {len(d['tables'])} tables, embeddings {human_bytes(d['embedding_bytes'])}, "
                  f"MLPs {human_bytes(d['dense_bytes'])}",
                  f"  {'table':<10}{'rows':>12}{'dim':>6}  {'bytes':>12}  representation"]
@@ -94,18 +96,24 @@ def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
-              help="dlrm-processed .npz (X_int, X_cat[, y])")
+              help="dlrm .npz (X_int, X_cat[, y]), TorchRec <prefix>_{dense,sparse,labels}.npy, "
+                   "or Criteo TSV (optionally gzipped)")
 @click.option("--sample-rate", default=1.0, show_default=True, type=float,
               help="fraction of samples counted (FAE samples ~5%)")
 @click.option("--coverage", default=0.9, show_default=True, type=float,
               help="report the hot set covering this share of lookups")
 @click.option("--hot-bytes", default=None, type=str, help="report the hot rows fitting this budget, e.g. 64MB")
-@click.option("--dense-transform", default="log1p", show_default=True, type=click.Choice(["log1p", "none"]))
+@click.option("--dense-transform", type=click.Choice(["log1p", "log3", "none"]),
+              help="dlrm log(max(x,0)+1), TorchRec log(x+3), or as stored [default: the model's]")
+@click.option("--hash-mode", type=click.Choice(["mod", "torchrec", "none"]),
+              help="categorical value -> row: v mod rows, TorchRec's int32(v) mod rows, or as stored "
+                   "[default: none for .npz, else mod]")
+@click.option("--skip-bad-rows", is_flag=True, help="TSV: count and skip rows that do not parse")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="write the profile JSON here")
 @load_options
 @json_option
-def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, output,
-            interaction, qr_op, as_json) -> None:
+def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, hash_mode,
+            skip_bad_rows, output, interaction, qr_op, as_json) -> None:
     """Per-table access statistics (FAE-style) on a sample of the data."""
     from rewrite import data
     from rewrite.inspection import human_bytes
@@ -116,14 +124,18 @@ def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, 
         raise RewriteError(f"--coverage must be in (0, 1], got {coverage}")
     budget = parse_bytes(hot_bytes) if hot_bytes else None
     model = load_model(path, interaction, qr_op)
-    prof = run_profile(model, data.open(data_path, dense_transform), sample_rate)
+    ds = data.open(data_path, dense_transform, model=model, hash_mode=hash_mode,
+                   skip_bad_rows=skip_bad_rows)
+    prof = run_profile(model, ds, sample_rate)
     if output:
         prof.save(output, coverage, budget)
     result = prof.to_json(coverage, budget)
     result.pop("counts")
+    result["skipped_bad_rows"] = ds.skipped_rows
 
     def human(d):
-        lines = [f"{d['samples']:,} samples from {d['source']} (rate {d['sample_rate']})",
+        skipped = f", {d['skipped_bad_rows']:,} bad rows skipped" if d["skipped_bad_rows"] else ""
+        lines = [f"{d['samples']:,} samples from {d['source']} (rate {d['sample_rate']}{skipped})",
                  f"  {'table':<8}{'rows':>10}{'touched':>10}{'top1%':>8}{'top10%':>8}{'zipf':>7}"
                  f"{'hot@' + format(coverage, '.0%'):>10}"
                  + (f"{'in ' + human_bytes(budget):>14}{'covers':>8}" if budget else "")]

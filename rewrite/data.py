@@ -1,9 +1,13 @@
-"""Sample and calibration data: readers that yield canonical ``Batch``es.
+"""Sample and calibration data: readers that yield canonical ``Batch``es.  ``open`` detects:
 
-dlrm-processed ``.npz`` (``X_int [N, 13]``, ``X_cat [N, F]``, ``y [N]``): the dense transform is
-dlrm's ``log(max(x, 0) + 1)`` by default (``dense_transform="none"`` keeps values as stored).
-Uncompressed members are memory-mapped straight out of the zip, so a day file is not read into
-memory to take a sample of it.
+    dlrm-processed ``.npz`` (X_int [N, 13], X_cat [N, F], y [N])       this module
+    TorchRec ``*_dense.npy``, ``*_sparse.npy``, ``*_labels.npy``        data_formats.torchrec_npy
+    raw Criteo TSV (label, 13 ints, 26 hex; optionally gzipped)        data_formats.criteo_tsv
+
+Array files are memory-mapped (uncompressed .npz members straight out of the zip), so a day
+file is not read into memory to take a sample of it; TSV is streamed.  Dense transforms and
+id mappings: ``data_formats.common``; with ``model=`` both default to the model's training
+stack (TorchRec checkpoints: log(x + 3); dlrm: log(max(x, 0) + 1)).
 """
 
 from __future__ import annotations
@@ -18,19 +22,11 @@ import numpy as np
 import torch
 
 from rewrite.batch import Batch, batch_from_dense_ids
+from rewrite.data_formats.common import (DENSE_TRANSFORMS, IdMap, check_transform, default_transform,
+                                         feature_rows, id_map, transform_dense)
 from rewrite.errors import RewriteError
 
-DENSE_TRANSFORMS = ("log1p", "none")
-
-
-def transform_dense(x: np.ndarray, how: str) -> np.ndarray:
-    """dlrm: log(max(x, 0) + 1); "none": as stored."""
-    x = np.asarray(x, dtype=np.float32)
-    if how == "log1p":
-        return np.log1p(np.maximum(x, 0.0))
-    if how == "none":
-        return x
-    raise RewriteError(f"unknown dense transform {how!r} (choose from {', '.join(DENSE_TRANSFORMS)})")
+__all__ = ["DENSE_TRANSFORMS", "Dataset", "check_matches", "labels_tensor", "open", "transform_dense"]
 
 
 def _npz_member(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
@@ -61,9 +57,12 @@ class Dataset:
 
     path: Path
     dense: np.ndarray           # [N, n_dense] as stored (transformed per batch)
-    cat: np.ndarray             # [N, F] ids
+    cat: np.ndarray             # [N, F] stored categorical values (mapped per batch)
     labels: np.ndarray | None   # [N]
     dense_transform: str = "log1p"
+    dense_stored: str = "raw"   # "raw" counts, or "log3" (TorchRec's preprocessed npy)
+    ids: IdMap = IdMap()        # stored values -> rows
+    skipped_rows: int = 0       # streamed readers count the bad rows they skipped
 
     @property
     def n_samples(self) -> int:
@@ -79,8 +78,8 @@ class Dataset:
 
     def batch(self, rows: np.ndarray | slice) -> Batch:
         y = None if self.labels is None else np.asarray(self.labels[rows], dtype=np.float32)
-        return batch_from_dense_ids(transform_dense(self.dense[rows], self.dense_transform),
-                                    np.asarray(self.cat[rows], dtype=np.int64), y)
+        return batch_from_dense_ids(transform_dense(self.dense[rows], self.dense_transform, self.dense_stored),
+                                    self.ids(np.asarray(self.cat[rows])), y)
 
     def batches(self, batch_size: int, limit: int | None = None, shuffle_seed: int | None = None,
                 start: int = 0) -> Iterator[Batch]:
@@ -94,6 +93,12 @@ class Dataset:
             for lo in range(0, len(order), batch_size):
                 yield self.batch(np.sort(order[lo:lo + batch_size]))
 
+    def id_chunks(self, rate: float, seed: int = 0, chunk: int = 65536) -> Iterator[np.ndarray]:
+        """Row numbers [n, F] (int64) of a Bernoulli(rate) sample of the rows, chunk by chunk."""
+        rows = self.sample_rows(rate, seed)
+        for lo in range(0, len(rows), chunk):
+            yield self.ids(np.asarray(self.cat[rows[lo:lo + chunk]]))
+
     def sample_rows(self, rate: float, seed: int = 0) -> np.ndarray:
         """Bernoulli(rate) sample of row numbers (FAE-style input sampling)."""
         if not 0 < rate <= 1:
@@ -104,12 +109,40 @@ class Dataset:
         return np.flatnonzero(keep)
 
 
-def open(path: str | Path, dense_transform: str = "log1p") -> Dataset:  # noqa: A001 (rewrite.data.open)
-    """Open a dlrm-processed .npz (X_int, X_cat, y) without loading it whole."""
+def open(path: str | Path, dense_transform: str | None = None, *, model=None,  # noqa: A001
+         hash_mode: str | None = None, skip_bad_rows: bool = False):
+    """Open a data file or TorchRec triplet, detecting its format from its name and content.
+
+    model: gives the table sizes (needed to map hashed ids) and the default dense transform.
+    dense_transform: "log1p" | "log3" | "none" (default: the model's, else the format's own).
+    hash_mode: "mod" | "torchrec" | "none" (default: "none" for .npz, else "mod" with a model).
+    skip_bad_rows: TSV rows that do not parse are counted and skipped instead of an error.
+    """
+    from rewrite.data_formats import criteo_tsv, torchrec_npy
+
     path = Path(path)
+    rows = feature_rows(model) if model is not None else None
+    how = check_transform(dense_transform) if dense_transform else None
+    if how is None and model is not None:
+        how = default_transform(model)
+    triplet = torchrec_npy.triplet_paths(path)
+    if triplet is not None:
+        return torchrec_npy.open_triplet(triplet, how or "log3", id_map(hash_mode, "mod", rows))
     if not path.exists():
         raise RewriteError(f"{path}: no such data file")
-    transform_dense(np.zeros((1, 1)), dense_transform)  # validates the name early
+    if path.is_dir():
+        raise RewriteError(f"{path}: is a directory; give a data file (.npz, TSV, or a TorchRec "
+                           f"*_dense.npy / *_sparse.npy / *_labels.npy)")
+    if zipfile.is_zipfile(path):
+        return _open_npz(path, how or "log1p", id_map(hash_mode, "none", rows))
+    if path.suffix == ".npy":
+        raise RewriteError(f"{path}: a lone .npy; TorchRec data come as <prefix>_dense.npy, "
+                           f"<prefix>_sparse.npy and <prefix>_labels.npy side by side")
+    return criteo_tsv.open_tsv(path, how or "log1p", id_map(hash_mode, "mod", rows), skip_bad_rows)
+
+
+def _open_npz(path: Path, dense_transform: str, ids: IdMap) -> Dataset:
+    """A dlrm-processed .npz (X_int, X_cat, y) without loading it whole."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -132,7 +165,7 @@ def open(path: str | Path, dense_transform: str = "log1p") -> Dataset:  # noqa: 
         raise RewriteError(f"{path}: X_cat must hold integer ids, found {cat.dtype}")
     if y is not None and y.shape != (cat.shape[0],):
         raise RewriteError(f"{path}: y has shape {y.shape}, expected ({cat.shape[0]},)")
-    return Dataset(path, dense, cat, y, dense_transform)
+    return Dataset(path, dense, cat, y, dense_transform, ids=ids)
 
 
 def check_matches(ds: Dataset, n_dense: int, n_features: int) -> None:

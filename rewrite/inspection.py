@@ -22,6 +22,8 @@ def describe_model(model: RecModel, path: Path) -> dict[str, Any]:
         "top_mlp": list(spec.top),
         "interaction": spec.interaction,
         "interaction_pairs": spec.pairs,
+        "cross_layers": spec.cross_layers,     # "dcn": low-rank cross net depth and rank
+        "cross_rank": spec.cross_rank,
         "features": [{"name": f, "table": t} for f, t in spec.features],
         "tables": [{"name": name, "rows": rep.rows, "dim": rep.dim, "pooling": rep.pooling,
                     "representation": rep.kind, "describe": rep.describe(), "params": rep.params(),

@@ -4,6 +4,10 @@
     e_f    = table_of(f)(bag f)                      one representation per table, [B, d]
     z      = interaction(x, e_0 .. e_{F-1})          "dot": [x, <t_i, t_j> for (i, j) in pairs]
                                                      "cat": [x, e_0, ..., e_{F-1}]
+                                                     "dcn": x_L of a low-rank cross net (DCN v2)
+                                                       x_0 = [x, e_0, ..., e_{F-1}]  [B, N]
+                                                       x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l
+                                                       W_l [N, r], V_l [r, N], b_l [N] (TorchRec)
     logits = top_mlp(z)                              ReLU between top layers, none after the last
 
 Batch convention (FBGEMM table-batched style): ``indices`` int64 [N], all features' lookups
@@ -32,9 +36,11 @@ class ModelSpec:
     bottom: tuple[int, ...]            # layer widths after the input, e.g. (512, 256, 64, 16)
     top: tuple[int, ...]               # layer widths after the interaction, last is 1
     features: tuple[tuple[str, str], ...]   # (feature name, table name), in input order
-    interaction: str = "dot"           # "dot" | "cat"
+    interaction: str = "dot"           # "dot" | "cat" | "dcn"
     pairs: str = "dlrm"                # "dlrm": strict lower triangle i>j row-major;
                                        # "dlrm-self": with diagonal; "torchrec": upper, i<j
+    cross_layers: int = 0              # "dcn": number of cross layers L
+    cross_rank: int = 0                # "dcn": low rank r of W_l V_l
     provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -48,6 +54,7 @@ class ModelSpec:
             n_dense=int(d["n_dense"]), bottom=tuple(d["bottom"]), top=tuple(d["top"]),
             features=tuple((str(a), str(b)) for a, b in d["features"]),
             interaction=d.get("interaction", "dot"), pairs=d.get("pairs", "dlrm"),
+            cross_layers=int(d.get("cross_layers", 0)), cross_rank=int(d.get("cross_rank", 0)),
             provenance=dict(d.get("provenance", {})),
         )
 
@@ -91,10 +98,34 @@ class CatInteraction(nn.Module):
         return torch.cat([x, *embeddings], dim=1)
 
 
+class DCNInteraction(nn.Module):
+    """Low-rank cross net over x_0 = [x, e_0..e_{F-1}]: x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l.
+
+    V_l is applied first (TorchRec's LowRankCrossNet: linear(linear(x_l, V_l), W_l)); output [B, N].
+    Parameters stacked over layers: W [L, N, r], V [L, r, N], bias [L, N].  Matmuls and
+    elementwise ops only; the layer loop unrolls when traced.
+    """
+
+    def __init__(self, width: int, layers: int, rank: int):
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(layers, width, rank))
+        self.V = nn.Parameter(torch.empty(layers, rank, width))
+        self.bias = nn.Parameter(torch.empty(layers, width))
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        x0 = torch.cat([x, *embeddings], dim=1)
+        xl = x0
+        for layer in range(self.layers):
+            low = torch.matmul(xl, self.V[layer].t())
+            xl = x0 * (torch.matmul(low, self.W[layer].t()) + self.bias[layer]) + xl
+        return xl
+
+
 def interaction_width(spec: ModelSpec, dims: list[int]) -> int:
     if spec.interaction == "dot":
         return spec.bottom[-1] + len(interaction_pairs(len(spec.features) + 1, spec.pairs))
-    return spec.bottom[-1] + sum(dims)
+    return spec.bottom[-1] + sum(dims)  # "cat" and "dcn" (the cross net keeps its input width)
 
 
 @torch.fx.wrap
@@ -126,6 +157,9 @@ class RecModel(nn.Module):
         self.top = mlp([interaction_width(spec, dims), *spec.top], relu_last=False)
         if spec.interaction == "dot":
             self.interaction: nn.Module = DotInteraction(len(spec.features) + 1, spec.pairs)
+        elif spec.interaction == "dcn":
+            self.interaction = DCNInteraction(spec.bottom[-1] + sum(dims), spec.cross_layers,
+                                              spec.cross_rank)
         else:
             self.interaction = CatInteraction()
 
@@ -160,13 +194,13 @@ class RecModel(nn.Module):
         return sum(rep.num_bytes() for rep in self.embeddings.values())
 
     def dense_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for m in (self.bottom, self.top)
+        return sum(p.numel() * p.element_size() for m in (self.bottom, self.interaction, self.top)
                    for p in m.state_dict().values())
 
     def with_tables(self, tables: dict[str, Representation]) -> "RecModel":
-        """A new model sharing the MLPs, with some tables replaced."""
+        """A new model sharing the MLPs and the interaction, with some tables replaced."""
         new = RecModel(self.spec, {**dict(self.embeddings), **tables})
-        new.bottom, new.top = self.bottom, self.top
+        new.bottom, new.interaction, new.top = self.bottom, self.interaction, self.top
         return new.eval()
 
 

@@ -138,20 +138,23 @@ def _decode_counts(d: dict[str, str], rows: int) -> np.ndarray:
 
 def profile(model, data: Dataset, sample_rate: float = 1.0, seed: int = 0,
             batch_size: int = 65536) -> AccessProfile:
-    """Count accesses per row of every table on a Bernoulli(sample_rate) sample of ``data``."""
+    """Count accesses per row of every table on a Bernoulli(sample_rate) sample of ``data``
+    (any reader of ``rewrite.data.open``: its ``id_chunks`` gives row numbers per feature)."""
     features = model.spec.features
     check_matches(data, model.spec.n_dense, len(features))
-    rows = data.sample_rows(sample_rate, seed)
     counts = {name: np.zeros(rep.rows, dtype=np.int64) for name, rep in model.embeddings.items()}
-    for lo in tqdm(range(0, len(rows), batch_size), desc="profile", unit="chunk", leave=False):
-        cat = np.asarray(data.cat[rows[lo:lo + batch_size]])
+    samples = 0
+    for cat in tqdm(data.id_chunks(sample_rate, seed, batch_size), desc="profile", unit="chunk",
+                    leave=False):
+        samples += len(cat)
         for f, (_, table) in enumerate(features):
-            ids = cat[:, f].astype(np.int64)
+            ids = cat[:, f]
             n = counts[table].shape[0]
             if ids.size and (ids.min() < 0 or ids.max() >= n):
                 raise RewriteError(f"{data.path}: feature {f} has ids outside table {table}'s "
-                                   f"range [0, {n}) (max {ids.max()}): data and model do not match")
+                                   f"range [0, {n}) (max {ids.max()}): data and model do not match "
+                                   f"(hashed ids need a hash mode, e.g. --hash-mode mod)")
             counts[table] += np.bincount(ids, minlength=n)
     tables = {name: TableProfile(name, rep.rows, rep.dim, counts[name])
               for name, rep in model.embeddings.items()}
-    return AccessProfile(tables, len(rows), sample_rate, str(data.path))
+    return AccessProfile(tables, samples, sample_rate, str(data.path))

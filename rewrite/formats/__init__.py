@@ -1,4 +1,10 @@
-"""Checkpoint readers and writers.  ``load`` tells the format from the file's content."""
+"""Checkpoint readers and writers.  ``load`` tells the format from the file's content.
+
+    dlrm-rewrite safetensors file   -> native
+    torch.save file                 -> by its keys: facebookresearch/dlrm or TorchRec DLRM/DLRM_DCN
+                                       (ShardedTensor values are reassembled, formats.sharded)
+    directory with a .metadata      -> torch.distributed.checkpoint; by its keys, as above
+"""
 
 from __future__ import annotations
 
@@ -6,35 +12,80 @@ from pathlib import Path
 from typing import Any
 
 from rewrite.errors import RewriteError
-from rewrite.formats import dlrm, native
+from rewrite.formats import dcp, dlrm, native, torchrec
 from rewrite.formats.safe_pickle import load_pickled
 from rewrite.model import RecModel
+
+DLRM_OPTIONS = ("interaction", "qr_op", "qr_rows")
+TORCHREC_OPTIONS = ("features", "pooling", "table_order")
 
 
 def detect(path: Path) -> str:
     if not path.exists():
         raise RewriteError(f"{path}: no such file or directory")
     if path.is_dir():
-        raise RewriteError(f"{path}: is a directory, not a checkpoint file")
+        if dcp.is_dcp(path):
+            return "dcp"
+        raise RewriteError(f"{path}: is a directory without a .metadata file, so not a "
+                           f"torch.distributed.checkpoint directory")
     return "native" if native.is_native(path) else "pickle"
 
 
 def load(path: str | Path, **overrides: Any) -> RecModel:
     """Load any supported checkpoint into the canonical RecModel, with no config file.
 
-    overrides (dlrm files): ``interaction``, ``qr_op``, ``qr_rows`` (see ``formats.dlrm.read``).
+    overrides for dlrm files: ``interaction``, ``qr_op``, ``qr_rows`` (see ``formats.dlrm.read``);
+    for TorchRec state dicts: ``features``, ``pooling``, ``table_order`` (``formats.torchrec.read``).
+    An override that does not apply to the file's format is an error, not silently ignored.
     """
     path = Path(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     kind = detect(path)
     if kind == "native":
+        _check_overrides(path, "native", overrides, ())
         return native.load(path)
-    obj = load_pickled(path)
-    state, _ = dlrm.state_dict_of(obj, path)
-    if dlrm.looks_like_dlrm(state):
-        return dlrm.read(obj, path, **overrides)
+    if kind == "dcp":
+        state, skipped = dcp.load_state_dict(path)
+        meta: dict[str, Any] = {"container": "torch.distributed.checkpoint"}
+        if skipped:
+            meta["skipped_non_tensor_keys"] = skipped[:20]
+    else:
+        obj = load_pickled(path)
+        if not isinstance(obj, dict):
+            raise RewriteError(f"{path}: expected a dict (a checkpoint or a state dict), "
+                               f"found {type(obj).__name__}")
+        state, meta = flatten(obj), {"container": "torch.save"}
+    if torchrec.looks_like_torchrec(state):
+        _check_overrides(path, "torchrec", overrides, TORCHREC_OPTIONS)
+        opts = {"table_order": "natural" if kind == "dcp" else "state", **overrides}
+        return torchrec.read(state, path, provenance=meta, **opts)
+    src = obj if kind == "pickle" else state
+    if dlrm.looks_like_dlrm(dlrm.state_dict_of(src, path)[0]):
+        _check_overrides(path, "dlrm", overrides, DLRM_OPTIONS)
+        return dlrm.read(src, path, **overrides)
     sample = ", ".join(list(state)[:4])
     raise RewriteError(f"{path}: not a recognised DLRM checkpoint (keys start: {sample or 'none'}); "
-                       f"supported: facebookresearch/dlrm, dlrm-rewrite safetensors")
+                       f"supported: facebookresearch/dlrm, TorchRec DLRM / DLRM_DCN (torch.save or "
+                       f"torch.distributed.checkpoint), dlrm-rewrite safetensors")
+
+
+def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys, as DCP stores them ({"model": sd} -> "model.*")."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_overrides(path: Path, fmt: str, overrides: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    extra = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
+    if extra:
+        raise RewriteError(f"{path}: option(s) {', '.join(extra)} do not apply to a {fmt} checkpoint"
+                           + (f" (it takes {', '.join(allowed)})" if allowed else ""))
 
 
 def source_format(model: RecModel) -> str:

@@ -2,7 +2,8 @@
 
 dlrm's ``--save-model`` pickles numpy scalars (``test_acc`` etc.); PyTorch's weights-only unpickler
 refuses them unless allowed.  We allow exactly numpy's scalar reconstructor and dtype classes,
-under both the numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) module spellings, and nothing
+under both the numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) module spellings, plus the
+ShardedTensor family's names mapped to inert stand-ins (``formats.sharded``), and nothing
 else: a pickle that names any other global is rejected with the name of that global.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from rewrite.errors import RewriteError
+from rewrite.formats import sharded
 
 
 def _numpy_allowlist() -> list[Any]:
@@ -32,16 +34,20 @@ def _numpy_allowlist() -> list[Any]:
 
 
 def load_pickled(path: Path) -> Any:
-    """Load a ``torch.save`` file with ``weights_only=True`` and the numpy allow-list."""
+    """Load a ``torch.save`` file with ``weights_only=True`` and the numpy allow-list;
+    ShardedTensor values come back as dense tensors (``formats.sharded``)."""
     try:
-        with torch.serialization.safe_globals(_numpy_allowlist()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_zipfile(path))
+        with torch.serialization.safe_globals(_numpy_allowlist() + sharded.standins()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_zipfile(path))
     except FileNotFoundError:
         raise RewriteError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise RewriteError(f"{path}: is a directory, not a checkpoint file") from None
+    except RewriteError as e:
+        raise RewriteError(f"{path}: {e}") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise RewriteError(f"{path}: not a loadable checkpoint: {_reason(path, e)}") from None
+    return sharded.resolve(obj, path)
 
 
 def _zipfile(path: Path) -> bool:
@@ -59,6 +65,8 @@ def _reason(path: Path, e: Exception) -> str:
         if "GLOBAL" in line:
             name = line.split("GLOBAL")[-1].strip(" :.")
             return f"it names code to run ({name}); refusing to unpickle it"
+    if "DTensor" in text:
+        return f"it holds DTensor values, which need a process group to unpickle; {sharded.WAY_OUT}"
     if "central directory" in text or isinstance(e, EOFError):
         return "the file is truncated or corrupted"
     if not _zipfile(path):
