@@ -8,8 +8,10 @@ else: a pickle that names any other global is rejected with the name of that glo
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -31,10 +33,18 @@ def _numpy_allowlist() -> list[Any]:
     return allowed
 
 
+@contextlib.contextmanager
+def _quiet_foreign_pickles() -> Iterator[None]:
+    """A plain pickle (protocol > 2) makes torch warn before it fails; our one-line error says it all."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
 def load_pickled(path: Path) -> Any:
     """Load a ``torch.save`` file with ``weights_only=True`` and the numpy allow-list."""
     try:
-        with torch.serialization.safe_globals(_numpy_allowlist()):
+        with torch.serialization.safe_globals(_numpy_allowlist()), _quiet_foreign_pickles():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_zipfile(path))
     except FileNotFoundError:
         raise RewriteError(f"{path}: no such file") from None
@@ -61,6 +71,8 @@ def _reason(path: Path, e: Exception) -> str:
             return f"it names code to run ({name}); refusing to unpickle it"
     if "central directory" in text or isinstance(e, EOFError):
         return "the file is truncated or corrupted"
+    if "Unsupported operand" in text:
+        return "a pickle using opcodes the safe (weights-only) loader refuses; not a torch.save checkpoint"
     if not _zipfile(path):
         return "not a torch.save file (neither a zip archive nor a pickle)"
     return (text.splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
