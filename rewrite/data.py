@@ -100,7 +100,7 @@ class Dataset:
             raise RewriteError(f"sample rate must be in (0, 1], got {rate}")
         if rate == 1:
             return np.arange(self.n_samples)
-        keep = np.random.default_rng(seed).random(self.n_samples) < rate
+        keep = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,))).random(self.n_samples) < rate
         return np.flatnonzero(keep)
 
 

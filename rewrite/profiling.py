@@ -143,7 +143,8 @@ def profile(model, data: Dataset, sample_rate: float = 1.0, seed: int = 0,
     check_matches(data, model.spec.n_dense, len(features))
     rows = data.sample_rows(sample_rate, seed)
     counts = {name: np.zeros(rep.rows, dtype=np.int64) for name, rep in model.embeddings.items()}
-    for lo in tqdm(range(0, len(rows), batch_size), desc="profile", unit="chunk", leave=False):
+    for lo in tqdm(range(0, len(rows), batch_size), desc="profile", unit="chunk", leave=False,
+                   disable=None):   # a bar only on a terminal: redirected stderr stays clean
         cat = np.asarray(data.cat[rows[lo:lo + batch_size]])
         for f, (_, table) in enumerate(features):
             ids = cat[:, f].astype(np.int64)

@@ -56,9 +56,13 @@ def load_pickled(path: Path) -> Any:
 
 def _zipfile(path: Path) -> bool:
     """mmap works only for the zip format torch.save writes since 1.6."""
+    return _starts_with(path, b"PK\x03\x04")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+            return f.read(len(magic)) == magic
     except OSError:
         return False
 
@@ -71,8 +75,11 @@ def _reason(path: Path, e: Exception) -> str:
             return f"it names code to run ({name}); refusing to unpickle it"
     if "central directory" in text or isinstance(e, EOFError):
         return "the file is truncated or corrupted"
-    if "Unsupported operand" in text:
-        return "a pickle using opcodes the safe (weights-only) loader refuses; not a torch.save checkpoint"
+    # a zip whose records run past its end fails to mmap; a legacy file runs out of storage bytes
+    if (isinstance(e, OSError) and _zipfile(path)) or "unexpected EOF" in text:
+        return "the file is truncated or corrupted"
+    if "Unsupported operand" in text and _starts_with(path, b"\x80"):   # pickle PROTO opcode
+        return "a plain pickle using opcodes the safe (weights-only) loader refuses; not a torch.save checkpoint"
     if not _zipfile(path):
         return "not a torch.save file (neither a zip archive nor a pickle)"
     return (text.splitlines() or [type(e).__name__])[0].split(". ")[0][:200]

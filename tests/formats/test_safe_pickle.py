@@ -72,11 +72,13 @@ def test_code_in_pickle_is_refused_and_not_run(how, tmp_path):
         assert "safe (weights-only) loader refuses" in msg
 
 
-def test_truncated_checkpoint(tmp_path):
-    net = DLRM_Net(4, [5, 9], [3, 4], [7, 1])
-    save_like_dlrm(net, tmp_path / "m.pt")
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_checkpoint(legacy, tmp_path):
+    net = DLRM_Net(8, [40, 300, 2000], [13, 8], [14, 1])
+    blob = {"state_dict": net.state_dict(), "test_auc": np.float64(0.7)}
+    torch.save(blob, tmp_path / "m.pt", _use_new_zipfile_serialization=not legacy)
     raw = (tmp_path / "m.pt").read_bytes()
-    for frac in (0.5, 0.9):
+    for frac in np.linspace(0.01, 0.999, 12):
         (tmp_path / "cut.pt").write_bytes(raw[: int(len(raw) * frac)])
         expect_error(tmp_path / "cut.pt", "truncated or corrupted")
     (tmp_path / "empty.pt").write_bytes(b"")
