@@ -12,18 +12,23 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from rewrite.errors import RewriteError
+
 
 @contextlib.contextmanager
 def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success move it onto ``target``."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:   # a parent that is a file, no permission, read-only file system
+        raise RewriteError(f"{target}: cannot write here ({e.strerror}: {e.filename})") from None
     try:
         yield tmp
         if directory:

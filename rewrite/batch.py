@@ -54,7 +54,9 @@ def validate(batch: Batch, n_dense: int, table_rows: list[int], where: str = "ba
         raise RewriteError(f"{where}: indices and offsets must be int32 or int64 "
                            f"(got {indices.dtype}, {offsets.dtype})")
     b = dense.shape[0]
-    if indices.dim() != 1 or offsets.dim() != 1 or offsets.numel() != n_features * b + 1:
+    if indices.dim() != 1:
+        raise RewriteError(f"{where}: indices must be 1-D [N], got {list(indices.shape)}")
+    if offsets.dim() != 1 or offsets.numel() != n_features * b + 1:
         raise RewriteError(f"{where}: offsets must have F*B+1 = {n_features * b + 1} entries "
                            f"(F={n_features}, B={b}), got {list(offsets.shape)}")
     offsets = offsets.to(torch.int64)

@@ -133,7 +133,7 @@ def open(path: str | Path, dense_transform: str | None = None, *, model=None,  #
     if path.is_dir():
         raise RewriteError(f"{path}: is a directory; give a data file (.npz, TSV, or a TorchRec "
                            f"*_dense.npy / *_sparse.npy / *_labels.npy)")
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path) or path.suffix == ".npz":
         return _open_npz(path, how or "log1p", id_map(hash_mode, "none", rows))
     if path.suffix == ".npy":
         raise RewriteError(f"{path}: a lone .npy; TorchRec data come as <prefix>_dense.npy, "

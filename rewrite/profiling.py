@@ -145,7 +145,7 @@ def profile(model, data: Dataset, sample_rate: float = 1.0, seed: int = 0,
     counts = {name: np.zeros(rep.rows, dtype=np.int64) for name, rep in model.embeddings.items()}
     samples = 0
     for cat in tqdm(data.id_chunks(sample_rate, seed, batch_size), desc="profile", unit="chunk",
-                    leave=False):
+                    leave=False, disable=None):   # a bar only on a terminal: redirected stderr stays clean
         samples += len(cat)
         for f, (_, table) in enumerate(features):
             ids = cat[:, f]

@@ -48,6 +48,8 @@ def state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[s
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state = obj["state_dict"]
         meta = {k: _plain(obj[k]) for k in METADATA_KEYS if k in obj}
+    if not all(isinstance(k, str) for k in state):
+        raise RewriteError(f"{path}: not a state dict (its keys are not all parameter names)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     return state, meta
 

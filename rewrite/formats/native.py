@@ -53,15 +53,17 @@ def load(path: Path) -> RecModel:
         version = spec["version"]
     except (ValueError, KeyError, TypeError):
         raise RewriteError(f"{path}: the spec in its metadata is not valid JSON with a version") from None
+    if not isinstance(version, int):
+        raise RewriteError(f"{path}: spec version must be an integer, got {version!r}")
     if version > SPEC_VERSION:
         raise RewriteError(f"{path}: spec version {version} is newer than this toolkit's "
                            f"({SPEC_VERSION}); upgrade dlrm-rewrite")
     try:
         model = model_from_spec(spec)
-    except RewriteError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise RewriteError(f"{path}: malformed spec: {e}") from None
+    except RewriteError as e:
+        raise RewriteError(f"{path}: {e}") from None
+    except Exception as e:  # any bad field: KeyError, TypeError, ValueError, RuntimeError, ...
+        raise RewriteError(f"{path}: malformed spec: {type(e).__name__}: {e}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))

@@ -9,8 +9,10 @@ else: a pickle that names any other global is rejected with the name of that glo
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,11 +35,20 @@ def _numpy_allowlist() -> list[Any]:
     return allowed
 
 
+@contextlib.contextmanager
+def _quiet_foreign_pickles() -> Iterator[None]:
+    """A plain pickle (protocol > 2) makes torch warn before it fails; our one-line error says it all."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
 def load_pickled(path: Path) -> Any:
     """Load a ``torch.save`` file with ``weights_only=True`` and the numpy allow-list;
     ShardedTensor values come back as dense tensors (``formats.sharded``)."""
     try:
-        with torch.serialization.safe_globals(_numpy_allowlist() + sharded.standins()):
+        with torch.serialization.safe_globals(_numpy_allowlist() + sharded.standins()), \
+                _quiet_foreign_pickles():
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_zipfile(path))
     except FileNotFoundError:
         raise RewriteError(f"{path}: no such file") from None
@@ -52,9 +63,13 @@ def load_pickled(path: Path) -> Any:
 
 def _zipfile(path: Path) -> bool:
     """mmap works only for the zip format torch.save writes since 1.6."""
+    return _starts_with(path, b"PK\x03\x04")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+            return f.read(len(magic)) == magic
     except OSError:
         return False
 
@@ -69,6 +84,11 @@ def _reason(path: Path, e: Exception) -> str:
         return f"it holds DTensor values, which need a process group to unpickle; {sharded.WAY_OUT}"
     if "central directory" in text or isinstance(e, EOFError):
         return "the file is truncated or corrupted"
+    # a zip whose records run past its end fails to mmap; a legacy file runs out of storage bytes
+    if (isinstance(e, OSError) and _zipfile(path)) or "unexpected EOF" in text:
+        return "the file is truncated or corrupted"
+    if "Unsupported operand" in text and _starts_with(path, b"\x80"):   # pickle PROTO opcode
+        return "a plain pickle using opcodes the safe (weights-only) loader refuses; not a torch.save checkpoint"
     if not _zipfile(path):
         return "not a torch.save file (neither a zip archive nor a pickle)"
     return (text.splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
