@@ -43,6 +43,14 @@ class ModelSpec:
     cross_rank: int = 0                # "dcn": low rank r of W_l V_l
     provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self):
+        if self.interaction not in ("dot", "cat", "dcn"):
+            raise ValueError(f"unknown interaction {self.interaction!r} (dot, cat, dcn)")
+        if self.pairs not in ("dlrm", "dlrm-self", "torchrec"):
+            raise ValueError(f"unknown interaction pair order {self.pairs!r}")
+        if not self.features:
+            raise ValueError("a model needs at least one categorical feature")
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["features"] = [list(f) for f in self.features]
@@ -136,6 +144,9 @@ def split_bags(indices: torch.Tensor, offsets: torch.Tensor, n_features: int):
     one split node feeding one lookup node per feature.
     """
     batch = (offsets.numel() - 1) // n_features
+    if batch == 0:
+        empty = indices[:0]
+        return tuple(t for _ in range(n_features) for t in (empty, offsets[:1]))
     bounds = offsets[::batch].tolist()
     out = []
     for f in range(n_features):

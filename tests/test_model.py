@@ -128,3 +128,21 @@ def test_with_tables_shares_mlps(small_dlrm):
     assert other.bottom is small_dlrm.bottom and other.top is small_dlrm.top
     assert other.embeddings["t1"] is new_t1 and other.embeddings["t0"] is small_dlrm.embeddings["t0"]
     assert small_dlrm.embeddings["t1"] is not new_t1 and not other.training
+
+
+def test_empty_batch_gives_empty_logits(small_dlrm):
+    f = len(small_dlrm.spec.features)
+    out = small_dlrm(torch.zeros(0, N_DENSE), torch.zeros(0, dtype=torch.int64),
+                     torch.zeros(1, dtype=torch.int64))
+    assert out.shape == (0,)
+    assert len(split_bags(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), f)) == 2 * f
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("interaction", "attention", "unknown interaction 'attention'"),
+    ("pairs", "upper", "unknown interaction pair order 'upper'"),
+])
+def test_spec_rejects_unknown_interaction(field, value, message):
+    kwargs = dict(n_dense=N_DENSE, bottom=(8, 4), top=(1,), features=(("f0", "t0"),))
+    with pytest.raises(ValueError, match=message):
+        ModelSpec(**{**kwargs, field: value})
