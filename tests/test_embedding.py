@@ -108,3 +108,17 @@ def test_registry():
         representation_class("nope")
     with pytest.raises(ValueError, match="representation 'table' registered twice"):
         register_representation("table")(type("Again", (TableBag,), {}))
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_exported_graph_uses_segment_sum_and_matches_eager(pooling):
+    """Eager takes F.embedding_bag; the exported graph must take the Loop-free scatter_add form."""
+    torch.manual_seed(0)
+    table = TableBag(50, 8, pooling=pooling, weight=torch.randn(50, 8))
+    idx = torch.tensor([3, 49, 0, 7, 7, 12, 49], dtype=torch.int64)
+    off = torch.tensor([0, 2, 2, 5, 5, 7], dtype=torch.int64)       # empty bags included
+    n, b = torch.export.Dim("n", min=2), torch.export.Dim("b", min=4)   # B >= 3: no 0/1 specialisation
+    ep = torch.export.export(table, (idx, off), dynamic_shapes=({0: n}, {0: b}))
+    ops = {str(node.target) for node in ep.graph.nodes if node.op == "call_function"}
+    assert any("scatter_add" in o for o in ops) and not any("embedding_bag" in o for o in ops)
+    assert_close(ep.module()(idx, off), table(idx, off), "float32")
