@@ -5,7 +5,7 @@ configurator of the same name: ``passes.quantize(bits=4)`` == ``-p quantize:bits
 """
 
 import rewrite  # noqa: F401  (first: rewrite.formats imports pass modules back)
-from passes import mixed_dim, onehot as _onehot_module, quantized, quotient_remainder  # noqa: F401
+from passes import hashing, mixed_dim, onehot as _onehot_module, quantized, quotient_remainder  # noqa: F401
 from rewrite.passinfra import ConfiguredPass, configure
 
 
@@ -15,3 +15,15 @@ def onehot(**options) -> ConfiguredPass:
 
 def quantize(**options) -> ConfiguredPass:
     return configure("quantize", **options)
+
+
+def md(**options) -> ConfiguredPass:
+    return configure("md", **options)
+
+
+def qr(**options) -> ConfiguredPass:
+    return configure("qr", **options)
+
+
+def hash(**options) -> ConfiguredPass:  # noqa: A001 (the pass is called hash)
+    return configure("hash", **options)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from rewrite.embedding import Representation, TableBag, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
 from rewrite.tracing import EmbeddingSite
 
 FBGEMM_EPSILON = 1e-8         # FBGEMM QuantUtils.cc, 8-bit: inverse scale = 255 / (range + kEpsilon)
@@ -202,7 +202,8 @@ def _row_bounds(lo, hi, scale, bias, levels: int, bits: int) -> float:
 
 @dataclass(frozen=True)
 class QuantizeConfig(Selection):
-    bits: Literal[16, 8, 4, 2] = 8     # 16: fp16 table; 8: int8 + fp32 scale/bias; 4, 2: + fp16
+    bits: Literal[16, 8, 4, 2] = option(8, "16: fp16 table; 8: int8 codes + fp32 scale/bias per row; "
+                                           "4, 2: packed codes + fp16 scale/bias per row (FBGEMM)")
 
     def __post_init__(self):
         if self.bits not in (16, 8, 4, 2):

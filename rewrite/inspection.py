@@ -16,7 +16,7 @@ def describe_model(model: RecModel, path: Path) -> dict[str, Any]:
     return {
         "schema": f"inspect/{INSPECT_VERSION}",
         "path": str(path),
-        "format": spec.provenance.get("format", detect(path)),
+        "format": "native" if detect(path) == "native" else spec.provenance.get("format", "pickle"),
         "n_dense": spec.n_dense,
         "bottom_mlp": [spec.n_dense, *spec.bottom],
         "top_mlp": list(spec.top),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.export import Dim
 
 from rewrite.batch import Batch
+from rewrite.embedding import TableBag
 from rewrite.model import RecModel
+from rewrite.profiling import AccessProfile, TableProfile
 from rewrite.synthetic import multi_hot_batch
 from rewrite.training import table_dlrm
 from targets.base import ExportedBags, split_bags_np
@@ -21,6 +24,7 @@ TOLERANCES = {
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
+    actual, expected = actual.detach(), expected.detach()
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     diff = float((actual - expected).abs().max()) if expected.numel() else 0.0
     assert diff <= TOLERANCES[kind] * scale, f"max |Δ| {diff:.3g} > {kind} tolerance {TOLERANCES[kind]} × {scale:.3g}"
@@ -34,6 +38,11 @@ def small_model(rows=(3, 40, 257, 1000), dim: int = 8, seed: int = 0, spread: fl
         for t in model.embeddings.values():
             t.weight.copy_(torch.randn(t.weight.shape, generator=g) * spread)
     return model.eval()
+
+
+def with_table(model: RecModel, name: str, weight: torch.Tensor, pooling: str = "sum") -> RecModel:
+    """``model`` with table ``name`` replaced by a plain fp32 table holding ``weight``."""
+    return model.with_tables({name: TableBag(weight.shape[0], weight.shape[1], pooling, weight=weight)})
 
 
 def batches(model: RecModel, n: int = 3, batch: int = 64, mean_len: float = 2.5, seed: int = 0) -> list[Batch]:
@@ -60,3 +69,12 @@ def assert_exports(model: RecModel, example: Batch, check: Batch) -> None:
         got = ep.module()(*bag_inputs(model, check))
         want = model(*check.inputs())
     assert_close(got, want, "exact")
+
+
+def profile_of(model: RecModel, counts: dict[str, "np.ndarray"], samples: int) -> AccessProfile:
+    """An access profile with the given per-row counts (other tables: never accessed)."""
+    tables = {}
+    for name, rep in model.embeddings.items():
+        c = counts.get(name, np.zeros(rep.rows, dtype=np.int64))
+        tables[name] = TableProfile(name, rep.rows, rep.dim, np.asarray(c, dtype=np.int64))
+    return AccessProfile(tables, samples, 1.0, "test")
