@@ -14,7 +14,8 @@ access frequency).  concat is separable: each half is the weighted mean of its r
 mult alternate exact block updates (each is a weighted least-squares problem with a closed form
 per element):  add:  W_q[q] = Σ w_i (W_i - W_r[r_i]) / Σ w_i;
 mult: W_q[q,k] = Σ w_i W[i,k] W_r[r_i,k] / Σ w_i W_r[r_i,k]²  (and symmetrically for W_r),
-starting from W_r = 1 (mult) or 0 (add); every step can only lower the objective.
+starting (mult) from each element's leading eigenvector of the c × c weighted Gram matrix of the
+[ceil(rows/c), c] grid, exact for equal weights, or (add) from W_r = 0; no step raises the objective.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, reg
 from rewrite.tracing import EmbeddingSite
 
 DLRM_QR_THRESHOLD = 200       # rows; dlrm_s_pytorch.py --qr-threshold default: only larger tables
-ALS_MAX_ITERATIONS = 100
-ALS_TOLERANCE = 1e-7          # stop when the objective improves by less than this fraction
+ALS_MAX_ITERATIONS = 200
+ALS_TOLERANCE = 1e-9          # stop when the objective improves by less than this fraction
 
 
 @register_representation("qr")
@@ -102,6 +103,15 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, keep: torch.Tensor) -> torch.Te
     return torch.where(den > 0, num / den.clamp(min=1e-300), keep)
 
 
+def _rank_one_start(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """W_r's start for mult: per element k, the leading eigenvector of the c × c Gram matrix of
+    the √w-scaled grid column [Q, c] (the exact answer when all weights are equal)."""
+    s = x * wt.sqrt()
+    gram = torch.einsum("qrk,qsk->krs", s, s)
+    _, vecs = torch.linalg.eigh(gram)
+    return vecs[:, :, -1].t().contiguous()
+
+
 def fit_qr(weight: torch.Tensor, w: np.ndarray, c: int, op: str, pooling: str = "sum") -> tuple["QRBag", int]:
     """Frequency-weighted least-squares QR form of ``weight`` [rows, d]; returns (module, sweeps)."""
     rows, d = weight.shape
@@ -112,7 +122,7 @@ def fit_qr(weight: torch.Tensor, w: np.ndarray, c: int, op: str, pooling: str = 
         wq = _ratio((wt * x[:, :, :h]).sum(1), wt.sum(1), torch.zeros(1, dtype=torch.float64))
         wr = _ratio((wt * x[:, :, h:]).sum(0), wt.sum(0), torch.zeros(1, dtype=torch.float64))
     else:
-        wr = torch.full((c, d), 1.0 if op == "mult" else 0.0, dtype=torch.float64)
+        wr = _rank_one_start(x, wt) if op == "mult" else torch.zeros(c, d, dtype=torch.float64)
         wq = torch.zeros(x.shape[0], d, dtype=torch.float64)
         last = None
         for sweeps in range(1, ALS_MAX_ITERATIONS + 1):
