@@ -68,29 +68,31 @@ def _exp_table(nbytes: int) -> torch.Tensor:
 
 
 def decode_float(b: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Little-endian IEEE fp32 (b [n, 4]) or fp16 (b [n, 2]) byte values held as fp32 -> [n] fp32.
+    """Little-endian IEEE fp32 (b [..., 4]) or fp16 (b [..., 2]) byte values held as fp32 -> [...].
 
     value = (-1)^s · (2^m_bits·[e > 0] + mantissa) · 2^(max(e, 1) - bias - m_bits); every step is
     exact in fp32 (integers below 2^24, products of powers of two).  Inf/NaN never occur here.
     """
-    nbytes = b.shape[1]
+    nbytes = b.shape[-1]
     _, m_bits = _FORMATS[nbytes]
-    top = b[:, nbytes - 1]
+    top = b[..., nbytes - 1]
     sign = torch.floor(top * (1.0 / 128))
     top = top - 128 * sign
     if nbytes == 4:
-        b2 = b[:, 2]
+        b2 = b[..., 2]
         e_low = torch.floor(b2 * (1.0 / 128))
         exponent = top * 2 + e_low
-        mantissa = (b2 - 128 * e_low) * 65536 + b[:, 1] * 256 + b[:, 0]
+        mantissa = (b2 - 128 * e_low) * 65536 + b[..., 1] * 256 + b[..., 0]
     else:
         exponent = torch.floor(top * 0.25)
-        mantissa = (top - 4 * exponent) * 256 + b[:, 0]
+        mantissa = (top - 4 * exponent) * 256 + b[..., 0]
     lead = exponent.clamp(max=1.0) * float(2 ** m_bits)
     e = exponent.clamp(min=1.0)
     e_hi = torch.floor(e * (1.0 / 16))
     e_lo = e - 16 * e_hi
-    power = table.index_select(0, e_hi.to(torch.int64)) * table.index_select(0, e_lo.to(torch.int64) + 16)
+    index = torch.stack([e_hi, e_lo + 16], dim=-1).to(torch.int64)
+    power = table.index_select(0, index.flatten()).view(index.shape)
+    power = power[..., 0] * power[..., 1]
     return (1 - 2 * sign) * (lead + mantissa) * power
 
 
@@ -110,8 +112,7 @@ class RowwiseQuantizedBag(Representation):
         """Packed rows [n, width] uint8 -> [n, dim] fp32."""
         b = rows.to(torch.float32)
         nc = code_bytes(self.dim, self.bits)
-        scale = decode_float(b[:, nc:nc + (4 if self.bits == 8 else 2)], self.exp_table)
-        bias = decode_float(b[:, nc + (4 if self.bits == 8 else 2):], self.exp_table)
+        scale_bias = decode_float(b[:, nc:].unflatten(1, (2, 4 if self.bits == 8 else 2)), self.exp_table)
         codes = b[:, :nc]
         if self.bits != 8:
             parts, step = [], float(2 ** self.bits)
@@ -120,7 +121,7 @@ class RowwiseQuantizedBag(Representation):
                 parts.append(codes - step * rest)
                 codes = rest
             codes = torch.stack([*parts, codes], dim=2).flatten(1)[:, :self.dim]
-        return codes * scale.unsqueeze(1) + bias.unsqueeze(1)
+        return codes * scale_bias[:, 0:1] + scale_bias[:, 1:2]
 
     def forward(self, indices, offsets):
         return pool(self.dequantize(self.packed.index_select(0, indices)), offsets, self.pooling)
@@ -136,7 +137,7 @@ class RowwiseQuantizedBag(Representation):
 
     def flops_per_lookup(self):
         unpack = 0 if self.bits == 8 else 3 * (8 // self.bits - 1) * code_bytes(self.dim, self.bits)
-        decode = 2 * 14          # two IEEE decodes, ~14 elementwise ops each
+        decode = 2 * 14          # two IEEE decodes (scale, bias), ~14 elementwise ops each
         return float(2 * self.dim + self.dim + unpack + decode)   # multiply-add, pool add
 
     def describe(self):
