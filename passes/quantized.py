@@ -23,7 +23,7 @@ the max over rows.  fp16: |x - fp16(x)| <= 2^-11 |x| (2^-25 in the subnormal ran
 The forward gathers packed rows, casts the bytes to fp32 and unpacks codes by floor division by
 powers of two (exact in fp32); ONNX Runtime and TVM have no bitcast, so the scale and bias bytes are
 decoded arithmetically from their IEEE fields, with 2^e taken from a 32-entry table of exact
-powers of two (``_EXP_TABLE``, counted in ``num_bytes``).
+powers of two (the ``exp_table`` buffer, 128 B, counted in ``num_bytes``).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def assert_exports(model: RecModel, example: Batch, check: Batch) -> None:
     """``torch.export`` of ``ExportedBags(model)`` with dynamic batch and lookup counts, then the
     exported program on another batch (other sizes, empty bags) equals the eager model."""
     args = bag_inputs(model, example)
-    b = Dim("batch", min=4)
+    b = Dim("batch", min=4)   # export specialises sizes 0 and 1; the segment-sum guards 4+ offsets
     shapes = [{0: b}]
     for f in range(len(model.spec.features)):
         shapes += [{0: Dim(f"n{f}", min=2)}, {0: b + 1}]
