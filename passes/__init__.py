@@ -1,17 +1,33 @@
 """Representation passes: one representation per module (its nn.Module, its fit, its pass).
 
 Importing this package registers every representation and pass.  Each pass also has a Python
-configurator of the same name: ``passes.onehot(max_rows=64)`` == ``-p onehot:max_rows=64``.
+configurator of the same name: ``passes.quantize(bits=4)`` == ``-p quantize:bits=4``.
 """
 
-import rewrite  # noqa: F401  (first: rewrite.formats imports pass modules; avoids a cycle)
-from passes import mixed_dim, onehot as _onehot_module, quotient_remainder  # noqa: F401
+import rewrite  # noqa: F401  (first: rewrite.formats imports pass modules back)
+from passes import hashing, mixed_dim, onehot as _onehot_module, quantized, quotient_remainder  # noqa: F401
 from passes import dim_pruning, hot_cold_split, tensor_train  # noqa: F401
 from rewrite.passinfra import ConfiguredPass, configure
 
 
 def onehot(**options) -> ConfiguredPass:
     return configure("onehot", **options)
+
+
+def quantize(**options) -> ConfiguredPass:
+    return configure("quantize", **options)
+
+
+def md(**options) -> ConfiguredPass:
+    return configure("md", **options)
+
+
+def qr(**options) -> ConfiguredPass:
+    return configure("qr", **options)
+
+
+def hash(**options) -> ConfiguredPass:  # noqa: A001 (the pass is called hash)
+    return configure("hash", **options)
 
 
 def tt(**options) -> ConfiguredPass:

@@ -35,7 +35,7 @@ from torch import nn
 
 from rewrite.embedding import Representation, TableBag, pool, register_representation
 from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
 from rewrite.tracing import EmbeddingSite
 from rewrite.units import parse_bytes
 
@@ -139,12 +139,12 @@ def allocate(cost: np.ndarray, level_bytes: np.ndarray, budget: float) -> np.nda
 
 @dataclass(frozen=True)
 class PruneDimsConfig(Selection):
-    keep: float | None = None         # share of the table's values kept (Σ d_i / rows·d)
-    budget: str | None = None         # bytes of the whole representation, per table, e.g. 48KB
-    levels: tuple[int, ...] = ()      # kept dims per level, descending; default d, d/2, d/4, 0
-    beta: float = 1.0                 # utility exponent of the access frequency
-    rotate: bool = True               # frequency-weighted PCA rotation first (d×d fp32, counted)
-    max_error: float | None = None    # verification bound: relative error on the sample bags
+    keep: float | None = option(None, "share of the table's values kept (Σ d_i / rows·d)")
+    budget: str | None = option(None, "bytes of the whole representation, per table, e.g. 48KB")
+    levels: tuple[int, ...] = option((), "kept dims per level, descending; default d, d/2, d/4, 0")
+    beta: float = option(1.0, "utility exponent of the access frequency")
+    rotate: bool = option(True, "frequency-weighted PCA rotation first (d×d fp32, counted)")
+    max_error: float | None = option(None, "verification bound: relative error on the sample bags")
 
     def __post_init__(self):
         if self.keep is not None and self.budget is not None:

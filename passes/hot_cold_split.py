@@ -20,7 +20,7 @@ which it serves), and the sample batches with this table's ids remapped to cold 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from rewrite.batch import Batch
 from rewrite.embedding import (Representation, TableBag, pool, register_representation,
                                representation_class)
 from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, parse_pass, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, parse_pass, register_pass
 from rewrite.profiling import AccessProfile, TableProfile
 from rewrite.tracing import EmbeddingSite, capture
 from rewrite.units import parse_bytes
@@ -93,11 +93,11 @@ class HotColdBag(Representation):
 
 @dataclass(frozen=True)
 class HotColdConfig(Selection):
-    coverage: float | None = None       # hot set: the fewest rows covering this share of lookups
-    hot_bytes: str | None = None        # ...or the rows that fit this fp32 budget, e.g. 256KiB
-    hot_memory: str = "fast"            # placement hint for the cost model
-    cold_memory: str = "slow"
-    cold: str = field(default="fp16", metadata={"rest": True})   # fp16 | bf16 | fp32 | a pass
+    coverage: float | None = option(None, "hot set: the fewest rows covering this share of lookups")
+    hot_bytes: str | None = option(None, "...or the rows that fit this fp32 budget, e.g. 256KiB")
+    hot_memory: str = option("fast", "placement hint for the cost model")
+    cold_memory: str = option("slow", "placement hint for the cost model (cold part)")
+    cold: str = option("fp16", "cold rows: fp16 | bf16 | fp32 | a nested pass, e.g. quantize:bits=4", rest=True)
 
     def __post_init__(self):
         if self.coverage is not None and self.hot_bytes is not None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rewrite.embedding import Representation, TableBag, register_representation, segment_sum
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
 from rewrite.tracing import EmbeddingSite
 
 
@@ -48,11 +48,14 @@ class OneHotBag(Representation):
 
 @dataclass(frozen=True)
 class OneHotConfig(Selection):
-    max_rows: int = 128          # C is [B, rows]: keep it small
+    max_rows: int = option(128, "leave tables with more rows alone (the one-hot matrix is B x rows)")
 
     def __post_init__(self):
         if self.max_rows < 1:
             raise ValueError("max_rows must be >= 1")
+
+    def touches(self, *limits: str) -> str:
+        return super().touches(f"at most {self.max_rows} rows", *limits)
 
 
 @register_pass("onehot", OneHotConfig)

@@ -8,14 +8,32 @@ what the fitted pass produces); ``pool_first=True`` pools W_q and W_r rows separ
 combines, which is what dlrm's QREmbeddingBag computes (identical for one-id bags).  dlrm also
 takes the quotient as ``(i / c).long()`` in float32 (``float_quotient``), equal to i // c below
 2^24; we reproduce it when loading dlrm checkpoints.
+
+Fit (pass ``qr``, post-training): minimise Σ_i w_i ||W_i - op(W_q[q_i], W_r[r_i])||² (w_i:
+access frequency).  concat is separable: each half is the weighted mean of its rows.  add and
+mult alternate exact block updates (each is a weighted least-squares problem with a closed form
+per element):  add:  W_q[q] = Σ w_i (W_i - W_r[r_i]) / Σ w_i;
+mult: W_q[q,k] = Σ w_i W[i,k] W_r[r_i,k] / Σ w_i W_r[r_i,k]²  (and symmetrically for W_r),
+starting (mult) from each element's leading eigenvector of the c × c weighted Gram matrix of the
+[ceil(rows/c), c] grid, exact for equal weights, or (add) from W_r = 0; no step raises the objective.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, pool, register_representation
+from rewrite.embedding import Representation, TableBag, pool, register_representation
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.tracing import EmbeddingSite
+
+DLRM_QR_THRESHOLD = 200       # rows; dlrm_s_pytorch.py --qr-threshold default: only larger tables
+ALS_MAX_ITERATIONS = 200
+ALS_TOLERANCE = 1e-9          # stop when the objective improves by less than this fraction
 
 
 @register_representation("qr")
@@ -68,3 +86,96 @@ class QRBag(Representation):
 
     def describe(self):
         return f"qr {self.op} c={self.collisions}: {tuple(self.weight_q.shape)} + {tuple(self.weight_r.shape)}"
+
+
+def _grid(weight: torch.Tensor, w: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows laid out as [Q, c, d] (row i at (i // c, i mod c)), weights [Q, c, 1]; padding has
+    weight 0."""
+    rows, d = weight.shape
+    q = -(-rows // c)
+    x = nn.functional.pad(weight.detach().to(torch.float64), (0, 0, 0, q * c - rows)).view(q, c, d)
+    wt = nn.functional.pad(torch.from_numpy(w).to(torch.float64), (0, q * c - rows)).view(q, c, 1)
+    return x, wt
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """num / den where den > 0, else ``keep`` (a row no weighted lookup constrains)."""
+    return torch.where(den > 0, num / den.clamp(min=1e-300), keep)
+
+
+def _rank_one_start(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """W_r's start for mult: per element k, the leading eigenvector of the c × c Gram matrix of
+    the √w-scaled grid column [Q, c] (the exact answer when all weights are equal)."""
+    s = x * wt.sqrt()
+    gram = torch.einsum("qrk,qsk->krs", s, s)
+    _, vecs = torch.linalg.eigh(gram)
+    return vecs[:, :, -1].t().contiguous()
+
+
+def fit_qr(weight: torch.Tensor, w: np.ndarray, c: int, op: str, pooling: str = "sum") -> tuple["QRBag", int]:
+    """Frequency-weighted least-squares QR form of ``weight`` [rows, d]; returns (module, sweeps)."""
+    rows, d = weight.shape
+    x, wt = _grid(weight, w, c)
+    sweeps = 0
+    if op == "concat":
+        h = d // 2
+        wq = _ratio((wt * x[:, :, :h]).sum(1), wt.sum(1), torch.zeros(1, dtype=torch.float64))
+        wr = _ratio((wt * x[:, :, h:]).sum(0), wt.sum(0), torch.zeros(1, dtype=torch.float64))
+    else:
+        wr = _rank_one_start(x, wt) if op == "mult" else torch.zeros(c, d, dtype=torch.float64)
+        wq = torch.zeros(x.shape[0], d, dtype=torch.float64)
+        last = None
+        for sweeps in range(1, ALS_MAX_ITERATIONS + 1):
+            if op == "mult":
+                wq = _ratio((wt * x * wr).sum(1), (wt * wr ** 2).sum(1), wq)
+                wr = _ratio((wt * x * wq[:, None]).sum(0), (wt * wq[:, None] ** 2).sum(0), wr)
+                fit = wq[:, None] * wr
+            else:
+                wq = _ratio((wt * (x - wr)).sum(1), wt.sum(1), wq)
+                wr = _ratio((wt * (x - wq[:, None])).sum(0), wt.sum(0), wr)
+                fit = wq[:, None] + wr
+            loss = float((wt * (x - fit) ** 2).sum())
+            if last is not None and last - loss <= ALS_TOLERANCE * max(last, 1e-300):
+                break
+            last = loss
+    rep = QRBag(rows, d, c, op=op, pooling=pooling)
+    rep.weight_q.data, rep.weight_r.data = wq.to(torch.float32), wr.to(torch.float32)
+    return rep, sweeps
+
+
+def qr_bytes(rows: int, dim: int, c: int, op: str) -> int:
+    part = dim // 2 if op == "concat" else dim
+    return 4 * (-(-rows // c) + c) * part
+
+
+@dataclass(frozen=True)
+class QRConfig(Selection):
+    min_rows: int = option(DLRM_QR_THRESHOLD + 1, "leave tables with fewer rows alone (dlrm's "
+                           "--qr-threshold: only tables with more than 200 rows)")
+    collisions: int = option(4, "c: W_r has c rows, W_q ceil(rows / c) (dlrm --qr-collisions)")
+    op: Literal["mult", "add", "concat"] = option("mult", "how the two parts combine (dlrm --qr-operation)")
+    max_error: float = option(0.9, "fail when ||Δe|| / ||e|| over the sample bags exceeds this "
+                                   "(1 = no better than zeros)")
+
+    def __post_init__(self):
+        if self.collisions < 2:
+            raise ValueError(f"collisions must be >= 2, got {self.collisions}")
+        if not self.max_error > 0:
+            raise ValueError(f"max_error must be > 0, got {self.max_error}")
+
+
+@register_pass("qr", QRConfig)
+def qr(site: EmbeddingSite, cfg: QRConfig, ctx: PassContext) -> Rewrite | Skip:
+    """fp32 tables -> quotient-remainder W_q, W_r fitted by weighted least squares."""
+    table = site.module(ctx.model)
+    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
+        return Skip(f"qr rewrites fp32 plain tables, this is {table.describe()}")
+    if cfg.op == "concat" and site.dim % 2:
+        return Skip(f"op=concat splits the dimension in halves; dim {site.dim} is odd")
+    new = qr_bytes(site.rows, site.dim, cfg.collisions, cfg.op)
+    if new >= table.num_bytes():
+        return Skip(f"the qr form with {cfg.collisions} collisions ({new} B) is not smaller than "
+                    f"the table ({table.num_bytes()} B)")
+    rep, sweeps = fit_qr(table.weight, ctx.row_weights(site.name, site.rows), cfg.collisions,
+                         cfg.op, site.pooling)
+    return Rewrite(rep, notes={"collisions": cfg.collisions, "op": cfg.op, "sweeps": sweeps})

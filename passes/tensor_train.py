@@ -32,7 +32,7 @@ from passes import tt_fit
 from passes.row_index import (hottest_rows, narrow_tensor, padded_sorted_ids, sorted_lookup,
                                sorted_lookup_steps)
 from rewrite.embedding import Representation, TableBag, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
 from rewrite.tracing import EmbeddingSite
 
 DEFAULT_RANK = 16       # TT-Rec's Kaggle experiments use ranks 8-64 for 3 cores
@@ -185,16 +185,16 @@ class TTBag(Representation):
 
 @dataclass(frozen=True)
 class TTConfig(Selection):
-    rank: tuple[int, ...] = ()            # one rank for every edge, or r_1..r_{K-1}
-    compression: float | None = None      # table bytes / tt bytes (cache and index included)
-    max_error: float | None = None        # relative Frobenius error of the table (TT-SVD δ)
-    p: tuple[int, ...] = ()               # row factors (Πp >= rows); default: balanced, 3 cores
-    q: tuple[int, ...] = ()               # dim factors (Πq = d); default: balanced, 3 cores
-    sweeps: int = 2                       # ALS sweeps after TT-SVD (0: plain TT-SVD)
-    cache_rows: int = 0                   # hottest rows kept uncompressed
-    cache_coverage: float | None = None   # ...or the fewest rows covering this share of lookups
-    cache_index: Literal["auto", "map", "sorted"] = "auto"   # auto: the smaller in bytes
-    core_bits: Literal[32, 8] = 32        # 8: int8 row-wise cores
+    rank: tuple[int, ...] = option((), "one rank for every edge, or r_1..r_{K-1}")
+    compression: float | None = option(None, "table bytes / tt bytes (cache and index included)")
+    max_error: float | None = option(None, "relative Frobenius error of the table (TT-SVD δ)")
+    p: tuple[int, ...] = option((), "row factors (Πp >= rows); default: balanced, 3 cores")
+    q: tuple[int, ...] = option((), "dim factors (Πq = d); default: balanced, 3 cores")
+    sweeps: int = option(2, "ALS sweeps after TT-SVD (0: plain TT-SVD)")
+    cache_rows: int = option(0, "hottest rows kept uncompressed")
+    cache_coverage: float | None = option(None, "...or the fewest rows covering this share of lookups")
+    cache_index: Literal["auto", "map", "sorted"] = option("auto", "auto: the smaller in bytes")
+    core_bits: Literal[32, 8] = option(32, "8: int8 row-wise cores")
 
     def __post_init__(self):
         given = [n for n in ("rank", "compression", "max_error") if getattr(self, n) not in ((), None)]

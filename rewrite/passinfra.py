@@ -41,12 +41,27 @@ class Skip:
     reason: str
 
 
+def option(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002 (click's word)
+    """A config field with its ``rewrite passes`` help text (and e.g. ``rest=True``)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which tables a pass touches: by name, and/or by size.  Inherit in every pass config."""
 
-    tables: tuple[str, ...] = ()      # empty: every table
-    min_rows: int = 0                 # leave tables with fewer rows alone
+    tables: tuple[str, ...] = option((), "tables to rewrite, by name (empty: every table)")
+    min_rows: int = option(0, "leave tables with fewer rows alone")
+
+    def selects(self, table: str, rows: int) -> bool:
+        """Whether the pass manager hands this table to the pass."""
+        return (not self.tables or table in self.tables) and rows >= self.min_rows
+
+    def touches(self, *limits: str) -> str:
+        """In words, which tables these settings hand to the pass (``limits``: a pass's own)."""
+        limits = ((f"at least {self.min_rows} rows",) if self.min_rows else ()) + limits
+        which = f"tables {', '.join(self.tables)}" if self.tables else ("tables" if limits else "every table")
+        return which + (" with " + " and ".join(limits) if limits else "")
 
 
 @dataclass
@@ -61,6 +76,13 @@ class PassContext:
         if self.profile is None or table not in self.profile.tables:
             return None
         return self.profile.counts(table)
+
+    def lookups_per_sample(self, table: str) -> float | None:
+        """Average ids looked up in ``table`` per sample (Ginart's k), or None without a profile."""
+        c = self.counts(table)
+        if c is None or not self.profile.samples:
+            return None
+        return float(c.sum()) / self.profile.samples
 
     def row_weights(self, table: str, rows: int) -> np.ndarray:
         """Per-row fitting weights, mean 1: access frequency (+1 smoothing so unseen rows still
@@ -174,6 +196,9 @@ def _coerce(name: str, key: str, raw: Any, hint: Any) -> Any:
     if not isinstance(raw, str):
         if origin is tuple and isinstance(raw, (list, tuple)):
             return tuple(raw)
+        expected = {int: int, float: (int, float), bool: bool}.get(hint)
+        if expected and (not isinstance(raw, expected) or (hint is not bool and isinstance(raw, bool))):
+            raise RewriteError(f"pass {name}: option {key}={raw!r}: must be {hint.__name__}")
         return raw
     try:
         if origin in (typing.Union, types.UnionType):
@@ -195,26 +220,34 @@ def _coerce(name: str, key: str, raw: Any, hint: Any) -> Any:
                 return False
             raise ValueError("must be true or false")
         if hint is int:
-            v = float(raw)
+            try:
+                v = float(raw)
+            except ValueError:
+                raise ValueError("must be a whole number") from None
             if not v.is_integer():
                 raise ValueError("must be a whole number")
             return int(v)
         if hint is float:
-            return float(raw)
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError("must be a number") from None
         return raw
     except ValueError as e:
         raise RewriteError(f"pass {name}: option {key}={raw!r}: {e}") from None
 
 
 def _format(v: Any) -> str:
-    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    if v is None:
+        return "none"
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def option_rows(info: PassInfo) -> list[tuple[str, str, str]]:
-    """(option, type, default) for ``rewrite passes``."""
+def option_rows(info: PassInfo) -> list[tuple[str, str, str, str]]:
+    """(option, type, default, help) for ``rewrite passes``."""
     hints = typing.get_type_hints(info.config)
     defaults = info.config()
-    return [(f.name, _type_name(hints[f.name]), _format(getattr(defaults, f.name)))
+    return [(f.name, _type_name(hints[f.name]), _format(getattr(defaults, f.name)), f.metadata.get("help", ""))
             for f in dataclasses.fields(info.config)]
 
 

@@ -32,6 +32,7 @@ from rewrite.synthetic import multi_hot_batch
 from rewrite.tracing import capture
 
 FP32_SLACK = 1e-5   # relative, for fp32 accumulation-order differences
+SHOWN_FAILURES = 3  # tables named in a tolerance failure's one-line message
 
 
 @dataclass
@@ -137,13 +138,15 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
     model.eval()
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     sample = [validate(b, model.spec.n_dense, rows, "sample batch") for b in (sample or default_sample(model))]
+    passes = list(passes)
+    for cp in passes:   # before any fitting: bad input fails fast
+        unknown = [t for t in cp.config.tables if t not in model.embeddings]
+        if unknown:
+            raise RewriteError(f"pass {cp.name}: unknown table(s) {', '.join(unknown)} "
+                               f"(tables: {', '.join(model.embeddings)})")
     current, reports = model, []
     for cp in passes:
         cfg, info = cp.config, cp.info
-        unknown = [t for t in cfg.tables if t not in current.embeddings]
-        if unknown:
-            raise RewriteError(f"pass {cp.name}: unknown table(s) {', '.join(unknown)} "
-                               f"(tables: {', '.join(current.embeddings)})")
         _, sites = capture(current)
         ctx = PassContext(current, profile, sample, seed)
         new_tables: dict[str, Representation] = {}
@@ -189,6 +192,7 @@ def require_within_tolerance(report: ApplyReport) -> None:
     bad = [t for t in report.tables if not t.within_tolerance]
     if bad:
         worst = ", ".join(f"{t.table} ({t.pass_name}: {t.tolerance}; max |Δ| {t.max_abs_diff:.3g}, "
-                          f"rel {t.rel_error:.3g})" for t in bad)
-        raise VerificationError(f"rewrite exceeds its tolerance on {worst}; "
+                          f"rel {t.rel_error:.3g})" for t in bad[:SHOWN_FAILURES])
+        more = f" and {len(bad) - SHOWN_FAILURES} more tables" if len(bad) > SHOWN_FAILURES else ""
+        raise VerificationError(f"rewrite exceeds its tolerance on {worst}{more}; "
                                 f"use --allow-degraded to keep it anyway")

@@ -1,0 +1,105 @@
+"""The hashing trick (Weinberger et al.), fitted post-training to a trained table (pass ``hash``).
+
+Before: W [rows, d].   After: H [m, d], m = ceil(rows / collisions), and
+    e(i) = H[h(i)],   h(i) = ((a · (i mod p) + b) mod p) mod m,   p = 2^31 - 1,
+a universal hash (Carter-Wegman) with 1 <= a < p, 0 <= b < p drawn from the seed.  With
+i mod p < 2^31 and a < 2^31, a · (i mod p) + b < 2^63: no int64 overflow for any id.  Every mod is
+x - trunc(x / n) · n on non-negative int64 (export-friendly; no floor division).
+
+Fit: minimise Σ_i w_i ||W_i - H[h(i)]||² (w_i: access frequency): each bucket is the weighted
+mean of the rows hashed into it (a bucket no row maps to stays zero).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rewrite.embedding import Representation, TableBag, pool, register_representation
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.tracing import EmbeddingSite
+
+MERSENNE_31 = 2**31 - 1       # the hash family's prime p
+DLRM_THRESHOLD = 200          # rows; as dlrm's qr/md thresholds: only larger tables
+
+
+def _mod(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x - torch.div(x, n, rounding_mode="trunc") * n
+
+
+@register_representation("hash")
+class HashBag(Representation):
+    def __init__(self, rows: int, dim: int, buckets: int, a: int, b: int, pooling: str = "sum"):
+        super().__init__()
+        if not (1 <= a < MERSENNE_31 and 0 <= b < MERSENNE_31):
+            raise ValueError(f"hash parameters need 1 <= a < p and 0 <= b < p (p = 2^31 - 1), got a={a}, b={b}")
+        self.rows, self.dim, self.pooling = int(rows), int(dim), pooling
+        self.buckets, self.a, self.b = int(buckets), int(a), int(b)
+        self.weight = nn.Parameter(torch.empty(self.buckets, self.dim))
+
+    def bucket(self, indices: torch.Tensor) -> torch.Tensor:
+        """h(i) for int64 ids i >= 0."""
+        return _mod(_mod(_mod(indices, MERSENNE_31) * self.a + self.b, MERSENNE_31), self.buckets)
+
+    def forward(self, indices, offsets):
+        return pool(self.weight.index_select(0, self.bucket(indices)), offsets, self.pooling)
+
+    def params(self):
+        return {"rows": self.rows, "dim": self.dim, "buckets": self.buckets, "a": self.a, "b": self.b,
+                "pooling": self.pooling}
+
+    def bytes_per_lookup(self):
+        return self.dim * 4
+
+    def flops_per_lookup(self):
+        return float(self.dim + 10)     # pool add + the hash's integer ops
+
+    def describe(self):
+        return f"hash {self.rows} -> {self.buckets}x{self.dim}"
+
+
+def fit_hash(weight: torch.Tensor, w: np.ndarray, buckets: int, seed, pooling: str = "sum") -> HashBag:
+    """Draw (a, b) from ``seed``; each bucket is the weighted mean of its rows."""
+    rng = np.random.default_rng(seed)
+    a, b = int(rng.integers(1, MERSENNE_31)), int(rng.integers(0, MERSENNE_31))
+    rows, d = weight.shape
+    rep = HashBag(rows, d, buckets, a, b, pooling)
+    h = rep.bucket(torch.arange(rows, dtype=torch.int64))
+    wt = torch.from_numpy(w).to(torch.float64)
+    num = torch.zeros(buckets, d, dtype=torch.float64).index_add_(
+        0, h, weight.detach().to(torch.float64) * wt.unsqueeze(1))
+    den = torch.zeros(buckets, dtype=torch.float64).index_add_(0, h, wt)
+    rep.weight.data = torch.where(den.unsqueeze(1) > 0, num / den.clamp(min=1e-300).unsqueeze(1), 0.0).to(torch.float32)
+    return rep
+
+
+@dataclass(frozen=True)
+class HashConfig(Selection):
+    min_rows: int = option(DLRM_THRESHOLD + 1, "leave tables with fewer rows alone (as dlrm's qr/md: "
+                           "only tables with more than 200 rows)")
+    collisions: int = option(4, "rows per bucket on average: ceil(rows / collisions) buckets")
+    max_error: float = option(0.9, "fail when ||Δe|| / ||e|| over the sample bags exceeds this "
+                                   "(1 = no better than zeros)")
+
+    def __post_init__(self):
+        if self.collisions < 2:
+            raise ValueError(f"collisions must be >= 2, got {self.collisions}")
+        if not self.max_error > 0:
+            raise ValueError(f"max_error must be > 0, got {self.max_error}")
+
+
+@register_pass("hash", HashConfig)
+def hash_rows(site: EmbeddingSite, cfg: HashConfig, ctx: PassContext) -> Rewrite | Skip:
+    """fp32 tables -> hashing trick H[h(i)], buckets fitted as weighted means of their rows."""
+    table = site.module(ctx.model)
+    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
+        return Skip(f"hash rewrites fp32 plain tables, this is {table.describe()}")
+    buckets = -(-site.rows // cfg.collisions)
+    seed = [ctx.seed, zlib.crc32(site.name.encode())]     # stable, distinct per table
+    rep = fit_hash(table.weight, ctx.row_weights(site.name, site.rows), buckets, seed, site.pooling)
+    used = int(torch.unique(rep.bucket(torch.arange(site.rows))).numel())
+    return Rewrite(rep, notes={"buckets": buckets, "buckets_used": used, "a": rep.a, "b": rep.b})

@@ -1,0 +1,90 @@
+"""``rewrite apply``: passes from ``-p`` specs, data and profile from files, verify, write.
+
+Order matters for the exit codes: every pass spec is parsed and the output path checked before
+the model is loaded (bad input -> RewriteError, exit 2, nothing written); a table beyond its
+tolerance leaves nothing written unless ``allow_degraded`` (the CLI then exits 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rewrite import data
+from rewrite.batch import Batch
+from rewrite.errors import RewriteError, VerificationError
+from rewrite.formats.native import save
+from rewrite.inspection import human_bytes
+from rewrite.model import RecModel
+from rewrite.passinfra import parse_pass
+from rewrite.pipeline import apply, require_within_tolerance
+from rewrite.profiling import AccessProfile, profile
+
+SAMPLE_BATCH = 2048   # rows per verification batch
+
+
+def sample_batches(ds: data.Dataset, n: int, seed: int = 0) -> list[Batch]:
+    """``n`` rows of ``ds`` drawn without replacement (all of them if fewer), in batches."""
+    rows = np.arange(ds.n_samples)
+    if n < ds.n_samples:
+        rows = np.sort(np.random.default_rng(seed).choice(ds.n_samples, n, replace=False))
+    return [ds.batch(rows[lo:lo + SAMPLE_BATCH]) for lo in range(0, len(rows), SAMPLE_BATCH)]
+
+
+def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path: Path | None,
+              samples: int, dense_transform: str, allow_degraded: bool, output: Path,
+              load_model: Callable[[Path], RecModel]) -> dict[str, Any]:
+    """Run the passes; return the report as JSON, with ``written`` and, when not, ``failure``."""
+    configured = [parse_pass(s) for s in specs]
+    output = Path(output)
+    if output.is_dir():
+        raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
+    model = load_model(Path(path))
+    ds = None
+    if data_path is not None:
+        ds = data.open(data_path, dense_transform)
+        data.check_matches(ds, model.spec.n_dense, len(model.spec.features))
+    if profile_path is not None:
+        prof = AccessProfile.load(profile_path, model)
+    else:
+        prof = profile(model, ds) if ds is not None else None
+    sample = sample_batches(ds, samples) if ds is not None else None
+    rewritten, report = apply(model, configured, profile=prof, sample=sample)
+    result = {"model": str(path), "passes": [str(p) for p in configured],
+              "profile": None if prof is None else prof.source,
+              "verification_data": str(data_path) if ds is not None else "random ragged batches",
+              **report.to_json(), "output": str(output), "written": False}
+    try:
+        if not allow_degraded:
+            require_within_tolerance(report)
+    except VerificationError as e:
+        result["failure"] = str(e)
+        return result
+    save(rewritten, output)
+    result["written"] = True
+    return result
+
+
+def summary(d: dict[str, Any]) -> str:
+    """The human form of ``run_apply``'s result."""
+    lines = [f"{d['model']}: {' '.join('-p ' + p for p in d['passes'])}"]
+    for t in d["tables"]:
+        head = f"  {t['table']:<8}{t['pass_name']:<10}"
+        if t["status"] == "skipped":
+            lines.append(f"{head}skipped: {t['reason']}")
+            continue
+        verdict = "ok" if t["within_tolerance"] else "EXCEEDED"
+        lines.append(f"{head}{t['after']}  {human_bytes(t['bytes_before'])} -> {human_bytes(t['bytes_after'])}"
+                     f"  max |Δ| {t['max_abs_diff']:.3g}, rel {t['rel_error']:.3g}  [{t['tolerance']}: {verdict}]")
+    lines.append(f"embeddings {human_bytes(d['embedding_bytes_before'])} -> "
+                 f"{human_bytes(d['embedding_bytes_after'])} ({d['compression']:.2f}x smaller)")
+    lines.append(f"verification on {d['samples']:,} samples ({d['verification_data']}): "
+                 f"max |Δ logit| {d['max_abs_logit_diff']:.4g}, mean {d['mean_abs_logit_diff']:.4g}")
+    if "auc_before" in d:
+        lines.append(f"AUC {d['auc_before']:.4f} -> {d['auc_after']:.4f} ({d['auc_after'] - d['auc_before']:+.4f}), "
+                     f"logloss {d['logloss_before']:.4f} -> {d['logloss_after']:.4f} "
+                     f"({d['logloss_after'] - d['logloss_before']:+.4f})")
+    lines.append(f"written to {d['output']}" if d["written"] else "nothing written")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Helpers for the passes-I tests: the fp16 tolerance, small models, ragged batches, export checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from rewrite.batch import Batch
+from rewrite.embedding import TableBag
+from rewrite.model import RecModel
+from rewrite.profiling import AccessProfile, TableProfile
+from rewrite.synthetic import multi_hot_batch
+from rewrite.training import table_dlrm
+from targets.base import ExportedBags, split_bags_np
+
+# One table of tolerances by representation, shared by every test (relative to the largest
+# |value| compared).  Lossy forms with a derived bound (intN, fitted passes) are checked against
+# that bound instead.
+TOLERANCES = {
+    "exact": 1e-5,      # fp32 rewrites that only change summation order
+    "fp16": 1e-3,       # fp16 storage: 2^-11 relative rounding per element
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
+    actual, expected = actual.detach(), expected.detach()
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    diff = float((actual - expected).abs().max()) if expected.numel() else 0.0
+    assert diff <= TOLERANCES[kind] * scale, f"max |Δ| {diff:.3g} > {kind} tolerance {TOLERANCES[kind]} × {scale:.3g}"
+
+
+def small_model(rows=(3, 40, 257, 1000), dim: int = 8, seed: int = 0, spread: float = 0.3) -> RecModel:
+    """A random dot-interaction DLRM; tables scaled to ``spread`` so values look trained."""
+    model = table_dlrm(list(rows), dim=dim, bottom=(16, dim), top=(16, 1), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for t in model.embeddings.values():
+            t.weight.copy_(torch.randn(t.weight.shape, generator=g) * spread)
+    return model.eval()
+
+
+def with_table(model: RecModel, name: str, weight: torch.Tensor, pooling: str = "sum") -> RecModel:
+    """``model`` with table ``name`` replaced by a plain fp32 table holding ``weight``."""
+    return model.with_tables({name: TableBag(weight.shape[0], weight.shape[1], pooling, weight=weight)})
+
+
+def batches(model: RecModel, n: int = 3, batch: int = 64, mean_len: float = 2.5, seed: int = 0) -> list[Batch]:
+    """Ragged batches with empty bags and every table's largest id."""
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    return [multi_hot_batch(rows, batch, model.spec.n_dense, mean_len, seed=seed + i) for i in range(n)]
+
+
+def bag_inputs(model: RecModel, batch: Batch) -> list[torch.Tensor]:
+    arrays = split_bags_np(batch.indices.numpy(), batch.offsets.numpy(), len(model.spec.features))
+    return [batch.dense, *(torch.from_numpy(a) for a in arrays)]
+
+
+def assert_exports(model: RecModel, example: Batch, check: Batch) -> None:
+    """``torch.export`` of ``ExportedBags(model)`` with dynamic batch and lookup counts, then the
+    exported program on another batch (other sizes, empty bags) equals the eager model."""
+    args = bag_inputs(model, example)
+    b = Dim("batch", min=4)   # export specialises sizes 0 and 1; the segment-sum guards 4+ offsets
+    shapes = [{0: b}]
+    for f in range(len(model.spec.features)):
+        shapes += [{0: Dim(f"n{f}", min=2)}, {0: b + 1}]
+    ep = torch.export.export(ExportedBags(model), tuple(args), dynamic_shapes=(shapes[0], tuple(shapes[1:])))
+    with torch.no_grad():
+        got = ep.module()(*bag_inputs(model, check))
+        want = model(*check.inputs())
+    assert_close(got, want, "exact")
+
+
+def profile_of(model: RecModel, counts: dict[str, "np.ndarray"], samples: int) -> AccessProfile:
+    """An access profile with the given per-row counts (other tables: never accessed)."""
+    tables = {}
+    for name, rep in model.embeddings.items():
+        c = counts.get(name, np.zeros(rep.rows, dtype=np.int64))
+        tables[name] = TableProfile(name, rep.rows, rep.dim, np.asarray(c, dtype=np.int64))
+    return AccessProfile(tables, samples, 1.0, "test")
