@@ -97,7 +97,7 @@ class HotColdConfig(Selection):
     hot_bytes: str | None = option(None, "...or the rows that fit this fp32 budget, e.g. 256KiB")
     hot_memory: str = option("fast", "placement hint for the cost model")
     cold_memory: str = option("slow", "placement hint for the cost model (cold part)")
-    cold: str = option("fp16", "cold rows: fp16 | bf16 | fp32 | a nested pass, e.g. quantize:bits=4", rest=True)
+    cold: str = option("quantize:bits=8", "cold rows: fp16 | bf16 | fp32 | a nested pass, e.g. quantize:bits=4", rest=True)
 
     def __post_init__(self):
         if self.coverage is not None and self.hot_bytes is not None:

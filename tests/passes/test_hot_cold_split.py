@@ -34,7 +34,7 @@ def hot_ids(rep: HotColdBag) -> np.ndarray:
 
 
 def test_exact_on_hot_rows_fp16_cold_within_bound(model, profile):
-    rw, report = rewrite.apply(model, [passes.hot_cold(coverage=0.8, tables=("t0",))], profile=profile)
+    rw, report = rewrite.apply(model, [passes.hot_cold(coverage=0.8, cold="fp16", tables=("t0",))], profile=profile)
     rep, table = rw.embeddings["t0"], model.embeddings["t0"]
     w = table.weight.detach()
     hot = hot_ids(rep)
@@ -59,7 +59,7 @@ def test_exact_on_hot_rows_fp16_cold_within_bound(model, profile):
 
 
 def test_hot_bytes_budget_and_placement_in_spec(model, profile):
-    cp = passes.hot_cold(hot_bytes="4KB", hot_memory="hbm", cold_memory="dram", tables=("t0",))
+    cp = passes.hot_cold(hot_bytes="4KB", hot_memory="hbm", cold_memory="dram", cold="fp16", tables=("t0",))
     rw, _ = rewrite.apply(model, [cp], profile=profile)
     rep = rw.embeddings["t0"]
     assert rep.hot_rows == 4000 // 64 == 62
@@ -162,3 +162,12 @@ def test_representation_checks_its_cold_part():
         HotColdBag(10, 4, 3, cold)
     with pytest.raises(ValueError, match="cold part pools by sum, the table by mean"):
         HotColdBag(10, 4, 6, cold, pooling="mean")
+
+
+def test_default_cold_part_is_int8_rowwise(model, profile):
+    """The issue's default: hot rows fp32, cold rows FBGEMM row-wise int8 (within its bound)."""
+    rw, report = rewrite.apply(model, [passes.hot_cold(coverage=0.8, tables=("t0",))], profile=profile)
+    spec = next(t for t in rw.full_spec()["tables"] if t["name"] == "t0")
+    assert spec["cold"]["kind"] == "rowwise" and spec["cold"]["bits"] == 8
+    t = report.tables[0]
+    assert t.status == "rewritten" and t.within_tolerance and t.tolerance.startswith("max |Δ| per id <= ")
