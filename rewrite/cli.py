@@ -179,8 +179,7 @@ def _human_paths(d) -> str:
         v = p["verification"]
         status = "ok" if v["passed"] else "FAILED"
         lat = ", ".join(f"B={b} {ms:.3f} ms" for b, ms in (p.get("latency_ms") or {}).items())
-        err = f"max |dp| {v['max_abs_prob_error']:.2e} (tol {v['tolerance']:g})" if "max_abs_prob_error" in v \
-            else v.get("failure", "")
+        err = v["failure"] if "failure" in v else f"max |dp| {v['max_abs_prob_error']:.2e} (tol {v['tolerance']:g})"
         auc = f", AUC {v['auc']:.5f} vs {v['reference_auc']:.5f}" if "auc" in v else ""
         lines.append(f"  {name:<14} {status:<7} {err}{auc}  {lat}")
     if "dispatch" in d:

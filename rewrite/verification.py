@@ -87,6 +87,6 @@ def compare(runner: Runner, checks: list[Check], expected: list[np.ndarray], n_f
         record["reference_auc"] = auc(y, np.concatenate(ref_scores))
     if not record["passed"]:
         worst = max(per_check, key=per_check.get)
-        record["failure"] = (f"max |Δp| {worst_p:.3g} on {worst} exceeds the tolerance {tolerance:g} "
-                             f"by {worst_p / tolerance:.1f}x")
+        ratio = f" by {worst_p / tolerance:.1f}x" if tolerance > 0 else ""
+        record["failure"] = f"max |Δp| {worst_p:.3g} on {worst} exceeds the tolerance {tolerance:g}{ratio}"
     return record

@@ -104,12 +104,15 @@ class FbgemmInt8(Target):
                                    f"a multiple of 4 (FBGEMM's int8 row alignment)")
             codes, scale_bias = quantize_rows(rep.weight.detach())
             tensors[f"{name}.codes"], tensors[f"{name}.scale_bias"] = codes, scale_bias
-        for key, value in {**model.bottom.state_dict(prefix="bottom."),
-                           **model.top.state_dict(prefix="top.")}.items():
+        for key, value in {**model.bottom.state_dict(prefix="mlp.bottom."),
+                           **model.top.state_dict(prefix="mlp.top.")}.items():
             tensors[key] = value.detach().contiguous()
         meta = {SPEC_KEY: json.dumps(model.full_spec(), sort_keys=True)}
         safetensors.torch.save_file(tensors, str(out_dir / TABLES_FILE), metadata=meta)
-        return CompiledPath(self.name, [TABLES_FILE], {"rows": "int8 row-wise, fp16 scale/bias"})
+        table_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                          if k.endswith((".codes", ".scale_bias")))
+        return CompiledPath(self.name, [TABLES_FILE], {"rows": "int8 row-wise, fp16 scale/bias",
+                                                       "embedding_bytes": table_bytes})
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> Runner:
         import safetensors
@@ -122,8 +125,10 @@ class FbgemmInt8(Target):
             spec = json.loads(f.metadata()[SPEC_KEY])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         model = model_from_spec(spec)   # tables stay unallocated-empty; only MLPs are filled
-        model.bottom.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("bottom.")})
-        model.top.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("top.")})
+        for name in ("bottom", "top"):
+            prefix = f"mlp.{name}."
+            getattr(model, name).load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()
+                                                  if k.startswith(prefix)})
         tables = {t: (tensors[f"{t}.codes"], tensors[f"{t}.scale_bias"]) for t in model.embeddings}
         net = FbgemmDLRM(model, tables).eval()
         del model
