@@ -115,21 +115,31 @@ def open_bundle(root: Path | str, check_files: bool = True) -> Bundle:
     if version > FORMAT_VERSION:
         raise RewriteError(f"{mpath}: bundle format version {version} is newer than this toolkit's "
                            f"({FORMAT_VERSION}); upgrade dlrm-rewrite")
-    try:
-        files = list(all_files(manifest))
-        for key in ("path", "bytes", "sha256"):
-            [f[key] for f in files]
-        manifest["dispatch"]["ranges"], manifest["model"]["model"]["features"]
-    except (KeyError, TypeError):
-        raise RewriteError(f"{mpath}: malformed manifest (missing paths, files, dispatch or model)") from None
+    if not _well_formed(manifest):
+        raise RewriteError(f"{mpath}: malformed manifest (missing paths, files, dispatch or model)")
+    files = list(all_files(manifest))
     for f in files:
         p = root / f["path"]
+        if not p.resolve().is_relative_to(root.resolve()):
+            raise RewriteError(f"{mpath}: file {f['path']!r} lies outside the bundle")
         if not p.is_file():
             raise RewriteError(f"{root}: missing file {f['path']} listed in the manifest (partial bundle)")
         if check_files and (p.stat().st_size != f["bytes"] or sha256_file(p) != f["sha256"]):
             raise RewriteError(f"{root}: {f['path']} does not match its sha256 in the manifest "
                                f"(modified or corrupted); recompile the bundle")
     return Bundle(root, manifest)
+
+
+def _well_formed(manifest: dict[str, Any]) -> bool:
+    try:
+        files = list(all_files(manifest))
+        return (all({"path", "bytes", "sha256"} <= set(f) for f in files)
+                and isinstance(manifest["dispatch"]["ranges"], list)
+                and isinstance(manifest["model"]["model"]["features"], list)
+                and all({"target", "folder", "files", "verification", "lowered_from"} <= set(p)
+                        for p in manifest["paths"].values()))
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

@@ -98,6 +98,8 @@ def test_partial_bundle_is_refused(copy):
     (lambda m: m.update(format_version=FORMAT_VERSION + 1), "newer than this toolkit's"),
     (lambda m: m.update(format="other"), "format 'other' is not 'dlrm-rewrite-bundle'"),
     (lambda m: m.pop("dispatch"), "malformed manifest"),
+    (lambda m: m["paths"]["torch"].pop("verification"), "malformed manifest"),
+    (lambda m: m["paths"]["torch"]["files"][0].update(path="../../etc/passwd"), "lies outside the bundle"),
 ])
 def test_bad_manifest_is_refused(copy, edit, message):
     m = json.loads((copy / "manifest.json").read_text())
