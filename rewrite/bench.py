@@ -3,8 +3,9 @@
 Method (the machine is shared, so only ratios measured in the same run mean anything):
 * each contender runs in its own process (no two thread pools in one process) and builds the
   same fresh serving batches (``rewrite.timing.serving_batches``: distinct batches, uniform ids);
-* per batch size: one untimed warm-up pass per contender, then ``rounds`` rounds in which the
-  contenders take turns, each timing one pass over its batches (the others wait, blocked);
+* per batch size: one untimed warm-up pass per contender, then ``rounds`` passes over the
+  batches in which the contenders take turns every ``TURN_SAMPLES`` samples (the others wait,
+  blocked), so a burst of load from other jobs hits every contender alike;
 * per contender and size: p50 / p99 of the per-call latencies, samples/s = B / p50;
 * each contender's probabilities on one shared batch are compared with the baseline's.
 Baseline: torch eager fp32 of the bundle's reference model (or ``--reference``).  Timed call:
@@ -30,8 +31,17 @@ CALLS_PER_ROUND = 16384   # samples per contender per round and size, at most (B
 MAX_CALLS, MIN_CALLS = 256, 8
 
 
+TURN_SAMPLES = 2048       # samples a contender runs before the next one takes its turn
+
+
 def calls_per_round(batch: int) -> int:
     return max(MIN_CALLS, min(MAX_CALLS, CALLS_PER_ROUND // batch))
+
+
+def turn_calls(batch: int) -> int:
+    """Calls per turn: short turns at large batches, so load bursts from other jobs on the
+    machine hit every contender alike (at B=2048 the contenders alternate call by call)."""
+    return max(1, TURN_SAMPLES // batch)
 
 
 def _make_call(spec: dict[str, Any], threads: int):
@@ -67,7 +77,8 @@ def _open(root):
 
 def worker(conn, spec: dict[str, Any], threads: int, rows: list[int], n_dense: int,
            sizes: list[int], pooling: int, seed: int) -> None:
-    """Contender process: answer ("warm"|"time", B) with per-call seconds, ("probe",) with outputs."""
+    """Contender process: answer ("time", B, lo, hi) with the seconds of each call on its fresh
+    batches lo..hi of size B, ("probe",) with its outputs on one batch, ("stop",) by exiting."""
     try:
         from rewrite.timing import serving_batches, time_calls
 
@@ -81,7 +92,8 @@ def worker(conn, spec: dict[str, Any], threads: int, rows: list[int], n_dense: i
             if msg[0] == "probe":
                 conn.send(("ok", call(*batches[sizes[-1]][0])))
             else:
-                conn.send(("ok", time_calls(lambda x: call(*x), batches[msg[1]])))
+                _, b, lo, hi = msg
+                conn.send(("ok", time_calls(lambda x: call(*x), batches[b][lo:hi])))
     except Exception as e:  # reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
 
@@ -146,11 +158,13 @@ def _run_workers(specs, threads, rows, n_dense, sizes, pooling, seed, rounds):
         samples = {name: {b: [] for b in sizes} for name in specs}
         with tqdm(total=len(sizes) * rounds, desc="bench rounds", file=sys.stderr, leave=False) as bar:
             for b in sizes:
+                n, step = calls_per_round(b), turn_calls(b)
                 for name in specs:
-                    _ask(conns[name], name, ("time", b))          # warm-up, not recorded
+                    _ask(conns[name], name, ("time", b, 0, n))       # warm-up, not recorded
                 for _ in range(rounds):
-                    for name in specs:
-                        samples[name][b] += _ask(conns[name], name, ("time", b))
+                    for lo in range(0, n, step):                      # contenders take turns
+                        for name in specs:
+                            samples[name][b] += _ask(conns[name], name, ("time", b, lo, lo + step))
                     bar.update()
         return samples, probes
     finally:
