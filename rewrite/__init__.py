@@ -3,20 +3,39 @@
     model = rewrite.load("model.pt")
     gm, sites = rewrite.capture(model)
     prof = rewrite.profile(model, rewrite.data.open("day_0.npz"))
-    rw, report = rewrite.apply(model, [passes.onehot()], profile=prof)
+    rw, report = rewrite.apply(model, [passes.quantize(bits=4)], profile=prof)
+
+Names are imported on first use (PEP 562), so ``import rewrite.runtime`` in a server loads only
+the runtime side, not the checkpoint readers, profiler or tracer.
 """
 
-from rewrite import data
-from rewrite.batch import Batch
-from rewrite.errors import RewriteError, VerificationError
-from rewrite.formats import load
-from rewrite.formats.native import save
-from rewrite.model import ModelSpec, RecModel
-from rewrite.pipeline import apply
-from rewrite.profiling import AccessProfile, profile
-from rewrite.tracing import EmbeddingSite, capture
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["AccessProfile", "Batch", "EmbeddingSite", "ModelSpec", "RecModel", "RewriteError",
-           "VerificationError", "apply", "capture", "data", "load", "profile", "save"]
+_EXPORTS = {
+    "data": ("rewrite.data", None),
+    "Batch": ("rewrite.batch", "Batch"),
+    "RewriteError": ("rewrite.errors", "RewriteError"),
+    "VerificationError": ("rewrite.errors", "VerificationError"),
+    "load": ("rewrite.formats", "load"),
+    "save": ("rewrite.formats.native", "save"),
+    "ModelSpec": ("rewrite.model", "ModelSpec"),
+    "RecModel": ("rewrite.model", "RecModel"),
+    "apply": ("rewrite.pipeline", "apply"),
+    "AccessProfile": ("rewrite.profiling", "AccessProfile"),
+    "profile": ("rewrite.profiling", "profile"),
+    "EmbeddingSite": ("rewrite.tracing", "EmbeddingSite"),
+    "capture": ("rewrite.tracing", "capture"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rewrite' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = import_module(module) if attr is None else getattr(import_module(module), attr)
+    globals()[name] = value
+    return value

@@ -42,3 +42,26 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def describe_bundle(bundle) -> dict[str, Any]:
+    """``inspect`` of a bundle: the model it was lowered from, per path what it holds, and
+    ``embedding_bytes`` of the default path (what serving the default path keeps in memory)."""
+    from rewrite.formats.native import load
+
+    default = bundle.default_path
+    model_file = bundle.reference_file(default)
+    info = describe_model(load(model_file), model_file)
+    info["path"], info["format"] = str(bundle.root), "bundle"
+    info["source"] = bundle.manifest["source"]
+    info["default_path"] = default
+    info["embedding_bytes"] = bundle.paths[default]["embedding_bytes"]
+    info["paths"] = {
+        name: {k: p.get(k) for k in ("target", "precision", "devices", "representations",
+                                      "embedding_bytes", "dense_bytes", "footprint_bytes",
+                                      "latency_ms")}
+        | {"verified": p["verification"]["passed"],
+           "max_abs_prob_error": p["verification"].get("max_abs_prob_error")}
+        for name, p in bundle.paths.items()}
+    info["dispatch"] = bundle.manifest["dispatch"]
+    return info

@@ -135,7 +135,7 @@ def bad_files(tmp_path, day_files):
 
 
 MODEL_ERRORS = {
-    "missing": "no such file", "directory": "is a directory", "text": "not a torch.save file",
+    "missing": "no such file", "directory": "a directory", "text": "not a torch.save file",
     "truncated": "truncated or corrupted", "code": "names code to run", "plain pickle": "refuses",
     "not dlrm": "not a recognised DLRM checkpoint", "missing key": "key 'top_l.0.bias' is missing",
 }

@@ -1,0 +1,211 @@
+"""``rewrite bench``: throughput and latency of every path of a bundle against torch eager fp32.
+
+Method (the machine is shared, so only ratios measured in the same run mean anything):
+* each contender runs in its own process (no two thread pools in one process) and builds the
+  same fresh serving batches (``rewrite.timing.serving_batches``: distinct batches, uniform ids);
+* per batch size: one untimed warm-up pass per contender, then ``rounds`` passes over the
+  batches in which the contenders take turns every ``TURN_SAMPLES`` samples (the others wait,
+  blocked), so a burst of load from other jobs hits every contender alike;
+* per contender and size: p50 / p99 of the per-call latencies, samples/s = B / p50;
+* each contender's probabilities on one shared batch are compared with the baseline's.
+Baseline: torch eager fp32 of the bundle's reference model (or ``--reference``).  Timed call:
+``Predictor.predict(..., path=p, validate=False)`` for paths, ``sigmoid(model(...))`` for the
+baseline; both include the per-feature split of the canonical batch, neither the input checks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from rewrite.errors import RewriteError
+
+BASELINE = "torch-eager-fp32"
+CALLS_PER_ROUND = 16384   # samples per contender per round and size, at most (B=1: 256 calls)
+MAX_CALLS, MIN_CALLS = 256, 8
+
+
+TURN_SAMPLES = 2048       # samples a contender runs before the next one takes its turn
+
+
+def calls_per_round(batch: int) -> int:
+    return max(MIN_CALLS, min(MAX_CALLS, CALLS_PER_ROUND // batch))
+
+
+def turn_calls(batch: int) -> int:
+    """Calls per turn: short turns at large batches, so load bursts from other jobs on the
+    machine hit every contender alike (at B=2048 the contenders alternate call by call)."""
+    return max(1, TURN_SAMPLES // batch)
+
+
+def _make_call(spec: dict[str, Any], threads: int):
+    """In the worker: a function (dense, indices, offsets) -> probabilities for one contender."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if spec["kind"] == "reference":
+        from rewrite.formats import load
+
+        model = load(spec["file"]).eval()
+
+        @torch.inference_mode()
+        def call(d, i, o):
+            return torch.sigmoid(model(torch.from_numpy(d), torch.from_numpy(i), torch.from_numpy(o))).numpy()
+
+        return call
+    from rewrite.runtime import Predictor, load
+
+    if spec["kind"] == "path":
+        pred = load(spec["bundle"], threads=threads, check_files=False)
+    else:                                      # a bundle written by the bench itself (fbgemm)
+        pred = Predictor(_open(spec["bundle"]), threads)
+    pred.runner(spec["path"])
+    return lambda d, i, o: pred.predict(d, i, o, path=spec["path"], validate=False)
+
+
+def _open(root):
+    from rewrite.artifact import open_bundle
+
+    return open_bundle(root, check_files=False)
+
+
+def worker(conn, spec: dict[str, Any], threads: int, rows: list[int], n_dense: int,
+           sizes: list[int], pooling: int, seed: int) -> None:
+    """Contender process: answer ("time", B, lo, hi) with the seconds of each call on its fresh
+    batches lo..hi of size B, ("probe",) with its outputs on one batch, ("stop",) by exiting."""
+    try:
+        from rewrite.timing import serving_batches, time_calls
+
+        call = _make_call(spec, threads)
+        batches = {b: serving_batches(rows, n_dense, b, calls_per_round(b), seed, pooling) for b in sizes}
+        conn.send(("ready", None))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            if msg[0] == "probe":
+                conn.send(("ok", call(*batches[sizes[-1]][0])))
+            else:
+                _, b, lo, hi = msg
+                conn.send(("ok", time_calls(lambda x: call(*x), batches[b][lo:hi])))
+    except Exception as e:  # reported to the parent as one line
+        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+
+
+def _fbgemm_contender(bundle, reference_file: Path, tmp: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """fbgemm's int8 TBE path lowered from the reference, when fbgemm_gpu loads and the bundle lacks it."""
+    if "fbgemm-int8" in bundle.paths:
+        return None, None
+    from rewrite.compiler import compile_model
+    from rewrite.formats import load
+    from targets.base import get_target
+
+    why = get_target("fbgemm-int8").unavailable()
+    if why:
+        return None, why
+    try:
+        compile_model(load(reference_file), tmp / "fbgemm", ["fbgemm-int8"], latency_sizes=())
+    except RewriteError as e:
+        return None, str(e)
+    return {"kind": "built", "bundle": str(tmp / "fbgemm"), "path": "fbgemm-int8"}, None
+
+
+def run_bench(bundle_dir: Path, batch_sizes: list[int], reference: Path | None = None, threads: int = 1,
+              rounds: int = 5, pooling: int = 1, seed: int = 0, fbgemm: bool = True) -> dict[str, Any]:
+    from rewrite.artifact import open_bundle
+
+    bundle = open_bundle(bundle_dir)
+    reference_file = Path(reference) if reference else bundle.reference_file()
+    if not reference_file.is_file():
+        raise RewriteError(f"--reference {reference_file}: no such file")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise RewriteError(f"--batch-sizes must be positive integers, got {batch_sizes}")
+    specs = {BASELINE: {"kind": "reference", "file": str(reference_file)}}
+    for name in bundle.verified_paths():
+        specs[name] = {"kind": "path", "bundle": str(bundle.root), "path": name}
+    with tempfile.TemporaryDirectory(prefix="rewrite-bench-") as tmp:
+        absent = {}
+        if fbgemm:
+            spec, why = _fbgemm_contender(bundle, reference_file, Path(tmp))
+            if spec:
+                specs["fbgemm-int8"] = spec
+            elif why:
+                absent["fbgemm-int8"] = why
+        timings = _run_workers(specs, threads, bundle.table_rows(), bundle.n_dense, sorted(batch_sizes),
+                               pooling, seed, rounds)
+    return _report(bundle, specs, timings, absent, threads, rounds, pooling, reference_file)
+
+
+def _run_workers(specs, threads, rows, n_dense, sizes, pooling, seed, rounds):
+    ctx = mp.get_context("spawn")
+    procs, conns = {}, {}
+    try:
+        for name, spec in specs.items():
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker, args=(child, spec, threads, rows, n_dense, sizes, pooling, seed),
+                            daemon=True)
+            p.start()
+            procs[name], conns[name] = p, parent
+        for name in tqdm(specs, desc="loading contenders", file=sys.stderr, leave=False):
+            _ask(conns[name], name, None)
+        probes = {name: _ask(conns[name], name, ("probe",)) for name in specs}
+        samples = {name: {b: [] for b in sizes} for name in specs}
+        with tqdm(total=len(sizes) * rounds, desc="bench rounds", file=sys.stderr, leave=False) as bar:
+            for b in sizes:
+                n, step = calls_per_round(b), turn_calls(b)
+                for name in specs:
+                    _ask(conns[name], name, ("time", b, 0, n))       # warm-up, not recorded
+                for _ in range(rounds):
+                    for lo in range(0, n, step):                      # contenders take turns
+                        for name in specs:
+                            samples[name][b] += _ask(conns[name], name, ("time", b, lo, lo + step))
+                    bar.update()
+        return samples, probes
+    finally:
+        for name, c in conns.items():
+            try:
+                c.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in procs.values():
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+def _ask(conn, name: str, msg):
+    if msg is not None:
+        conn.send(msg)
+    status, value = conn.recv()
+    if status == "error":
+        raise RewriteError(f"bench contender {name}: {value}")
+    return value
+
+
+def _report(bundle, specs, timings, absent, threads, rounds, pooling, reference_file) -> dict[str, Any]:
+    samples, probes = timings
+    base = probes[BASELINE].astype(np.float64)
+    rows = []
+    for name in specs:
+        entry = bundle.paths.get(name, {})
+        for b, secs in samples[name].items():
+            ms = np.array(secs) * 1e3
+            p50, p99 = float(np.median(ms)), float(np.percentile(ms, 99))
+            bms = np.array(samples[BASELINE][b]) * 1e3
+            b50 = float(np.median(bms))
+            rows.append({"path": name, "target": entry.get("target", name if name != BASELINE else "torch"),
+                         "precision": entry.get("precision", "int8-tables" if name == "fbgemm-int8" else "fp32"),
+                         "batch": b, "samples_per_s": b / p50 * 1e3, "p50_ms": p50, "p99_ms": p99,
+                         "calls": len(ms), "baseline_samples_per_s": b / b50 * 1e3, "baseline_p50_ms": b50,
+                         "baseline_p99_ms": float(np.percentile(bms, 99)), "speedup": b50 / p50,
+                         "max_abs_prob_diff_vs_baseline": float(np.abs(probes[name] - base).max())})
+    return {"schema": "bench/1", "bundle": str(bundle.root), "baseline": BASELINE,
+            "reference": str(reference_file), "threads": threads, "rounds": rounds,
+            "lookups_per_bag": pooling, "throughput": "samples/s = batch / p50 latency",
+            "results": rows, "absent": absent}

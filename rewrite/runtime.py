@@ -1,0 +1,106 @@
+"""Serving a bundle: ``rewrite.runtime.load("bundle/") -> Predictor``.
+
+    pred = rewrite.runtime.load("bundle/")
+    probs = pred.predict(dense, indices, offsets)          # float32 [B], canonical batch convention
+    probs = pred.predict(dense, indices, offsets, path="onnx-cpu")   # force a path
+
+``predict`` validates the batch (shapes, offsets from 0 to N and never decreasing, every id in
+its table's range: ONNX ``Gather`` wraps negative ids silently), splits it per feature, and runs
+the path the bundle's dispatch policy names for its batch size.  Paths are loaded on first use.
+Imports only the runtime side: the bundle reader, the target's ``load`` (onnxruntime or torch),
+never the exporters, quantizers, checkpoint readers or the compiler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rewrite.artifact import Bundle, open_bundle
+from rewrite.errors import RewriteError
+from targets.base import CompiledPath, Runner, get_target, require_available, split_bags_np
+
+
+def _array(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):                     # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def check_batch(dense, indices, offsets, n_dense: int, table_rows: list[int]):
+    """Canonical batch -> (dense f32 [B, n_dense], indices i64, offsets i64), or RewriteError."""
+    dense, indices, offsets = _array(dense, "dense"), _array(indices, "indices"), _array(offsets, "offsets")
+    n_features = len(table_rows)
+    if dense.ndim != 2 or dense.shape[1] != n_dense or not np.issubdtype(dense.dtype, np.floating):
+        raise RewriteError(f"dense must be floating point [B, {n_dense}], got {dense.dtype} {list(dense.shape)}")
+    for name, a in (("indices", indices), ("offsets", offsets)):
+        if a.ndim != 1 or a.dtype not in (np.int32, np.int64):
+            raise RewriteError(f"{name} must be a 1-D int32 or int64 array, got {a.dtype} {list(a.shape)}")
+    b = dense.shape[0]
+    if len(offsets) != n_features * b + 1:
+        raise RewriteError(f"offsets must have F*B+1 = {n_features * b + 1} entries (F={n_features}, "
+                           f"B={b}), got {len(offsets)}")
+    offsets = offsets.astype(np.int64, copy=False)
+    if offsets[0] != 0 or offsets[-1] != len(indices):
+        raise RewriteError(f"offsets must start at 0 and end at len(indices)={len(indices)} "
+                           f"(got {offsets[0]} .. {offsets[-1]})")
+    steps = np.diff(offsets)
+    if (steps < 0).any():
+        raise RewriteError(f"offsets decrease at position {int(np.argmax(steps < 0)) + 1}")
+    indices = indices.astype(np.int64, copy=False)
+    bounds = offsets[::b] if b else np.zeros(n_features + 1, dtype=np.int64)
+    for f, rows in enumerate(table_rows):
+        ids = indices[bounds[f]:bounds[f + 1]]
+        if ids.size and (ids.min() < 0 or ids.max() >= rows):
+            bad = int(ids[(ids < 0) | (ids >= rows)][0])
+            raise RewriteError(f"feature {f} has id {bad} outside its table's range [0, {rows})")
+    return np.ascontiguousarray(dense, dtype=np.float32), indices, offsets
+
+
+class Predictor:
+    """A loaded bundle that answers ``predict``; not thread-safe across paths' first loads."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        self.bundle = bundle
+        self.threads = threads
+        self._runners: dict[str, Runner] = {}
+        self._rows = bundle.table_rows()
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.bundle.paths)
+
+    def runner(self, path: str) -> Runner:
+        if path not in self.bundle.paths:
+            raise RewriteError(f"{self.bundle.root}: no path {path!r} (paths: {', '.join(self.bundle.paths)})")
+        entry = self.bundle.paths[path]
+        if not entry["verification"]["passed"]:
+            raise RewriteError(f"{self.bundle.root}: path {path!r} failed verification at compile time "
+                               f"({entry['verification'].get('failure', 'see manifest')}); not served")
+        if path not in self._runners:
+            target = require_available(get_target(entry["target"]))
+            compiled = CompiledPath(entry["target"], [f["path"] for f in entry["files"]], entry["options"])
+            self._runners[path] = target.load(self.bundle.path_dir(path), compiled, threads=self.threads)
+        return self._runners[path]
+
+    def logits(self, dense, indices, offsets, path: str | None = None, validate: bool = True) -> np.ndarray:
+        if validate:
+            dense, indices, offsets = check_batch(dense, indices, offsets, self.bundle.n_dense, self._rows)
+        b = dense.shape[0]
+        if b == 0:
+            return np.zeros(0, dtype=np.float32)
+        run = self.runner(path or self.bundle.path_for_batch(b))
+        return run(dense, split_bags_np(indices, offsets, len(self._rows)))
+
+    def predict(self, dense, indices, offsets, path: str | None = None, validate: bool = True) -> np.ndarray:
+        """Click probabilities float32 [B]; ``path`` forces a path, ``validate=False`` skips the
+        input checks (only for batches already known to be well formed)."""
+        z = self.logits(dense, indices, offsets, path, validate)
+        return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
+
+
+def load(bundle: str | Path, threads: int | None = None, check_files: bool = True) -> Predictor:
+    """Open a bundle (format and sha256 of every file checked) for serving."""
+    return Predictor(open_bundle(bundle, check_files), threads)

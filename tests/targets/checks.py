@@ -1,0 +1,50 @@
+"""Shared check for every target: lowered path vs torch eager of the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rewrite.model import RecModel
+from rewrite.synthetic import multi_hot_batch
+from targets.base import Target, split_bags_np
+from tests.tolerances import path_tolerance
+
+BATCHES = ((1, 3.0, 0.2), (2, 3.0, 0.0), (1024, 3.0, 0.2), (1536, 1.0, 0.05), (6, 0.0, 1.0))
+# (batch size, mean bag length, fraction of empty bags): ragged at 1 and >= 1024; all-empty
+
+
+def test_batches(model: RecModel, seed: int = 0):
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    return [multi_hot_batch(rows, b, model.spec.n_dense, mean, seed + i, empty_fraction=empty)
+            for i, (b, mean, empty) in enumerate(BATCHES)]
+
+
+def lower_and_load(target: Target, model: RecModel, out: Path, **options):
+    example = multi_hot_batch([model.embeddings[t].rows for t in model.feature_tables], 8,
+                              model.spec.n_dense, 2.0, seed=99)
+    out.mkdir(parents=True, exist_ok=True)
+    compiled = target.lower(model, example, out, **options)
+    return compiled, target.load(out, compiled, threads=1)
+
+
+@torch.inference_mode()
+def assert_matches_eager(runner, model: RecModel, precision: str) -> float:
+    """Runner agrees with eager on ragged / empty / largest-id batches; returns the worst |Δlogit|."""
+    atol, rtol = path_tolerance(precision)
+    n_features = len(model.spec.features)
+    worst = 0.0
+    for batch in test_batches(model):
+        rows = [model.embeddings[t].rows for t in model.feature_tables]
+        for f, ids in enumerate(batch.feature_ids(n_features)):
+            if ids.numel():
+                assert int(ids.max()) == rows[f] - 1      # the largest id is exercised
+        ref = model(*batch.inputs()).numpy()
+        got = runner(batch.dense.numpy(), split_bags_np(batch.indices.numpy(), batch.offsets.numpy(), n_features))
+        assert got.shape == ref.shape == (batch.size,)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol, err_msg=f"batch {batch.size}")
+        worst = max(worst, float(np.abs(got - ref).max()))
+    return worst

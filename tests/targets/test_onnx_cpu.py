@@ -1,0 +1,107 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from rewrite.errors import RewriteError
+from targets.base import get_target
+from targets.onnx_cpu import QUANTIZED_OPS
+from tests.representations import REPRESENTATIONS, composite_model
+from tests.targets.checks import assert_matches_eager, lower_and_load
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return composite_model()
+
+
+@pytest.fixture(scope="module")
+def fp32(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-cpu")
+    compiled, runner = lower_and_load(get_target("onnx-cpu"), model, out)
+    return out, compiled, runner
+
+
+@pytest.fixture(scope="module")
+def int8(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-cpu-int8")
+    compiled, runner = lower_and_load(get_target("onnx-cpu-int8"), model, out)
+    return out, compiled, runner
+
+
+def test_every_representation_matches_eager(model, fp32):
+    assert {name for name, _ in REPRESENTATIONS} <= {t.split("_", 1)[1] for t in model.embeddings}
+    assert assert_matches_eager(fp32[2], model, "fp32") < 2e-5
+
+
+def test_graph_is_loop_free_opset18_with_dynamic_batch_and_lookups(model, fp32):
+    out, compiled, _ = fp32
+    assert compiled.files == ["model.onnx"]
+    g = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(g)
+    ops = {n.op_type for n in g.graph.node}
+    assert "Loop" not in ops and "ScatterElements" in ops and "CumSum" in ops
+    assert max(o.version for o in g.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.graph.input}
+    n_features = len(model.spec.features)
+    assert len(dims) == 1 + 2 * n_features
+    assert isinstance(dims["dense"][0], str) and dims["dense"][1] == model.spec.n_dense
+    for f in range(n_features):
+        assert isinstance(dims[f"indices_{f}"][0], str)
+        assert dims[f"offsets_{f}"][0] == f"{dims['dense'][0]} + 1"   # offsets are B + 1
+    assert len({dims[f"indices_{f}"][0] for f in range(n_features)}) == n_features
+
+
+def test_session_options(fp32):
+    session = get_target("onnx-cpu").load(fp32[0], fp32[1], threads=1).session
+    opts = session.get_session_options()
+    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
+    assert opts.graph_optimization_level.name == "ORT_ENABLE_ALL"
+    assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_external_data_above_threshold(model, fp32, tmp_path):
+    compiled, runner = lower_and_load(get_target("onnx-cpu"), model, tmp_path, external_threshold=0)
+    assert compiled.files == ["model.onnx", "model.onnx.data"]
+    inline = (fp32[0] / "model.onnx").stat().st_size
+    data = (tmp_path / "model.onnx.data").stat().st_size
+    assert data > model.embedding_bytes() // 2
+    assert (tmp_path / "model.onnx").stat().st_size < inline - data // 2
+    assert_matches_eager(runner, model, "fp32")
+
+
+def test_int8_quantizes_the_mlps_and_nothing_else(model, int8):
+    out, compiled, runner = int8
+    g = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in g.graph.node]
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in [*model.bottom, *model.top])
+    assert ops.count("MatMulInteger") == n_linear == compiled.options["quantized_matmuls"]
+    assert all(op in ops for op in QUANTIZED_OPS) and "Gemm" not in ops
+    init = {i.name: i for i in g.graph.initializer}
+    int8_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    for n in g.graph.node:
+        if n.op_type == "MatMulInteger":
+            assert init[n.input[1]].data_type == onnx.TensorProto.INT8     # weights really int8
+        if n.op_type == "Gather" and n.input[0] in init:                   # tables stay fp32/fp16/bf16
+            assert init[n.input[0]].data_type not in int8_types, n.input[0]
+    tables = [i for i in init if i.startswith("model.embeddings.")]
+    assert tables and all(init[t].data_type not in int8_types for t in tables)
+    assert "MatMul" in ops          # the interaction's bmm and MD's projection stay fp32
+    assert_matches_eager(runner, model, "int8-dense")
+
+
+def test_cuda_target_explains_why_not_here():
+    why = get_target("onnx-cuda").unavailable()
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider present")
+    assert "CUDAExecutionProvider" in why and "onnxruntime-gpu" in why
+
+
+def test_unloadable_model_file_is_a_rewrite_error(tmp_path, fp32):
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(RewriteError, match="onnxruntime cannot load it"):
+        get_target("onnx-cpu").load(tmp_path, fp32[1])

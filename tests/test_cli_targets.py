@@ -1,0 +1,131 @@
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import targets.base
+from rewrite.bench import calls_per_round
+from rewrite.cli import main
+from rewrite.formats.native import save
+from tests.bundles import make_bundle
+from tests.representations import composite_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("cli"))
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_compile_verify_inspect(tmp_path):
+    src = tmp_path / "m.safetensors"
+    save(composite_model(), src)
+    r = run("compile", src, "-o", tmp_path / "b", "--target", "torch", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert list(out["paths"]) == ["torch"] and out["paths"]["torch"]["verification"]["passed"]
+    r = run("verify", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["paths"]["torch"]["verification"]["max_abs_prob_error"] == 0.0
+    r = run("inspect", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["schema"] == "inspect/1" and info["format"] == "bundle" and info["default_path"] == "torch"
+    assert info["embedding_bytes"] == composite_model().embedding_bytes()
+    assert len(info["tables"]) == 8 and info["paths"]["torch"]["verified"]
+    assert run("inspect", src).exit_code == 0          # checkpoints still inspect as before
+
+
+def test_default_target_is_onnx_cpu(built):
+    assert list(built[2]["paths"]) == ["onnx-cpu", "torch"]   # make_bundle asks for both
+    from rewrite.compiler import DEFAULT_TARGETS
+
+    assert DEFAULT_TARGETS == ("onnx-cpu",)
+
+
+def test_verify_on_data_reports_auc(built, tmp_path):
+    from rewrite.synthetic import write_npz
+
+    model = composite_model()
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    rng = torch.Generator().manual_seed(0)
+    n = 600
+    cat = torch.stack([torch.randint(0, r, (n,), generator=rng) for r in rows], 1).numpy()
+    dense = torch.randint(0, 50, (n, 5), generator=rng).numpy()
+    write_npz(tmp_path / "d.npz", dense, cat, (torch.rand(n, generator=rng) < 0.3).int().numpy())
+    r = run("verify", built[1], "--data", tmp_path / "d.npz", "--json")
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)["paths"]["onnx-cpu"]["verification"]
+    assert "data-0" in v["checks"] and abs(v["auc"] - v["reference_auc"]) < 1e-4   # ties may rank differently
+
+
+def test_verify_failure_exits_1(built, monkeypatch):
+    monkeypatch.setitem(targets.base.TOLERANCE, "fp32", 0.0)   # onnx-cpu differs from eager by ~1e-8
+    r = run("verify", built[1])
+    assert r.exit_code == 1
+    assert "FAILED" in r.output and "exceeds the tolerance 0" in r.output
+    assert "error: " in r.output and "path(s) failed: onnx-cpu" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "tvm-gpu"], "error: unknown target 'tvm-gpu' (known: "),
+    (["--target", "onnx-cuda"], "error: target 'onnx-cuda' cannot run here: onnxruntime"),
+    (["--target", "torch", "--target", "torch"], "error: --target: each target once"),
+])
+def test_bad_targets_exit_2_and_write_nothing(built, tmp_path, args, message):
+    r = run("compile", built[0], "-o", tmp_path / "b", *args)
+    assert r.exit_code == 2 and message in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_and_tampered_bundle_exit_2(built, tmp_path):
+    r = run("compile", built[0], "-o", built[1], "--target", "torch")
+    assert r.exit_code == 2 and "already exists (use --force" in r.output
+    shutil.copytree(built[1], tmp_path / "b")
+    with open(tmp_path / "b/torch/model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x13")
+    for cmd in ("verify", "inspect", "bench"):
+        r = run(cmd, tmp_path / "b")
+        assert r.exit_code == 2 and "torch/model.safetensors does not match its sha256" in r.output, cmd
+
+
+def test_targets_lists_what_runs_and_why_not():
+    r = run("targets", "--json")
+    assert r.exit_code == 0
+    t = {x["name"]: x for x in json.loads(r.stdout)["targets"]}
+    assert {"torch", "torch-bf16", "torch-compile", "onnx-cpu", "onnx-cpu-int8", "onnx-cuda", "fbgemm-int8"} <= set(t)
+    assert t["onnx-cpu"]["available"] and t["torch"]["why_not"] is None
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert not t["onnx-cuda"]["available"] and "CUDAExecutionProvider" in t["onnx-cuda"]["why_not"]
+
+
+@pytest.mark.slow
+def test_bench_json(built):
+    r = run("bench", built[1], "--batch-sizes", "1,8", "--rounds", "1", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    rows = {(x["path"], x["batch"]): x for x in d["results"]}
+    assert set(rows) == {(p, b) for p in ("torch-eager-fp32", "onnx-cpu", "torch") for b in (1, 8)}
+    for x in rows.values():
+        assert x["samples_per_s"] > 0 and x["p99_ms"] >= x["p50_ms"] > 0
+        assert x["baseline_p50_ms"] == rows[("torch-eager-fp32", x["batch"])]["p50_ms"]
+        assert x["max_abs_prob_diff_vs_baseline"] < 1e-5
+    assert rows[("onnx-cpu", 8)]["calls"] == calls_per_round(8) == 256   # one round of fresh batches
+    # the composite model has QR / MD tables, so fbgemm's contender is absent with the reason
+    assert "fbgemm-int8" in d["absent"] and ("cannot lower table" in d["absent"]["fbgemm-int8"]
+                                             or "does not load" in d["absent"]["fbgemm-int8"])
+
+
+def test_bench_rejects_bad_batch_sizes(built):
+    r = run("bench", built[1], "--batch-sizes", "1,x")
+    assert r.exit_code == 2 and "--batch-sizes: expected comma-separated integers" in r.output
