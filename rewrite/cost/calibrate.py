@@ -210,6 +210,8 @@ def calibrate(hw: HardwareSpec, target: str, progress: bool = True) -> Fit:
     """Measure, fit, store; only meaningful for ``cpu-local`` (the machine that is measured)."""
     if hw.name != "cpu-local":
         raise RewriteError(f"calibration measures this machine: use --hardware cpu-local, not {hw.name}")
+    if target not in TARGETS:
+        raise RewriteError(f"calibration: unknown target {target!r} (choose {', '.join(TARGETS)})")
     if not target_available(target):
         raise RewriteError(f"calibration target {target}: onnxruntime is not installed")
     terms, ys, _ = measure(hw, target, progress)
