@@ -8,8 +8,9 @@ seconds, by non-negative least squares on relative error (rows divided by the me
     θ = argmin_{θ >= 0} Σ_i ((θ · terms_i) / t_i - 1)²
 
 Configurations: single representations (tables that live in L2, in the LLC and in DRAM; QR; MD;
-one-hot GEMM; bf16) at several batch sizes, and a whole small DLRM (so the dense terms are fitted
-too).  Targets: ``torch`` (eager) and ``onnx-cpu`` (onnxruntime, when installed).  Results are
+one-hot GEMM; bf16) at several batch sizes, two whole 8-table DLRMs (cache-sized tables with
+narrow MLPs; DRAM-sized tables, 8 x 64 MiB, with Kaggle-sized MLPs) and the embedding stage of
+the latter alone, so the dense terms and many tables in a row are fitted too.  Targets: ``torch`` (eager) and ``onnx-cpu`` (onnxruntime, when installed).  Results are
 stored per machine and target in ``<cache>/calibration.json`` and reused.
 """
 
@@ -20,7 +21,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,13 +93,15 @@ def _bags(rows: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def time_median(run: Callable[[int], object], n: int = TIMED_BATCHES) -> float:
-    """Median seconds of ``run(i)`` over i = 0..n-1 after one warm-up (each i a fresh batch)."""
+    """Median seconds (this thread's CPU time, ``microbench.clock``) of ``run(i)`` over
+    i = 0..n-1 after one warm-up (each i a fresh batch).  Every target runs on one thread in the
+    calling thread (torch intra-op 1, onnxruntime intra-op 1)."""
     run(n)
     times = []
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = mb.clock()
         run(i)
-        times.append(time.perf_counter() - t0)
+        times.append(mb.clock() - t0)
     return statistics.median(times)
 
 
@@ -156,19 +158,27 @@ def measure(hw: HardwareSpec, target: str, progress: bool = True) -> tuple[np.nd
                     ys.append(t)
                     names.append(f"{name} @ {b}")
                     say(f"{name} batch {b}: {t * 1e6:.0f} us")
-            model = _small_dlrm(ModelSpec, RecModel, TableBag)
-            dense = dense_facts(model)
-            run = runner(target, _Bags(model), _model_inputs(model, 8, 0), Path(tmp))
-            for b in BATCHES:
-                inputs = [_model_inputs(model, b, s) for s in range(TIMED_BATCHES + 1)]
-                t = time_median(lambda i: run(inputs[i]))
-                terms = est.terms_dense(dense, b) + sum(
-                    est.terms_table(rep_facts(rep), "dram", TableStats(cache_share=1 / 8), b)
-                    for rep in model.embeddings.values())
-                rows.append(terms)
-                ys.append(t)
-                names.append(f"dlrm 8x4k @ {b}")
-                say(f"small DLRM batch {b}: {t * 1e6:.0f} us")
+            for label, n_rows, widths, whole in (
+                    ("dlrm 8x4k narrow", 4096, ((64, 16), (64, 32, 1)), True),
+                    ("dlrm 8x1M wide", 1 << 20, ((512, 256, 64, 16), (512, 256, 1)), True),
+                    ("8x1M tables only", 1 << 20, ((16,), (1,)), False)):
+                model = _small_dlrm(ModelSpec, RecModel, TableBag, n_rows, *widths)
+                dense = dense_facts(model)
+                module = _Bags(model) if whole else _TablesOnly(model)
+                example = _model_inputs(model, 8, 0, n_rows)
+                run = runner(target, module, example if whole else example[1:], Path(tmp))
+                for b in BATCHES:
+                    inputs = [_model_inputs(model, b, s, n_rows)[0 if whole else 1:]
+                              for s in range(TIMED_BATCHES + 1)]
+                    t = time_median(lambda i: run(inputs[i]))
+                    terms = sum(est.terms_table(rep_facts(rep), "dram", TableStats(cache_share=1 / 8), b)
+                                for rep in model.embeddings.values())
+                    if whole:
+                        terms = terms + est.terms_dense(dense, b)
+                    rows.append(terms)
+                    ys.append(t)
+                    names.append(f"{label} @ {b}")
+                    say(f"{label} batch {b}: {t * 1e6:.0f} us")
     finally:
         torch.set_num_threads(old)
     return np.array(rows), np.array(ys), names
@@ -183,18 +193,26 @@ class _Bags(torch.nn.Module):
         return self.model.forward_bags(dense, list(bags))
 
 
-def _small_dlrm(ModelSpec, RecModel, TableBag):
+class _TablesOnly(_Bags):
+    """The embedding stage alone: every table's pooled bags, concatenated."""
+
+    def forward(self, *bags):
+        return torch.cat([self.model.embeddings[t](bags[2 * f], bags[2 * f + 1])
+                          for f, t in enumerate(self.model.feature_tables)], 1)
+
+
+def _small_dlrm(ModelSpec, RecModel, TableBag, rows, bottom, top):
     torch.manual_seed(0)
-    tables = {f"t{i}": TableBag(4096, 16, weight=torch.randn(4096, 16) * 0.01) for i in range(8)}
-    spec = ModelSpec(13, (64, 16), (64, 32, 1), tuple((f"f{i}", f"t{i}") for i in range(8)))
+    tables = {f"t{i}": TableBag(rows, 16, weight=torch.full((rows, 16), 0.01)) for i in range(8)}
+    spec = ModelSpec(13, bottom, top, tuple((f"f{i}", f"t{i}") for i in range(8)))
     return RecModel(spec, tables).eval()
 
 
-def _model_inputs(model, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+def _model_inputs(model, batch: int, seed: int, rows: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     out = [torch.randn(batch, model.spec.n_dense, generator=g)]
     for _ in model.feature_tables:
-        out += [torch.randint(0, 4096, (batch,), generator=g), torch.arange(batch + 1)]
+        out += [torch.randint(0, rows, (batch,), generator=g), torch.arange(batch + 1)]
     return tuple(out)
 
 

@@ -1,7 +1,9 @@
 """Micro-benchmarks that measure this machine for the ``cpu-local`` hardware spec.
 
 Each returns plain numbers (units in the names); ``hardware.cpu_local`` turns them into a
-``HardwareSpec``.  All timings use torch ops the representations themselves use (``index_select``
+``HardwareSpec``.  Time is the calling thread's CPU time (``clock``): on a shared machine other
+jobs preempt us for whole scheduler slices, which wall time would count; the runs here are
+single-threaded, so on an idle machine CPU time equals wall time.  All timings use torch ops the representations themselves use (``index_select``
 for gathers, ``matmul`` / ``_int_mm`` for GEMMs), on ``threads`` threads, as the best of repeats.
 
 * gather rate: random 64-byte rows (``index_select``) from tables of several working-set sizes
@@ -23,6 +25,7 @@ import torch
 
 ROW_BYTES = 64                 # bytes per gathered row: 16 fp32, one x86 cache line
 GATHER_IDS = 1 << 16           # random ids per timed gather
+clock = time.thread_time         # s, CPU time of this thread (CLOCK_THREAD_CPUTIME_ID)
 REPEATS = 7                    # timed repeats per measurement (fastest taken)
 
 
@@ -31,15 +34,15 @@ def best_seconds(fn: Callable[[], object], repeats: int = REPEATS, budget_s: flo
 
     The minimum, not the median: these measure what the machine can do, and the machine is
     shared, so slower repeats are other jobs' interference."""
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    first = time.perf_counter() - t0
+    first = clock() - t0
     n = max(2, min(repeats, int(budget_s / max(first, 1e-9))))
     times = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times)
 
 

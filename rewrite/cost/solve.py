@@ -3,7 +3,7 @@
 Variables x_j ∈ {0, 1}, one per variant j of table t(j).  With lat_j(B) the variant's estimated
 seconds at batch B, bytes_j its bytes in tier(j), drop_j its measured AUC drop:
 
-    minimise   Σ_j lat_j(B_ref) x_j  (+ 1e-3 · bytes_j / bytes_all_keep as a tie-break)
+    minimise   Σ_j lat_j(B_ref) x_j  (+ 1e-3 · mean lat · bytes_j / Σ_t max bytes: a tie-break)
     subject to Σ_{j ∈ t} x_j = 1                              every table, one variant
                Σ_{j: tier(j)=k} bytes_j x_j <= cap_k - dense_k  every placeable tier k
                Σ_j bytes_j x_j <= budget - dense_bytes          --memory-budget
@@ -114,7 +114,7 @@ class Infeasible(Exception):
 def _objective_vector(p: Problem, objective: str, batch: int) -> np.ndarray:
     flat = p.flat
     nbytes = np.array([v.num_bytes for v in flat], dtype=np.float64)
-    keep_bytes = max(1.0, sum(v.num_bytes for v in flat if v.pass_spec is None))
+    keep_bytes = max(1.0, sum(max(v.num_bytes for v in vs) for vs in p.variants.values()))
     if objective == "latency":
         return p.latencies(batch) + TIE_BREAK * nbytes / keep_bytes * max(1e-12, p.latencies(batch).mean())
     if objective == "memory":

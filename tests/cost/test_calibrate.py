@@ -63,7 +63,7 @@ def test_unknown_target_is_an_error():
 def test_calibration_on_this_machine_is_stored_and_reused():
     hw = load_hardware("cpu-local", progress=False)
     fit = calibrate(hw, "torch", progress=False)
-    assert fit.points == 24 and len(fit.theta) == 5
+    assert fit.points == 30 and len(fit.theta) == 5
     assert fit.median_rel_error < 0.3          # the model explains measured times to ~30%
     assert stored_fit(hw, "torch") == fit
     est = estimator_for(hw, "torch", calibrate_if_missing=False)
