@@ -107,14 +107,18 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     sample = list(ds.batches(4096, limit=samples))
     prof = (AccessProfile.load(profile_path, model) if profile_path
             else profile(model, ds, sample_rate=min(1.0, 1e6 / max(1, ds.n_samples))))
-    torch.set_num_threads(max(1, hw.threads or torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, hw.threads or threads))
     problem, enum = build_problem(model, estimator, sample, prof, grid, max_rel_error)
     plan, sel = make_plan(model, str(model_path), problem, enum, constraints, batch, target, sample)
     if explain:
         plan["explain"] = explain_plan(problem, sel, batch)
+    torch.set_num_threads(threads)
+    points = frontier(problem, batch, max_auc_drop, enum.labelled)
+    plan["pareto"] = {"axes": {"bytes": "counted", "latency_s": estimator.source,
+                               "auc_drop_sum": "sum of per-table measured drops"},
+                      "batch": batch, "points": points}
     if plot:
-        points = frontier(problem, batch, max_auc_drop, enum.labelled)
-        plan["pareto"] = points
         p0 = plan["paths"]["p0"]
         chosen = {"bytes": p0["bytes"]["value"], "latency_s": p0["latency_s"][str(batch)]["value"]}
         plot_frontier(points, chosen, plot, f"{Path(model_path).name} on {hw.name} "

@@ -57,7 +57,8 @@ def _num(value: float, source: str) -> dict[str, Any]:
     return {"value": value, "source": source}
 
 
-def _path_json(p: Problem, choice: dict[str, Variant], batch: int, drop: float | None) -> dict[str, Any]:
+def _path_json(p: Problem, choice: dict[str, Variant], batch: int, drop: float | None,
+               labelled: bool) -> dict[str, Any]:
     src = p.estimator.source
     tables = {t: {"pass": v.pass_spec, "describe": v.describe, "tier": v.tier,
                   "bytes": _num(v.num_bytes, "counted"),
@@ -71,7 +72,7 @@ def _path_json(p: Problem, choice: dict[str, Variant], batch: int, drop: float |
             "latency_s": {str(b): _num(p.plan_cost(choice, b).total, src) for b in sizes},
             "latency_terms_s": p.plan_cost(choice, batch).to_json(),
             "auc_drop": _num(drop, "measured") if drop is not None
-            else _num(sum(v.auc_drop for v in choice.values()), "estimated")}
+            else _num(sum(v.auc_drop for v in choice.values()), "estimated" if labelled else "unmeasured")}
 
 
 def make_plan(model: RecModel, model_path: str, problem: Problem, enum: Enumeration,
@@ -100,7 +101,8 @@ def make_plan(model: RecModel, model_path: str, problem: Problem, enum: Enumerat
         "quality": {"auc_before": enum.auc_base, "labelled": enum.labelled,
                     "samples": sum(b.size for b in sample)},
         "primary": "p0",
-        "paths": {name: _path_json(problem, choice, batch, policy["auc_drop_measured"].get(name))
+        "paths": {name: _path_json(problem, choice, batch, policy["auc_drop_measured"].get(name),
+                                   enum.labelled)
                   for name, choice in paths.items()},
         "dispatch": policy,
         "revisions": sel.revisions,

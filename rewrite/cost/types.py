@@ -4,7 +4,8 @@ Units everywhere: bytes, seconds, bytes/s, FLOP/s.  Every estimated number carri
 from (``Source``): ``spec`` (a preset's published constants), ``measured`` (timed or evaluated
 here), ``counted`` (exact: bytes summed over a representation's tensors), ``calibrated`` (the
 model with constants fitted to measurements on this machine) or ``estimated`` (the model with
-uncalibrated constants).
+uncalibrated constants); ``unmeasured`` marks a quantity that could not be measured (an AUC
+change without labels: recorded as 0).
 
 Memory tiers, fastest first.  A ``managed`` tier is a hardware cache: nothing is placed in it, it
 holds the hottest rows of whatever is placed below it.  The other tiers are where bytes live (HBM,
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 from rewrite.errors import RewriteError
 
-Source = Literal["spec", "measured", "counted", "calibrated", "estimated"]
+Source = Literal["spec", "measured", "counted", "calibrated", "estimated", "unmeasured"]
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 LINE_BYTES = 64          # bytes per random access granule: x86 cache line (Intel/AMD optimisation manuals)
 

@@ -106,9 +106,9 @@ def _logits(model: RecModel, sample: list[Batch]) -> np.ndarray:
 
 
 def variant_of(table: str, pass_spec: str | None, rep: Representation, tier: str,
-               rel_error: float = 0.0, auc_drop: float = 0.0) -> Variant:
+               rel_error: float = 0.0, auc_drop: float = 0.0, quality_source: str = "measured") -> Variant:
     return Variant(table, pass_spec, rep.describe(), tier, rep.num_bytes(), rep_facts(rep),
-                   float(rel_error), float(max(0.0, auc_drop)))
+                   float(rel_error), float(max(0.0, auc_drop)), quality_source)
 
 
 def enumerate_variants(model: RecModel, hw: HardwareSpec, sample: list[Batch],
@@ -148,7 +148,7 @@ def enumerate_variants(model: RecModel, hw: HardwareSpec, sample: list[Batch],
         if labelled and spec is not None:
             drop = auc_base - auc(y, _logits(model.with_tables({t: rep}), sample))
         for tier in tiers:
-            v = variant_of(t, spec, rep, tier, rel, drop)
+            v = variant_of(t, spec, rep, tier, rel, drop, "measured" if labelled else "unmeasured")
             variants[t].append(v)
             reps[v.key] = rep
     return Enumeration(variants, reps, skipped, auc_base, labelled)

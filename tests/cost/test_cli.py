@@ -49,7 +49,8 @@ def test_plan_writes_plan_plot_and_explains(trained, grid_file, tmp_path):
     assert plan["hardware"]["name"] == "zen4" and plan["estimator"]["source"] == "estimated"
     assert plan["paths"]["p0"]["bytes"]["value"] <= 70_000
     assert plan["constraints"]["latency_target"] == {"seconds": 0.002, "batch": 512}
-    assert len(plan["explain"]) == 4 and plan["pareto"]
+    assert len(plan["explain"]) == 4 and plan["pareto"]["points"]
+    assert plan["pareto"]["axes"]["latency_s"] == "estimated"
     assert (tmp_path / "pareto.png").exists()
     assert "binding:" in r.output and "dispatch: 1-" in r.output and "plan written to" in r.output
 

@@ -83,7 +83,8 @@ def test_unlabelled_sample_has_no_auc(trained, test_passes):
         b.labels = None
     enum = enumerate_variants(model, synthetic_hw(), sample, grid={"test-half": ("",)}, progress=False)
     assert not enum.labelled and enum.auc_base is None
-    assert all(v.auc_drop == 0.0 for vs in enum.variants.values() for v in vs)
+    assert all(v.auc_drop == 0.0 and v.quality_source == "unmeasured"
+               for vs in enum.variants.values() for v in vs)
 
 
 def test_table_stats_from_the_sample_and_profile(trained):
