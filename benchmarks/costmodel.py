@@ -7,8 +7,9 @@ weights: values do not change timing) is built in ten representations (every tab
 than 200 rows rewritten, as dlrm's QR/MD flags do; smaller tables stay plain, or become one-hot
 GEMMs in "onehot-small").  For each (representation, batch size) the embedding stage and the whole
 model are timed on fresh Zipf-distributed batches (the synthetic generator's ids), contenders
-alternating round by round, medians of this thread's CPU time kept (the machine is shared:
-wall time would count other jobs' scheduler slices; these runs are single-threaded); memory is the tensor payload of the saved model.
+alternating round by round, medians of this thread's CPU time kept (the machine is shared: wall
+time would count other jobs' scheduler slices; these runs are single-threaded); memory is the
+tensor payload of the saved model.
 Predictions come from the calibrated estimator (calibrated on *other* configurations:
 ``calibrate._configs``).  Reported: Spearman rank correlation within each batch size, median
 absolute relative error, and, per batch size, whether the plan the selector picks (one
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
             say(f"batch {b}: plan {plans[b]['model_s']['measured'] * 1e3:.2f} ms vs best "
                 f"{best['representation']} {best['model_s']['measured'] * 1e3:.2f} ms")
     summary = summarise(results, plans, args.batches)
-    report = {"machine": hw.notes, "load_average_1min": os.getloadavg()[0], "target": args.target, "estimator": {"source": est.source, "theta": list(est.theta)},
+    report = {"machine": hw.notes, "load_average_1min": os.getloadavg()[0], "target": args.target,
+              "estimator": {"source": est.source, "theta": list(est.theta)},
               "cap_rows": args.cap_rows, "rounds": args.rounds, "memory_budget": budget,
               "command": "PYTHONPATH=. python benchmarks/costmodel.py " + " ".join(argv or sys.argv[1:]),
               **summary, "plans": {str(b): p for b, p in plans.items()}, "configs": results}

@@ -10,8 +10,9 @@ seconds, by non-negative least squares on relative error (rows divided by the me
 Configurations: single representations (tables that live in L2, in the LLC and in DRAM; QR; MD;
 one-hot GEMM; bf16) at several batch sizes, two whole 8-table DLRMs (cache-sized tables with
 narrow MLPs; DRAM-sized tables, 8 x 64 MiB, with Kaggle-sized MLPs) and the embedding stage of
-the latter alone, so the dense terms and many tables in a row are fitted too.  Targets: ``torch`` (eager) and ``onnx-cpu`` (onnxruntime, when installed).  Results are
-stored per machine and target in ``<cache>/calibration.json`` and reused.
+the latter alone, so the dense terms and many tables in a row are fitted too.  Targets: ``torch``
+(eager) and ``onnx-cpu`` (onnxruntime, when installed).  Results are stored per machine and
+target in ``<cache>/calibration.json`` and reused.
 """
 
 from __future__ import annotations

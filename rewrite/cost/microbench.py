@@ -3,8 +3,9 @@
 Each returns plain numbers (units in the names); ``hardware.cpu_local`` turns them into a
 ``HardwareSpec``.  Time is the calling thread's CPU time (``clock``): on a shared machine other
 jobs preempt us for whole scheduler slices, which wall time would count; the runs here are
-single-threaded, so on an idle machine CPU time equals wall time.  All timings use torch ops the representations themselves use (``index_select``
-for gathers, ``matmul`` / ``_int_mm`` for GEMMs), on ``threads`` threads, as the best of repeats.
+single-threaded, so on an idle machine CPU time equals wall time.  All timings use torch ops the
+representations themselves use (``index_select`` for gathers, ``matmul`` / ``_int_mm`` for
+GEMMs), on ``threads`` threads, as the best of repeats.
 
 * gather rate: random 64-byte rows (``index_select``) from tables of several working-set sizes
   -> rows/s; a table larger than the last-level cache measures DRAM.
