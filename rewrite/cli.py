@@ -348,5 +348,58 @@ def targets_cmd(as_json) -> None:
 
     emit(result, as_json, human)
 
+
+
+@main.command()
+@click.option("--hardware", "name", default="cpu-local", show_default=True,
+              help="cpu-local (this machine, measured), a preset, or a JSON spec file")
+@click.option("--refresh", is_flag=True, help="re-measure cpu-local instead of using the cache")
+@click.option("--calibrate", "target", type=click.Choice(["torch", "onnx-cpu"]),
+              help="cpu-local: time a few configurations on this target and fit the latency model")
+@click.option("--presets", is_flag=True, help="list the presets")
+@json_option
+def hardware(name, refresh, target, presets, as_json) -> None:
+    """A hardware spec as the cost model sees it (cpu-local is measured, then cached)."""
+    from rewrite.cost.commands import hardware_report, human_hardware
+
+    emit(hardware_report(name, refresh, target, presets), as_json, human_hardware)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="sample .npz (X_int, X_cat[, y]): quality, pooling and access profile")
+@click.option("--hardware", "hw_name", default="cpu-local", show_default=True,
+              help="cpu-local, a preset (`rewrite hardware --presets`), or a JSON spec")
+@click.option("--target", default="torch", show_default=True, help="runtime whose latency is modelled")
+@click.option("--memory-budget", help="whole model (tables + MLPs), e.g. 256MB")
+@click.option("--max-auc-drop", type=float, help="AUC drop allowed, measured on --data (needs y)")
+@click.option("--max-rel-error", type=float, help="per-table relative embedding error allowed")
+@click.option("--latency-target", help="estimated latency bound at a batch size, e.g. 5ms@512")
+@click.option("--batch", default=512, show_default=True, type=int, help="batch size the plan is optimised for")
+@click.option("--samples", default=16384, show_default=True, type=int, help="samples of --data used")
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path),
+              help="access profile JSON (`rewrite profile -o`); default: profile --data")
+@click.option("--grid", "grid_path", type=click.Path(path_type=Path),
+              help='JSON {"pass": ["opt=v:opt=v", ...]} replacing the built-in settings grid')
+@click.option("--no-calibrate", is_flag=True, help="cpu-local: do not calibrate if no fit is stored")
+@click.option("--explain", is_flag=True, help="per table: choice, runner-up, binding constraint")
+@click.option("--plot", type=click.Path(path_type=Path), help="write the Pareto frontier plot here")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="write plan.json here")
+@load_options
+@json_option
+def plan(path, data_path, hw_name, target, memory_budget, max_auc_drop, max_rel_error, latency_target,
+         batch, samples, profile_path, grid_path, no_calibrate, explain, plot, output,
+         interaction, qr_op, as_json) -> None:
+    """Choose a representation per table and a path per batch size, under constraints."""
+    from rewrite.cost.commands import human_plan, run_plan
+
+    model = load_model(path, interaction, qr_op)
+    result = run_plan(model, path, data_path, hw_name, target, memory_budget, max_auc_drop,
+                      max_rel_error, latency_target, batch, samples, profile_path, grid_path,
+                      not no_calibrate, explain, plot, output)
+    emit(result, as_json, human_plan)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -148,11 +148,14 @@ class ConfiguredPass:
         return get_pass(self.name)
 
     def __str__(self) -> str:
+        """The ``-p`` text: the pass's own options, then the table selection (nested-pass
+        options, which take the rest of the text, last of all)."""
         defaults = self.info.config()
-        opts = [f"{f.name}={_format(getattr(self.config, f.name))}"
-                for f in dataclasses.fields(self.config)
-                if getattr(self.config, f.name) != getattr(defaults, f.name)]
-        return ":".join([self.name, *opts])
+        selection = {f.name for f in dataclasses.fields(Selection)}
+        changed = [f for f in dataclasses.fields(self.config)
+                   if getattr(self.config, f.name) != getattr(defaults, f.name)]
+        changed.sort(key=lambda f: (bool(f.metadata.get("rest")), f.name in selection))
+        return ":".join([self.name, *(f"{f.name}={_format(getattr(self.config, f.name))}" for f in changed)])
 
 
 def configure(name: str, **options: Any) -> ConfiguredPass:

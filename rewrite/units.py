@@ -15,3 +15,13 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _BYTES:
         raise RewriteError(f"cannot read {text!r} as a byte size (e.g. 512MB, 1.5GiB, 4096)")
     return int(float(m.group(1)) * _BYTES[m.group(2).lower()])
+
+
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_seconds(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|ms|us|µs|ns)\s*", str(text))
+    if not m:
+        raise RewriteError(f"cannot read {text!r} as a time (e.g. 5ms, 250us, 0.01s)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]

@@ -56,7 +56,7 @@ def test_str_round_trips_non_default_options(nested_pass):
     cp = parse_pass("_nested_test:mode=b:flag=true:names=p,q")
     assert str(cp) == "_nested_test:mode=b:flag=true:names=p,q"
     assert parse_pass(str(cp)) == cp
-    assert str(passes.quantize(bits=4, tables=["t1", "t2"])) == "quantize:tables=t1,t2:bits=4"
+    assert str(passes.quantize(bits=4, tables=["t1", "t2"])) == "quantize:bits=4:tables=t1,t2"
 
 
 def test_python_and_cli_build_the_same_pass():
