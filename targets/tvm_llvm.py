@@ -4,6 +4,7 @@ Before: RecModel.  After: ``model.so`` + ``params.safetensors`` (see ``targets.t
 The CPU is named explicitly from LLVM's host query (``llvm_get_system_cpu``, e.g. znver5):
 TVM 0.27 rejects "-mcpu" strings and silently treats mcpu="native" as a generic x86-64, which
 loses AVX-512.  The library is therefore for this CPU model (or a newer one of its family).
+Matmuls get the vectorised schedule of ``targets.tvm_schedules`` (TVM has no CPU default).
 """
 
 from __future__ import annotations
@@ -31,3 +32,10 @@ class TvmLlvm(TvmTarget):
 
         cpu = host_cpu()
         return tvm.target.Target({"kind": "llvm", "mcpu": cpu}), {"mcpu": cpu}
+
+    def build(self, mod, target, options: dict[str, Any]):
+        import tvm
+
+        from targets.tvm_schedules import cpu_pipeline
+
+        return tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from rewrite.errors import RewriteError
 from targets.base import CompiledPath, get_target, split_bags_np
-from targets.tvm_common import LIBRARY, PARAMS
+from targets.tvm_common import LIBRARY, PARAMS, aligned_copies
 from targets.tvm_llvm import host_cpu
 from tvm_models import ATOL, BATCHES, RTOL, batch, composite_model
 
@@ -109,3 +109,12 @@ def test_unknown_option_is_refused(model, tmp_path):
 
 def test_available_here():
     assert get_target("tvm-llvm").unavailable() is None
+
+
+def test_aligned_copies_are_64_byte_aligned_equal_copies():
+    arrays = [np.arange(13, dtype=np.float32).reshape(1, 13), np.arange(3), np.arange(0),
+              np.arange(5)]
+    copies = aligned_copies(arrays)
+    for a, c in zip(arrays, copies):
+        np.testing.assert_array_equal(a, c)
+        assert c.size == 0 or c.ctypes.data % 64 == 0
