@@ -12,7 +12,9 @@ importer lacks or gets wrong on these graphs:
   * ``div(x, c, rounding_mode=...)`` on integers: the importer makes an int32 constant against
     int64 ids (a type error); here the constant takes x's dtype and "trunc" lowers to ``divide``
     (TIR's integer division truncates), "floor" to ``floor_divide``.  ``remainder`` is the
-    importer's ``floor_mod``.  Both are exact for int64 ids up to 3e9 (tests/targets);
+    importer's ``floor_mod``.  QR's trunc division and remainder are exact on ids up to 3e9
+    (tests/targets/test_tvm_llvm.py); the int64 floor-division miscompile noted for older
+    TVM did not reproduce in 0.27 with constant divisors;
   * ``slice(x, d, a, INT64_MAX)``    -> end = x's extent (``offsets[1:]``): TVM keeps
     ``min(INT64_MAX - 1, B)``, and its simplifier then overflows int64;
   * ``clamp`` with one open bound   -> maximum/minimum (the importer casts +-inf to an integer).
@@ -53,9 +55,9 @@ def trace_inputs(model: RecModel) -> tuple[torch.Tensor, ...]:
 def export(model: RecModel) -> torch.export.ExportedProgram:
     """ExportedBags(model) with dynamic batch and lookup counts, decomposed to core ATen.
 
-    Size-oblivious (sizes 0 and 1 are not special-cased) and without duck sizing: by default
-    torch.export merges dims whose example sizes coincide, and silently pins the batch when
-    B + 1 equals a static width such as n_dense.
+    Size-oblivious (sizes 0 and 1 are not special-cased, so batch 1 and empty features run)
+    and without duck sizing (dims whose traced sizes coincide stay distinct symbols).  A batch
+    pinned anyway is refused rather than compiled.
     """
     from torch.export import Dim
     import torch.fx.experimental._config as fx_config
