@@ -1,0 +1,249 @@
+"""Per-stage latency of one model in torch eager, onnxruntime and TVM (tvm-llvm), one thread.
+
+    PYTHONPATH=. python benchmarks/tvm_stages.py --model demo/model.pt --data demo/day_1.npz \
+        --batch-sizes 1,512,2048 --rounds 5 --json stages.json
+
+Stages (the same math in every engine, each compiled on its own with dynamic shapes):
+  embedding    bags -> [B, F, D]      every table's lookup and pooling
+  bottom       dense -> x             bottom MLP
+  interaction  (x, [B, F, D]) -> z    dot interaction
+  top          z -> logits            top MLP
+  full         the whole model        (TVM: the tvm-llvm target's own lowering and runner)
+Each engine runs in its own process per round (rounds alternate the engine order), on fresh
+batches from the data file (a different batch every call), warm-up first; a process reports the
+median per call, the result is the median over rounds.  Inputs start as numpy arrays in every
+engine, so conversion to the engine's tensors is timed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ENGINES = ("torch", "onnxruntime", "tvm")
+STAGES = ("embedding", "bottom", "interaction", "top", "full")
+FRESH = 8           # distinct batches cycled per (stage, batch size)
+WARMUP, CALLS = 3, 24
+
+
+class Embeddings(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *bags):
+        m = self.model
+        return torch.stack([m.embeddings[t](bags[2 * f], bags[2 * f + 1])
+                            for f, t in enumerate(m.feature_tables)], dim=1)
+
+
+class Interaction(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.interaction = model.interaction
+
+    def forward(self, x, e):
+        return self.interaction(x, list(e.unbind(1)))
+
+
+class Top(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.top = model.top
+
+    def forward(self, z):
+        return self.top(z).squeeze(1)
+
+
+def stage_module(model, stage: str) -> nn.Module:
+    from targets.base import ExportedBags
+
+    return {"embedding": lambda: Embeddings(model), "bottom": lambda: model.bottom,
+            "interaction": lambda: Interaction(model), "top": lambda: Top(model),
+            "full": lambda: ExportedBags(model)}[stage]().eval()
+
+
+def stage_inputs(model, stage: str, batch) -> list[np.ndarray]:
+    """Numpy inputs of one stage for one canonical batch (upstream stages computed in torch)."""
+    from targets.base import split_bags_np
+
+    bags = split_bags_np(batch.indices.numpy(), batch.offsets.numpy(), len(model.spec.features))
+    dense = batch.dense.numpy()
+    with torch.no_grad():
+        x = model.bottom(batch.dense)
+        e = Embeddings(model)(*[torch.from_numpy(b) for b in bags])
+        z = Interaction(model)(x, e)
+    return {"embedding": bags, "bottom": [dense], "interaction": [x.numpy(), e.numpy()],
+            "top": [z.numpy()], "full": [dense, *bags]}[stage]
+
+
+def export_stage(model, stage: str):
+    """torch.export of a stage with dynamic batch (and lookup counts), like targets.tvm_relax."""
+    import torch.fx.experimental._config as fx_config
+    from torch.export import Dim
+
+    from targets.tvm_relax import trace_inputs
+
+    traced = trace_inputs(model)
+    b, offsets = Dim("batch", min=1), Dim("offsets", min=2)
+    # alone, the embedding stage sees the batch only as B + 1 (offsets): name that dim, so the
+    # Relax VM can read it from an input shape
+    bag_dims = tuple({0: Dim(f"n_{i // 2}", min=0) if i % 2 == 0 else (b + 1 if stage == "full"
+                                                                       else offsets)}
+                     for i in range(len(traced) - 1))
+    with torch.no_grad():
+        x = model.bottom(traced[0])
+        e = Embeddings(model)(*traced[1:])
+        z = Interaction(model)(x, e)
+    args, shapes = {"embedding": (traced[1:], {"bags": bag_dims}),
+                    "bottom": ((traced[0],), {"input": {0: b}}),
+                    "interaction": ((x, e), {"x": {0: b}, "e": {0: b}}),
+                    "top": ((z,), {"z": {0: b}}),
+                    "full": (traced, {"dense": {0: b}, "bags": bag_dims})}[stage]
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+        return torch.export.export(stage_module(model, stage), tuple(args), dynamic_shapes=shapes), args
+
+
+def make_runner(engine: str, model, stage: str, cache: Path):
+    """numpy inputs -> numpy output, for one engine and stage (compiled once into ``cache``)."""
+    if engine == "torch":
+        mod = stage_module(model, stage)
+
+        def run_torch(*xs):
+            with torch.no_grad():
+                return mod(*[torch.from_numpy(x) for x in xs]).numpy()
+
+        return run_torch
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        path = cache / f"{stage}.onnx"
+        if not path.exists():
+            import torch.fx.experimental._config as fx_config
+
+            ep, _ = export_stage(model, stage)
+            with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+                torch.onnx.export(ep, (), str(path), dynamo=True, optimize=True)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        return lambda *xs: sess.run(None, dict(zip(names, xs)))[0]
+    return tvm_runner(model, stage, cache)
+
+
+def tvm_runner(model, stage: str, cache: Path):
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from targets.base import CompiledPath, get_target
+
+    target = get_target("tvm-llvm")
+    folder = cache / f"tvm_{stage}"
+    meta = folder / "compiled.json"
+    if stage == "full":
+        if not meta.exists():
+            from rewrite.synthetic import multi_hot_batch
+
+            rows = [model.embeddings[t].rows for t in model.feature_tables]
+            cp = target.lower(model, multi_hot_batch(rows, 2, model.spec.n_dense, 1, 0), folder)
+            meta.write_text(json.dumps(cp.__dict__))
+        run = target.load(folder, CompiledPath(**json.loads(meta.read_text())))
+        return lambda dense, *bags: run(dense, list(bags))
+    from targets import tvm_relax
+    from targets.tvm_common import load_params, save_params, to_tvm
+
+    if not meta.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        ep, _ = export_stage(model, stage)
+        mod, params, names = tvm_relax.to_relax(ep.run_decompositions(), "tvm-llvm")
+        tvm_target, _ = target.tvm_target({})
+        target.build(mod, tvm_target, {}).export_library(str(folder / "model.so"))
+        save_params(folder / "params.safetensors", params, names)
+        meta.write_text(json.dumps({"params": names}))
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), dev)
+    params = load_params(folder / "params.safetensors", json.loads(meta.read_text())["params"], dev)
+    main = vm["main"]
+    return lambda *xs: main(*to_tvm(list(xs), dev), *params).numpy()
+
+
+def worker(args) -> dict:
+    """One engine, one process: median ms per call for every stage and batch size."""
+    from rewrite import data, formats
+
+    torch.set_num_threads(1)
+    model = formats.load(args.model).eval()
+    ds = data.open(args.data)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+    for stage in STAGES:
+        run = make_runner(args.engine, model, stage, cache)
+        for size in args.batch_sizes:
+            inputs = [stage_inputs(model, stage, ds.batch(slice(k * size, (k + 1) * size)))
+                      for k in range(FRESH)]
+            for k in range(WARMUP):
+                run(*inputs[k % FRESH])
+            times = []
+            for k in range(CALLS):
+                t0 = time.perf_counter()
+                run(*inputs[k % FRESH])
+                times.append(time.perf_counter() - t0)
+            out[f"{stage}/{size}"] = 1e3 * float(np.median(times))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--batch-sizes", default="1,512,2048")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cache", default=None, help="compiled stages (default: <model dir>/stages)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)   # worker mode
+    args = ap.parse_args(argv)
+    args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",")]
+    args.cache = args.cache or str(Path(args.model).parent / "stages")
+    if args.engine:
+        print(json.dumps(worker(args)))
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
+    rounds: dict[str, list[dict]] = {e: [] for e in ENGINES}
+    for r in range(args.rounds):
+        order = ENGINES[r % 3:] + ENGINES[:r % 3]
+        for engine in order:
+            print(f"round {r + 1}/{args.rounds}: {engine}", file=sys.stderr)
+            cmd = [sys.executable, __file__, "--engine", engine, "--model", args.model,
+                   "--data", args.data, "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+                   "--cache", args.cache]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                sys.stderr.write(res.stderr[-3000:])
+                return 1
+            rounds[engine].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    table = {e: {k: float(np.median([rd[k] for rd in rs])) for k in rs[0]} for e, rs in rounds.items()}
+    print(f"{'stage':12s} {'batch':>6s} " + " ".join(f"{e:>12s}" for e in ENGINES) + "   tvm/torch  tvm/ort")
+    for key in table["torch"]:
+        stage, size = key.split("/")
+        t, o, v = (table[e][key] for e in ENGINES)
+        print(f"{stage:12s} {size:>6s} {t:12.3f} {o:12.3f} {v:12.3f}   {v / t:9.2f} {v / o:8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ms_per_call": table, "rounds": args.rounds,
+                                               "batch_sizes": args.batch_sizes}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

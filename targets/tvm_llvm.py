@@ -1,0 +1,42 @@
+"""``tvm-llvm``: the model compiled by TVM Relax for this host's CPU, run by the Relax VM.
+
+Before: RecModel.  After: ``model.so`` + ``params.safetensors`` (see ``targets.tvm_common``).
+The CPU is named explicitly from LLVM's host query (``llvm_get_system_cpu``, e.g. znver5):
+TVM 0.27 rejects "-mcpu" strings and silently treats mcpu="native" as a generic x86-64, which
+loses AVX-512.  The library is therefore for this CPU model (or a newer one of its family).
+Matmuls get the vectorised schedule of ``targets.tvm_schedules`` (TVM has no CPU default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from targets.base import register_target
+from targets.tvm_common import TvmTarget
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (what clang's -mcpu=native resolves to)."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+@register_target("tvm-llvm")
+class TvmLlvm(TvmTarget):
+    devices = ("cpu",)
+    summary = "Apache TVM Relax for the host CPU (mcpu from the LLVM host query), relax VM"
+    device_kind = "cpu"
+
+    def tvm_target(self, options: dict[str, Any]):
+        import tvm
+
+        cpu = host_cpu()
+        return tvm.target.Target({"kind": "llvm", "mcpu": cpu}), {"mcpu": cpu}
+
+    def build(self, mod, target, options: dict[str, Any]):
+        import tvm
+
+        from targets.tvm_schedules import cpu_pipeline
+
+        return tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
