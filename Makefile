@@ -14,12 +14,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# Synthetic data -> trained table DLRM (dlrm's checkpoint format) -> inspect -> profile.
+# Synthetic data -> trained table DLRM (dlrm's checkpoint format) -> inspect -> profile
+# -> rewrite (MD + int8, verified) -> compile (onnx-cpu, torch, tvm-llvm) -> verify -> bench.
+RW = $(VENV)/bin/rewrite
 demo: $(VENV)/.installed
 	$(PY) examples/train_demo.py --out $(DEMO)
-	$(VENV)/bin/rewrite inspect $(DEMO)/model.pt
-	$(VENV)/bin/rewrite profile $(DEMO)/model.pt --data $(DEMO)/day_0.npz --sample-rate 0.05 \
+	$(RW) inspect $(DEMO)/model.pt
+	$(RW) profile $(DEMO)/model.pt --data $(DEMO)/day_0.npz --sample-rate 0.05 \
 	    --hot-bytes 256KiB -o $(DEMO)/profile.json
+	$(RW) apply $(DEMO)/model.pt -p md:energy=0.8 -p quantize:bits=8 --profile $(DEMO)/profile.json \
+	    --data $(DEMO)/day_1.npz -o $(DEMO)/small.safetensors
+	$(RW) inspect $(DEMO)/small.safetensors
+	$(RW) compile $(DEMO)/small.safetensors --target onnx-cpu --target torch --target tvm-llvm \
+	    -o $(DEMO)/bundle --force
+	$(RW) verify $(DEMO)/bundle --data $(DEMO)/day_1.npz
+	$(RW) bench $(DEMO)/bundle --batch-sizes 1,64,512,2048 --reference $(DEMO)/model.pt --rounds 3
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
