@@ -67,6 +67,19 @@ SETTINGS: list[Setting] = [
     Setting("onehot (tables <= 128 rows)", "onehot", ("onehot",)),
     Setting("md 0.8, then int8 the rest", "mixed", ("md:energy=0.8", "quantize:bits=8")),
     Setting("qr c=4, then int4 the rest", "mixed", ("qr:collisions=4", "quantize:bits=4")),
+    # passes II (tables with >= 200 rows, dlrm's QR/MD threshold)
+    Setting("tt rank 8", "tt", ("tt:rank=8:min_rows=200",)),
+    Setting("tt rank 16", "tt", ("tt:rank=16:min_rows=200",)),
+    Setting("tt 20x", "tt", ("tt:compression=20:min_rows=200",)),
+    Setting("tt rank 16 + cache of 50% of lookups", "tt", ("tt:rank=16:cache_coverage=0.5:min_rows=200",)),
+    Setting("tt rank 16, int8 cores", "tt", ("tt:rank=16:core_bits=8:min_rows=200",)),
+    Setting("prune-dims keep 0.5", "prune-dims", ("prune-dims:keep=0.5:min_rows=200",)),
+    Setting("prune-dims keep 0.25", "prune-dims", ("prune-dims:keep=0.25:min_rows=200",)),
+    Setting("prune-dims keep 0.1", "prune-dims", ("prune-dims:keep=0.1:min_rows=200",)),
+    Setting("hot-cold 90% + int8", "hot-cold", ("hot-cold:coverage=0.9:min_rows=200",)),
+    Setting("hot-cold 90% + prune-dims 0.25", "hot-cold",
+            ("hot-cold:coverage=0.9:min_rows=200:cold=prune-dims:keep=0.25",)),
+    Setting("hot-cold 16KiB + tt rank 8", "hot-cold", ("hot-cold:hot_bytes=16KiB:min_rows=200:cold=tt:rank=8",)),
 ]
 
 
