@@ -40,9 +40,9 @@ from rewrite.passinfra import ConfiguredPass, parse_pass
 from rewrite.recovery import recover
 from rewrite.training import evaluate
 
-DEFAULT_ROWS = ("dhe=dhe:compression={c}:steps={steps}",
-                "hybrid=hybrid:compression={c}:steps={steps}",
-                "memrec=memrec:compression={c}:steps={steps}",
+DEFAULT_ROWS = ("dhe=dhe:compression={c}:steps={steps}:batch_size=1024",
+                "hybrid=hybrid:compression={c}:steps={steps}:batch_size=1024",
+                "memrec=memrec:compression={c}:steps={steps}:batch_size=1024",
                 "robe=robe:compression={c}")
 KEEP_ROWS = (200, 100, 25, 0)          # candidate min_rows, largest first
 KEEP_SHARE = 0.25                      # untouched tables may take this share of the budget

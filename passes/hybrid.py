@@ -95,7 +95,7 @@ class HybridConfig(Selection):
     steps: int = 3000
     batch_size: int = 2048
     lr: float = 3e-3
-    max_error: float = 0.9
+    max_error: float = 0.9             # relative embedding error accepted (passes.rowfit explains 0.9)
     seed: int = 0
 
     def __post_init__(self):

@@ -113,7 +113,7 @@ class RobeConfig(Selection):
     size: int = 1 << 20                # array floats (when compression is None)
     block: int = 8                     # Z: consecutive slots per block (divides the dim)
     signed: bool = True                # hashed ±1 per block (unbiased collisions)
-    max_error: float = 0.9
+    max_error: float = 0.9             # relative embedding error accepted (passes.rowfit explains 0.9)
     seed: int = 0
 
     def __post_init__(self):

@@ -5,6 +5,12 @@ w_x the pass context's row weights (sampled access counts + 1).  For tables larg
 minibatch the weighting is done by *sampling*: ids are drawn with P(x) ∝ w_x, so the plain mean
 squared error of a minibatch is an unbiased estimate of L; smaller tables are fitted full-batch
 with the weights in the loss.  Adam with a cosine-decayed learning rate, seeded, tqdm on stderr.
+Also what every fitted pass shares: the byte budget of a ``compression``, option validation,
+and the skips (not an fp32 table, fewer than 2 rows, not smaller than the table).
+
+``max_error`` defaults of the fitted passes are 0.9: the pipeline's relative error
+||Δ||_F / ||e||_F is 1.0 for a representation that outputs zeros, so 0.9 rejects a table whose
+fit is barely better than dropping it, and accepts the lossy fits these passes exist to make.
 """
 
 from __future__ import annotations

@@ -14,7 +14,11 @@ tables are refitted too.  Tensors stored in fp16 / bf16 are trained through an f
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
 as they are and are listed in the report.  Early stopping: the last ``holdout`` share of DATA
 (at most ``MAX_HOLDOUT`` rows) is never trained on; L is measured on it every ``eval_every``
-steps and the best state is kept.  Inputs are never modified: the result shares nothing
+steps and the best state is kept.  Adam, with a linear learning-rate warm-up over the first
+fifth of the steps (Adam's first steps are lr-sized whatever the gradient, which knocks a good
+student off its fit) and two rates: ``lr`` for gathered tensors (tables, hashed arrays, token
+tables) and ``lr · DENSE_LR_SCALE`` for weights of ``nn.Linear`` layers (the top MLP, DHE
+decoders), which every sample updates.  Inputs are never modified: the result shares nothing
 trainable with ``original`` or ``rewritten``.
 """
 
@@ -38,6 +42,9 @@ from rewrite.model import RecModel
 
 MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
 DEFAULT_LR = 5e-3             # Adam; the demo's table DLRM trains at 5e-3 (examples/train_demo.py)
+WARMUP_DIVISOR = 5             # the learning rate ramps up linearly over the first 1/5 of the steps
+DENSE_LR_SCALE = 0.2           # Linear weights: measured on the demo, DHE at 100x recovers at 1e-3
+                               # and loses AUC at 5e-3, while ROBE arrays want 5e-3 (benchmarks/quality.py)
 
 
 @dataclass
@@ -86,6 +93,12 @@ def _trainable(model: RecModel, tables: list[str], train_top: bool):
     return train, frozen
 
 
+def _linear_tensors(model: torch.nn.Module) -> set[str]:
+    """Names of the weights and biases of every nn.Linear in ``model``."""
+    return {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+            for p, _ in mod.named_parameters(recurse=False)}
+
+
 def _loss(student_logits, teacher_logits, labels, label_weight: float) -> torch.Tensor:
     loss = torch.mean((student_logits - teacher_logits) ** 2)
     if labels is not None and label_weight > 0:
@@ -128,10 +141,14 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     # everything else enters the forward detached: no gradient reaches shared (original) tensors
     fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]
              if n not in masters}
-    opt = torch.optim.Adam(masters.values(), lr=lr)
+    dense = _linear_tensors(student)
+    groups = [{"params": [m for n, m in masters.items() if n not in dense], "scale": 1.0},
+              {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     per_epoch = -(-n_train // batch_size)
     total = steps if steps is not None else max(1, int(round((epochs or 1.0) * per_epoch)))
     every = eval_every or max(25, min(per_epoch, total // 10 or 1))
+    warmup = max(1, total // WARMUP_DIVISOR)
     hold = [data.batch(slice(n_train + lo, min(data.n_samples, n_train + lo + 8192)))
             for lo in range(0, n_hold, 8192)]
     hold_teacher = [_teacher(original, b) for b in hold]
@@ -154,6 +171,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     epoch = 0
     while step < total and bad < patience:
         for b in data.batches(batch_size, limit=n_train, shuffle_seed=seed + epoch):
+            for group in opt.param_groups:      # linear warm-up: Adam's first steps are lr-sized
+                group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
             z_t = _teacher(original, b)
             loss = _loss(functional_call(student, values(), b.inputs()), z_t, b.labels, label_weight)
             opt.zero_grad(set_to_none=True)

@@ -79,6 +79,16 @@ def test_fp16_table_trains_through_an_fp32_master(world):
     assert report.eval["logit_rmse_recovered"] < 0.8 * report.eval["logit_rmse_rewritten"]
 
 
+def test_unlabelled_data_distils_logits_only(world, tmp_path):
+    d, teacher, student, _, day1 = world
+    src = np.load(d / "day_0.npz")
+    np.savez(tmp_path / "unlabelled.npz", X_int=src["X_int"], X_cat=src["X_cat"])
+    unlabelled = data.open(tmp_path / "unlabelled.npz")
+    assert unlabelled.labels is None
+    _, report = recover(teacher, student, unlabelled, steps=60, lr=1e-2, eval_data=day1)
+    assert report.eval["logit_rmse_recovered"] < report.eval["logit_rmse_rewritten"]
+
+
 def test_early_stopping_keeps_the_best_state(world):
     _, teacher, student, day0, _ = world
     _, report = recover(teacher, student, day0, epochs=20, lr=0.5, eval_every=5, patience=2)
