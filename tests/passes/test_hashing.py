@@ -68,7 +68,7 @@ def test_buckets_are_close_to_uniform():
 def test_identical_in_onnxruntime():
     import onnxruntime as ort
 
-    mod, x = HashModule(), ids_tensor()
+    mod, x = HashModule().eval(), ids_tensor()
     onx = torch.onnx.export(mod, (x[:5],), dynamo=True, verbose=False,
                             dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}})
     sess = ort.InferenceSession(onx.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
