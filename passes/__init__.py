@@ -7,6 +7,8 @@ configurator of the same name: ``passes.quantize(bits=4)`` == ``-p quantize:bits
 import rewrite  # noqa: F401  (first: rewrite.formats imports pass modules back)
 from passes import hashing, mixed_dim, onehot as _onehot_module, quantized, quotient_remainder  # noqa: F401
 from passes import dim_pruning, hot_cold_split, tensor_train  # noqa: F401
+from passes import dhe as _dhe_module, hybrid as _hybrid_module  # noqa: F401
+from passes import memrec as _memrec_module, robe as _robe_module  # noqa: F401
 from rewrite.passinfra import ConfiguredPass, configure
 
 
@@ -40,3 +42,19 @@ def prune_dims(**options) -> ConfiguredPass:
 
 def hot_cold(**options) -> ConfiguredPass:
     return configure("hot-cold", **options)
+
+
+def dhe(**options) -> ConfiguredPass:
+    return configure("dhe", **options)
+
+
+def hybrid(**options) -> ConfiguredPass:
+    return configure("hybrid", **options)
+
+
+def memrec(**options) -> ConfiguredPass:
+    return configure("memrec", **options)
+
+
+def robe(**options) -> ConfiguredPass:
+    return configure("robe", **options)

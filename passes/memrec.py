@@ -1,0 +1,151 @@
+"""MEM-REC (arXiv 2305.07205): Bloom-filter encodings into a token table and a weight table.
+
+Before: W [rows, d], e(bag) = Σ_{x in bag} W[x].
+After:  token table T [D, d] read at K hashes h_j(x) ∈ [0, D)   (x's Bloom-filter code, K ones)
+        weight table V [dw, K'] read at kw hashes g_i(x) ∈ [0, dw), K' = K (a weight per token)
+        or 1 (one scale for all tokens):
+            α(x) = Σ_{i<kw} V[g_i(x)]                              [K']
+            e(x) = Σ_{j<K} α_j(x) · T[h_j(x)]                      [d]
+        e(bag) = Σ_{x in bag} e(x)
+Fit: frequency-weighted least squares by Adam from a closed-form start (α = 1 and each token
+row the weighted mean of the rows hashing to it, divided by K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
+from passes.rowfit import (budget_bytes, check_fit_options, fit_rows, fp32_table, not_smaller, rms,
+                           table_rows, weighted_rel_error)
+from rewrite.embedding import Representation, pool, register_representation
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.tracing import EmbeddingSite
+
+
+@register_representation("memrec")
+class MemRecBag(Representation):
+    def __init__(self, rows: int, dim: int, tokens: int, k: int, weight_rows: int, kw: int,
+                 per_token_weights: bool = True, seed: int = 0, pooling: str = "sum"):
+        super().__init__()
+        self.rows, self.dim, self.pooling, self.seed = int(rows), int(dim), pooling, int(seed)
+        self.tokens, self.k, self.weight_rows, self.kw = int(tokens), int(k), int(weight_rows), int(kw)
+        self.per_token_weights = bool(per_token_weights)
+        self.token_table = nn.Parameter(torch.zeros(self.tokens, self.dim))
+        self.weight_table = nn.Parameter(torch.zeros(self.weight_rows, self.k if self.per_token_weights else 1))
+        a, b = hash_coefficients(self.k + self.kw, self.seed)
+        self.register_buffer("token_a", a[:self.k].clone())
+        self.register_buffer("token_b", b[:self.k].clone())
+        self.register_buffer("weight_a", a[self.k:].clone())
+        self.register_buffer("weight_b", b[self.k:].clone())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """e(x) for each id: [n, d]."""
+        tok = universal_hash(ids, self.token_a, self.token_b, self.tokens)             # [n, K]
+        rows = self.token_table.index_select(0, tok.reshape(-1)).reshape(-1, self.k, self.dim)
+        wid = universal_hash(ids, self.weight_a, self.weight_b, self.weight_rows)      # [n, kw]
+        width = self.weight_table.shape[1]
+        alpha = self.weight_table.index_select(0, wid.reshape(-1)).reshape(-1, self.kw, width).sum(1)
+        return (alpha.unsqueeze(2) * rows).sum(1)
+
+    def forward(self, indices, offsets):
+        return pool(self.embed(indices), offsets, self.pooling)
+
+    def params(self):
+        return {"rows": self.rows, "dim": self.dim, "tokens": self.tokens, "k": self.k,
+                "weight_rows": self.weight_rows, "kw": self.kw,
+                "per_token_weights": self.per_token_weights, "seed": self.seed, "pooling": self.pooling}
+
+    def bytes_per_lookup(self):
+        return float(4 * (self.k * self.dim + self.kw * self.weight_table.shape[1]))
+
+    def flops_per_lookup(self):
+        width = self.weight_table.shape[1]
+        return float(hash_ops(self.k) + hash_ops(self.kw) - 1 + (self.kw - 1) * width
+                     + 2 * self.k * self.dim + self.dim)
+
+    def describe(self):
+        return (f"memrec {self.rows}x{self.dim}: tokens {self.tokens}x{self.dim} K={self.k}, "
+                f"weights {tuple(self.weight_table.shape)} kw={self.kw}")
+
+
+def memrec_bytes(dim: int, tokens: int, k: int, weight_rows: int, kw: int, per_token: bool) -> int:
+    return 4 * (tokens * dim + weight_rows * (k if per_token else 1)) + 16 * (k + kw)
+
+
+@dataclass(frozen=True)
+class MemRecConfig(Selection):
+    compression: float | None = option(None, "size D (and dw) to table bytes / compression")
+    tokens: int = option(4096, "D (when compression is None)")
+    k: int = option(2, "K token hashes")
+    weight_rows: int = option(1024, "dw (when compression is None)")
+    kw: int = option(2, "weight hashes")
+    weight_share: float = option(0.1, "share of the budget for the weight table (compression set)")
+    per_token_weights: bool = option(True, "V [dw, K] (False: V [dw, 1])")
+    steps: int = option(3000, "Adam steps of the fit")
+    batch_size: int = option(2048, "ids per fitting step (sampled by access frequency)")
+    lr: float = option(3e-3, "Adam learning rate of the fit")
+    max_error: float = option(0.9, "relative embedding error accepted (passes.rowfit explains 0.9)")
+    seed: int = option(0, "seed of the hash coefficients and the fit")
+
+    def __post_init__(self):
+        check_fit_options(self)
+        if min(self.tokens, self.k, self.weight_rows, self.kw) < 1:
+            raise ValueError("tokens, k, weight_rows and kw must be >= 1")
+        if not 0 < self.weight_share < 1:
+            raise ValueError(f"weight_share must be in (0, 1), got {self.weight_share}")
+
+
+def plan_memrec(rows: int, dim: int, cfg: MemRecConfig) -> tuple[int, int]:
+    """(D, dw): from the config, or splitting the byte budget weight_share : 1 − weight_share."""
+    if cfg.compression is None:
+        return cfg.tokens, cfg.weight_rows
+    budget = budget_bytes(rows, dim, cfg.compression) - 16 * (cfg.k + cfg.kw)
+    width = cfg.k if cfg.per_token_weights else 1
+    weight_rows = max(1, int(budget * cfg.weight_share) // (4 * width))
+    tokens = max(1, (budget - 4 * width * weight_rows) // (4 * dim))
+    return int(tokens), int(weight_rows)
+
+
+@torch.no_grad()
+def init_memrec(rep: MemRecBag, target: torch.Tensor, weights: np.ndarray) -> None:
+    """α = 1 (each weight row 1/kw), token rows = weighted mean of the rows using them / K."""
+    rep.weight_table.fill_(1.0 / rep.kw)
+    tok = universal_hash(torch.arange(rep.rows), rep.token_a, rep.token_b, rep.tokens)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    num = torch.zeros(rep.tokens, rep.dim, dtype=torch.float64)
+    den = torch.zeros(rep.tokens, dtype=torch.float64)
+    for j in range(rep.k):
+        num.index_add_(0, tok[:, j], w.unsqueeze(1) * target.to(torch.float64))
+        den.index_add_(0, tok[:, j], w)
+    rep.token_table.copy_((num / den.clamp(min=1e-30).unsqueeze(1) / rep.k).to(torch.float32))
+
+
+@register_pass("memrec", MemRecConfig)
+def memrec(site: EmbeddingSite, cfg: MemRecConfig, ctx: PassContext) -> Rewrite | Skip:
+    """fp32 table -> MEM-REC token + weight tables (Bloom-filter hashing), fitted by frequency."""
+    table = fp32_table(site, ctx, "memrec")
+    if isinstance(table, Skip):
+        return table
+    tokens, weight_rows = plan_memrec(site.rows, site.dim, cfg)
+    rep = MemRecBag(site.rows, site.dim, tokens, cfg.k, weight_rows, cfg.kw, cfg.per_token_weights,
+                    cfg.seed, site.pooling)
+    skip = not_smaller("memrec", rep.num_bytes(), table)
+    if skip:
+        return skip
+    weights = ctx.row_weights(site.name, site.rows)
+    target = table.weight.detach()
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    scale = rms(target, w)               # fit target / scale: one lr suits every table
+    init_memrec(rep, target / scale, weights)
+    start = weighted_rel_error(table_rows(rep, site.rows), target / scale, w)
+    fit_rows(rep.embed, rep.parameters(), target / scale, weights, cfg.steps, cfg.batch_size,
+             cfg.lr, cfg.seed, desc=f"memrec {site.name}")
+    with torch.no_grad():
+        rep.token_table.mul_(scale)
+    return Rewrite(rep, notes={"tokens": tokens, "weight_rows": weight_rows, "init_rel_error": start,
+                               "fit_weighted_rel_error": weighted_rel_error(table_rows(rep, site.rows), target, w)})

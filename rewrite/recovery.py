@@ -1,0 +1,282 @@
+"""Recovery: distil a rewritten model back towards the original (teacher) on sample data.
+
+Before: a rewritten model whose tables were fitted row by row (their errors add up in the
+        interaction and the top MLP).
+After:  the same representations with their float tensors (and optionally the top MLP) trained
+        end to end to minimise, on DATA,
+            L = mean (z_s − z_t)²  +  λ · BCE(z_s, y)        (the BCE term only when DATA has labels)
+        z_t the original model's logits, z_s the student's.
+
+Which tensors train: every floating-point parameter *and* floating buffer of each table whose
+representation differs from the original's (kind or params), so scales / biases of quantized
+tables are refitted too.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
+(the forward pass rounds it to the storage dtype; gradients pass straight through the
+rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
+as they are and are listed in the report.  Early stopping: the last ``holdout`` share of DATA
+(at most ``MAX_HOLDOUT`` rows) is never trained on; L is measured on it every ``eval_every``
+steps and the best state is kept.  Adam, with a linear learning-rate warm-up over the first
+fifth of the steps (Adam's first steps are lr-sized whatever the gradient, which knocks a good
+student off its fit) and two rates: ``lr`` for gathered tensors (tables, hashed arrays, token
+tables) and ``lr · DENSE_LR_SCALE`` for weights of ``nn.Linear`` layers (the top MLP, DHE
+decoders), which every sample updates.  Inputs are never modified: the result shares nothing
+trainable with ``original`` or ``rewritten``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call
+from tqdm import tqdm
+
+from rewrite.data import Dataset, check_matches
+from rewrite.errors import RewriteError
+from rewrite.metrics import auc, logloss
+from rewrite.model import RecModel
+
+MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
+DEFAULT_LR = 5e-3             # Adam; the demo's table DLRM trains at 5e-3 (examples/train_demo.py)
+WARMUP_DIVISOR = 5             # the learning rate ramps up linearly over the first 1/5 of the steps
+DENSE_LR_SCALE = 0.2           # Linear weights: measured on the demo, DHE at 100x recovers at 1e-3
+                               # and loses AUC at 5e-3, while ROBE arrays want 5e-3 (benchmarks/quality.py)
+
+
+@dataclass
+class RecoveryReport:
+    tables: list[str]                      # tables whose representations were trained
+    train_top: bool
+    frozen: list[str]                      # integer tensors left as they are
+    steps: int                             # optimiser steps taken
+    best_step: int                         # the step whose state was kept (0: the start)
+    stopped_early: bool
+    holdout_rows: int
+    holdout_loss_before: float
+    holdout_loss_after: float
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)   # (step, holdout loss)
+    eval: dict[str, float] = field(default_factory=dict)            # on --eval data
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
+
+
+def changed_tables(original: RecModel, rewritten: RecModel) -> list[str]:
+    """Tables whose representation differs from the original's (kind or constructor params)."""
+    return [name for name, rep in rewritten.embeddings.items()
+            if name not in original.embeddings or rep.spec() != original.embeddings[name].spec()]
+
+
+def _student(original: RecModel, rewritten: RecModel, tables: list[str], train_top: bool) -> RecModel:
+    new = rewritten.with_tables({t: copy.deepcopy(rewritten.embeddings[t]) for t in tables})
+    if train_top:
+        new.top = copy.deepcopy(rewritten.top)
+    return new
+
+
+def _trainable(model: RecModel, tables: list[str], train_top: bool):
+    """(name -> tensor) of float tensors to train, and the names of integer tensors left alone."""
+    prefixes = [f"embeddings.{t}." for t in tables] + (["top."] if train_top else [])
+    train, frozen = {}, []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not any(name.startswith(p) for p in prefixes):
+            continue
+        if t.is_floating_point():
+            train[name] = t
+        elif name.startswith("embeddings."):
+            frozen.append(name)
+    return train, frozen
+
+
+def _linear_tensors(model: torch.nn.Module) -> set[str]:
+    """Names of the weights and biases of every nn.Linear in ``model``."""
+    return {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+            for p, _ in mod.named_parameters(recurse=False)}
+
+
+def _loss(student_logits, teacher_logits, labels, label_weight: float) -> torch.Tensor:
+    loss = torch.mean((student_logits - teacher_logits) ** 2)
+    if labels is not None and label_weight > 0:
+        loss = loss + label_weight * torch.nn.functional.binary_cross_entropy_with_logits(student_logits, labels)
+    return loss
+
+
+def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int | None = None,
+            epochs: float | None = None, lr: float = DEFAULT_LR, eval_data: Dataset | None = None,
+            train_top: bool = False, seed: int = 0, batch_size: int = 1024, label_weight: float = 0.5,
+            holdout: float = 0.1, eval_every: int | None = None, patience: int = 4,
+            tables: list[str] | None = None) -> tuple[RecModel, RecoveryReport]:
+    """Train the rewritten model's new representations to match ``original`` on ``data``.
+
+    ``steps`` or ``epochs`` (passes over the training part; default 1 epoch).  Returns a new
+    model (inputs untouched) and the report.  ``tables`` defaults to ``changed_tables``.
+    """
+    if steps is not None and epochs is not None:
+        raise RewriteError("recovery: give steps or epochs, not both")
+    if (steps is not None and steps < 1) or (epochs is not None and epochs <= 0):
+        raise RewriteError(f"recovery: steps must be >= 1 and epochs > 0 (got steps={steps}, epochs={epochs})")
+    if lr <= 0 or batch_size < 1 or not 0 < holdout < 1 or label_weight < 0:
+        raise RewriteError("recovery: need lr > 0, batch_size >= 1, 0 < holdout < 1, label_weight >= 0")
+    check_matches(data, original.spec.n_dense, len(original.spec.features))
+    tables = changed_tables(original, rewritten) if tables is None else list(tables)
+    unknown = [t for t in tables if t not in rewritten.embeddings]
+    if unknown:
+        raise RewriteError(f"recovery: unknown table(s) {', '.join(unknown)}")
+    if not tables and not train_top:
+        raise RewriteError("recovery: no rewritten table differs from the original and train_top is off: "
+                           "nothing to train")
+    n_hold = min(MAX_HOLDOUT, max(1, int(data.n_samples * holdout)))
+    n_train = data.n_samples - n_hold
+    if n_train < 1:
+        raise RewriteError(f"{data.path}: {data.n_samples} rows are too few to hold out {n_hold} for early stopping")
+    original.eval()
+    student = _student(original, rewritten, tables, train_top).eval()
+    named, frozen = _trainable(student, tables, train_top)
+    masters = {n: t.detach().to(torch.float32).clone().requires_grad_(True) for n, t in named.items()}
+    # everything else enters the forward detached: no gradient reaches shared (original) tensors
+    fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]
+             if n not in masters}
+    dense = _linear_tensors(student)
+    groups = [{"params": [m for n, m in masters.items() if n not in dense], "scale": 1.0},
+              {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+    per_epoch = -(-n_train // batch_size)
+    total = steps if steps is not None else max(1, int(round((epochs or 1.0) * per_epoch)))
+    every = eval_every or max(25, min(per_epoch, total // 10 or 1))
+    warmup = max(1, total // WARMUP_DIVISOR)
+    hold = [data.batch(slice(n_train + lo, min(data.n_samples, n_train + lo + 8192)))
+            for lo in range(0, n_hold, 8192)]
+    hold_teacher = [_teacher(original, b) for b in hold]
+
+    def values() -> dict[str, torch.Tensor]:
+        return {**fixed, **{n: (m if named[n].dtype == torch.float32 else m.to(named[n].dtype))
+                            for n, m in masters.items()}}
+
+    def holdout_loss() -> float:
+        with torch.no_grad():
+            v = values()
+            tot = sum(float(_loss(functional_call(student, v, b.inputs()), z, b.labels, label_weight)) * b.size
+                      for b, z in zip(hold, hold_teacher))
+        return tot / n_hold
+
+    t0 = time.perf_counter()
+    best = start = holdout_loss()
+    best_state, best_step, history, bad, step = _snapshot(masters), 0, [(0, start)], 0, 0
+    bar = tqdm(total=total, desc="recover", unit="step", leave=False)
+    epoch = 0
+    while step < total and bad < patience:
+        for b in data.batches(batch_size, limit=n_train, shuffle_seed=seed + epoch):
+            for group in opt.param_groups:      # linear warm-up: Adam's first steps are lr-sized
+                group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
+            z_t = _teacher(original, b)
+            loss = _loss(functional_call(student, values(), b.inputs()), z_t, b.labels, label_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % every == 0 or step == total:
+                h = holdout_loss()
+                history.append((step, h))
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", holdout=f"{h:.4f}", refresh=False)
+                if h < best:
+                    best, best_state, best_step, bad = h, _snapshot(masters), step, 0
+                else:
+                    bad += 1
+            if step >= total or bad >= patience:
+                break
+        epoch += 1
+    bar.close()
+    with torch.no_grad():
+        for n, m in best_state.items():
+            named[n].copy_(m.to(named[n].dtype))
+    report = RecoveryReport(tables, train_top, frozen, step, best_step, bad >= patience, n_hold, start, best,
+                            time.perf_counter() - t0, history)
+    if eval_data is not None:
+        report.eval = evaluate_recovery(original, rewritten, student, eval_data)
+    return student, report
+
+
+@torch.no_grad()
+def _teacher(original: RecModel, batch) -> torch.Tensor:
+    return original(*batch.inputs())
+
+
+def _snapshot(masters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: m.detach().clone() for n, m in masters.items()}
+
+
+@torch.no_grad()
+def evaluate_recovery(original: RecModel, rewritten: RecModel, recovered: RecModel, data: Dataset,
+                      batch_size: int = 8192) -> dict[str, float]:
+    """AUC / log loss of the three models and the logit RMSE of the two students, on ``data``."""
+    check_matches(data, original.spec.n_dense, len(original.spec.features))
+    out: dict[str, list[np.ndarray]] = {"original": [], "rewritten": [], "recovered": []}
+    labels = []
+    for b in data.batches(batch_size):
+        for key, model in (("original", original), ("rewritten", rewritten), ("recovered", recovered)):
+            out[key].append(model.eval()(*b.inputs()).numpy())
+        if b.labels is not None:
+            labels.append(b.labels.numpy())
+    z = {k: np.concatenate(v) for k, v in out.items()}
+    res = {"eval_rows": float(len(z["original"]))}
+    for k in ("rewritten", "recovered"):
+        res[f"logit_rmse_{k}"] = float(np.sqrt(np.mean((z[k] - z["original"]) ** 2)))
+    if labels:
+        y = np.concatenate(labels)
+        for k, v in z.items():
+            res[f"auc_{k}"], res[f"logloss_{k}"] = auc(y, v), logloss(y, v)
+    return res
+
+
+def add_recovery_options(command):
+    """Click decorator: the ``apply`` command's recovery options (``--recover DATA`` and friends)."""
+    import click
+
+    opts = [
+        click.option("--recover", "recover_path", type=click.Path(path_type=Path), default=None,
+                     help="distil the rewritten model towards the original on this .npz (day of data)"),
+        click.option("--steps", "recover_steps", type=int, default=None, help="recovery: optimiser steps"),
+        click.option("--epochs", "recover_epochs", type=float, default=None,
+                     help="recovery: passes over DATA (default 1; not with --steps)"),
+        click.option("--lr", "recover_lr", type=float, default=DEFAULT_LR, show_default=True,
+                     help="recovery: Adam learning rate"),
+        click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
+                     help="report AUC / log loss on this .npz, kept apart from --recover data"),
+        click.option("--recover-top", is_flag=True, help="recovery also trains the top MLP"),
+    ]
+    for opt in reversed(opts):
+        command = opt(command)
+    return command
+
+
+def run_recovery_from_cli(original: RecModel, rewritten: RecModel, recover_path: Path | None,
+                          recover_steps: int | None, recover_epochs: float | None, recover_lr: float,
+                          eval_path: Path | None, recover_top: bool, dense_transform: str = "log1p",
+                          seed: int = 0) -> tuple[RecModel, dict[str, Any] | None]:
+    """What ``apply`` runs after its passes: (model to save, report JSON or None without --recover)."""
+    from rewrite import data as data_mod
+
+    if recover_path is None:
+        given = [name for name, v in (("--steps", recover_steps), ("--epochs", recover_epochs),
+                                      ("--eval", eval_path)) if v is not None]
+        if recover_top:
+            given.append("--recover-top")
+        if given:
+            raise RewriteError(f"{', '.join(given)} only apply with --recover DATA")
+        return rewritten, None
+    if recover_steps is not None and recover_epochs is not None:
+        raise RewriteError("--steps and --epochs are exclusive: give one")
+    if eval_path is not None and Path(eval_path).resolve() == Path(recover_path).resolve():
+        raise RewriteError(f"--eval {eval_path} is the --recover data: evaluate on data kept apart")
+    train = data_mod.open(recover_path, dense_transform)
+    held = data_mod.open(eval_path, dense_transform) if eval_path is not None else None
+    model, report = recover(original, rewritten, train, steps=recover_steps, epochs=recover_epochs,
+                            lr=recover_lr, eval_data=held, train_top=recover_top, seed=seed)
+    return model, {"data": str(recover_path), "eval_data": None if eval_path is None else str(eval_path),
+                   "lr": recover_lr, **report.to_json()}
