@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from rewrite.errors import RewriteError
+from rewrite.recovery import add_recovery_options
 
 
 class _Group(click.Group):
@@ -179,15 +180,18 @@ def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, 
 @click.option("--allow-degraded", is_flag=True, help="write the model even if a table exceeds its tolerance")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="the rewritten model (native safetensors), written atomically")
+@add_recovery_options
 @load_options
 @json_option
 def apply_command(path, pass_specs, data_path, profile_path, samples, dense_transform, allow_degraded,
-                  output, interaction, qr_op, as_json) -> None:
-    """Rewrite tables with passes, verify against the original, write one file."""
+                  output, interaction, qr_op, as_json, **recovery) -> None:
+    """Rewrite tables with passes, verify against the original, optionally recover by
+    distillation (--recover DATA), write one file."""
     from rewrite.applying import run_apply, summary
 
     result = run_apply(path, pass_specs, data_path, profile_path, samples, dense_transform,
-                       allow_degraded, output, load_model=lambda p: load_model(p, interaction, qr_op))
+                       allow_degraded, output, load_model=lambda p: load_model(p, interaction, qr_op),
+                       recovery=recovery)
     emit(result, as_json, summary)
     if not result["written"]:
         from rewrite.errors import VerificationError
