@@ -111,7 +111,7 @@ def test_runtime_dispatches_across_plan_paths(planned, tmp_path):
 
     r = run("inspect", tmp_path / "b", "--json")
     assert r.exit_code == 0, r.output
-    info = json.loads(r.output)
+    info = json.loads(r.stdout)
     for name, p in info["paths"].items():
         v = variants[p["plan_path"]]
         assert p["representations"] == {t: rep.describe() for t, rep in v.embeddings.items()}
