@@ -7,6 +7,7 @@ tolerance leaves nothing written unless ``allow_degraded`` (the CLI then exits 1
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from rewrite.errors import RewriteError, VerificationError
 from rewrite.formats.native import save
 from rewrite.inspection import human_bytes
 from rewrite.model import RecModel
-from rewrite.passinfra import parse_pass
+from rewrite.passinfra import ConfiguredPass, parse_pass
 from rewrite.pipeline import apply, require_within_tolerance
 from rewrite.profiling import AccessProfile, profile
 
@@ -31,6 +32,47 @@ def sample_batches(ds: data.Dataset, n: int, seed: int = 0) -> list[Batch]:
     if n < ds.n_samples:
         rows = np.sort(np.random.default_rng(seed).choice(ds.n_samples, n, replace=False))
     return [ds.batch(rows[lo:lo + SAMPLE_BATCH]) for lo in range(0, len(rows), SAMPLE_BATCH)]
+
+
+@dataclass
+class Inputs:
+    """What the passes are fitted and verified on: data (optional), access profile, sample."""
+
+    data_path: Path | None
+    dataset: data.Dataset | None
+    profile: AccessProfile | None
+    sample: list[Batch] | None
+
+
+def load_inputs(model: RecModel, data_path: Path | None, profile_path: Path | None, samples: int,
+                dense_transform: str) -> Inputs:
+    """Open ``--data`` (checked against the model) and ``--profile`` (default: profile the data)."""
+    ds = None
+    if data_path is not None:
+        ds = data.open(data_path, dense_transform)
+        data.check_matches(ds, model.spec.n_dense, len(model.spec.features))
+    if profile_path is not None:
+        prof = AccessProfile.load(profile_path, model)
+    else:
+        prof = profile(model, ds) if ds is not None else None
+    return Inputs(data_path, ds, prof, sample_batches(ds, samples) if ds is not None else None)
+
+
+def rewrite_checked(model: RecModel, source: Path, configured: list[ConfiguredPass], inputs: Inputs,
+                    allow_degraded: bool) -> tuple[RecModel, dict[str, Any]]:
+    """Apply the passes and verify; the report as JSON, with ``failure`` when a table exceeds its
+    tolerance (unless ``allow_degraded``): the caller then writes nothing."""
+    rewritten, report = apply(model, configured, profile=inputs.profile, sample=inputs.sample)
+    result = {"model": str(source), "passes": [str(p) for p in configured],
+              "profile": None if inputs.profile is None else inputs.profile.source,
+              "verification_data": str(inputs.data_path) if inputs.dataset is not None
+              else "random ragged batches", **report.to_json()}
+    try:
+        if not allow_degraded:
+            require_within_tolerance(report)
+    except VerificationError as e:
+        result["failure"] = str(e)
+    return rewritten, result
 
 
 def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path: Path | None,
@@ -48,26 +90,11 @@ def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path
     if output.is_dir():
         raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
     model = load_model(Path(path))
-    ds = None
-    if data_path is not None:
-        ds = data.open(data_path, dense_transform)
-        data.check_matches(ds, model.spec.n_dense, len(model.spec.features))
-    if profile_path is not None:
-        prof = AccessProfile.load(profile_path, model)
-    else:
-        prof = profile(model, ds) if ds is not None else None
-    sample = sample_batches(ds, samples) if ds is not None else None
-    rewritten, report = apply(model, configured, profile=prof, sample=sample)
-    result = {"model": str(path), "passes": [str(p) for p in configured],
-              "profile": None if prof is None else prof.source,
-              "verification_data": str(data_path) if ds is not None else "random ragged batches",
-              **report.to_json(), "output": str(output), "written": False}
     recovering = recovery is not None and recovery.get("recover_path") is not None
-    try:
-        if not (allow_degraded or recovering):
-            require_within_tolerance(report)
-    except VerificationError as e:
-        result["failure"] = str(e)
+    inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
+    rewritten, result = rewrite_checked(model, path, configured, inputs, allow_degraded or recovering)
+    result.update(output=str(output), written=False)
+    if "failure" in result:
         return result
     if recovery is not None:
         from rewrite.recovery import run_recovery_from_cli

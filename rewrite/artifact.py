@@ -4,10 +4,14 @@
       manifest.json              format + version, model spec, source checkpoint + sha256, library
                                  versions, one entry per path, the dispatch policy, every file's sha256
       reference/model.safetensors   the original model (native format): what verify and bench compare to
+      rewritten/model.safetensors   (-p) the rewritten model the paths were lowered from
+      rewritten/<pK>.safetensors    (--plan, format 2) each verified plan path's rewritten model
       <path>/...                 what the path's target wrote (model.onnx, model.pt2, ...)
 
 A bundle is written into a temporary sibling and renamed into place (``rewrite.atomic``), so a
-reader sees a whole bundle or none.  ``open_bundle`` refuses a bundle whose format version is
+reader sees a whole bundle or none.  Format 2 adds the optional ``variants`` (plan paths and
+their rewritten models, checksummed like every file), ``plan`` and ``passes`` keys; format 1
+bundles load unchanged.  ``open_bundle`` refuses a bundle whose format version is
 newer, whose manifest is missing or malformed, or whose files are missing or differ from their
 recorded sha256 (tampered or partial).  This module imports nothing from the compiler side.
 """
@@ -23,7 +27,7 @@ from typing import Any, Iterator
 from rewrite.errors import RewriteError
 
 FORMAT = "dlrm-rewrite-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: variants/plan/passes keys (plan bundles); 1 still loads
 MANIFEST = "manifest.json"
 REFERENCE_FILE = "reference/model.safetensors"
 HASH_CHUNK = 1 << 24  # bytes read per update while hashing (16 MiB)
@@ -93,6 +97,9 @@ def all_files(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield manifest["reference"]
     if "rewritten" in manifest:
         yield manifest["rewritten"]
+    for variant in manifest.get("variants", {}).values():
+        if "model" in variant:
+            yield variant["model"]
     for entry in manifest["paths"].values():
         yield from entry["files"]
 

@@ -228,18 +228,68 @@ def passes_command(as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
 @click.option("--target", "target_names", multiple=True, metavar="NAME",
               help="a target to lower to (repeatable; default onnx-cpu; see `rewrite targets`)")
+@click.option("-p", "--pass", "pass_specs", multiple=True, metavar="NAME[:key=value]...",
+              help="apply this pass first, as `rewrite apply` does (repeat)")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path),
+              help="a `rewrite plan -o` file: one rewritten model per plan path, dispatched per batch size")
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="with -p/--plan: verification batches (and the access profile when no --profile)")
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path),
+              help="with -p/--plan: a saved `rewrite profile -o` file")
+@click.option("--samples", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="verification samples drawn from --data")
+@click.option("--dense-transform", default="log1p", show_default=True, type=click.Choice(["log1p", "none"]))
+@click.option("--allow-degraded", is_flag=True, help="compile even if a rewritten table exceeds its tolerance")
 @click.option("--force", is_flag=True, help="replace an existing bundle")
 @load_options
 @json_option
-def compile_cmd(path, output, target_names, force, interaction, qr_op, as_json) -> None:
-    """Lower a checkpoint to a verified bundle: one folder per target, a dispatch policy."""
-    from rewrite.compiler import compile_model, resolve_targets
+def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, profile_path, samples,
+                dense_transform, allow_degraded, force, interaction, qr_op, as_json) -> None:
+    """Lower a checkpoint (after -p passes or a --plan) to a verified bundle with a dispatch policy."""
+    from rewrite.compiler import check_output, compile_model, resolve_targets
+    from rewrite.errors import VerificationError
 
+    if pass_specs and plan_path:
+        raise RewriteError("-p and --plan: give one or the other (a plan already names its passes)")
+    if (data_path or profile_path or allow_degraded) and not (pass_specs or plan_path):
+        raise RewriteError("--data, --profile and --allow-degraded need -p or --plan")
     resolve_targets(list(target_names) or ["onnx-cpu"])      # unknown / unavailable: fail first
-    if output.exists() and not force:
-        raise RewriteError(f"{output}: already exists (use --force to replace it)")
+    check_output(output, force)
+    names = list(target_names) or None
+    if not (pass_specs or plan_path):
+        model = load_model(path, interaction, qr_op)
+        manifest = compile_model(model, output, names, source=path, force=force)
+        return _emit_compiled(output, manifest, as_json)
+    from rewrite.applying import load_inputs, rewrite_checked, summary
+    from rewrite.compilation import compile_plan, rewrite_summary, warnings
+    from rewrite.passinfra import parse_pass
+
+    if plan_path:
+        from rewrite.cost.plan import check_plan_matches, load_plan, plan_paths
+
+        plan = load_plan(plan_path)
+        plan_paths(plan)                                     # every pass spec parses: exit 2 first
+        model = load_model(path, interaction, qr_op)
+        check_plan_matches(plan, model, str(plan_path))
+        inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
+        manifest = compile_plan(model, plan, plan_path, output, inputs, names, source=path, force=force,
+                                allow_degraded=allow_degraded)
+        for line in warnings(manifest):
+            click.echo(f"warning: {line}", err=True)
+        return _emit_compiled(output, manifest, as_json)
+    configured = [parse_pass(s) for s in pass_specs]
     model = load_model(path, interaction, qr_op)
-    manifest = compile_model(model, output, list(target_names) or None, source=path, force=force)
+    inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
+    rewritten, report = rewrite_checked(model, path, configured, inputs, allow_degraded)
+    if "failure" in report:
+        emit({**report, "output": str(output), "written": False}, as_json, summary)
+        raise VerificationError(f"{report['failure']}; no bundle written")
+    manifest = compile_model(rewritten, output, names, source=path, force=force, original=model,
+                             extra={"passes": report["passes"], "rewrite": rewrite_summary(report)})
+    _emit_compiled(output, manifest, as_json)
+
+
+def _emit_compiled(output: Path, manifest: dict, as_json: bool) -> None:
     emit({"bundle": str(output), "paths": {n: {"latency_ms": p.get("latency_ms"),
                                                "verification": p["verification"]}
                                            for n, p in manifest["paths"].items()},

@@ -47,6 +47,14 @@ def resolve_targets(names: list[str]) -> list[Target]:
     return [require_available(get_target(n)) for n in names]
 
 
+def check_output(out: Path, force: bool) -> None:
+    """RewriteError unless ``out`` may be written: absent, or a bundle and ``force``."""
+    if out.exists() and not force:
+        raise RewriteError(f"{out}: already exists (use --force to replace it)")
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise RewriteError(f"{out}: exists and is not a bundle; refusing to replace it even with --force")
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in LIBRARIES:
@@ -73,27 +81,65 @@ def measure_latency(runners: dict[str, Any], model: RecModel, sizes=LATENCY_BATC
     return {p: {b: float(np.median(v)) * 1e3 for b, v in per.items()} for p, per in samples.items()}
 
 
+def verification_inputs(model: RecModel):
+    """(example batch for lowering, check batches, the model's eager logits on them)."""
+    checks = synthetic_checks(model)
+    return (multi_hot_batch(table_rows(model), 8, model.spec.n_dense, 2.0, seed=1), checks,
+            reference_logits(model, checks))
+
+
+def lower_path(target: Target, model: RecModel, root: Path, name: str, lowered_from: str,
+               inputs) -> tuple[dict[str, Any], Any]:
+    """Lower ``model`` into ``root/name``, load it back, compare with eager on ``inputs``
+    (from ``verification_inputs``): (the path's manifest entry, its runner or None if it failed)."""
+    example, checks, expected = inputs
+    folder = root / name
+    folder.mkdir()
+    compiled = target.lower(model, example, folder)
+    runner = target.load(folder, compiled, threads=1)
+    verification = compare(runner, checks, expected, len(model.spec.features), target.tolerance)
+    entry = {
+        "target": target.name, "devices": list(target.devices), "precision": target.precision,
+        "folder": name, "lowered_from": lowered_from,
+        "representations": {n: r.describe() for n, r in model.embeddings.items()},
+        "options": compiled.options,
+        "files": [file_entry(root, f"{name}/{f}") for f in compiled.files],
+        "embedding_bytes": compiled.options.get("embedding_bytes", model.embedding_bytes()),
+        "dense_bytes": model.dense_bytes(),
+        "verification": verification}
+    return entry, runner if verification["passed"] else None
+
+
+def manifest_head(model: RecModel, source: Path | None, root: Path) -> dict[str, Any]:
+    """The manifest keys every bundle starts with (the reference must already be in ``root``)."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model.full_spec(),
+        "source": {"path": str(source) if source else None,
+                   "sha256": sha256_file(source) if source else None,
+                   "format": model.spec.provenance.get("format")},
+        "versions": library_versions(),
+        "reference": file_entry(root, REFERENCE_FILE),
+    }
+
+
 def compile_model(model: RecModel, out: Path, target_names: list[str] | None = None,
                   source: Path | None = None, force: bool = False, original: RecModel | None = None,
-                  latency_sizes=LATENCY_BATCH_SIZES) -> dict[str, Any]:
+                  latency_sizes=LATENCY_BATCH_SIZES, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the bundle ``out`` (atomically) and return its manifest.
 
     ``original``: the model before passes (default: ``model``); stored as the bundle's reference.
+    ``extra``: top-level manifest keys added as given (e.g. ``passes``).
     Raises RewriteError before writing anything for an unknown/unavailable target or an existing
     ``out`` without ``force``; VerificationError (after writing) if a path failed verification.
     """
     out = Path(out)
     targets = resolve_targets(list(target_names or DEFAULT_TARGETS))
-    if out.exists() and not force:
-        raise RewriteError(f"{out}: already exists (use --force to replace it)")
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise RewriteError(f"{out}: exists and is not a bundle; refusing to replace it even with --force")
+    check_output(out, force)
     model = model.eval()
     torch.set_num_threads(1)
-    n_features = len(model.spec.features)
-    example = multi_hot_batch(table_rows(model), 8, model.spec.n_dense, 2.0, seed=1)
-    checks = synthetic_checks(model)
-    expected = reference_logits(model, checks)
+    example, checks, expected = verification_inputs(model)
     paths: dict[str, dict[str, Any]] = {}
     runners = {}
     with atomic_path(out, directory=True) as tmp:
@@ -103,22 +149,10 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
             save(model, tmp / REWRITTEN_FILE)
             lowered_from = REWRITTEN_FILE
         for target in tqdm(targets, desc="lowering", unit="path", file=sys.stderr, leave=False):
-            folder = tmp / target.name
-            folder.mkdir()
-            compiled = target.lower(model, example, folder)
-            runner = target.load(folder, compiled, threads=1)
-            verification = compare(runner, checks, expected, n_features, target.tolerance)
-            if verification["passed"]:
+            paths[target.name], runner = lower_path(target, model, tmp, target.name, lowered_from,
+                                                    (example, checks, expected))
+            if runner is not None:
                 runners[target.name] = runner
-            paths[target.name] = {
-                "target": target.name, "devices": list(target.devices), "precision": target.precision,
-                "folder": target.name, "lowered_from": lowered_from,
-                "representations": {n: r.describe() for n, r in model.embeddings.items()},
-                "options": compiled.options,
-                "files": [file_entry(tmp, f"{target.name}/{f}") for f in compiled.files],
-                "embedding_bytes": compiled.options.get("embedding_bytes", model.embedding_bytes()),
-                "dense_bytes": model.dense_bytes(),
-                "verification": verification}
         latency = measure_latency(runners, model, latency_sizes) if runners else {}
         for name, per in latency.items():
             paths[name]["latency_ms"] = {str(b): ms for b, ms in per.items()}
@@ -126,18 +160,12 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
             entry["footprint_bytes"] = sum(f["bytes"] for f in entry["files"])
         runners.clear()
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": model.full_spec(),
-            "source": {"path": str(source) if source else None,
-                       "sha256": sha256_file(source) if source else None,
-                       "format": model.spec.provenance.get("format")},
-            "versions": library_versions(),
-            "reference": file_entry(tmp, REFERENCE_FILE),
+            **manifest_head(model, source, tmp),
             **({"rewritten": file_entry(tmp, REWRITTEN_FILE)} if lowered_from == REWRITTEN_FILE else {}),
             "paths": paths,
             "dispatch": {**dispatch_policy(latency, next(iter(paths))),
                          "threads": 1, "measured": "compile time, one process, 1 thread"},
+            **(extra or {}),
         }
         write_manifest(tmp, manifest)
     failed = {n: p["verification"]["failure"] for n, p in paths.items() if not p["verification"]["passed"]}

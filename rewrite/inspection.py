@@ -59,9 +59,16 @@ def describe_bundle(bundle) -> dict[str, Any]:
     info["paths"] = {
         name: {k: p.get(k) for k in ("target", "precision", "devices", "representations",
                                       "embedding_bytes", "dense_bytes", "footprint_bytes",
-                                      "latency_ms")}
+                                      "latency_ms", "plan_path")}
         | {"verified": p["verification"]["passed"],
            "max_abs_prob_error": p["verification"].get("max_abs_prob_error")}
         for name, p in bundle.paths.items()}
     info["dispatch"] = bundle.manifest["dispatch"]
+    for key in ("passes", "plan"):
+        if key in bundle.manifest:
+            info[key] = bundle.manifest[key]
+    if "variants" in bundle.manifest:
+        info["variants"] = {n: {k: v[k] for k in ("passes", "verified", "same_as", "embedding_bytes",
+                                                 "dense_bytes", "paths") if k in v}
+                            for n, v in bundle.manifest["variants"].items()}
     return info

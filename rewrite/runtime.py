@@ -6,7 +6,9 @@
 
 ``predict`` validates the batch (shapes, offsets from 0 to N and never decreasing, every id in
 its table's range: ONNX ``Gather`` wraps negative ids silently), splits it per feature, and runs
-the path the bundle's dispatch policy names for its batch size.  Paths are loaded on first use.
+the path the bundle's dispatch policy names for its batch size; with a latency target
+(``dispatch.max_batch_within_target``, plan bundles) a larger request is split into chunks of
+that many rows, each dispatched by its own size.  Paths are loaded on first use.
 Imports only the runtime side: the bundle reader, the target's ``load`` (onnxruntime or torch),
 never the exporters, quantizers, checkpoint readers or the compiler.
 """
@@ -59,6 +61,15 @@ def check_batch(dense, indices, offsets, n_dense: int, table_rows: list[int]):
     return np.ascontiguousarray(dense, dtype=np.float32), indices, offsets
 
 
+def chunk_bags(bags: list[np.ndarray], lo: int, hi: int) -> list[np.ndarray]:
+    """Rows [lo, hi) of split bags [idx_0, off_0, ...] (each off_f from 0, B+1 entries)."""
+    out = []
+    for idx, off in zip(bags[::2], bags[1::2]):
+        a = int(off[lo])
+        out += [idx[a:int(off[hi])], off[lo:hi + 1] - a]
+    return out
+
+
 class Predictor:
     """A loaded bundle that answers ``predict``; not thread-safe across paths' first loads."""
 
@@ -91,8 +102,12 @@ class Predictor:
         b = dense.shape[0]
         if b == 0:
             return np.zeros(0, dtype=np.float32)
-        run = self.runner(path or self.bundle.path_for_batch(b))
-        return run(dense, split_bags_np(indices, offsets, len(self._rows)))
+        bags = split_bags_np(indices, offsets, len(self._rows))
+        chunk = self.bundle.manifest["dispatch"].get("max_batch_within_target") or b
+        if path is not None or b <= chunk:
+            return self.runner(path or self.bundle.path_for_batch(b))(dense, bags)
+        return np.concatenate([self.runner(self.bundle.path_for_batch(min(b, lo + chunk) - lo))(
+            dense[lo:lo + chunk], chunk_bags(bags, lo, min(b, lo + chunk))) for lo in range(0, b, chunk)])
 
     def predict(self, dense, indices, offsets, path: str | None = None, validate: bool = True) -> np.ndarray:
         """Click probabilities float32 [B]; ``path`` forces a path, ``validate=False`` skips the
