@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, TableBag, pool, register_representation
+from rewrite.embedding import Representation, pool, register_representation
 from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 from rewrite.units import parse_bytes
 
@@ -169,9 +169,9 @@ class PruneDimsConfig(Selection):
 @register_pass("prune-dims", PruneDimsConfig)
 def prune_dims(site: EmbeddingSite, cfg: PruneDimsConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> per-row kept dims (utility f^β‖W‖², PCA-rotated) in per-level blocks."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"prune-dims rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "prune-dims")
+    if isinstance(table, Skip):
+        return table
     levels = cfg.levels or default_levels(site.dim)
     if levels[0] > site.dim:
         return Skip(f"levels {','.join(map(str, levels))} exceed the table's dim {site.dim}")

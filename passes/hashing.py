@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, TableBag, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.embedding import Representation, pool, register_representation
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 
 MERSENNE_31 = 2**31 - 1       # the hash family's prime p
@@ -95,9 +95,9 @@ class HashConfig(Selection):
 @register_pass("hash", HashConfig)
 def hash_rows(site: EmbeddingSite, cfg: HashConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> hashing trick H[h(i)], buckets fitted as weighted means of their rows."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"hash rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "hash")
+    if isinstance(table, Skip):
+        return table
     buckets = -(-site.rows // cfg.collisions)
     seed = [ctx.seed, zlib.crc32(site.name.encode())]     # stable, distinct per table
     rep = fit_hash(table.weight, ctx.row_weights(site.name, site.rows), buckets, seed, site.pooling)

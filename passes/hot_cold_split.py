@@ -31,7 +31,7 @@ from rewrite.batch import Batch
 from rewrite.embedding import (Representation, TableBag, pool, register_representation,
                                representation_class)
 from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, parse_pass, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, parse_pass, plain_fp32_table, register_pass
 from rewrite.profiling import AccessProfile, TableProfile
 from rewrite.tracing import EmbeddingSite, capture
 from rewrite.units import parse_bytes
@@ -151,9 +151,9 @@ def run_nested(text: str, site: EmbeddingSite, ctx: PassContext, cold_table: Tab
 @register_pass("hot-cold", HotColdConfig)
 def hot_cold(site: EmbeddingSite, cfg: HotColdConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> hot rows exact in fp32 + cold rows in another representation (FAE)."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"hot-cold rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "hot-cold")
+    if isinstance(table, Skip):
+        return table
     counts = ctx.counts(site.name)
     if counts is None:
         return Skip("hot-cold needs an access profile to choose the hot rows (rewrite profile -o)")

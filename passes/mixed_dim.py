@@ -26,7 +26,7 @@ from torch import nn
 
 from rewrite.embedding import Representation, TableBag, pool, register_representation
 from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 from rewrite.units import parse_bytes
 
@@ -175,9 +175,9 @@ def popularity_dim(site: EmbeddingSite, cfg: MDConfig, ctx: PassContext) -> int:
 @register_pass("md", MDConfig)
 def md(site: EmbeddingSite, cfg: MDConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> mixed dimension E [rows, d_i] + projection (frequency-weighted SVD)."""
-    table = site.module(ctx.model)
-    if not _plain_fp32(table):
-        return Skip(f"md rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "md")
+    if isinstance(table, Skip):
+        return table
     w = ctx.row_weights(site.name, site.rows)
     vals, _ = weighted_spectrum(table.weight, w)
     if cfg.rule == "energy":

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, TableBag, register_representation, segment_sum
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.embedding import Representation, register_representation, segment_sum
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 
 
@@ -61,9 +61,9 @@ class OneHotConfig(Selection):
 @register_pass("onehot", OneHotConfig)
 def onehot(site: EmbeddingSite, cfg: OneHotConfig, ctx: PassContext) -> Rewrite | Skip:
     """Small fp32 tables -> one-hot × table GEMM (exact; no gather)."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"onehot rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "onehot")
+    if isinstance(table, Skip):
+        return table
     if site.rows > cfg.max_rows:
         return Skip(f"{site.rows} rows > max_rows={cfg.max_rows}")
     rep = OneHotBag(site.rows, site.dim, site.pooling)

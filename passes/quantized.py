@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from rewrite.embedding import Representation, TableBag, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 
 FBGEMM_EPSILON = 1e-8         # FBGEMM QuantUtils.cc, 8-bit: inverse scale = 255 / (range + kEpsilon)
@@ -214,9 +214,9 @@ class QuantizeConfig(Selection):
 @register_pass("quantize", QuantizeConfig)
 def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> fp16, or FBGEMM row-wise int8/int4/int2 (analytic error bound)."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"quantize rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "quantize")
+    if isinstance(table, Skip):
+        return table
     w = table.weight.detach()
     if not bool(torch.isfinite(w).all()):
         return Skip("the table holds inf or nan values")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, TableBag, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.embedding import Representation, pool, register_representation
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 
 DLRM_QR_THRESHOLD = 200       # rows; dlrm_s_pytorch.py --qr-threshold default: only larger tables
@@ -167,9 +167,9 @@ class QRConfig(Selection):
 @register_pass("qr", QRConfig)
 def qr(site: EmbeddingSite, cfg: QRConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> quotient-remainder W_q, W_r fitted by weighted least squares."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"qr rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "qr")
+    if isinstance(table, Skip):
+        return table
     if cfg.op == "concat" and site.dim % 2:
         return Skip(f"op=concat splits the dimension in halves; dim {site.dim} is odd")
     new = qr_bytes(site.rows, site.dim, cfg.collisions, cfg.op)

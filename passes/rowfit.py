@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from rewrite.embedding import TableBag
-from rewrite.passinfra import PassContext, Skip
+from rewrite.passinfra import PassContext, Skip, plain_fp32_table
 from rewrite.tracing import EmbeddingSite
 
 
@@ -104,9 +104,9 @@ def check_fit_options(cfg) -> None:
 
 def fp32_table(site: EmbeddingSite, ctx: PassContext, name: str) -> TableBag | Skip:
     """The site's fp32 plain table, or the Skip every fitted pass gives for anything else."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"{name} fits fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, name, verb="fits")
+    if isinstance(table, Skip):
+        return table
     if site.rows < 2:
         return Skip(f"{name} needs at least 2 rows, the table has {site.rows}")
     return table

@@ -31,8 +31,8 @@ from torch import nn
 from passes import tt_fit
 from passes.row_index import (hottest_rows, narrow_tensor, padded_sorted_ids, sorted_lookup,
                                sorted_lookup_steps)
-from rewrite.embedding import Representation, TableBag, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.embedding import Representation, pool, register_representation
+from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 
 DEFAULT_RANK = 16       # TT-Rec's Kaggle experiments use ranks 8-64 for 3 cores
@@ -253,9 +253,9 @@ def _ranks_for_budget(p, q, budget: int, core_bits: int) -> tuple[int, ...] | No
 @register_pass("tt", TTConfig)
 def tensor_train(site: EmbeddingSite, cfg: TTConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> tensor-train cores (TT-SVD + frequency-weighted ALS), optional hot-row cache."""
-    table = site.module(ctx.model)
-    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
-        return Skip(f"tt rewrites fp32 plain tables, this is {table.describe()}")
+    table = plain_fp32_table(site, ctx, "tt")
+    if isinstance(table, Skip):
+        return table
     k = len(cfg.p or cfg.q) or 3
     p = cfg.p or tt_fit.factor_rows(site.rows, k)
     q = cfg.q or tt_fit.factor_dim(site.dim, k)

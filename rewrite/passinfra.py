@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import numpy as np
+import torch
 
 from rewrite.batch import Batch
-from rewrite.embedding import Representation
+from rewrite.embedding import Representation, TableBag
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
 from rewrite.profiling import AccessProfile
@@ -92,6 +93,15 @@ class PassContext:
             return np.ones(rows, dtype=np.float64)
         w = c.astype(np.float64) + 1.0
         return w * (rows / w.sum())
+
+
+def plain_fp32_table(site: EmbeddingSite, ctx: PassContext, pass_name: str,
+                     verb: str = "rewrites") -> "TableBag | Skip":
+    """The site's current fp32 plain table, or the Skip a table-rewriting pass gives otherwise."""
+    table = site.module(ctx.model)
+    if not isinstance(table, TableBag) or table.weight.dtype != torch.float32:
+        return Skip(f"{pass_name} {verb} fp32 plain tables, this is {table.describe()}")
+    return table
 
 
 RunFn = Callable[[EmbeddingSite, Any, PassContext], "Rewrite | Skip"]

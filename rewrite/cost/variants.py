@@ -31,7 +31,7 @@ from rewrite.embedding import Representation
 from rewrite.errors import RewriteError
 from rewrite.metrics import auc
 from rewrite.model import RecModel
-from rewrite.passinfra import PASSES, ConfiguredPass, parse_pass
+from rewrite.passinfra import ConfiguredPass, parse_pass
 from rewrite.pipeline import apply
 from rewrite.profiling import AccessProfile
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import safetensors
 import safetensors.torch
-import torch
 
 from rewrite.atomic import atomic_path
 from rewrite.errors import RewriteError
