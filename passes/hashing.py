@@ -2,9 +2,10 @@
 
 Before: W [rows, d].   After: H [m, d], m = ceil(rows / collisions), and
     e(i) = H[h(i)],   h(i) = ((a · (i mod p) + b) mod p) mod m,   p = 2^31 - 1,
-a universal hash (Carter-Wegman) with 1 <= a < p, 0 <= b < p drawn from the seed.  With
-i mod p < 2^31 and a < 2^31, a · (i mod p) + b < 2^63: no int64 overflow for any id.  Every mod is
-x - trunc(x / n) · n on non-negative int64 (export-friendly; no floor division).
+a universal hash (Carter-Wegman) with 1 <= a < p, 0 <= b < p drawn from the seed, computed by
+``passes.universal_hash`` (no int64 overflow for any id; ``torch.remainder`` only, which ONNX
+and TVM lower exactly -- a trunc-division form of mod was exported by the dynamo exporter through
+floating point and gave out-of-range buckets in onnxruntime).
 
 Fit: minimise Σ_i w_i ||W_i - H[h(i)]||² (w_i: access frequency): each bucket is the weighted
 mean of the rows hashed into it (a bucket no row maps to stays zero).
@@ -19,16 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from passes.universal_hash import PRIME, universal_hash
 from rewrite.embedding import Representation, pool, register_representation
 from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 
-MERSENNE_31 = 2**31 - 1       # the hash family's prime p
+MERSENNE_31 = PRIME           # the hash family's prime p = 2^31 - 1
 DLRM_THRESHOLD = 200          # rows; as dlrm's qr/md thresholds: only larger tables
-
-
-def _mod(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x - torch.div(x, n, rounding_mode="trunc") * n
 
 
 @register_representation("hash")
@@ -43,7 +41,8 @@ class HashBag(Representation):
 
     def bucket(self, indices: torch.Tensor) -> torch.Tensor:
         """h(i) for int64 ids i >= 0."""
-        return _mod(_mod(_mod(indices, MERSENNE_31) * self.a + self.b, MERSENNE_31), self.buckets)
+        a, b = indices.new_full((1,), self.a), indices.new_full((1,), self.b)
+        return universal_hash(indices, a, b, self.buckets)[:, 0]
 
     def forward(self, indices, offsets):
         return pool(self.weight.index_select(0, self.bucket(indices)), offsets, self.pooling)

@@ -174,6 +174,7 @@ class OnnxCpuInt8(OnnxCpu):
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp, _quiet_root_logger():
             fp32 = Path(tmp) / MODEL_FILE
             onnx_program.save(str(fp32), external_data=external)
+            _drop_value_info(fp32)
             quantize_dynamic(fp32, out_dir / MODEL_FILE, weight_type=QuantType.QInt8,
                              per_channel=True, op_types_to_quantize=["MatMul"],
                              nodes_to_quantize=to_quantize, use_external_data_format=external,
@@ -187,6 +188,17 @@ class OnnxCpuInt8(OnnxCpu):
         return CompiledPath(self.name, _files(out_dir),
                             {"opset": OPSET, "quantized_matmuls": len(to_quantize),
                              "weights": "int8 per output channel", "activations": "uint8 dynamic"})
+
+
+def _drop_value_info(path: Path) -> None:
+    """Remove the exporter's intermediate shape annotations before quantizing: the quantizer's
+    strict shape inference rejects some of them (e.g. a gathered TT core slice annotated with the
+    trace's length), while recomputing them from the graph is exact."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    del m.graph.value_info[:]
+    onnx.save(m, str(path))
 
 
 @register_target("onnx-cuda")

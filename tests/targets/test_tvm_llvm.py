@@ -118,3 +118,16 @@ def test_aligned_copies_are_64_byte_aligned_equal_copies():
     for a, c in zip(arrays, copies):
         np.testing.assert_array_equal(a, c)
         assert c.size == 0 or c.ctypes.data % 64 == 0
+
+
+@pytest.mark.slow
+def test_every_fitted_representation_matches_eager(tmp_path):
+    """The shared list of every representation (each pass's real output) through tvm-llvm."""
+    from tests.representations import REPRESENTATIONS
+    from tests.representations import composite_model as every_representation
+    from tests.targets.checks import assert_matches_eager, lower_and_load
+
+    model = every_representation()
+    assert {name for name, _ in REPRESENTATIONS} <= {t.split("_", 1)[1] for t in model.embeddings}
+    _, runner = lower_and_load(get_target("tvm-llvm"), model, tmp_path)
+    assert_matches_eager(runner, model, "fp32")
