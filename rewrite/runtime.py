@@ -92,6 +92,8 @@ class Predictor:
         if b == 0:
             return np.zeros(0, dtype=np.float32)
         run = self.runner(path or self.bundle.path_for_batch(b))
+        if hasattr(run, "canonical"):          # a runner that takes the canonical batch as is
+            return run.canonical(dense, indices, offsets)
         return run(dense, split_bags_np(indices, offsets, len(self._rows)))
 
     def predict(self, dense, indices, offsets, path: str | None = None, validate: bool = True) -> np.ndarray:
