@@ -84,13 +84,20 @@ class FastDLRM(nn.Module):
         self.bottom16, self.top16 = Bf16Mlp(model.bottom), Bf16Mlp(model.top)
         self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
 
-    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        big = dense.shape[0] >= BF16_MIN_BATCH
-        x = (self.bottom16 if big else self.bottom)(dense)
-        e = self.tables(indices, offsets)                              # [F, B, d]
+    def mlp(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """``which`` ("bottom" or "top") MLP of x: bf16 from BF16_MIN_BATCH rows up, else fp32."""
+        big = x.shape[0] >= BF16_MIN_BATCH
+        return getattr(self, which + "16" if big else which)(x)
+
+    def interact(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """[x, <t_i, t_j> kept pairs] from x [B, d] and the fused lookup e [F, B, d]."""
         t = torch.cat([x.unsqueeze(0), e], 0).transpose(0, 1)          # [B, F+1, d]
         z = torch.bmm(t, t.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
-        return (self.top16 if big else self.top)(torch.cat([x, z], 1)).squeeze(1)
+        return torch.cat([x, z], 1)
+
+    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        x = self.mlp("bottom", dense)
+        return self.mlp("top", self.interact(x, self.tables(indices, offsets))).squeeze(1)
 
 
 class FastRunner:
