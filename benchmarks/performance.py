@@ -5,13 +5,13 @@
         --bundle /tmp/kaggle/bundle -o benchmarks/results/performance.json
 
 One thread.  Two measurements, each with torch eager fp32 of the same model in the same run:
-* whole model: ``rewrite.bench.run_bench`` on a bundle with the ``torch-fast`` path (compiled
+* whole model: ``rewrite.bench.run_bench`` on a bundle with the ``torch-fast`` and ``torch-fast-int8`` paths (compiled
   and verified here if missing) plus fbgemm's int8 TBE path: every contender in its own process,
   taking turns, medians; the timed call is ``Predictor.predict(..., validate=False)``, so batch-1
   latency includes the Python call, the runtime and the numpy <-> torch conversions;
 * per stage, in this process (all torch, one thread pool): embedding (26 ``embedding_bag`` calls
   vs one fused call vs fbgemm int8 TBE), bottom MLP, interaction, top MLP (fp32 vs the bf16 /
-  stacked forms of ``targets.torch_fast``), stages alternating call by call on fresh batches,
+  stacked forms of ``targets.torch_fast``, the int8 MLPs and the C++ interaction), stages alternating call by call on fresh batches,
   medians.  Embedding rows/s = looked-up rows / embedding-stage time.
 Writes JSON and prints a markdown table of both.
 """
@@ -36,9 +36,10 @@ STAGE_BATCHES = {1: 256, 2048: 8}      # fresh batches per size (B=1: many, to a
 STAGE_ROUNDS = 5
 
 
-def stage_functions(model, fast, tbe) -> dict[str, dict[str, Callable]]:
+def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
     """stage -> {variant: f(batch tensors, precomputed) -> output}; eager first in each stage."""
     from rewrite.model import split_bags
+    from targets.int8_kernels import kernels
 
     n_features = len(model.spec.features)
 
@@ -50,13 +51,18 @@ def stage_functions(model, fast, tbe) -> dict[str, dict[str, Callable]]:
         "embedding": {"eager fp32 (26 calls)": eager_embed,
                       "fused fp32 (1 call)": lambda b: fast.tables(b["indices"], b["offsets"])},
         "bottom MLP": {"eager fp32": lambda b: model.bottom(b["dense"]),
-                       "torch-fast": lambda b: fast.mlp("bottom", b["dense"])},
+                       "torch-fast (bf16)": lambda b: fast.mlp("bottom", b["dense"]),
+                       "torch-fast-int8": lambda b: fast8.mlp("bottom", b["dense"])},
         "interaction": {"eager fp32 (list)": lambda b: model.interaction(b["x"], b["embs"]),
-                        "torch-fast (stacked)": lambda b: fast.interact(b["x"], b["fused"])},
+                        "torch-fast (stacked)": lambda b: fast.interact(b["x"], b["fused"]),
+                        "C++ fused (+ int8 quantize)": lambda b: kernels().dot_interaction_quant(
+                            b["x"], b["fused"], fast8.pair_i, fast8.pair_j, fast8.top16.kp)},
         "top MLP": {"eager fp32": lambda b: model.top(b["z"]),
-                    "torch-fast": lambda b: fast.mlp("top", b["z"])},
+                    "torch-fast (bf16)": lambda b: fast.mlp("top", b["z"]),
+                    "torch-fast-int8": lambda b: fast8.mlp("top", b["z"])},
         "whole model": {"eager fp32": lambda b: model(b["dense"], b["indices"], b["offsets"]),
-                        "torch-fast": lambda b: fast(b["dense"], b["indices"], b["offsets"])},
+                        "torch-fast": lambda b: fast(b["dense"], b["indices"], b["offsets"]),
+                        "torch-fast-int8": lambda b: fast8(b["dense"], b["indices"], b["offsets"])},
     }
     if tbe is not None:
         stages["embedding"]["fbgemm int8 TBE (1 call)"] = lambda b: tbe(b["indices"], b["offsets"])
@@ -64,11 +70,11 @@ def stage_functions(model, fast, tbe) -> dict[str, dict[str, Callable]]:
 
 
 @torch.inference_mode()
-def time_stages(model, fast, tbe, sizes=SIZES, seed: int = 1) -> list[dict[str, Any]]:
+def time_stages(model, fast, fast8, tbe, sizes=SIZES, seed: int = 1) -> list[dict[str, Any]]:
     from rewrite.timing import serving_batches
 
     rows = [model.embeddings[t].rows for t in model.feature_tables]
-    stages = stage_functions(model, fast, tbe)
+    stages = stage_functions(model, fast, fast8, tbe)
     out = []
     for b in sizes:
         batches = []
@@ -115,7 +121,7 @@ def ensure_bundle(model_file: Path, bundle: Path) -> None:
     from rewrite.formats import load
 
     if not (bundle / "manifest.json").is_file():
-        compile_model(load(model_file), bundle, ["torch-fast"], source=model_file, latency_sizes=(1, 2048))
+        compile_model(load(model_file), bundle, ["torch-fast", "torch-fast-int8"], source=model_file, latency_sizes=(1, 2048))
 
 
 def table(result: dict[str, Any]) -> str:
@@ -147,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         ensure_bundle(args.model, args.bundle)
         result["whole"] = run_bench(args.bundle, list(SIZES), threads=1, rounds=args.rounds)
     from rewrite.formats import load
-    from targets.torch_fast import FastDLRM
+    from targets.torch_fast import FastDLRM, FastInt8DLRM
 
     model = load(args.model).eval()
     fast = FastDLRM(model).eval()
-    result["stages"] = time_stages(model, fast, fbgemm_tbe(model))
+    fast8 = FastInt8DLRM(model).eval()
+    fast8.tables = fast.tables                     # one fused copy of the 2.2 GB of tables
+    result["stages"] = time_stages(model, fast, fast8, fbgemm_tbe(model))
     write_text(args.output, json.dumps(result, indent=1))
     print(table(result if "whole" in result else {**result, "whole": {"results": []}}))
     return 0

@@ -138,3 +138,47 @@ class TorchFast(TorchEager):
         net = FastDLRM(model).eval()
         model.embeddings = nn.ModuleDict()                 # drop the unfused copies of the tables
         return FastRunner(net)
+
+
+class FastInt8DLRM(FastDLRM):
+    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from BF16_MIN_BATCH samples up, and
+    the dot interaction fused with the top MLP's input quantization (one C++ pass per sample)."""
+
+    def __init__(self, model: RecModel):
+        from targets.int8_kernels import Int8Mlp
+
+        super().__init__(model)
+        self.bottom16, self.top16 = Int8Mlp(model.bottom), Int8Mlp(model.top)
+        n = len(model.spec.features) + 1
+        pi, pj = torch.div(self.pairs, n, rounding_mode="trunc"), self.pairs % n
+        self.register_buffer("pair_i", pi.to(torch.int32), persistent=False)
+        self.register_buffer("pair_j", pj.to(torch.int32), persistent=False)
+
+    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if dense.shape[0] < BF16_MIN_BATCH:
+            return super().forward(dense, indices, offsets)
+        from targets.int8_kernels import kernels
+
+        x = self.bottom16(dense)
+        q, s = kernels().dot_interaction_quant(x, self.tables(indices, offsets), self.pair_i, self.pair_j,
+                                               self.top16.kp)
+        return self.top16.from_quant(q, s).squeeze(1)
+
+
+@register_target("torch-fast-int8")
+class TorchFastInt8(TorchFast):
+    summary = "torch-fast with int8 MLPs (_int_mm + fused C++ kernels) and a fused C++ interaction"
+    precision = "int8-dense"
+
+    def unavailable(self) -> str | None:
+        from targets.int8_kernels import compiler_missing
+
+        return compiler_missing() or super().unavailable()
+
+    def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
+        if threads:
+            torch.set_num_threads(threads)
+        model = self.load_model(out_dir)
+        net = FastInt8DLRM(model).eval()
+        model.embeddings = nn.ModuleDict()
+        return FastRunner(net)
