@@ -59,10 +59,18 @@ class FusedTables(nn.Module):
                                    requires_grad=False)
         base = [int(starts[names.index(t)]) for t in model.feature_tables]
         self.register_buffer("base", torch.tensor(base, dtype=torch.int64), persistent=False)
+        rows = [model.embeddings[t].rows for t in model.feature_tables]
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
+        self.native = False            # True: the C++ kernel (targets.int8_kernels.fused_bags)
         self.pooling = model.embeddings[names[0]].pooling
         self.dim = model.embeddings[names[0]].dim
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            from targets.int8_kernels import kernels
+
+            return kernels().fused_bags(self.weight, indices, offsets, self.base, self.rows,
+                                        self.pooling == "mean")
         n_features = self.base.numel()
         batch = (offsets.numel() - 1) // n_features
         counts = offsets[::batch].diff()                     # lookups per feature [F]
@@ -141,13 +149,15 @@ class TorchFast(TorchEager):
 
 
 class FastInt8DLRM(FastDLRM):
-    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from BF16_MIN_BATCH samples up, and
-    the dot interaction fused with the top MLP's input quantization (one C++ pass per sample)."""
+    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from BF16_MIN_BATCH samples up, the
+    dot interaction fused with the top MLP's input quantization (one C++ pass per sample), and
+    the fused lookup in C++ with software prefetch (every batch size)."""
 
     def __init__(self, model: RecModel):
         from targets.int8_kernels import Int8Mlp
 
         super().__init__(model)
+        self.tables.native = True
         self.bottom16, self.top16 = Int8Mlp(model.bottom), Int8Mlp(model.top)
         n = len(model.spec.features) + 1
         pi, pj = torch.div(self.pairs, n, rounding_mode="trunc"), self.pairs % n

@@ -57,3 +57,13 @@ def test_refuses_tables_it_cannot_fuse(model, tmp_path):
     half = model.with_tables({"t0": TableBag(1000, 16, dtype="float16")})
     with pytest.raises(RewriteError, match="cannot fuse table 't0'.*only plain fp32 tables"):
         get_target("torch-fast").lower(half, None, tmp_path)
+
+
+def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path):
+    from targets.int8_kernels import Int8Mlp
+
+    target = get_target("torch-fast-int8")
+    assert target.precision == "int8-dense"
+    _, runner = lower_and_load(target, model, tmp_path)
+    assert isinstance(runner.net.top16, Int8Mlp) and isinstance(runner.net.bottom16, Int8Mlp)
+    assert assert_matches_eager(runner, model, "int8-dense") > 0
