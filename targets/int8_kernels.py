@@ -82,6 +82,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().to(torch.float32).contiguous())
 
 
+class SmallMlp(nn.Module):
+    """The same fp32 MLP as one ``mlp_small`` call (tiny batches: no per-layer dispatch)."""
+
+    def __init__(self, mlp: nn.Sequential):
+        super().__init__()
+        layers = linears(mlp)
+        self.wt = [lin.weight.detach().t().contiguous() for lin, _ in layers]
+        self.bias = [lin.bias.detach().contiguous() for lin, _ in layers]
+        self.relu = [relu for _, relu in layers]
+        kernels()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels().mlp_small(x, self.wt, self.bias, self.relu)
+
+
 class Int8Mlp(nn.Module):
     """An MLP whose leading layers (N % 8 == 0, ReLU after) run in int8; the rest in fp32.
 

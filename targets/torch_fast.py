@@ -31,6 +31,7 @@ from targets.base import CompiledPath, Target, register_target
 from targets.torch_eager import Bf16Mlp, TorchEager
 
 BF16_MIN_BATCH = 64      # samples; bf16 GEMMs win from here (bench: rewrite bench, kaggle model)
+SMALL_MAX_BATCH = 4      # samples; up to here torch-fast-int8 runs each MLP as one C++ call
 
 
 def fusable(model: RecModel) -> None:
@@ -154,20 +155,26 @@ class FastInt8DLRM(FastDLRM):
     the fused lookup in C++ with software prefetch (every batch size)."""
 
     def __init__(self, model: RecModel):
-        from targets.int8_kernels import Int8Mlp
+        from targets.int8_kernels import Int8Mlp, SmallMlp
 
         super().__init__(model)
         self.tables.native = True
         self.bottom16, self.top16 = Int8Mlp(model.bottom), Int8Mlp(model.top)
+        self.bottom_small, self.top_small = SmallMlp(model.bottom), SmallMlp(model.top)
         n = len(model.spec.features) + 1
         pi, pj = torch.div(self.pairs, n, rounding_mode="trunc"), self.pairs % n
         self.register_buffer("pair_i", pi.to(torch.int32), persistent=False)
         self.register_buffer("pair_j", pj.to(torch.int32), persistent=False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        from targets.int8_kernels import kernels
+
+        if dense.shape[0] <= SMALL_MAX_BATCH:
+            x = self.bottom_small(dense)
+            z = kernels().dot_interaction(x, self.tables(indices, offsets), self.pair_i, self.pair_j)
+            return self.top_small(z).squeeze(1)
         if dense.shape[0] < BF16_MIN_BATCH:
             return super().forward(dense, indices, offsets)
-        from targets.int8_kernels import kernels
 
         x = self.bottom16(dense)
         q, s = kernels().dot_interaction_quant(x, self.tables(indices, offsets), self.pair_i, self.pair_j,

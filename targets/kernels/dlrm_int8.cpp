@@ -7,6 +7,7 @@
 //       row b = [x_b, <t_i, t_j> for (i, j) in pairs], T_b = [x_b; e_0b; ..; e_{F-1}b], then quantize_rows
 //   dot_interaction(x, e, pi, pj)            -> z[B, d+P] f32 (same row, unquantized)
 //   fused_bags(W[R,d], idx, off[F*B+1], base[F], rows[F], mean) -> [F,B,d] pooled bags of every feature
+//   mlp_small(x[M,K], [W^T_l], [b_l], [relu_l]) -> y: a whole fp32 MLP in one call, for tiny M
 // Padding columns K..Kp-1 are zero.  Pair indices are checked once by the caller (< F+1).  All loops are plain C++ for the compiler to vectorise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -267,6 +268,45 @@ torch::Tensor fused_bags(torch::Tensor w, torch::Tensor idx, torch::Tensor off, 
   TORCH_CHECK(ok.load(), "an index is outside its table's rows");
   return out;
 }
+
+// A whole fp32 MLP for a few samples in one call (batch-1 serving, where per-op dispatch costs
+// more than the math): per layer y = b + sum_k x[k] W^T[k, :] (axpy over contiguous rows of W^T,
+// zero inputs skipped: after a ReLU about half are), ReLU where relu[l].
+torch::Tensor mlp_small(torch::Tensor x, std::vector<torch::Tensor> wt, std::vector<torch::Tensor> bias,
+                        std::vector<bool> relu) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be f32 [M, K]");
+  TORCH_CHECK(wt.size() == bias.size() && wt.size() == relu.size() && !wt.empty(), "one W^T, bias, relu per layer");
+  x = x.contiguous();
+  const int64_t m = x.size(0);
+  std::vector<float> cur(x.data_ptr<float>(), x.data_ptr<float>() + x.numel()), next;
+  int64_t k = x.size(1);
+  for (size_t l = 0; l < wt.size(); ++l) {
+    TORCH_CHECK(wt[l].dim() == 2 && wt[l].size(0) == k && wt[l].is_contiguous() &&
+                wt[l].scalar_type() == torch::kFloat && bias[l].numel() == wt[l].size(1), "layer shapes do not chain");
+    const int64_t n = wt[l].size(1);
+    const float *w = wt[l].data_ptr<float>(), *b = bias[l].data_ptr<float>();
+    next.assign(m * n, 0.f);
+    for (int64_t r = 0; r < m; ++r) {
+      float* y = next.data() + r * n;
+      const float* xr = cur.data() + r * k;
+      for (int64_t c = 0; c < n; ++c) y[c] = b[c];
+      for (int64_t i = 0; i < k; ++i) {
+        const float a = xr[i];
+        if (a == 0.f) continue;
+        const float* wi = w + i * n;
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) y[c] += a * wi[c];
+      }
+      if (relu[l])
+        for (int64_t c = 0; c < n; ++c) y[c] = std::max(y[c], 0.f);
+    }
+    cur.swap(next);
+    k = n;
+  }
+  auto out = torch::empty({m, k}, torch::kFloat);
+  std::copy(cur.begin(), cur.end(), out.data_ptr<float>());
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -276,4 +316,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dot_interaction", &dot_interaction);
   m.def("dot_interaction_quant", &dot_interaction_quant);
   m.def("fused_bags", &fused_bags);
+  m.def("mlp_small", &mlp_small);
 }

@@ -108,3 +108,17 @@ def test_fused_bags_equal_per_table_embedding_bags(mode):
     bad[0] = rows[0]                                            # one past the first table's rows
     with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
         kernels().fused_bags(w, bad, batch.offsets, base, torch.tensor(rows), False)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_small_mlp_equals_the_fp32_mlp(batch):
+    from targets.int8_kernels import SmallMlp
+
+    torch.manual_seed(batch)
+    for widths, relu_last in (([13, 512, 256, 64, 16], True), ([367, 512, 256, 1], False)):
+        net = mlp(widths, relu_last)
+        x = torch.randn(batch, widths[0])
+        x[0, :5] = 0                                   # zero inputs are skipped, not mishandled
+        torch.testing.assert_close(SmallMlp(net)(x), net(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="layer shapes do not chain"):
+        SmallMlp(net)(torch.randn(2, 366))
