@@ -55,7 +55,8 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
                        "torch-fast-int8": lambda b: fast8.mlp("bottom", b["dense"])},
         "interaction": {"eager fp32 (list)": lambda b: model.interaction(b["x"], b["embs"]),
                         "torch-fast (stacked)": lambda b: fast.interact(b["x"], b["fused"]),
-                        "C++ fused (+ int8 quantize)": lambda b: kernels().dot_interaction_quant(
+                        "C++ fused": lambda b: fast8.interact(b["x"], b["fused"]),
+                        "C++ fused + int8 quantize": lambda b: kernels().dot_interaction_quant(
                             b["x"], b["fused"], fast8.pair_i, fast8.pair_j, fast8.top16.kp)},
         "top MLP": {"eager fp32": lambda b: model.top(b["z"]),
                     "torch-fast (bf16)": lambda b: fast.mlp("top", b["z"]),
@@ -66,7 +67,8 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
     }
     if tbe is not None:
         stages["embedding"]["fbgemm int8 TBE (1 call)"] = lambda b: tbe(b["indices"], b["offsets"])
-    stages["embedding"]["fused C++ prefetch (torch-fast-int8)"] = lambda b: fast8.tables(b["indices"], b["offsets"])
+    stages["embedding"]["fused C++ prefetch"] = lambda b: kernels().fused_bags(
+        fast8.tables.weight, b["indices"], b["offsets"], fast8.tables.base, fast8.tables.rows, False)
     return stages
 
 
