@@ -8,6 +8,7 @@ from targets.int8_kernels import Int8Mlp, kernels, pad_to
 
 torch.set_num_threads(1)
 torch.set_grad_enabled(False)
+pytestmark = pytest.mark.slow      # the first test on a machine builds the C++ extension (~35 s)
 
 
 def ref_quantize(x: torch.Tensor, kp: int):
