@@ -102,10 +102,13 @@ class Predictor:
         b = dense.shape[0]
         if b == 0:
             return np.zeros(0, dtype=np.float32)
-        bags = split_bags_np(indices, offsets, len(self._rows))
         chunk = self.bundle.manifest["dispatch"].get("max_batch_within_target") or b
         if path is not None or b <= chunk:
-            return self.runner(path or self.bundle.path_for_batch(b))(dense, bags)
+            run = self.runner(path or self.bundle.path_for_batch(b))
+            if hasattr(run, "canonical"):          # a runner that takes the canonical batch as is
+                return run.canonical(dense, indices, offsets)
+            return run(dense, split_bags_np(indices, offsets, len(self._rows)))
+        bags = split_bags_np(indices, offsets, len(self._rows))
         return np.concatenate([self.runner(self.bundle.path_for_batch(min(b, lo + chunk) - lo))(
             dense[lo:lo + chunk], chunk_bags(bags, lo, min(b, lo + chunk))) for lo in range(0, b, chunk)])
 

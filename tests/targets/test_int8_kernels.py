@@ -1,0 +1,130 @@
+import pytest
+import torch
+from torch import nn
+
+from rewrite.errors import RewriteError
+from rewrite.model import DotInteraction, interaction_pairs, mlp
+from targets.int8_kernels import Int8Mlp, kernels, pad_to
+
+pytestmark = pytest.mark.slow      # the first test on a machine builds the C++ extension (~35 s)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference kernels: no autograd here, without leaking the switch into other test modules."""
+    with torch.no_grad():
+        yield
+
+
+def ref_quantize(x: torch.Tensor, kp: int):
+    """Per-row symmetric int8, round half away from zero, zero padding to kp columns."""
+    s = x.abs().amax(1) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    v = x / s[:, None]
+    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
+    return torch.nn.functional.pad(q, (0, kp - x.shape[1])), s
+
+
+def pairs_i_j(n: int, order: str):
+    p = interaction_pairs(n, order)
+    return (torch.tensor([a for a, _ in p], dtype=torch.int32), torch.tensor([b for _, b in p], dtype=torch.int32))
+
+
+def test_quantize_rows_matches_reference_with_zero_rows_and_padding():
+    x = torch.randn(37, 13) * torch.logspace(-3, 2, 37)[:, None]
+    x[5] = 0
+    q, s = kernels().quantize_rows(x, 16)
+    rq, rs = ref_quantize(x, 16)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    assert (q.int() - rq.int()).abs().max() <= 1          # x*inv vs x/s may differ by 1 ulp at .5
+    assert (q[:, 13:] == 0).all() and (q[5] == 0).all() and s[5] == 1
+    assert (q.int().abs().amax(1)[torch.arange(37) != 5] == 127).all()
+
+
+@pytest.mark.parametrize("features,dim,order", [(26, 16, "dlrm"), (3, 16, "dlrm"), (5, 8, "dlrm"),
+                                                (4, 16, "torchrec"), (40, 16, "dlrm")])
+def test_dot_interaction_matches_the_model_interaction(features, dim, order):
+    x, e = torch.randn(33, dim), torch.randn(features, 33, dim)
+    ref = DotInteraction(features + 1, order)(x, list(e.unbind(0)))
+    pi, pj = pairs_i_j(features + 1, order)
+    torch.testing.assert_close(kernels().dot_interaction(x, e, pi, pj), ref, atol=1e-5, rtol=1e-5)
+    q, s = kernels().dot_interaction_quant(x, e, pi, pj, pad_to(ref.shape[1]))
+    rq, rs = ref_quantize(ref, pad_to(ref.shape[1]))
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+    assert (q.int() - rq.int()).abs().max() <= 1
+
+
+def test_dequant_kernels_match_reference():
+    acc = torch.randint(-2**20, 2**20, (9, 24), dtype=torch.int32)
+    sa, sw, b = torch.rand(9) * 1e-3, torch.rand(24) * 1e-3, torch.randn(24)
+    y = acc.float() * sa[:, None] * sw[None] + b
+    torch.testing.assert_close(kernels().dequant_act(acc, sa, sw, b, False), y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kernels().dequant_act(acc, sa, sw, b, True), y.relu(), rtol=1e-6, atol=1e-6)
+    q, s = kernels().dequant_act_quant(acc, sa, sw, b, 32)
+    rq, rs = ref_quantize(y.relu(), 32)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    assert (q.int() - rq.int()).abs().max() <= 1
+
+
+def test_int8_mlp_is_exact_integer_math_and_close_to_fp32():
+    torch.manual_seed(0)
+    top = mlp([367, 512, 256, 1], relu_last=False)
+    x = torch.randn(300, 367)
+    q8 = Int8Mlp(top)
+    assert len(q8.int8) == 2 and isinstance(q8.rest[0], nn.Linear)      # N=1 output stays fp32
+    q, s = ref_quantize(x, 368)
+    for k, layer in enumerate(q8.int8):
+        acc = q.long() @ layer.qweight_t.long()
+        y = (acc.double() * s[:, None].double() * layer.scale.double() + layer.bias.double()).relu().float()
+        if k + 1 < len(q8.int8):
+            q, s = ref_quantize(y, q8.int8[k + 1].kp)
+    torch.testing.assert_close(q8(x), q8.rest(y), rtol=1e-4, atol=1e-5)
+    err = (q8(x) - top(x)).abs().max() / top(x).abs().max()
+    assert 0 < err < 0.03
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(RewriteError, match="unsupported layer Dropout"):
+        Int8Mlp(nn.Sequential(nn.Linear(8, 8), nn.Dropout()))
+    with pytest.raises(RewriteError, match="first layer's width is not a multiple of 8"):
+        Int8Mlp(mlp([16, 5, 8], relu_last=True))
+    with pytest.raises(RuntimeError, match=r"x must be f32 \[M, K\]"):
+        kernels().quantize_rows(torch.zeros(4, 4, dtype=torch.float64), 8)
+    with pytest.raises(RuntimeError, match=r"e must be f32 \[F, B, d\] matching x"):
+        kernels().dot_interaction(torch.zeros(4, 16), torch.zeros(3, 5, 16), *pairs_i_j(4, "dlrm"))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_fused_bags_equal_per_table_embedding_bags(mode):
+    from rewrite.model import split_bags
+    from rewrite.synthetic import multi_hot_batch
+
+    rows, dim = [1000, 300, 37, 5], 16
+    tables = [torch.randn(r, dim) for r in rows]
+    w = torch.cat(tables)
+    base = torch.tensor([0, *torch.tensor(rows).cumsum(0)[:-1].tolist()])
+    for b in (1, 3, 700):
+        batch = multi_hot_batch(rows, b, 13, 3.0, seed=b, empty_fraction=0.2)
+        got = kernels().fused_bags(w, batch.indices, batch.offsets, base, torch.tensor(rows), mode == "mean")
+        bags = split_bags(batch.indices, batch.offsets, len(rows))
+        for f, t in enumerate(tables):
+            ref = nn.functional.embedding_bag(bags[2 * f], t, bags[2 * f + 1], mode=mode, include_last_offset=True)
+            torch.testing.assert_close(got[f], ref, atol=1e-5, rtol=1e-5)
+    bad = batch.indices.clone()
+    bad[0] = rows[0]                                            # one past the first table's rows
+    with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
+        kernels().fused_bags(w, bad, batch.offsets, base, torch.tensor(rows), False)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_small_mlp_equals_the_fp32_mlp(batch):
+    from targets.int8_kernels import SmallMlp
+
+    torch.manual_seed(batch)
+    for widths, relu_last in (([13, 512, 256, 64, 16], True), ([367, 512, 256, 1], False)):
+        net = mlp(widths, relu_last)
+        x = torch.randn(batch, widths[0])
+        x[0, :5] = 0                                   # zero inputs are skipped, not mishandled
+        torch.testing.assert_close(SmallMlp(net)(x), net(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="layer shapes do not chain"):
+        SmallMlp(net)(torch.randn(2, 366))

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from rewrite.compiler import compile_model
+from rewrite.embedding import TableBag
+from rewrite.errors import RewriteError
+from rewrite.model import split_bags
+from rewrite.runtime import load
+from rewrite.synthetic import multi_hot_batch
+from targets.base import get_target
+from targets.torch_fast import BF16_MIN_BATCH, FastDLRM, FusedTables
+from tests.helpers import small_model
+from tests.targets.checks import assert_matches_eager, lower_and_load
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model(rows=(1000, 300, 37, 5))
+
+
+def test_matches_eager_on_ragged_empty_and_largest_id_batches(model, tmp_path):
+    _, runner = lower_and_load(get_target("torch-fast"), model, tmp_path)
+    worst = assert_matches_eager(runner, model, "bf16-dense")
+    assert worst > 0            # the batches of >= BF16_MIN_BATCH really ran the bf16 MLPs
+
+
+@torch.inference_mode()
+def test_small_batches_are_fp32_and_fused_lookup_equals_per_table_bags(model):
+    net = FastDLRM(model).eval()
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    batch = multi_hot_batch(rows, BF16_MIN_BATCH - 1, model.spec.n_dense, 3.0, seed=3, empty_fraction=0.2)
+    np.testing.assert_allclose(net(*batch.inputs()).numpy(), model(*batch.inputs()).numpy(), atol=1e-5)
+    pooled = FusedTables(model)(batch.indices, batch.offsets)
+    bags = split_bags(batch.indices, batch.offsets, len(rows))
+    for f, table in enumerate(model.feature_tables):
+        ref = model.embeddings[table](bags[2 * f], bags[2 * f + 1])
+        torch.testing.assert_close(pooled[f], ref, atol=1e-6, rtol=0)
+
+
+def test_predictor_uses_the_canonical_batch(model, tmp_path):
+    compile_model(model, tmp_path / "b", ["torch-fast"], latency_sizes=(1,))
+    pred = load(tmp_path / "b")
+    assert hasattr(pred.runner("torch-fast"), "canonical")
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    batch = multi_hot_batch(rows, 5, model.spec.n_dense, 2.0, seed=4, empty_fraction=0.3)
+    got = pred.predict(*batch.inputs(), path="torch-fast")
+    np.testing.assert_allclose(got, model.predict(*batch.inputs()).numpy(), atol=1e-6)
+
+
+def test_refuses_tables_it_cannot_fuse(model, tmp_path):
+    mixed = model.with_tables({"t1": TableBag(300, 8, weight=torch.zeros(300, 8))})
+    with pytest.raises(RewriteError, match=r"one dim and one pooling mode, found dims \[8, 16\]"):
+        get_target("torch-fast").lower(mixed, None, tmp_path)
+    half = model.with_tables({"t0": TableBag(1000, 16, dtype="float16")})
+    with pytest.raises(RewriteError, match="cannot fuse table 't0'.*only plain fp32 tables"):
+        get_target("torch-fast").lower(half, None, tmp_path)
+
+
+def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path):
+    from targets.int8_kernels import Int8Mlp
+
+    target = get_target("torch-fast-int8")
+    assert target.precision == "int8-dense"
+    _, runner = lower_and_load(target, model, tmp_path)
+    assert isinstance(runner.net.top16, Int8Mlp) and isinstance(runner.net.bottom16, Int8Mlp)
+    assert assert_matches_eager(runner, model, "int8-dense") > 0
