@@ -27,6 +27,8 @@ class TvmLlvm(TvmTarget):
     devices = ("cpu",)
     summary = "Apache TVM Relax for the host CPU (mcpu from the LLVM host query), relax VM"
     device_kind = "cpu"
+    option_names = frozenset({"tune_trials", "tune_batches"})
+    tunable = True
 
     def tvm_target(self, options: dict[str, Any]):
         import tvm
