@@ -225,17 +225,21 @@ def passes_command(as_json: bool) -> None:
 @click.option("--target", "target_names", multiple=True, metavar="NAME",
               help="a target to lower to (repeatable; default onnx-cpu; see `rewrite targets`)")
 @click.option("--force", is_flag=True, help="replace an existing bundle")
+@click.option("--tune", "tune_trials", type=click.IntRange(min=1), metavar="N",
+              help="meta-schedule N trials per tuned batch size (tvm-llvm; off by default)")
 @load_options
 @json_option
-def compile_cmd(path, output, target_names, force, interaction, qr_op, as_json) -> None:
+def compile_cmd(path, output, target_names, force, tune_trials, interaction, qr_op, as_json) -> None:
     """Lower a checkpoint to a verified bundle: one folder per target, a dispatch policy."""
-    from rewrite.compiler import compile_model, resolve_targets
+    from rewrite.compiler import compile_model, resolve_targets, tune_options
 
-    resolve_targets(list(target_names) or ["onnx-cpu"])      # unknown / unavailable: fail first
+    targets = resolve_targets(list(target_names) or ["onnx-cpu"])   # unknown / unavailable: fail first
+    options = tune_options(targets, tune_trials) if tune_trials else None
     if output.exists() and not force:
         raise RewriteError(f"{output}: already exists (use --force to replace it)")
     model = load_model(path, interaction, qr_op)
-    manifest = compile_model(model, output, list(target_names) or None, source=path, force=force)
+    manifest = compile_model(model, output, list(target_names) or None, source=path, force=force,
+                             target_options=options)
     emit({"bundle": str(output), "paths": {n: {"latency_ms": p.get("latency_ms"),
                                                "verification": p["verification"]}
                                            for n, p in manifest["paths"].items()},

@@ -47,6 +47,16 @@ def resolve_targets(names: list[str]) -> list[Target]:
     return [require_available(get_target(n)) for n in names]
 
 
+def tune_options(targets: list[Target], trials: int) -> dict[str, dict[str, Any]]:
+    """``--tune N`` -> per-target options ``{name: {"tune_trials": N}}`` for the targets that tune;
+    RewriteError when none of ``targets`` does."""
+    tunable = [t.name for t in targets if getattr(t, "tunable", False)]
+    if not tunable:
+        raise RewriteError(f"--tune: target(s) {', '.join(t.name for t in targets)} do not "
+                           "support tuning (tvm-llvm does)")
+    return {name: {"tune_trials": trials} for name in tunable}
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in LIBRARIES:
@@ -75,10 +85,12 @@ def measure_latency(runners: dict[str, Any], model: RecModel, sizes=LATENCY_BATC
 
 def compile_model(model: RecModel, out: Path, target_names: list[str] | None = None,
                   source: Path | None = None, force: bool = False, original: RecModel | None = None,
-                  latency_sizes=LATENCY_BATCH_SIZES) -> dict[str, Any]:
+                  latency_sizes=LATENCY_BATCH_SIZES,
+                  target_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the bundle ``out`` (atomically) and return its manifest.
 
     ``original``: the model before passes (default: ``model``); stored as the bundle's reference.
+    ``target_options``: keyword options per target name for its ``lower`` (e.g. tune_trials).
     Raises RewriteError before writing anything for an unknown/unavailable target or an existing
     ``out`` without ``force``; VerificationError (after writing) if a path failed verification.
     """
@@ -105,7 +117,8 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
         for target in tqdm(targets, desc="lowering", unit="path", file=sys.stderr, leave=False):
             folder = tmp / target.name
             folder.mkdir()
-            compiled = target.lower(model, example, folder)
+            options = (target_options or {}).get(target.name, {})
+            compiled = target.lower(model, example, folder, **options)
             runner = target.load(folder, compiled, threads=1)
             verification = compare(runner, checks, expected, n_features, target.tolerance)
             if verification["passed"]:
