@@ -25,6 +25,7 @@ against the dynamic one at each tuned batch size, one thread, fresh serving batc
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import tempfile
@@ -43,6 +44,7 @@ RUN_TIMEOUT_S = 60
 # Evolutionary search sized for small budgets on 2 cores (defaults: population 512, 50 unmeasured
 # initial candidates, 4 genetic rounds, which cost minutes per round here).
 SEARCH = {"population_size": 64, "init_min_unmeasured": 16, "genetic_num_iters": 2}
+TUNE_EXTRA = ("xgboost", "cloudpickle", "psutil")   # meta-schedule's cost model and workers
 TUNE_CORES = 1      # meta-schedule needs "num-cores"; 1 = serial schedules, as the bundle is timed
 SPEEDUP_BATCHES, SPEEDUP_ROUNDS = 4, 3   # fresh batches x alternating rounds per tuned size
 
@@ -58,6 +60,9 @@ def check_options(options: dict[str, Any], target_name: str) -> tuple[int, tuple
         raise RewriteError(f"{target_name}: option tune_batches needs tune_trials > 0")
     if trials is None:
         return 0, ()
+    if missing := [m for m in TUNE_EXTRA if importlib.util.find_spec(m) is None]:
+        raise RewriteError(f"{target_name}: tuning needs {', '.join(missing)} "
+                           "(pip install 'dlrm-rewrite[tune]')")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise RewriteError(f"{target_name}: option tune_trials must be a positive integer, "
                            f"got {trials!r}")

@@ -3,6 +3,7 @@ torch, the recorded options, the task filter, and every refusal."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import numpy as np
@@ -19,11 +20,8 @@ from rewrite.model import ModelSpec, RecModel
 from rewrite.synthetic import multi_hot_batch
 from targets.base import CompiledPath, get_target, split_bags_np
 from targets.tvm_common import LIBRARY, PARAMS
-from targets.tvm_tuning import check_options, tuned_library
+from targets.tvm_tuning import TUNE_EXTRA, check_options, tuned_library
 from tvm_models import ATOL, RTOL
-
-pytest.importorskip("xgboost", reason="meta-schedule's cost model needs the tune extra")
-pytest.importorskip("cloudpickle", reason="meta-schedule's builder needs the tune extra")
 
 TUNED_B, TRIALS = 64, 2
 ROWS = (300, 50)
@@ -48,6 +46,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def tuned(model, tmp_path_factory):
+    for extra in TUNE_EXTRA:
+        pytest.importorskip(extra, reason="tuning needs the tune extra")
     out = tmp_path_factory.mktemp("tvm_tune")
     example = multi_hot_batch(list(ROWS), 8, 13, 2.0, seed=1)
     path = get_target("tvm-llvm").lower(model, example, out, tune_trials=TRIALS,
@@ -105,6 +105,10 @@ def test_runner_dispatches_by_batch_size(model, tuned, tmp_path):
 
 
 def test_tuning_options_are_checked():
+    if any(importlib.util.find_spec(m) is None for m in TUNE_EXTRA):
+        with pytest.raises(RewriteError, match="tuning needs .*dlrm-rewrite\\[tune\\]"):
+            check_options({"tune_trials": 8}, "tvm-llvm")
+        return
     assert check_options({}, "tvm-llvm") == (0, ())
     assert check_options({"tune_trials": 8}, "tvm-llvm") == (8, (512, 2048))
     assert check_options({"tune_trials": 8, "tune_batches": (64, 8, 64)}, "tvm-llvm") == (8, (8, 64))
