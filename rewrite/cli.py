@@ -241,24 +241,29 @@ def passes_command(as_json: bool) -> None:
 @click.option("--dense-transform", default="log1p", show_default=True, type=click.Choice(["log1p", "none"]))
 @click.option("--allow-degraded", is_flag=True, help="compile even if a rewritten table exceeds its tolerance")
 @click.option("--force", is_flag=True, help="replace an existing bundle")
+@click.option("--tune", "tune_trials", type=click.IntRange(min=1), metavar="N",
+              help="meta-schedule N trials per tuned batch size (tvm-llvm; off by default)")
 @load_options
 @json_option
 def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, profile_path, samples,
-                dense_transform, allow_degraded, force, interaction, qr_op, as_json) -> None:
+                dense_transform, allow_degraded, force, tune_trials, interaction, qr_op, as_json) -> None:
     """Lower a checkpoint (after -p passes or a --plan) to a verified bundle with a dispatch policy."""
-    from rewrite.compiler import check_output, compile_model, resolve_targets
+    from rewrite.compiler import check_output, compile_model, resolve_targets, tune_options
     from rewrite.errors import VerificationError
 
     if pass_specs and plan_path:
         raise RewriteError("-p and --plan: give one or the other (a plan already names its passes)")
     if (data_path or profile_path or allow_degraded) and not (pass_specs or plan_path):
         raise RewriteError("--data, --profile and --allow-degraded need -p or --plan")
-    resolve_targets(list(target_names) or ["onnx-cpu"])      # unknown / unavailable: fail first
+    targets = resolve_targets(list(target_names) or ["onnx-cpu"])   # unknown / unavailable: fail first
+    options = tune_options(targets, tune_trials) if tune_trials else None
+    if options and plan_path:
+        raise RewriteError("--tune with --plan is not supported yet: compile the plan, then tune a -p bundle")
     check_output(output, force)
     names = list(target_names) or None
     if not (pass_specs or plan_path):
         model = load_model(path, interaction, qr_op)
-        manifest = compile_model(model, output, names, source=path, force=force)
+        manifest = compile_model(model, output, names, source=path, force=force, target_options=options)
         return _emit_compiled(output, manifest, as_json)
     from rewrite.applying import load_inputs, rewrite_checked, summary
     from rewrite.compilation import compile_plan, rewrite_summary, warnings
@@ -285,7 +290,8 @@ def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, pr
         emit({**report, "output": str(output), "written": False}, as_json, summary)
         raise VerificationError(f"{report['failure']}; no bundle written")
     manifest = compile_model(rewritten, output, names, source=path, force=force, original=model,
-                             extra={"passes": report["passes"], "rewrite": rewrite_summary(report)})
+                             extra={"passes": report["passes"], "rewrite": rewrite_summary(report)},
+                             target_options=options)
     _emit_compiled(output, manifest, as_json)
 
 

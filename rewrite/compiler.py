@@ -55,6 +55,16 @@ def check_output(out: Path, force: bool) -> None:
         raise RewriteError(f"{out}: exists and is not a bundle; refusing to replace it even with --force")
 
 
+def tune_options(targets: list[Target], trials: int) -> dict[str, dict[str, Any]]:
+    """``--tune N`` -> per-target options ``{name: {"tune_trials": N}}`` for the targets that tune;
+    RewriteError when none of ``targets`` does."""
+    tunable = [t.name for t in targets if getattr(t, "tunable", False)]
+    if not tunable:
+        raise RewriteError(f"--tune: target(s) {', '.join(t.name for t in targets)} do not "
+                           "support tuning (tvm-llvm does)")
+    return {name: {"tune_trials": trials} for name in tunable}
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in LIBRARIES:
@@ -89,13 +99,13 @@ def verification_inputs(model: RecModel):
 
 
 def lower_path(target: Target, model: RecModel, root: Path, name: str, lowered_from: str,
-               inputs) -> tuple[dict[str, Any], Any]:
+               inputs, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
     """Lower ``model`` into ``root/name``, load it back, compare with eager on ``inputs``
     (from ``verification_inputs``): (the path's manifest entry, its runner or None if it failed)."""
     example, checks, expected = inputs
     folder = root / name
     folder.mkdir()
-    compiled = target.lower(model, example, folder)
+    compiled = target.lower(model, example, folder, **(options or {}))
     runner = target.load(folder, compiled, threads=1)
     verification = compare(runner, checks, expected, len(model.spec.features), target.tolerance)
     entry = {
@@ -126,11 +136,13 @@ def manifest_head(model: RecModel, source: Path | None, root: Path) -> dict[str,
 
 def compile_model(model: RecModel, out: Path, target_names: list[str] | None = None,
                   source: Path | None = None, force: bool = False, original: RecModel | None = None,
-                  latency_sizes=LATENCY_BATCH_SIZES, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  latency_sizes=LATENCY_BATCH_SIZES, extra: dict[str, Any] | None = None,
+                  target_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the bundle ``out`` (atomically) and return its manifest.
 
     ``original``: the model before passes (default: ``model``); stored as the bundle's reference.
     ``extra``: top-level manifest keys added as given (e.g. ``passes``).
+    ``target_options``: keyword options per target name for its ``lower`` (e.g. tune_trials).
     Raises RewriteError before writing anything for an unknown/unavailable target or an existing
     ``out`` without ``force``; VerificationError (after writing) if a path failed verification.
     """
@@ -150,7 +162,8 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
             lowered_from = REWRITTEN_FILE
         for target in tqdm(targets, desc="lowering", unit="path", file=sys.stderr, leave=False):
             paths[target.name], runner = lower_path(target, model, tmp, target.name, lowered_from,
-                                                    (example, checks, expected))
+                                                    (example, checks, expected),
+                                                    (target_options or {}).get(target.name, {}))
             if runner is not None:
                 runners[target.name] = runner
         latency = measure_latency(runners, model, latency_sizes) if runners else {}

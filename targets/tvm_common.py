@@ -4,6 +4,8 @@ Before: a RecModel.  After, in the path folder:
     model.so            the compiled Relax VM executable (``export_library``; for CUDA the
                         kernels are cubin inside it)
     params.safetensors  every parameter, keyed by its Relax input name, in input order
+    model_b<b>.so       with tuning (``tune_trials``, tvm-llvm): a library tuned for exactly b
+                        samples, called for batches of that size (``targets.tvm_tuning``)
 Running needs only TVM's runtime (``load_module`` + ``runtime.vm.VirtualMachine``) and the
 safetensors reader: ``main(dense, idx_0, off_0, ..., *params) -> logits [B]``.
 Subclasses say which TVM target to build for (``tvm_target``), which device runs it, and may
@@ -42,6 +44,7 @@ class TvmTarget(Target):
 
     device_kind: str = "cpu"
     option_names: frozenset[str] = frozenset()
+    tunable: bool = False                       # accepts tune_trials / tune_batches
 
     def unavailable(self) -> str | None:
         return tvm_missing()
@@ -60,12 +63,16 @@ class TvmTarget(Target):
         """``example`` is not needed: the export traces its own batch and keeps shapes symbolic."""
         if (why := tvm_missing()) is not None:
             raise RewriteError(f"{self.name}: {why}")
-        from targets import tvm_relax
+        from targets import tvm_relax, tvm_tuning
 
+        if not self.tunable and {"tune_trials", "tune_batches"} & set(options):
+            raise RewriteError(f"{self.name}: tuning (tune_trials) is not supported by this "
+                               "target; tvm-llvm supports it")
         if unknown := set(options) - self.option_names:
             raise RewriteError(f"{self.name}: unknown option(s) {', '.join(sorted(unknown))} "
                                f"(known: {', '.join(sorted(self.option_names))})")
         target, recorded = self.tvm_target(options)
+        trials, tune_sizes = tvm_tuning.check_options(options, self.name)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -80,16 +87,27 @@ class TvmTarget(Target):
             lines = str(e).strip().splitlines() or [type(e).__name__]
             raise RewriteError(f"{self.name}: TVM failed to compile the model: {lines[-1]}") from None
         t2 = time.perf_counter()
-        with atomic_path(out_dir / LIBRARY) as tmp:
-            executable.export_library(str(tmp))
-            tmp.chmod(0o755)
+        write_library(executable, out_dir / LIBRARY)
         save_params(out_dir / PARAMS, params, names)
         files = [LIBRARY, PARAMS] + self.finish(executable, target, out_dir, recorded)
         recorded.update({
             "params": names, "n_features": len(model.spec.features),
             "import_seconds": round(t1 - t0, 3), "compile_seconds": round(t2 - t1, 3),
         })
-        return CompiledPath(self.name, files, recorded)
+        if not trials:
+            return CompiledPath(self.name, files, recorded)
+        untuned = CompiledPath(self.name, list(files), dict(recorded))
+        recorded.update(tvm_tuning.tune_batches(
+            mod, target, trials, tune_sizes, out_dir,
+            lambda ex, name: write_library(ex, out_dir / name)))
+        tuned = CompiledPath(self.name, files + list(recorded["tuned_libraries"].values()), recorded)
+        set_threads(1)
+        device = self.runtime_device()
+        recorded["tune_speedup"] = tvm_tuning.measure_speedup(
+            load_runner(out_dir, untuned, device), load_runner(out_dir, tuned, device),
+            [model.embeddings[t].rows for t in model.feature_tables], model.spec.n_dense,
+            len(model.spec.features), tune_sizes)
+        return tuned
 
     def finish(self, executable, target, out_dir: Path, recorded: dict[str, Any]) -> list[str]:
         """Write target-specific files beside the library; returns their names."""
@@ -105,6 +123,12 @@ class TvmTarget(Target):
         import tvm
 
         return tvm.cpu(0) if self.device_kind == "cpu" else tvm.cuda(0)
+
+
+def write_library(executable, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        executable.export_library(str(tmp))
+        tmp.chmod(0o755)
 
 
 def set_threads(threads: int | None) -> None:
@@ -159,6 +183,11 @@ def load_runner(out_dir: Path, compiled: CompiledPath, device) -> Runner:
     vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), device)
     params = load_params(out_dir / PARAMS, list(compiled.options["params"]), device)
     main = vm["main"]
+    tuned = {}                                    # batch size -> main of its tuned library
+    for b, name in compiled.options.get("tuned_libraries", {}).items():
+        if not (out_dir / name).exists():
+            raise RewriteError(f"{out_dir / name}: missing tuned library")
+        tuned[int(b)] = VirtualMachine(tvm.runtime.load_module(str(out_dir / name)), device)["main"]
     n_inputs = 1 + 2 * int(compiled.options["n_features"])
     on_cpu = device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
 
@@ -167,7 +196,7 @@ def load_runner(out_dir: Path, compiled: CompiledPath, device) -> Runner:
             raise RewriteError(f"{compiled.target}: expected {n_inputs - 1} bag arrays, got {len(bags)}")
         args = to_tvm([np.asarray(dense, dtype=np.float32)]
                       + [np.asarray(b, dtype=np.int64) for b in bags], device)
-        out = main(*args, *params)
+        out = tuned.get(len(dense), main)(*args, *params)
         return out.numpy() if on_cpu else out.copyto(tvm.cpu(0)).numpy()
 
     return run

@@ -5,6 +5,8 @@ The CPU is named explicitly from LLVM's host query (``llvm_get_system_cpu``, e.g
 TVM 0.27 rejects "-mcpu" strings and silently treats mcpu="native" as a generic x86-64, which
 loses AVX-512.  The library is therefore for this CPU model (or a newer one of its family).
 Matmuls get the vectorised schedule of ``targets.tvm_schedules`` (TVM has no CPU default).
+Options (optional, off by default): ``tune_trials`` N and ``tune_batches`` (default 512, 2048):
+meta-schedule libraries for those exact batch sizes (``targets.tvm_tuning``; extra ``tune``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class TvmLlvm(TvmTarget):
     devices = ("cpu",)
     summary = "Apache TVM Relax for the host CPU (mcpu from the LLVM host query), relax VM"
     device_kind = "cpu"
+    option_names = frozenset({"tune_trials", "tune_batches"})
+    tunable = True
 
     def tvm_target(self, options: dict[str, Any]):
         import tvm
