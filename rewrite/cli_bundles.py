@@ -97,7 +97,7 @@ def _human_paths(d) -> str:
         lat = ", ".join(f"B={b} {ms:.3f} ms" for b, ms in (p.get("latency_ms") or {}).items())
         err = v["failure"] if "failure" in v else f"max |dp| {v['max_abs_prob_error']:.2e} (tol {v['tolerance']:g})"
         auc = f", AUC {v['auc']:.5f} vs {v['reference_auc']:.5f}" if "auc" in v else ""
-        lines.append(f"  {name:<14} {status:<7} {err}{auc}  {lat}")
+        lines.append(f"  {name:<16} {status:<7} {err}{auc}  {lat}")
     if "dispatch" in d:
         lines.append("  dispatch: " + ", ".join(f"{r['min_batch']}..{r['max_batch'] or ''} -> {r['path']}"
                                                 for r in d["dispatch"]["ranges"]))
@@ -190,7 +190,7 @@ def targets_cmd(as_json) -> None:
                            "why_not": c().unavailable()} for n, c in sorted(TARGETS.items())]}
 
     def human(d):
-        return "\n".join(f"  {t['name']:<15}{'yes' if t['available'] else 'no':<5}"
+        return "\n".join(f"  {t['name']:<17}{'yes' if t['available'] else 'no':<5}"
                          f"{t['summary'] if t['available'] else t['why_not']}" for t in d["targets"])
 
     emit(result, as_json, human)
