@@ -27,7 +27,7 @@ from rewrite.batch import Batch
 from rewrite.embedding import TableBag
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
-from targets.base import CompiledPath, Target, register_target
+from targets.base import CompiledPath, register_target
 from targets.torch_eager import Bf16Mlp, TorchEager
 
 BF16_MIN_BATCH = 64      # samples; bf16 GEMMs win from here (bench: rewrite bench, kaggle model)
