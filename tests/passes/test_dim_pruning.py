@@ -12,20 +12,7 @@ from rewrite.errors import RewriteError
 from rewrite.passinfra import parse_pass
 from rewrite.tracing import capture
 from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags,
-                           small_model, table_bags, zipf_profile)
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return small_model()
-
-
-@pytest.fixture(scope="module")
-def profile(model):
-    return zipf_profile(model)
-
+                           small_model, table_bags)
 
 def levels_of(rep: PrunedDimBag) -> np.ndarray:
     packed = rep.remap.to(torch.int64).numpy()

@@ -12,21 +12,7 @@ from rewrite.embedding import TableBag
 from rewrite.errors import RewriteError
 from rewrite.passinfra import parse_pass
 from rewrite.tracing import capture
-from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags,
-                           small_model, table_bags, zipf_profile)
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return small_model()
-
-
-@pytest.fixture(scope="module")
-def profile(model):
-    return zipf_profile(model)
-
+from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags, table_bags)
 
 def dense_table(rep: TTBag) -> torch.Tensor:
     return rep.dense_rows(torch.arange(rep.rows))
