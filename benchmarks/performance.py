@@ -10,9 +10,10 @@ One thread.  Two measurements, each with torch eager fp32 of the same model in t
   taking turns, medians; the timed call is ``Predictor.predict(..., validate=False)``, so batch-1
   latency includes the Python call, the runtime and the numpy <-> torch conversions;
 * per stage, in this process (all torch, one thread pool): embedding (26 ``embedding_bag`` calls
-  vs one fused call vs fbgemm int8 TBE), bottom MLP, interaction, top MLP (fp32 vs the bf16 /
-  stacked forms of ``targets.torch_fast``, the int8 MLPs and the C++ interaction), stages alternating call by call on fresh batches,
-  medians.  Embedding rows/s = looked-up rows / embedding-stage time.
+  vs one fused call vs the C++ lookup vs fbgemm int8 TBE), bottom MLP, interaction, embedding +
+  interaction (what torch-fast fuses into one C++ call), top MLP, whole model; variants
+  alternate call by call, each on fresh batches of its own; medians.  Embedding rows/s = looked-up
+  rows / embedding-stage time.
 Writes JSON and prints a markdown table of both.
 """
 
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from rewrite.atomic import write_text
@@ -37,66 +39,82 @@ STAGE_ROUNDS = 5
 
 
 def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
-    """stage -> {variant: f(batch tensors, precomputed) -> output}; eager first in each stage."""
+    """stage -> {variant: f(batch tensors) -> output}; eager first in each stage."""
     from rewrite.model import split_bags
+    from targets.fast_kernels import kernels as fast_kernels
     from targets.int8_kernels import kernels
 
     n_features = len(model.spec.features)
+    t = fast.tables
 
     def eager_embed(b):
         bags = split_bags(b["indices"], b["offsets"], n_features)
-        return [model.embeddings[t](bags[2 * f], bags[2 * f + 1]) for f, t in enumerate(model.feature_tables)]
+        return [model.embeddings[name](bags[2 * f], bags[2 * f + 1]) for f, name in enumerate(model.feature_tables)]
 
     stages = {
         "embedding": {"eager fp32 (26 calls)": eager_embed,
-                      "fused fp32 (1 call)": lambda b: fast.tables(b["indices"], b["offsets"])},
+                      "fused embedding_bag (1 call, huge pages)": lambda b: t(b["indices"], b["offsets"]),
+                      "C++ gather_bags (huge pages)": lambda b: fast_kernels().gather_bags(
+                          t.weight, b["indices"], b["offsets"], t.base, t.rows, False)},
         "bottom MLP": {"eager fp32": lambda b: model.bottom(b["dense"]),
-                       "torch-fast (bf16)": lambda b: fast.mlp("bottom", b["dense"]),
-                       "torch-fast-int8": lambda b: fast8.mlp("bottom", b["dense"])},
+                       "torch-fast (bf16 oneDNN)": lambda b: fast.bottom16(b["dense"].to(torch.bfloat16)),
+                       "torch-fast-int8": lambda b: fast8.bottom8(b["dense"])},
         "interaction": {"eager fp32 (list)": lambda b: model.interaction(b["x"], b["embs"]),
-                        "torch-fast (stacked)": lambda b: fast.interact(b["x"], b["fused"]),
-                        "C++ fused": lambda b: fast8.interact(b["x"], b["fused"]),
-                        "C++ fused + int8 quantize": lambda b: kernels().dot_interaction_quant(
-                            b["x"], b["fused"], fast8.pair_i, fast8.pair_j, fast8.top16.kp)},
+                        "C++ (torch-fast-int8)": lambda b: kernels().dot_interaction(
+                            b["x"], b["fused"], fast8.pair_i, fast8.pair_j)},
+        "embedding + interaction": {
+            "eager fp32": lambda b: model.interaction(b["x"], eager_embed(b)),
+            "torch-fast (C++ embed_interact)": lambda b: fast.lookup_interact(b["x"], b["indices"], b["offsets"]),
+            "torch-fast-int8 (embedding_bag + C++ interaction, int8 out)": lambda b: kernels().dot_interaction_quant(
+                b["x"], t(b["indices"], b["offsets"]), fast8.pair_i, fast8.pair_j, fast8.top8.kp)},
         "top MLP": {"eager fp32": lambda b: model.top(b["z"]),
-                    "torch-fast (bf16)": lambda b: fast.mlp("top", b["z"]),
-                    "torch-fast-int8": lambda b: fast8.mlp("top", b["z"])},
+                    "torch-fast (bf16 oneDNN)": lambda b: fast.top16(b["z16"]),
+                    "torch-fast-int8": lambda b: fast8.top8(b["z"])},
         "whole model": {"eager fp32": lambda b: model(b["dense"], b["indices"], b["offsets"]),
                         "torch-fast": lambda b: fast(b["dense"], b["indices"], b["offsets"]),
                         "torch-fast-int8": lambda b: fast8(b["dense"], b["indices"], b["offsets"])},
     }
     if tbe is not None:
         stages["embedding"]["fbgemm int8 TBE (1 call)"] = lambda b: tbe(b["indices"], b["offsets"])
-    stages["embedding"]["fused C++ prefetch"] = lambda b: kernels().fused_bags(
-        fast8.tables.weight, b["indices"], b["offsets"], fast8.tables.base, fast8.tables.rows, False)
     return stages
 
 
 @torch.inference_mode()
 def time_stages(model, fast, fast8, tbe, sizes=SIZES, seed: int = 1) -> list[dict[str, Any]]:
+    """Medians per (batch size, stage, variant).  Every variant gets batches of its own: a batch's
+    rows stay in this CPU's large L3 after one call, so a variant timed on a batch another just
+    used would look faster than it is."""
     from rewrite.timing import serving_batches
 
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     stages = stage_functions(model, fast, fast8, tbe)
     out = []
     for b in sizes:
-        batches = []
-        for d, i, o in serving_batches(rows, model.spec.n_dense, b, STAGE_BATCHES[b], seed):
-            t = {"dense": torch.from_numpy(d), "indices": torch.from_numpy(i), "offsets": torch.from_numpy(o)}
-            t["x"] = model.bottom(t["dense"])
-            t["embs"] = stages["embedding"]["eager fp32 (26 calls)"](t)
-            t["fused"] = fast.tables(t["indices"], t["offsets"])
-            t["z"] = model.interaction(t["x"], t["embs"])
-            batches.append(t)
+        def fresh(k: int) -> list[dict[str, torch.Tensor]]:
+            batches = []
+            for d, i, o in serving_batches(rows, model.spec.n_dense, b, STAGE_BATCHES[b], seed * 1000 + k):
+                t = {"dense": torch.from_numpy(d), "indices": torch.from_numpy(i), "offsets": torch.from_numpy(o)}
+                t["x"] = model.bottom(t["dense"])
+                t["embs"] = stages["embedding"]["eager fp32 (26 calls)"](t)
+                t["fused"] = torch.stack(t["embs"])
+                t["z"] = model.interaction(t["x"], t["embs"])
+                t["z16"] = nn.functional.pad(t["z"], (0, fast.kp - t["z"].shape[1])).to(torch.bfloat16)
+                batches.append(t)
+            return batches
+
+        k = 0
         for name, variants in tqdm(stages.items(), desc=f"stages B={b}", file=sys.stderr, leave=False):
+            own = {}
+            for v in variants:
+                own[v], k = fresh(k), k + 1
             secs: dict[str, list[float]] = {v: [] for v in variants}
-            for f in variants.values():                       # warm-up
-                f(batches[0])
+            for v, f in variants.items():                     # warm-up
+                f(own[v][0])
             for _ in range(STAGE_ROUNDS):
-                for t in batches:
+                for j in range(STAGE_BATCHES[b]):
                     for v, f in variants.items():             # variants alternate call by call
                         t0 = time.perf_counter()
-                        f(t)
+                        f(own[v][j])
                         secs[v].append(time.perf_counter() - t0)
             base = float(np.median(secs[next(iter(variants))])) * 1e3
             for v, s in secs.items():

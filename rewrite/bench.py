@@ -2,10 +2,12 @@
 
 Method (the machine is shared, so only ratios measured in the same run mean anything):
 * each contender runs in its own process (no two thread pools in one process) and builds the
-  same fresh serving batches (``rewrite.timing.serving_batches``: distinct batches, uniform ids);
-* per batch size: one untimed warm-up pass per contender, then ``rounds`` passes over the
-  batches in which the contenders take turns every ``TURN_SAMPLES`` samples (the others wait,
-  blocked), so a burst of load from other jobs hits every contender alike;
+  same fresh serving batches (``rewrite.timing.serving_batches``: distinct batches, uniform ids),
+  a set for the warm-up and one per round, so no timed call sees rows an earlier call left in
+  the cache (this CPU's L3 is 480 MB);
+* per batch size: one untimed warm-up pass per contender, then ``rounds`` passes in which the
+  contenders take turns every ``TURN_SAMPLES`` samples (the others wait, blocked), so a burst of
+  load from other jobs hits every contender alike;
 * per contender and size: p50 / p99 of the per-call latencies, samples/s = B / p50;
 * each contender's probabilities on one shared batch are compared with the baseline's.
 Baseline: torch eager fp32 of the bundle's reference model (or ``--reference``).  Timed call:
@@ -76,14 +78,15 @@ def _open(root):
 
 
 def worker(conn, spec: dict[str, Any], threads: int, rows: list[int], n_dense: int,
-           sizes: list[int], pooling: int, seed: int) -> None:
+           sizes: list[int], pooling: int, seed: int, rounds: int) -> None:
     """Contender process: answer ("time", B, lo, hi) with the seconds of each call on its fresh
     batches lo..hi of size B, ("probe",) with its outputs on one batch, ("stop",) by exiting."""
     try:
         from rewrite.timing import serving_batches, time_calls
 
         call = _make_call(spec, threads)
-        batches = {b: serving_batches(rows, n_dense, b, calls_per_round(b), seed, pooling) for b in sizes}
+        batches = {b: serving_batches(rows, n_dense, b, calls_per_round(b) * (rounds + 1), seed, pooling)
+                   for b in sizes}
         conn.send(("ready", None))
         while True:
             msg = conn.recv()
@@ -148,7 +151,7 @@ def _run_workers(specs, threads, rows, n_dense, sizes, pooling, seed, rounds):
     try:
         for name, spec in specs.items():
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker, args=(child, spec, threads, rows, n_dense, sizes, pooling, seed),
+            p = ctx.Process(target=worker, args=(child, spec, threads, rows, n_dense, sizes, pooling, seed, rounds),
                             daemon=True)
             p.start()
             procs[name], conns[name] = p, parent
@@ -161,8 +164,8 @@ def _run_workers(specs, threads, rows, n_dense, sizes, pooling, seed, rounds):
                 n, step = calls_per_round(b), turn_calls(b)
                 for name in specs:
                     _ask(conns[name], name, ("time", b, 0, n))       # warm-up, not recorded
-                for _ in range(rounds):
-                    for lo in range(0, n, step):                      # contenders take turns
+                for r in range(1, rounds + 1):                        # round r: batches r*n .. (r+1)*n
+                    for lo in range(r * n, (r + 1) * n, step):        # contenders take turns
                         for name in specs:
                             samples[name][b] += _ask(conns[name], name, ("time", b, lo, lo + step))
                     bar.update()

@@ -14,17 +14,12 @@ cached by torch under TORCH_EXTENSIONS_DIR); ``unavailable()`` says why when the
 
 from __future__ import annotations
 
-import functools
-import os
-import shutil
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from rewrite.errors import RewriteError
+from targets.cpp_extension import build
 
-SOURCE = Path(__file__).parent / "kernels" / "dlrm_int8.cpp"
 ALIGN = 8                      # _int_mm needs K and N multiples of 8
 
 
@@ -32,26 +27,9 @@ def pad_to(k: int, align: int = ALIGN) -> int:
     return -(-k // align) * align
 
 
-def compiler_missing() -> str | None:
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None and shutil.which("g++") is None:
-        return f"no C++ compiler ({compiler} or g++ on PATH) to build {SOURCE.name}"
-    return None
-
-
-@functools.lru_cache(maxsize=1)
 def kernels():
-    """The compiled extension module (built once per source version and machine)."""
-    why = compiler_missing()
-    if why:
-        raise RewriteError(why)
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(name="dlrm_rewrite_int8", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-                    verbose=False)
-    except Exception as e:  # the build raises RuntimeError / subprocess errors with the compiler log
-        raise RewriteError(f"building {SOURCE.name} failed: {str(e).splitlines()[0][:200]}") from None
+    """The compiled ``kernels/dlrm_int8.cpp`` (built once per source version and machine)."""
+    return build("dlrm_rewrite_int8", "dlrm_int8.cpp")
 
 
 def linears(mlp: nn.Sequential) -> list[tuple[nn.Linear, bool]]:
@@ -80,21 +58,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight_t", q.t())       # [Kp, N], column-major (oneDNN's fast layout)
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("bias", linear.bias.detach().to(torch.float32).contiguous())
-
-
-class SmallMlp(nn.Module):
-    """The same fp32 MLP as one ``mlp_small`` call (tiny batches: no per-layer dispatch)."""
-
-    def __init__(self, mlp: nn.Sequential):
-        super().__init__()
-        layers = linears(mlp)
-        self.wt = [lin.weight.detach().t().contiguous() for lin, _ in layers]
-        self.bias = [lin.bias.detach().contiguous() for lin, _ in layers]
-        self.relu = [relu for _, relu in layers]
-        kernels()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels().mlp_small(x, self.wt, self.bias, self.relu)
 
 
 class Int8Mlp(nn.Module):

@@ -1,17 +1,20 @@
-"""``torch-fast``: eager PyTorch with the three measured levers of issue 10 applied at load.
+"""``torch-fast``: eager PyTorch plus C++ kernels, the levers of issue 10 applied at load.
 
-Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 MLPs (MKL,
-~100 GFLOP/s per core on this AMD CPU), ``DotInteraction`` over a list of [B, d] tensors.
+Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 MLPs (MKL),
+``DotInteraction`` over a list of [B, d] tensors (stack, bmm, gather, concat).
 After, same weights, same math:
-* fused lookup: every plain table concatenated into one W [Σ rows, d]; feature f's ids are
-  shifted by its table's first row, so ONE ``embedding_bag`` over the canonical batch
-  (offsets [F*B + 1] unchanged) pools all F*B bags:  e[f, b] = Σ_{i in bag(f,b)} W[base_f + i];
-* MLPs in bf16 (oneDNN, fp32 accumulation) from ``BF16_MIN_BATCH`` samples up; below it the fp32
-  MLPs, which are faster at tiny batches (B=1: 0.034 ms fp32 vs 0.082 ms bf16 bottom MLP here);
-* interaction from the fused output without a Python list: T = [x; e_0..e_{F-1}] as one
-  [B, F+1, d] tensor, Z = T Tᵀ (bmm), the kept pairs by one index_select.
-The runner also takes the canonical batch directly (``canonical``), skipping the per-feature split.
-Only plain tables of one dim and one pooling mode are fused; anything else is refused by name.
+* tables: every plain table concatenated into one W [Σ rows, d] in huge pages; feature f's ids
+  index rows base_f + i (``targets.fast_kernels.huge_table``);
+* up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
+  weights, f32 activations and accumulation, z rounded to bf16 as below);
+* above: x = bottom(dense) in bf16 on oneDNN (prepacked weights, bias and ReLU fused), then ONE
+  C++ call pools every bag and computes the dot interaction per sample, writing the top MLP's
+  bf16 input z = [x, <t_i, t_j> ...] directly (``embed_interact``), then the top MLP in bf16 on
+  oneDNN with the width-1 last layer accumulated in fp32.
+``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples.
+The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
+Only plain fp32 tables of one dim and one pooling mode, and the dot interaction, are accepted;
+anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from rewrite.embedding import TableBag
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
 from targets.base import CompiledPath, register_target
-from targets.torch_eager import Bf16Mlp, TorchEager
+from targets.torch_eager import TorchEager
 
-BF16_MIN_BATCH = 64      # samples; bf16 GEMMs win from here (bench: rewrite bench, kaggle model)
-SMALL_MAX_BATCH = 4      # samples; up to here torch-fast-int8 runs each MLP as one C++ call
+SMALL_MAX_BATCH = 8      # samples; up to here one C++ call beats oneDNN (Kaggle model: B=4 0.09 vs 0.17 ms)
+INT8_MIN_BATCH = 64      # samples; torch-fast-int8's int8 GEMMs from here
 
 
 def fusable(model: RecModel) -> None:
@@ -54,26 +57,22 @@ class FusedTables(nn.Module):
     def __init__(self, model: RecModel):
         super().__init__()
         fusable(model)
+        from targets.fast_kernels import huge_table
+
         names = list(model.embeddings)
         starts = np.cumsum([0] + [model.embeddings[t].rows for t in names])
-        self.weight = nn.Parameter(torch.cat([model.embeddings[t].weight.detach() for t in names]),
-                                   requires_grad=False)
+        self.register_buffer("weight", huge_table([model.embeddings[t].weight.detach() for t in names]),
+                             persistent=False)
         base = [int(starts[names.index(t)]) for t in model.feature_tables]
         self.register_buffer("base", torch.tensor(base, dtype=torch.int64), persistent=False)
         rows = [model.embeddings[t].rows for t in model.feature_tables]
         self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
-        self.native_max_batch = 0      # batches up to this size use the C++ kernel (fused_bags)
         self.pooling = model.embeddings[names[0]].pooling
         self.dim = model.embeddings[names[0]].dim
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         n_features = self.base.numel()
         batch = (offsets.numel() - 1) // n_features
-        if batch <= self.native_max_batch:
-            from targets.int8_kernels import kernels
-
-            return kernels().fused_bags(self.weight, indices, offsets, self.base, self.rows,
-                                        self.pooling == "mean")
         counts = offsets[::batch].diff()                     # lookups per feature [F]
         shifted = indices + torch.repeat_interleave(self.base, counts, output_size=indices.numel())
         pooled = nn.functional.embedding_bag(shifted, self.weight, offsets, mode=self.pooling,
@@ -82,31 +81,40 @@ class FusedTables(nn.Module):
 
 
 class FastDLRM(nn.Module):
-    """bottom MLP -> fused lookup -> stacked dot interaction -> top MLP (bf16 MLPs at large B)."""
+    """bottom MLP -> fused lookup + dot interaction -> top MLP, each batch size on its fastest form."""
 
     def __init__(self, model: RecModel):
+        from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, small_mlp_args
+
         super().__init__()
         if model.spec.interaction != "dot":
             raise RewriteError(f"torch-fast supports the dot interaction, not {model.spec.interaction!r}")
         self.tables = FusedTables(model)
-        self.bottom, self.top = model.bottom, model.top
-        self.bottom16, self.top16 = Bf16Mlp(model.bottom), Bf16Mlp(model.top)
         self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
+        self.order = PAIR_ORDERS[model.spec.pairs]
+        self.kp = -(-(self.tables.dim + self.pairs.numel()) // 16) * 16     # z width, zero-padded
+        self.bottom16, self.top16 = OneDnnMlp(model.bottom), OneDnnMlp(model.top, k_in=self.kp)
+        self.small = {"bottom": small_mlp_args(model.bottom, model.spec.n_dense),
+                      "top": small_mlp_args(model.top, self.kp)}
 
-    def mlp(self, which: str, x: torch.Tensor) -> torch.Tensor:
-        """``which`` ("bottom" or "top") MLP of x: bf16 from BF16_MIN_BATCH rows up, else fp32."""
-        big = x.shape[0] >= BF16_MIN_BATCH
-        return getattr(self, which + "16" if big else which)(x)
+    def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """z bf16 [B, kp] = [x, <t_i, t_j> kept pairs, 0 ...] straight from the canonical batch."""
+        from targets.fast_kernels import kernels
 
-    def interact(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """[x, <t_i, t_j> kept pairs] from x [B, d] and the fused lookup e [F, B, d]."""
-        t = torch.cat([x.unsqueeze(0), e], 0).transpose(0, 1)          # [B, F+1, d]
-        z = torch.bmm(t, t.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
-        return torch.cat([x, z], 1)
+        t = self.tables
+        return kernels().embed_interact(t.weight, indices, offsets, t.base, t.rows, t.pooling == "mean", x,
+                                        self.order, self.kp, False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        x = self.mlp("bottom", dense)
-        return self.mlp("top", self.interact(x, self.tables(indices, offsets))).squeeze(1)
+        from targets.fast_kernels import kernels
+
+        if dense.shape[0] <= SMALL_MAX_BATCH:
+            t = self.tables
+            return kernels().small_forward(dense.contiguous(), t.weight, indices, offsets, t.base, t.rows,
+                                           t.pooling == "mean", *self.small["bottom"], *self.small["top"],
+                                           self.order, self.kp)
+        x = self.bottom16(dense.to(torch.bfloat16))
+        return self.top16(self.lookup_interact(x, indices, offsets)).squeeze(1)
 
 
 class FastRunner:
@@ -128,16 +136,19 @@ class FastRunner:
 
 @register_target("torch-fast")
 class TorchFast(TorchEager):
-    summary = "eager PyTorch, one fused lookup for all tables, bf16 MLPs from batch 64"
+    summary = "huge-page fused tables, C++ lookup + interaction, bf16 oneDNN MLPs from batch 64"
     precision = "bf16-dense"
 
     def unavailable(self) -> str | None:
-        if not torch.backends.mkldnn.is_available():
-            return "this torch build has no oneDNN (mkldnn), so no fast bf16 GEMM on CPU"
-        return None
+        from targets.cpp_extension import compiler_missing
+        from targets.fast_kernels import onednn_missing
+
+        return compiler_missing() or onednn_missing()
 
     def lower(self, model: RecModel, example: Batch, out_dir: Path, **options: Any) -> CompiledPath:
         fusable(model)
+        if model.spec.interaction != "dot":
+            raise RewriteError(f"{self.name} supports the dot interaction, not {model.spec.interaction!r}")
         return super().lower(model, example, out_dir, **options)
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
@@ -150,54 +161,35 @@ class TorchFast(TorchEager):
 
 
 class FastInt8DLRM(FastDLRM):
-    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from BF16_MIN_BATCH samples up, the
-    dot interaction in C++ (fused with the top MLP's input quantization at int8 batch sizes), and
-    up to SMALL_MAX_BATCH samples the lookup and each MLP as single C++ calls.  From there on the
-    lookup stays ``embedding_bag`` (fbgemm's JIT kernel: 0.55 ms vs 0.9 ms for ours at B=2048)."""
+    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from INT8_MIN_BATCH samples up and the
+    dot interaction in C++, fused there with the top MLP's input quantization (over the
+    ``embedding_bag`` lookup of ``FusedTables``); smaller batches take ``FastDLRM``'s forms."""
 
     def __init__(self, model: RecModel):
-        from targets.int8_kernels import Int8Mlp, SmallMlp
+        from targets.int8_kernels import Int8Mlp
 
         super().__init__(model)
-        self.tables.native_max_batch = SMALL_MAX_BATCH
-        self.bottom16, self.top16 = Int8Mlp(model.bottom), Int8Mlp(model.top)
-        self.bottom_small, self.top_small = SmallMlp(model.bottom), SmallMlp(model.top)
+        self.bottom8, self.top8 = Int8Mlp(model.bottom), Int8Mlp(model.top)
         n = len(model.spec.features) + 1
         pi, pj = torch.div(self.pairs, n, rounding_mode="trunc"), self.pairs % n
         self.register_buffer("pair_i", pi.to(torch.int32), persistent=False)
         self.register_buffer("pair_j", pj.to(torch.int32), persistent=False)
 
-    def mlp(self, which: str, x: torch.Tensor) -> torch.Tensor:
-        """One C++ call up to SMALL_MAX_BATCH rows, fp32 eager below BF16_MIN_BATCH, else int8."""
-        if x.shape[0] <= SMALL_MAX_BATCH:
-            return getattr(self, which + "_small")(x)
-        return super().mlp(which, x)
-
-    def interact(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        from targets.int8_kernels import kernels
-
-        return kernels().dot_interaction(x, e, self.pair_i, self.pair_j)
-
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         from targets.int8_kernels import kernels
 
-        if dense.shape[0] < BF16_MIN_BATCH:
-            return super().forward(dense, indices, offsets)     # mlp/interact below pick the small forms
-        x = self.bottom16(dense)
+        if dense.shape[0] < INT8_MIN_BATCH:
+            return super().forward(dense, indices, offsets)
+        x = self.bottom8(dense)
         q, s = kernels().dot_interaction_quant(x, self.tables(indices, offsets), self.pair_i, self.pair_j,
-                                               self.top16.kp)
-        return self.top16.from_quant(q, s).squeeze(1)
+                                               self.top8.kp)
+        return self.top8.from_quant(q, s).squeeze(1)
 
 
 @register_target("torch-fast-int8")
 class TorchFastInt8(TorchFast):
     summary = "torch-fast with int8 MLPs (_int_mm + fused C++ kernels) and a fused C++ interaction"
     precision = "int8-dense"
-
-    def unavailable(self) -> str | None:
-        from targets.int8_kernels import compiler_missing
-
-        return compiler_missing() or super().unavailable()
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
         if threads:

@@ -6,12 +6,9 @@
 //   dot_interaction_quant(x[B,d], e[F,B,d], pi[P], pj[P], Kp) -> (q[B,Kp] s8, s[B])
 //       row b = [x_b, <t_i, t_j> for (i, j) in pairs], T_b = [x_b; e_0b; ..; e_{F-1}b], then quantize_rows
 //   dot_interaction(x, e, pi, pj)            -> z[B, d+P] f32 (same row, unquantized)
-//   fused_bags(W[R,d], idx, off[F*B+1], base[F], rows[F], mean) -> [F,B,d] pooled bags of every feature
-//   mlp_small(x[M,K], [W^T_l], [b_l], [relu_l]) -> y: a whole fp32 MLP in one call, for tiny M
 // Padding columns K..Kp-1 are zero.  Pair indices are checked once by the caller (< F+1).  All loops are plain C++ for the compiler to vectorise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -205,108 +202,6 @@ std::vector<torch::Tensor> dot_interaction_quant(torch::Tensor x, torch::Tensor 
   return {q, s};
 }
 
-// Fused multi-table bag pooling over the canonical batch: one pass over all F*B bags of tables
-// concatenated into W [sum rows, D], feature f's ids shifted by base[f]:
-//   out[f, b] = sum_{p in [off[f*B+b], off[f*B+b+1])} W[base[f] + idx[p]]   (mean: / max(1, len))
-// Rows are prefetched PREFETCH lookups ahead: random 64-byte rows of a 2 GB table are latency
-// bound, and the prefetches keep several misses in flight (NOTES-stack: ~130 M rows/s C loop).
-constexpr int64_t PREFETCH = 16;   // lookups ahead; B=2048 Kaggle: 0 -> 1.9 ms, 8 -> 1.2, 16..64 -> 0.9-1.0
-
-template <int64_t D>
-bool bag_pool(const float* w, int64_t d, const int64_t* idx, const int64_t* off, const int64_t* base,
-              const int64_t* rows, int64_t nf, int64_t batch, bool mean, int64_t lo, int64_t hi, float* out) {
-  const int64_t dd = D > 0 ? D : d, n = off[nf * batch];
-  bool ok = true;
-  int64_t f = lo / batch, fa = f;
-  for (int64_t bag = lo; bag < hi; ++bag) {
-    while (bag >= (f + 1) * batch) ++f;
-    const int64_t start = off[bag], end = off[bag + 1];
-    float acc[D > 0 ? D : 1024] = {0.f};
-    for (int64_t p = start; p < end; ++p) {
-      const int64_t ahead = p + PREFETCH;
-      if (ahead < n) {
-        if (fa < f) fa = f;
-        while (fa + 1 < nf && ahead >= off[(fa + 1) * batch]) ++fa;
-        const int64_t ia = idx[ahead];
-        if (ia >= 0 && ia < rows[fa]) __builtin_prefetch(w + (base[fa] + ia) * dd);
-      }
-      const int64_t i = idx[p];
-      if (i < 0 || i >= rows[f]) { ok = false; continue; }
-      const float* row = w + (base[f] + i) * dd;
-#pragma omp simd
-      for (int64_t c = 0; c < dd; ++c) acc[c] += row[c];
-    }
-    const float scale = mean && end > start ? 1.f / static_cast<float>(end - start) : 1.f;
-    for (int64_t c = 0; c < dd; ++c) out[bag * dd + c] = acc[c] * scale;
-  }
-  return ok;
-}
-
-torch::Tensor fused_bags(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base, torch::Tensor rows,
-                         bool mean) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat && w.is_contiguous(), "W must be f32 [rows, d]");
-  TORCH_CHECK(w.size(1) <= 1024, "d must be <= 1024");
-  TORCH_CHECK(idx.scalar_type() == torch::kLong && off.scalar_type() == torch::kLong &&
-              base.scalar_type() == torch::kLong && rows.scalar_type() == torch::kLong && idx.is_contiguous() &&
-              off.is_contiguous() && rows.numel() == base.numel(), "indices, offsets, base and rows must be contiguous int64");
-  const int64_t nf = base.numel();
-  TORCH_CHECK(nf > 0 && (off.numel() - 1) % nf == 0, "offsets must have F*B+1 entries");
-  const int64_t batch = (off.numel() - 1) / nf, d = w.size(1);
-  auto out = torch::empty({nf, batch, d}, torch::kFloat);
-  if (batch == 0) return out;
-  const float* wp = w.data_ptr<float>();
-  const int64_t *ip = idx.data_ptr<int64_t>(), *op = off.data_ptr<int64_t>(), *bp = base.data_ptr<int64_t>(),
-                *rp = rows.data_ptr<int64_t>();
-  TORCH_CHECK(op[0] == 0 && op[nf * batch] == idx.numel(), "offsets must run from 0 to len(indices)");
-  float* outp = out.data_ptr<float>();
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, nf * batch, 256, [&](int64_t lo, int64_t hi) {
-    bool r = d == 16 ? bag_pool<16>(wp, d, ip, op, bp, rp, nf, batch, mean, lo, hi, outp)
-                     : bag_pool<0>(wp, d, ip, op, bp, rp, nf, batch, mean, lo, hi, outp);
-    if (!r) ok = false;
-  });
-  TORCH_CHECK(ok.load(), "an index is outside its table's rows");
-  return out;
-}
-
-// A whole fp32 MLP for a few samples in one call (batch-1 serving, where per-op dispatch costs
-// more than the math): per layer y = b + sum_k x[k] W^T[k, :] (axpy over contiguous rows of W^T,
-// zero inputs skipped: after a ReLU about half are), ReLU where relu[l].
-torch::Tensor mlp_small(torch::Tensor x, std::vector<torch::Tensor> wt, std::vector<torch::Tensor> bias,
-                        std::vector<bool> relu) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x must be f32 [M, K]");
-  TORCH_CHECK(wt.size() == bias.size() && wt.size() == relu.size() && !wt.empty(), "one W^T, bias, relu per layer");
-  x = x.contiguous();
-  const int64_t m = x.size(0);
-  std::vector<float> cur(x.data_ptr<float>(), x.data_ptr<float>() + x.numel()), next;
-  int64_t k = x.size(1);
-  for (size_t l = 0; l < wt.size(); ++l) {
-    TORCH_CHECK(wt[l].dim() == 2 && wt[l].size(0) == k && wt[l].is_contiguous() &&
-                wt[l].scalar_type() == torch::kFloat && bias[l].numel() == wt[l].size(1), "layer shapes do not chain");
-    const int64_t n = wt[l].size(1);
-    const float *w = wt[l].data_ptr<float>(), *b = bias[l].data_ptr<float>();
-    next.assign(m * n, 0.f);
-    for (int64_t r = 0; r < m; ++r) {
-      float* y = next.data() + r * n;
-      const float* xr = cur.data() + r * k;
-      for (int64_t c = 0; c < n; ++c) y[c] = b[c];
-      for (int64_t i = 0; i < k; ++i) {
-        const float a = xr[i];
-        if (a == 0.f) continue;
-        const float* wi = w + i * n;
-#pragma omp simd
-        for (int64_t c = 0; c < n; ++c) y[c] += a * wi[c];
-      }
-      if (relu[l])
-        for (int64_t c = 0; c < n; ++c) y[c] = std::max(y[c], 0.f);
-    }
-    cur.swap(next);
-    k = n;
-  }
-  auto out = torch::empty({m, k}, torch::kFloat);
-  std::copy(cur.begin(), cur.end(), out.data_ptr<float>());
-  return out;
-}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -315,6 +210,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_act_quant", &dequant_act_quant);
   m.def("dot_interaction", &dot_interaction);
   m.def("dot_interaction_quant", &dot_interaction_quant);
-  m.def("fused_bags", &fused_bags);
-  m.def("mlp_small", &mlp_small);
 }

@@ -28,7 +28,7 @@ def test_stage_timings_cover_every_stage_and_variant(monkeypatch):
     rows = time_stages(model, FastDLRM(model).eval(), FastInt8DLRM(model).eval(), None)
     stages = {(r["batch"], r["stage"]) for r in rows}
     assert stages == {(b, s) for b in (1, 2048) for s in
-                      ("embedding", "bottom MLP", "interaction", "top MLP", "whole model")}
+                      ("embedding", "bottom MLP", "interaction", "embedding + interaction", "top MLP", "whole model")}
     emb = [r for r in rows if r["stage"] == "embedding" and r["batch"] == 2048]
     assert all(r["rows_per_s"] == 2048 * 26 / (r["ms"] / 1e3) for r in emb)
     assert all(r["ms"] > 0 for r in rows)

@@ -92,39 +92,3 @@ def test_refusals_name_the_problem():
         kernels().quantize_rows(torch.zeros(4, 4, dtype=torch.float64), 8)
     with pytest.raises(RuntimeError, match=r"e must be f32 \[F, B, d\] matching x"):
         kernels().dot_interaction(torch.zeros(4, 16), torch.zeros(3, 5, 16), *pairs_i_j(4, "dlrm"))
-
-
-@pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_fused_bags_equal_per_table_embedding_bags(mode):
-    from rewrite.model import split_bags
-    from rewrite.synthetic import multi_hot_batch
-
-    rows, dim = [1000, 300, 37, 5], 16
-    tables = [torch.randn(r, dim) for r in rows]
-    w = torch.cat(tables)
-    base = torch.tensor([0, *torch.tensor(rows).cumsum(0)[:-1].tolist()])
-    for b in (1, 3, 700):
-        batch = multi_hot_batch(rows, b, 13, 3.0, seed=b, empty_fraction=0.2)
-        got = kernels().fused_bags(w, batch.indices, batch.offsets, base, torch.tensor(rows), mode == "mean")
-        bags = split_bags(batch.indices, batch.offsets, len(rows))
-        for f, t in enumerate(tables):
-            ref = nn.functional.embedding_bag(bags[2 * f], t, bags[2 * f + 1], mode=mode, include_last_offset=True)
-            torch.testing.assert_close(got[f], ref, atol=1e-5, rtol=1e-5)
-    bad = batch.indices.clone()
-    bad[0] = rows[0]                                            # one past the first table's rows
-    with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
-        kernels().fused_bags(w, bad, batch.offsets, base, torch.tensor(rows), False)
-
-
-@pytest.mark.parametrize("batch", [1, 3, 40])
-def test_small_mlp_equals_the_fp32_mlp(batch):
-    from targets.int8_kernels import SmallMlp
-
-    torch.manual_seed(batch)
-    for widths, relu_last in (([13, 512, 256, 64, 16], True), ([367, 512, 256, 1], False)):
-        net = mlp(widths, relu_last)
-        x = torch.randn(batch, widths[0])
-        x[0, :5] = 0                                   # zero inputs are skipped, not mishandled
-        torch.testing.assert_close(SmallMlp(net)(x), net(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="layer shapes do not chain"):
-        SmallMlp(net)(torch.randn(2, 366))

@@ -8,10 +8,10 @@ from rewrite.errors import RewriteError
 from rewrite.model import split_bags
 from rewrite.runtime import load
 from rewrite.synthetic import multi_hot_batch
-from targets.base import get_target
-from targets.torch_fast import BF16_MIN_BATCH, FastDLRM, FusedTables
+from targets.base import get_target, split_bags_np
+from targets.torch_fast import INT8_MIN_BATCH, SMALL_MAX_BATCH, FastDLRM, FusedTables
 from tests.helpers import small_model
-from tests.targets.checks import assert_matches_eager, lower_and_load
+from tests.targets.checks import BATCHES, assert_matches_eager, lower_and_load
 
 torch.set_num_threads(1)
 
@@ -24,15 +24,35 @@ def model():
 def test_matches_eager_on_ragged_empty_and_largest_id_batches(model, tmp_path):
     _, runner = lower_and_load(get_target("torch-fast"), model, tmp_path)
     worst = assert_matches_eager(runner, model, "bf16-dense")
-    assert worst > 0            # the batches of >= BF16_MIN_BATCH really ran the bf16 MLPs
+    assert worst > 0            # bf16 really ran (fp32 would agree to ~1e-7)
 
 
 @torch.inference_mode()
-def test_small_batches_are_fp32_and_fused_lookup_equals_per_table_bags(model):
+@pytest.mark.parametrize("pairs", ["dlrm", "dlrm-self", "torchrec"])
+def test_both_forms_agree_with_eager_around_the_switch(pairs):
+    from dataclasses import replace
+
+    from rewrite.model import RecModel
+
+    base = small_model(rows=(1000, 300, 37, 5))
+    model = RecModel(replace(base.spec, pairs=pairs), dict(base.embeddings)).eval()
+    model.bottom.load_state_dict(base.bottom.state_dict())
+    top = model.top[0]
+    with torch.no_grad():                 # the dlrm-self top MLP is wider: give it seeded weights
+        top.weight.copy_(torch.randn(top.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    for later, layer in zip(model.top[1:], base.top[1:]):
+        later.load_state_dict(layer.state_dict())
     net = FastDLRM(model).eval()
     rows = [model.embeddings[t].rows for t in model.feature_tables]
-    batch = multi_hot_batch(rows, BF16_MIN_BATCH - 1, model.spec.n_dense, 3.0, seed=3, empty_fraction=0.2)
-    np.testing.assert_allclose(net(*batch.inputs()).numpy(), model(*batch.inputs()).numpy(), atol=1e-5)
+    for b in (1, SMALL_MAX_BATCH, SMALL_MAX_BATCH + 1, 300):    # one C++ call / oneDNN + C++ lookup
+        batch = multi_hot_batch(rows, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
+        np.testing.assert_allclose(net(*batch.inputs()).numpy(), model(*batch.inputs()).numpy(), atol=1e-2)
+
+
+@torch.inference_mode()
+def test_fused_lookup_equals_per_table_bags(model):
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    batch = multi_hot_batch(rows, 63, model.spec.n_dense, 3.0, seed=3, empty_fraction=0.2)
     pooled = FusedTables(model)(batch.indices, batch.offsets)
     bags = split_bags(batch.indices, batch.offsets, len(rows))
     for f, table in enumerate(model.feature_tables):
@@ -47,7 +67,9 @@ def test_predictor_uses_the_canonical_batch(model, tmp_path):
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     batch = multi_hot_batch(rows, 5, model.spec.n_dense, 2.0, seed=4, empty_fraction=0.3)
     got = pred.predict(*batch.inputs(), path="torch-fast")
-    np.testing.assert_allclose(got, model.predict(*batch.inputs()).numpy(), atol=1e-6)
+    split = pred.runner("torch-fast")(batch.dense.numpy(), split_bags_np(batch.indices.numpy(), batch.offsets.numpy(), 4))
+    np.testing.assert_array_equal(pred.logits(*batch.inputs(), path="torch-fast"), split)
+    np.testing.assert_allclose(got, model.predict(*batch.inputs()).numpy(), atol=1e-2)
 
 
 def test_refuses_tables_it_cannot_fuse(model, tmp_path):
@@ -57,6 +79,13 @@ def test_refuses_tables_it_cannot_fuse(model, tmp_path):
     half = model.with_tables({"t0": TableBag(1000, 16, dtype="float16")})
     with pytest.raises(RewriteError, match="cannot fuse table 't0'.*only plain fp32 tables"):
         get_target("torch-fast").lower(half, None, tmp_path)
+    from dataclasses import replace
+
+    from rewrite.model import RecModel
+
+    cat = RecModel(replace(model.spec, interaction="cat"), dict(model.embeddings))
+    with pytest.raises(RewriteError, match="torch-fast supports the dot interaction, not 'cat'"):
+        get_target("torch-fast").lower(cat, None, tmp_path)
 
 
 def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path):
@@ -65,5 +94,6 @@ def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path)
     target = get_target("torch-fast-int8")
     assert target.precision == "int8-dense"
     _, runner = lower_and_load(target, model, tmp_path)
-    assert isinstance(runner.net.top16, Int8Mlp) and isinstance(runner.net.bottom16, Int8Mlp)
+    assert isinstance(runner.net.top8, Int8Mlp) and isinstance(runner.net.bottom8, Int8Mlp)
     assert assert_matches_eager(runner, model, "int8-dense") > 0
+    assert max(b for b, _, _ in BATCHES) >= INT8_MIN_BATCH     # the int8 form really ran

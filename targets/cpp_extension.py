@@ -1,0 +1,40 @@
+"""Build the C++ kernels in ``targets/kernels/`` as torch extensions, once per source version.
+
+``torch.utils.cpp_extension.load`` compiles with ``-O3 -march=native`` (the kernels are for the
+machine that serves) and caches the module under TORCH_EXTENSIONS_DIR, keyed by the source hash,
+so the ~30 s build happens on first use per machine.  Without a C++ compiler the targets that
+need these kernels report themselves unavailable (``compiler_missing``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+from rewrite.errors import RewriteError
+
+KERNELS = Path(__file__).parent / "kernels"
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+
+
+def compiler_missing() -> str | None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        return f"no C++ compiler ({compiler} or g++ on PATH) to build the kernels in {KERNELS}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def build(name: str, source: str):
+    """The compiled module ``name`` from ``targets/kernels/<source>``; RewriteError if it cannot build."""
+    why = compiler_missing()
+    if why:
+        raise RewriteError(why)
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name=name, sources=[str(KERNELS / source)], extra_cflags=FLAGS, verbose=False)
+    except Exception as e:  # the build raises RuntimeError / subprocess errors with the compiler log
+        raise RewriteError(f"building {source} failed: {str(e).splitlines()[0][:200]}") from None

@@ -1,0 +1,102 @@
+"""The pieces of the ``torch-fast`` path: huge-page tables, the fused lookup + interaction kernel,
+and bf16 MLPs on oneDNN with prepacked weights.
+
+* ``huge_table``: every table's rows concatenated into one fp32 W [Σ rows, d] allocated in 2 MiB
+  pages (``madvise(MADV_HUGEPAGE)``), so a random lookup into a 2 GB table does not also miss the
+  TLB;
+* ``kernels()``: ``kernels/dlrm_fast.cpp`` (``gather_bags``, ``embed_interact``, ``final_dot``);
+* ``OneDnnMlp``: y = relu(x Wᵀ + b) per layer as ``torch.ops.mkldnn._linear_pointwise`` on bf16
+  activations with weights reordered once into oneDNN's blocked layout (AMX tiles where the CPU
+  has them; B=2048 on this machine: top MLP 1.15 ms prepacked vs 1.78 ms plain bf16 ``F.linear``
+  vs 9.8 ms fp32), bias and ReLU fused into the GEMM.  A last layer of width 1 runs as
+  ``final_dot`` in fp32 accumulation, so the logit is not rounded to bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rewrite.errors import RewriteError
+from targets.cpp_extension import build
+from targets.int8_kernels import linears
+
+PAIR_ORDERS = {"dlrm": 0, "dlrm-self": 1, "torchrec": 2}   # embed_interact's ``order`` codes
+
+
+def kernels():
+    """The compiled ``kernels/dlrm_fast.cpp`` (built once per source version and machine)."""
+    return build("dlrm_rewrite_fast", "dlrm_fast.cpp")
+
+
+def huge_table(tables: list[torch.Tensor]) -> torch.Tensor:
+    """The row-wise concatenation of fp32 tables of one width, in huge-page memory."""
+    rows = sum(t.shape[0] for t in tables)
+    out = kernels().huge_empty(rows, tables[0].shape[1])
+    start = 0
+    for t in tables:
+        out[start:start + t.shape[0]].copy_(t)
+        start += t.shape[0]
+    return out
+
+
+def onednn_missing() -> str | None:
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn), so no fast bf16 GEMM on CPU"
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "this torch build lacks mkldnn._linear_pointwise (fused bf16 linear)"
+    return None
+
+
+def padded_layers(mlp: nn.Sequential, k_in: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """(W fp32 [N, K], b fp32 [N], ReLU after) per layer; the first W zero-padded to ``k_in`` columns."""
+    out = []
+    for k, (lin, relu) in enumerate(linears(mlp)):
+        w = lin.weight.detach().to(torch.float32)
+        if k == 0 and k_in is not None and k_in > w.shape[1]:
+            w = nn.functional.pad(w, (0, k_in - w.shape[1]))
+        out.append((w, lin.bias.detach().to(torch.float32).contiguous(), relu))
+    return out
+
+
+def small_mlp_args(mlp: nn.Sequential, k_in: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+    """``small_forward``'s form of an MLP: Wᵀ bf16 [K, N], b fp32 [N] and ReLU flags per layer."""
+    layers = padded_layers(mlp, k_in)
+    return ([w.t().contiguous().to(torch.bfloat16) for w, _, _ in layers], [b for _, b, _ in layers],
+            [relu for _, _, relu in layers])
+
+
+class OneDnnMlp(nn.Module):
+    """An MLP of Linear (+ ReLU) layers in bf16 on oneDNN; input bf16 [B, K_in], output fp32.
+
+    ``k_in`` zero-pads the first layer's weight columns to the width the caller's input has
+    (the fused interaction writes [B, kp] with kp a multiple of 16).
+    """
+
+    def __init__(self, mlp: nn.Sequential, k_in: int | None = None):
+        super().__init__()
+        why = onednn_missing()
+        if why:
+            raise RewriteError(why)
+        layers = padded_layers(mlp, k_in)
+        w_last, b_last, relu_last = layers[-1]
+        self.final = w_last.shape[0] == 1 and not relu_last
+        if self.final:
+            layers = layers[:-1]
+            self.w_final = w_last.reshape(-1).contiguous()
+            self.b_final = float(b_last)
+        self.packed = [torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), None) for w, _, _ in layers]
+        self.bias = [b.to(torch.bfloat16) for _, b, _ in layers]
+        self.attr = ["relu" if relu else "none" for _, _, relu in layers]
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers before a width-1 last layer (all layers otherwise), bf16 in and out."""
+        for w, b, attr in zip(self.packed, self.bias, self.attr):
+            x = torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], "")
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.hidden(x)
+        if self.final:
+            return kernels().final_dot(y.contiguous(), self.w_final, self.b_final).unsqueeze(1)
+        return y.to(torch.float32)

@@ -1,0 +1,456 @@
+// CPU kernels of the torch-fast path: huge-page tables, a sample-major fused multi-table lookup,
+// and the lookup fused with the dot interaction, writing the top MLP's bf16 input directly.
+// Built at load time by targets/fast_kernels.py (torch C++ extension, -O3 -march=native).
+//
+//   huge_empty(rows, d)        -> W [rows, d] f32 in 2 MiB-aligned memory advised MADV_HUGEPAGE
+//   gather_bags(W, idx, off, base, rows, mean)               -> e [B, F, d] f32
+//       e[b, f] = sum_{p in [off[f*B+b], off[f*B+b+1])} W[base[f] + idx[p]]   (mean: / max(1, len))
+//   embed_interact(W, idx, off, base, rows, mean, x, order, kp) -> z [B, kp] bf16
+//       T_b = [x_b; e[b, 0]; ..; e[b, F-1]] (F+1 vectors of d), G = T_b T_bᵀ,
+//       z_b = [x_b, G[i, j] for the kept pairs in `order`, 0 ...]  (order 0: dlrm j < i,
+//       1: dlrm-self j <= i, 2: torchrec j > i; row-major in i), rounded to bf16 once.
+//   final_dot(y, w, bias)      -> logits [B] f32 = y w + bias, y bf16 [B, K] (a last layer of width 1)
+//   small_forward(dense, W, idx, off, base, rows, mean, bottom W^T/b/relu, top W^T/b/relu, order, kp)
+//                              -> logits [B] f32: the whole model in one call, bf16 weights (tiny B)
+//
+// Order: chunks of CHUNK samples; inside a chunk each feature's bags are pooled in turn (one
+// table at a time, its rows prefetched PREFETCH lookups ahead) into a [CHUNK, 32, d] tile that
+// stays in L2, and the Gram of each sample's tile follows.  Huge pages: 2 GB of 4 KiB pages is
+// 500k pages, far beyond the STLB, so without them nearly every lookup into a big table also
+// walks the page table (B=2048 Kaggle: 0.63 ms on 4 KiB pages, 0.51 ms on 2 MiB pages).
+//
+// Bounds: an id outside its table is skipped and reported after the loop (an error, never a read
+// outside the table).  The d = 16, F + 1 <= 32 case (Criteo's shape) has an AVX-512 Gram (two
+// 16x16 register transposes, then G row i = sum_c T[i][c] * Tᵀ[c]); other shapes use plain loops.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define DLRM_FAST_AVX512 1
+#endif
+
+namespace {
+constexpr int64_t PREFETCH = 32;   // lookups ahead within a feature (B=2048 Kaggle: 0 -> 0.55 ms, 32 -> 0.51 ms)
+constexpr int64_t CHUNK = 256;    // samples per tile: [CHUNK, 32, 16] f32 = 512 KiB stays in L2
+constexpr int64_t HUGE_PAGE = int64_t(2) << 20;
+constexpr int64_t MAX_D = 1024;
+
+torch::Tensor huge_empty(int64_t rows, int64_t d) {
+  TORCH_CHECK(rows >= 0 && d > 0, "rows must be >= 0 and d > 0");
+  const int64_t bytes = std::max<int64_t>(rows * d * 4, 4);
+  const int64_t total = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+  void* p = std::aligned_alloc(HUGE_PAGE, total);
+  TORCH_CHECK(p != nullptr, "could not allocate ", total, " bytes for the tables");
+  madvise(p, total, MADV_HUGEPAGE);   // advisory: without THP the table still works, on 4 KiB pages
+  return torch::from_blob(p, {rows, d}, [](void* q) { std::free(q); }, torch::kFloat);
+}
+
+struct Bags {
+  const float* w;
+  const int64_t *idx, *off, *base, *rows;
+  int64_t nf, batch, d;
+  bool mean;
+};
+
+Bags check_bags(const torch::Tensor& w, const torch::Tensor& idx, const torch::Tensor& off, const torch::Tensor& base,
+                const torch::Tensor& rows, bool mean) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat && w.is_contiguous(), "W must be f32 [rows, d]");
+  TORCH_CHECK(w.size(1) <= MAX_D, "d must be <= ", MAX_D);
+  for (const auto* t : {&idx, &off, &base, &rows})
+    TORCH_CHECK(t->scalar_type() == torch::kLong && t->is_contiguous() && t->dim() == 1,
+                "indices, offsets, base and rows must be contiguous int64 vectors");
+  const int64_t nf = base.numel();
+  TORCH_CHECK(nf > 0 && rows.numel() == nf && (off.numel() - 1) % nf == 0, "offsets must have F*B+1 entries");
+  const int64_t batch = (off.numel() - 1) / nf;
+  const int64_t* op = off.data_ptr<int64_t>();
+  TORCH_CHECK(op[0] == 0 && op[nf * batch] == idx.numel(), "offsets must run from 0 to len(indices)");
+  return {w.data_ptr<float>(), idx.data_ptr<int64_t>(), op, base.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
+          nf, batch, w.size(1), mean};
+}
+
+// Pools feature f's bags of samples [lo, hi) into out[b * stride ..] (d floats each), walking the
+// feature's lookups in order and prefetching the row PREFETCH lookups ahead; false if an id was
+// out of range.  Feature-major order matters: B=2048 Kaggle, 0.51 ms feature-major vs 0.89 ms
+// walking sample by sample across the 26 tables (docs/performance.md).
+template <int64_t D>
+bool pool_feature(const Bags& g, int64_t f, int64_t lo, int64_t hi, float* out, int64_t stride) {
+  const int64_t d = D > 0 ? D : g.d;
+  const uint64_t rows = static_cast<uint64_t>(g.rows[f]);
+  const float* wf = g.w + g.base[f] * d;
+  const int64_t* off = g.off + f * g.batch;
+  const int64_t last = off[hi];
+  bool ok = true;
+  for (int64_t b = lo; b < hi; ++b) {
+    const int64_t start = off[b], end = off[b + 1];
+    float acc[D > 0 ? D : MAX_D];
+    for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
+    for (int64_t p = start; p < end; ++p) {
+      if (p + PREFETCH < last) {
+        const uint64_t ahead = static_cast<uint64_t>(g.idx[p + PREFETCH]);
+        if (ahead < rows) __builtin_prefetch(wf + static_cast<int64_t>(ahead) * d);
+      }
+      const uint64_t i = static_cast<uint64_t>(g.idx[p]);
+      if (i >= rows) { ok = false; continue; }
+      const float* row = wf + static_cast<int64_t>(i) * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) acc[c] += row[c];
+    }
+    const float scale = g.mean && end - start > 1 ? 1.f / static_cast<float>(end - start) : 1.f;
+    float* o = out + b * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * scale;
+  }
+  return ok;
+}
+
+bool pool_features(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
+  bool ok = true;
+  for (int64_t f = 0; f < g.nf; ++f) {
+    float* o = out + (first_row + f) * g.d - lo * stride;
+    ok &= g.d == 16 ? pool_feature<16>(g, f, lo, hi, o, stride) : pool_feature<0>(g, f, lo, hi, o, stride);
+  }
+  return ok;
+}
+
+// fn(lo, hi) over chunks of CHUNK samples, in parallel; an out-of-range id anywhere is an error.
+template <typename Fn>
+void for_chunks(const Bags& g, Fn fn) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, (g.batch + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      if (!fn(c * CHUNK, std::min(g.batch, (c + 1) * CHUNK))) ok = false;
+  });
+  TORCH_CHECK(ok.load(), "an index is outside its table's rows");
+}
+
+torch::Tensor gather_bags(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base,
+                          torch::Tensor rows, bool mean) {
+  const Bags g = check_bags(w, idx, off, base, rows, mean);
+  auto out = torch::empty({g.batch, g.nf, g.d}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  for_chunks(g, [&](int64_t lo, int64_t hi) { return pool_features(g, lo, hi, op + lo * g.nf * g.d, g.nf * g.d, 0); });
+  return out;
+}
+
+// [lo, hi) of the columns j kept in row i of G, for the pair orders of rewrite.model.interaction_pairs.
+inline void pair_range(int64_t order, int64_t i, int64_t nv, int64_t* lo, int64_t* hi) {
+  if (order == 0) { *lo = 0; *hi = i; }
+  else if (order == 1) { *lo = 0; *hi = i + 1; }
+  else { *lo = i + 1; *hi = nv; }
+}
+
+inline uint16_t to_bf16(float v) {   // round to nearest even, as the hardware conversion does
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);   // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// Generic interaction row: T [nv, d] row-major -> z (bf16 bits), pairs in `order`.
+void interact_generic(const float* t, int64_t nv, int64_t d, int64_t order, uint16_t* z) {
+  for (int64_t c = 0; c < d; ++c) z[c] = to_bf16(t[c]);
+  int64_t k = d;
+  for (int64_t i = 0; i < nv; ++i) {
+    int64_t lo, hi;
+    pair_range(order, i, nv, &lo, &hi);
+    for (int64_t j = lo; j < hi; ++j) {
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < d; ++c) acc += t[i * d + c] * t[j * d + c];
+      z[k++] = to_bf16(acc);
+    }
+  }
+}
+
+#ifdef DLRM_FAST_AVX512
+// In-register transpose of a 16x16 f32 block: r[k] row k in, column k out.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int k = 0; k < 16; k += 2) {
+    t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 16; k += 4) {
+    r[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
+    r[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {   // 128-bit lanes: rows k, k+4, k+8, k+12 hold lane groups
+    t[k] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0x88);
+    t[k + 4] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0xDD);
+    t[k + 8] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0x88);
+    t[k + 12] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0xDD);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
+    r[k + 4] = _mm512_shuffle_f32x4(t[k + 4], t[k + 12], 0x88);
+    r[k + 12] = _mm512_shuffle_f32x4(t[k + 4], t[k + 12], 0xDD);
+  }
+}
+
+// d = 16, nv <= 32: T [32, 16] (rows >= nv zero, 64-byte aligned) -> z (bf16 bits).
+// G row i = sum_c T[i][c] * Tᵀ[c] (two vectors: columns 0-15 and 16-31), four rows at a time.
+inline void interact_avx512(const float* t, int64_t nv, int64_t order, uint16_t* z) {
+  alignas(64) float tt[16][32];   // Tᵀ: tt[c][j] = T[j][c]
+  __m512 r[16];
+  for (int half = 0; half < 2; ++half) {
+    for (int k = 0; k < 16; ++k) r[k] = _mm512_load_ps(t + (half * 16 + k) * 16);
+    transpose16(r);
+    for (int c = 0; c < 16; ++c) _mm512_store_ps(&tt[c][half * 16], r[c]);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(z), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(t)));
+  uint16_t* out = z + 16;
+  for (int64_t i0 = 0; i0 < nv; i0 += 4) {   // 4 rows at a time: each Tᵀ[c] load feeds 4 FMA chains
+    const int64_t rows = std::min<int64_t>(4, nv - i0);
+    int64_t lo[4], hi[4];
+    bool upper = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      pair_range(order, i0 + r, nv, &lo[r], &hi[r]);
+      upper |= hi[r] > 16;
+    }
+    __m512 g0[4], g1[4];
+    for (int r = 0; r < 4; ++r) g0[r] = g1[r] = _mm512_setzero_ps();
+    for (int c = 0; c < 16; ++c) {
+      const __m512 u = _mm512_load_ps(&tt[c][0]);
+      const __m512 v = upper ? _mm512_load_ps(&tt[c][16]) : u;
+      for (int r = 0; r < 4; ++r) {   // rows past nv read zero rows of the tile, never stored
+        const __m512 a = _mm512_set1_ps(t[(i0 + r) * 16 + c]);
+        g0[r] = _mm512_fmadd_ps(a, u, g0[r]);
+        if (upper) g1[r] = _mm512_fmadd_ps(a, v, g1[r]);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = hi[r] - lo[r];
+      if (n <= 0) continue;
+      alignas(64) uint16_t row[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row), (__m256i)_mm512_cvtneps_pbh(g0[r]));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row + 16), (__m256i)_mm512_cvtneps_pbh(g1[r]));
+      const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+      _mm512_mask_storeu_epi16(out, m, _mm512_maskz_loadu_epi16(m, row + lo[r]));
+      out += n;
+    }
+  }
+}
+#endif
+
+torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base,
+                             torch::Tensor rows, bool mean, torch::Tensor x, int64_t order, int64_t kp,
+                             bool generic) {
+  const Bags g = check_bags(w, idx, off, base, rows, mean);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == g.batch && x.size(1) == g.d, "x must be [B, d]");
+  TORCH_CHECK(order >= 0 && order <= 2, "order must be 0 (dlrm), 1 (dlrm-self) or 2 (torchrec)");
+  x = x.to(torch::kFloat).contiguous();   // x may come bf16 from the bottom MLP
+  const int64_t nv = g.nf + 1, d = g.d;
+  const int64_t pairs = order == 1 ? nv * (nv + 1) / 2 : nv * (nv - 1) / 2;
+  TORCH_CHECK(kp >= d + pairs, "kp must be >= d + pairs");
+  auto z = torch::empty({g.batch, kp}, torch::kBFloat16);
+  uint16_t* zp = reinterpret_cast<uint16_t*>(z.data_ptr<at::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  bool vector = false;
+#ifdef DLRM_FAST_AVX512
+  vector = !generic && d == 16 && nv <= 32;
+#endif
+  const int64_t ts = std::max<int64_t>(32, nv) * d;   // tile floats per sample
+  for_chunks(g, [&](int64_t lo, int64_t hi) {
+    const size_t bytes = (hi - lo) * ts * sizeof(float);   // a multiple of 64: ts is a multiple of 16
+    std::unique_ptr<float, decltype(&std::free)> tile(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+    TORCH_CHECK(tile != nullptr, "out of memory for the interaction tile");
+    std::memset(tile.get(), 0, bytes);
+    for (int64_t b = lo; b < hi; ++b) std::memcpy(tile.get() + (b - lo) * ts, xp + b * d, d * sizeof(float));
+    const bool ok = pool_features(g, lo, hi, tile.get(), ts, 1);
+    for (int64_t b = lo; b < hi; ++b) {
+      const float* t = tile.get() + (b - lo) * ts;
+      uint16_t* zb = zp + b * kp;
+#ifdef DLRM_FAST_AVX512
+      if (vector) interact_avx512(t, nv, order, zb);
+      else
+#endif
+        interact_generic(t, nv, d, order, zb);
+      std::memset(zb + d + pairs, 0, (kp - d - pairs) * sizeof(uint16_t));
+    }
+    return ok;
+  });
+  return z;
+}
+
+// The top MLP's last layer when it has one output: logit[b] = sum_k y[b, k] w[k] + bias, from the
+// bf16 activations of the layer before, accumulated in f32 (a bf16 logit would lose ~3 digits).
+torch::Tensor final_dot(torch::Tensor y, torch::Tensor w, double bias) {
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == torch::kBFloat16 && y.is_contiguous(), "y must be bf16 [B, K]");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.numel() == y.size(1), "w must be f32 [K]");
+  const int64_t batch = y.size(0), k = y.size(1);
+  auto out = torch::empty({batch}, torch::kFloat);
+  const uint16_t* yp = reinterpret_cast<const uint16_t*>(y.data_ptr<at::BFloat16>());
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float b0 = static_cast<float>(bias);
+  at::parallel_for(0, batch, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const uint16_t* row = yp + b * k;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < k; ++c) acc += bf16_to_f32(row[c]) * wp[c];
+      op[b] = acc + b0;
+    }
+  });
+  return out;
+}
+
+struct Layers {   // an MLP as W^T bf16 [K_l, N_l], bias f32 [N_l], relu_l
+  std::vector<const uint16_t*> wt;
+  std::vector<const float*> bias;
+  std::vector<int64_t> k, n;
+  std::vector<bool> relu;
+};
+
+Layers check_layers(const std::vector<torch::Tensor>& wt, const std::vector<torch::Tensor>& bias,
+                    const std::vector<bool>& relu, int64_t k_in) {
+  TORCH_CHECK(!wt.empty() && wt.size() == bias.size() && wt.size() == relu.size(), "one W^T, bias, relu per layer");
+  Layers l;
+  for (size_t i = 0; i < wt.size(); ++i) {
+    TORCH_CHECK(wt[i].dim() == 2 && wt[i].scalar_type() == torch::kBFloat16 && wt[i].is_contiguous() &&
+                wt[i].size(0) == k_in && bias[i].scalar_type() == torch::kFloat && bias[i].is_contiguous() &&
+                bias[i].numel() == wt[i].size(1), "layer shapes do not chain (W^T bf16 [K, N], bias f32 [N])");
+    l.wt.push_back(reinterpret_cast<const uint16_t*>(wt[i].data_ptr<at::BFloat16>()));
+    l.bias.push_back(bias[i].data_ptr<float>());
+    l.k.push_back(k_in);
+    l.n.push_back(wt[i].size(1));
+    l.relu.push_back(relu[i]);
+    k_in = wt[i].size(1);
+  }
+  return l;
+}
+
+#ifdef DLRM_FAST_AVX512
+// Outputs [j0, j0 + 16 NV) of y = b + x W^T for one sample, NV accumulators kept in registers
+// across the whole K loop (no stores until the end); masked at the tail of n.
+template <int NV>
+inline void matvec_block(const float* x, int64_t k, const uint16_t* wt, const float* bias, int64_t n, int64_t j0,
+                         bool relu, float* y) {
+  __mmask16 mask[NV];
+  __m512 acc[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t rem = n - j0 - v * 16;
+    mask[v] = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1);
+    acc[v] = _mm512_maskz_loadu_ps(mask[v], bias + j0 + v * 16);
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    if (x[c] == 0.f) continue;
+    const __m512 a = _mm512_set1_ps(x[c]);
+    const uint16_t* w = wt + c * n + j0;
+    for (int v = 0; v < NV; ++v) {
+      const __m256i h = _mm256_maskz_loadu_epi16(mask[v], w + v * 16);
+      acc[v] = _mm512_fmadd_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), acc[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __m512 out = relu ? _mm512_max_ps(acc[v], _mm512_setzero_ps()) : acc[v];
+    _mm512_mask_storeu_ps(y + j0 + v * 16, mask[v], out);
+  }
+}
+#endif
+
+// y = b + x W^T (W^T bf16 [k, n], f32 accumulation), ReLU if relu, for one sample.
+void matvec_bf16(const float* x, int64_t k, const uint16_t* wt, const float* bias, int64_t n, bool relu, float* y) {
+#ifdef DLRM_FAST_AVX512
+  int64_t j0 = 0;
+  for (; j0 + 128 <= n; j0 += 128) matvec_block<8>(x, k, wt, bias, n, j0, relu, y);
+  const int64_t rest = (n - j0 + 15) / 16;
+  switch (rest) {
+    case 0: break;
+    case 1: matvec_block<1>(x, k, wt, bias, n, j0, relu, y); break;
+    case 2: matvec_block<2>(x, k, wt, bias, n, j0, relu, y); break;
+    case 3: matvec_block<3>(x, k, wt, bias, n, j0, relu, y); break;
+    case 4: matvec_block<4>(x, k, wt, bias, n, j0, relu, y); break;
+    case 5: matvec_block<5>(x, k, wt, bias, n, j0, relu, y); break;
+    case 6: matvec_block<6>(x, k, wt, bias, n, j0, relu, y); break;
+    default: matvec_block<7>(x, k, wt, bias, n, j0, relu, y); break;
+  }
+#else
+  std::memcpy(y, bias, n * sizeof(float));
+  for (int64_t c = 0; c < k; ++c) {
+    if (x[c] == 0.f) continue;
+    const uint16_t* w = wt + c * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] += x[c] * bf16_to_f32(w[j]);
+  }
+  if (relu)
+    for (int64_t j = 0; j < n; ++j) y[j] = std::max(y[j], 0.f);
+#endif
+}
+
+// M samples through an MLP, x [M, K_0] f32 -> the returned [M, N_last].
+std::vector<float> mlp_rows(const Layers& l, std::vector<float> x, int64_t m) {
+  std::vector<float> y;
+  for (size_t i = 0; i < l.wt.size(); ++i) {
+    const int64_t k = l.k[i], n = l.n[i];
+    y.resize(m * n);
+    for (int64_t r = 0; r < m; ++r) matvec_bf16(x.data() + r * k, k, l.wt[i], l.bias[i], n, l.relu[i], y.data() + r * n);
+    x.swap(y);
+  }
+  return x;
+}
+
+// The whole model for a few samples in one call (batch-1 serving: per-op dispatch would cost more
+// than the math): x = bottom(dense), z = embed_interact(.., x, ..), logit = top(z).  Weights bf16
+// (half the bytes to stream from cache per sample), activations and accumulation f32, z rounded
+// to bf16 as on the large-batch path, so both paths compute the same numbers.
+torch::Tensor small_forward(torch::Tensor dense, torch::Tensor w, torch::Tensor idx, torch::Tensor off,
+                            torch::Tensor base, torch::Tensor rows, bool mean, std::vector<torch::Tensor> bottom_wt,
+                            std::vector<torch::Tensor> bottom_b, std::vector<bool> bottom_relu,
+                            std::vector<torch::Tensor> top_wt, std::vector<torch::Tensor> top_b,
+                            std::vector<bool> top_relu, int64_t order, int64_t kp) {
+  TORCH_CHECK(dense.dim() == 2 && dense.scalar_type() == torch::kFloat && dense.is_contiguous(), "dense must be f32 [B, n]");
+  const Layers bottom = check_layers(bottom_wt, bottom_b, bottom_relu, dense.size(1));
+  const Layers top = check_layers(top_wt, top_b, top_relu, kp);
+  TORCH_CHECK(top.n.back() == 1, "the top MLP must end in one output");
+  const int64_t batch = dense.size(0), d = w.size(1);
+  TORCH_CHECK(bottom.n.back() == d, "the bottom MLP must end in d = ", d, " outputs");
+  const float* dp = dense.data_ptr<float>();
+  const std::vector<float> xv = mlp_rows(bottom, std::vector<float>(dp, dp + dense.numel()), batch);
+  const torch::Tensor x = torch::from_blob(const_cast<float*>(xv.data()), {batch, d}, torch::kFloat);
+  const torch::Tensor z = embed_interact(w, idx, off, base, rows, mean, x, order, kp, false);
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>());
+  std::vector<float> zf(batch * kp);
+  for (int64_t c = 0; c < batch * kp; ++c) zf[c] = bf16_to_f32(zp[c]);
+  const std::vector<float> logits = mlp_rows(top, std::move(zf), batch);
+  auto out = torch::empty({batch}, torch::kFloat);
+  std::memcpy(out.data_ptr<float>(), logits.data(), batch * sizeof(float));
+  return out;
+}
+
+bool has_avx512() {
+#ifdef DLRM_FAST_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("huge_empty", &huge_empty);
+  m.def("gather_bags", &gather_bags);
+  m.def("embed_interact", &embed_interact);
+  m.def("final_dot", &final_dot);
+  m.def("small_forward", &small_forward);
+  m.def("has_avx512", &has_avx512);
+}
