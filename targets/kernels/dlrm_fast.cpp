@@ -38,7 +38,7 @@
 #endif
 
 namespace {
-constexpr int64_t PREFETCH = 32;   // lookups ahead within a feature (B=2048 Kaggle: 0 -> 0.55 ms, 32 -> 0.51 ms)
+constexpr int64_t PREFETCH = 32;   // lookups ahead, across features (B=2048 Kaggle: 8..128 within 10%)
 constexpr int64_t CHUNK = 256;    // samples per tile: [CHUNK, 32, 16] f32 = 512 KiB stays in L2
 constexpr int64_t HUGE_PAGE = int64_t(2) << 20;
 constexpr int64_t MAX_D = 1024;
@@ -76,48 +76,77 @@ Bags check_bags(const torch::Tensor& w, const torch::Tensor& idx, const torch::T
           nf, batch, w.size(1), mean};
 }
 
-// Pools feature f's bags of samples [lo, hi) into out[b * stride ..] (d floats each), walking the
-// feature's lookups in order and prefetching the row PREFETCH lookups ahead; false if an id was
-// out of range.  Feature-major order matters: B=2048 Kaggle, 0.51 ms feature-major vs 0.89 ms
-// walking sample by sample across the 26 tables (docs/performance.md).
-template <int64_t D>
-bool pool_feature(const Bags& g, int64_t f, int64_t lo, int64_t hi, float* out, int64_t stride) {
-  const int64_t d = D > 0 ? D : g.d;
-  const uint64_t rows = static_cast<uint64_t>(g.rows[f]);
-  const float* wf = g.w + g.base[f] * d;
-  const int64_t* off = g.off + f * g.batch;
-  const int64_t last = off[hi];
-  bool ok = true;
-  for (int64_t b = lo; b < hi; ++b) {
-    const int64_t start = off[b], end = off[b + 1];
-    float acc[D > 0 ? D : MAX_D];
-    for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
-    for (int64_t p = start; p < end; ++p) {
-      if (p + PREFETCH < last) {
-        const uint64_t ahead = static_cast<uint64_t>(g.idx[p + PREFETCH]);
-        if (ahead < rows) __builtin_prefetch(wf + static_cast<int64_t>(ahead) * d);
-      }
-      const uint64_t i = static_cast<uint64_t>(g.idx[p]);
-      if (i >= rows) { ok = false; continue; }
-      const float* row = wf + static_cast<int64_t>(i) * d;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) acc[c] += row[c];
+// The lookups of samples [lo, hi) in pooling order (feature by feature, bag by bag): the row
+// PREFETCH lookups ahead of the one being summed, across feature boundaries, so the stream of
+// misses never drains when the loop moves to the next table.
+struct Lookahead {
+  const Bags& g;
+  int64_t lo, hi, f, p, end;
+  Lookahead(const Bags& bags, int64_t l, int64_t h) : g(bags), lo(l), hi(h), f(-1), p(0), end(0) {
+    next_feature();
+    for (int64_t k = 0; k < PREFETCH; ++k) step();
+  }
+  void next_feature() {
+    while (p >= end && f + 1 < g.nf) {
+      ++f;
+      p = g.off[f * g.batch + lo];
+      end = g.off[f * g.batch + hi];
     }
-    const float scale = g.mean && end - start > 1 ? 1.f / static_cast<float>(end - start) : 1.f;
-    float* o = out + b * stride;
+  }
+  void step() {   // prefetch the row at the cursor, then advance it
+    if (p >= end) return;
+    const uint64_t i = static_cast<uint64_t>(g.idx[p]);
+    if (i < static_cast<uint64_t>(g.rows[f])) __builtin_prefetch(g.w + (g.base[f] + static_cast<int64_t>(i)) * g.d);
+    ++p;
+    next_feature();
+  }
+};
+
+// Pools every bag of samples [lo, hi): bag (f, b) into out[b * stride + (first_row + f) * d ..];
+// false if an id was out of range.  Feature-major order matters: B=2048 Kaggle, 0.51 ms
+// feature-major vs 0.89 ms walking sample by sample across the 26 tables (docs/performance.md).
+// STREAM: write each pooled row with a non-temporal store (a [B, F, d] result that the next stage
+// reads much later: no read-for-ownership of its lines, B=2048 Kaggle 0.84 -> 0.67 ms in C).
+template <int64_t D, bool STREAM>
+bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
+  const int64_t d = D > 0 ? D : g.d;
+  Lookahead ahead(g, lo, hi);
+  bool ok = true;
+  for (int64_t f = 0; f < g.nf; ++f) {
+    const uint64_t rows = static_cast<uint64_t>(g.rows[f]);
+    const float* wf = g.w + g.base[f] * d;
+    const int64_t* off = g.off + f * g.batch;
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t start = off[b], end = off[b + 1];
+      float acc[D > 0 ? D : MAX_D];
+      for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
+      for (int64_t p = start; p < end; ++p) {
+        ahead.step();
+        const uint64_t i = static_cast<uint64_t>(g.idx[p]);
+        if (i >= rows) { ok = false; continue; }
+        const float* row = wf + static_cast<int64_t>(i) * d;
 #pragma omp simd
-    for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * scale;
+        for (int64_t c = 0; c < d; ++c) acc[c] += row[c];
+      }
+      const float scale = g.mean && end - start > 1 ? 1.f / static_cast<float>(end - start) : 1.f;
+      float* o = out + (b - lo) * stride + (first_row + f) * d;
+#ifdef DLRM_FAST_AVX512
+      if constexpr (STREAM && D == 16) {
+        _mm512_stream_ps(o, _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(scale)));
+        continue;
+      }
+#endif
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * scale;
+    }
   }
   return ok;
 }
 
+template <bool STREAM>
 bool pool_features(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
-  bool ok = true;
-  for (int64_t f = 0; f < g.nf; ++f) {
-    float* o = out + (first_row + f) * g.d - lo * stride;
-    ok &= g.d == 16 ? pool_feature<16>(g, f, lo, hi, o, stride) : pool_feature<0>(g, f, lo, hi, o, stride);
-  }
-  return ok;
+  return g.d == 16 ? pool_chunk<16, STREAM>(g, lo, hi, out, stride, first_row)
+                   : pool_chunk<0, false>(g, lo, hi, out, stride, first_row);
 }
 
 // fn(lo, hi) over chunks of CHUNK samples, in parallel; an out-of-range id anywhere is an error.
@@ -136,7 +165,14 @@ torch::Tensor gather_bags(torch::Tensor w, torch::Tensor idx, torch::Tensor off,
   const Bags g = check_bags(w, idx, off, base, rows, mean);
   auto out = torch::empty({g.batch, g.nf, g.d}, torch::kFloat);
   float* op = out.data_ptr<float>();
-  for_chunks(g, [&](int64_t lo, int64_t hi) { return pool_features(g, lo, hi, op + lo * g.nf * g.d, g.nf * g.d, 0); });
+  const bool aligned = reinterpret_cast<uintptr_t>(op) % 64 == 0;   // torch's allocator aligns to 64
+  for_chunks(g, [&](int64_t lo, int64_t hi) {
+    float* o = op + lo * g.nf * g.d;
+    return aligned ? pool_features<true>(g, lo, hi, o, g.nf * g.d, 0) : pool_features<false>(g, lo, hi, o, g.nf * g.d, 0);
+  });
+#ifdef DLRM_FAST_AVX512
+  _mm_sfence();
+#endif
   return out;
 }
 
@@ -275,7 +311,7 @@ torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor o
     TORCH_CHECK(tile != nullptr, "out of memory for the interaction tile");
     std::memset(tile.get(), 0, bytes);
     for (int64_t b = lo; b < hi; ++b) std::memcpy(tile.get() + (b - lo) * ts, xp + b * d, d * sizeof(float));
-    const bool ok = pool_features(g, lo, hi, tile.get(), ts, 1);
+    const bool ok = pool_features<false>(g, lo, hi, tile.get(), ts, 1);
     for (int64_t b = lo; b < hi; ++b) {
       const float* t = tile.get() + (b - lo) * ts;
       uint16_t* zb = zp + b * kp;
