@@ -60,7 +60,7 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
                        "torch-fast (bf16 oneDNN)": lambda b: fast.bottom16(b["dense"].to(torch.bfloat16)),
                        "torch-fast-int8": lambda b: fast8.bottom8(b["dense"])},
         "interaction": {"eager fp32 (list)": lambda b: model.interaction(b["x"], b["embs"]),
-                        "C++ (torch-fast-int8)": lambda b: kernels().dot_interaction(
+                        "torch-fast-int8 (C++)": lambda b: kernels().dot_interaction(
                             b["x"], b["fused"], fast8.pair_i, fast8.pair_j)},
         "embedding + interaction": {
             "eager fp32": lambda b: model.interaction(b["x"], eager_embed(b)),
@@ -77,6 +77,19 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
     if tbe is not None:
         stages["embedding"]["fbgemm int8 TBE (1 call)"] = lambda b: tbe(b["indices"], b["offsets"])
     return stages
+
+
+def runs_at(stage: str, variant: str, batch: int) -> bool:
+    """Whether a path's stage form is what the path runs at this batch size: up to
+    SMALL_MAX_BATCH samples both fast paths are one C++ call (only their whole model is timed),
+    and torch-fast-int8's int8 forms start at INT8_MIN_BATCH."""
+    from targets.torch_fast import INT8_MIN_BATCH, SMALL_MAX_BATCH
+
+    if stage == "whole model" or not variant.startswith("torch-fast"):
+        return True
+    if batch <= SMALL_MAX_BATCH:
+        return False
+    return not variant.startswith("torch-fast-int8") or batch >= INT8_MIN_BATCH
 
 
 @torch.inference_mode()
@@ -104,6 +117,7 @@ def time_stages(model, fast, fast8, tbe, sizes=SIZES, seed: int = 1) -> list[dic
 
         k = 0
         for name, variants in tqdm(stages.items(), desc=f"stages B={b}", file=sys.stderr, leave=False):
+            variants = {v: f for v, f in variants.items() if runs_at(name, v, b)}
             own = {}
             for v in variants:
                 own[v], k = fresh(k), k + 1

@@ -32,4 +32,6 @@ def test_stage_timings_cover_every_stage_and_variant(monkeypatch):
     emb = [r for r in rows if r["stage"] == "embedding" and r["batch"] == 2048]
     assert all(r["rows_per_s"] == 2048 * 26 / (r["ms"] / 1e3) for r in emb)
     assert all(r["ms"] > 0 for r in rows)
+    at_one = {(r["stage"], r["variant"]) for r in rows if r["batch"] == 1 and r["variant"].startswith("torch-fast")}
+    assert at_one == {("whole model", "torch-fast"), ("whole model", "torch-fast-int8")}   # one C++ call there
     assert "| 2048 | top MLP | torch-fast-int8 |" in table({"whole": {"results": []}, "stages": rows})
