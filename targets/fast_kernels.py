@@ -59,11 +59,22 @@ def padded_layers(mlp: nn.Sequential, k_in: int | None = None) -> list[tuple[tor
     return out
 
 
-def small_mlp_args(mlp: nn.Sequential, k_in: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
-    """``small_forward``'s form of an MLP: Wᵀ bf16 [K, N], b fp32 [N] and ReLU flags per layer."""
-    layers = padded_layers(mlp, k_in)
-    return ([w.t().contiguous().to(torch.bfloat16) for w, _, _ in layers], [b for _, b, _ in layers],
-            [relu for _, _, relu in layers])
+def bf16_pairs(w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> P bf16 [ceil(K/2), N, 2], P[c, j, q] = W[j, 2c + q] (zero past K): the operand
+    layout of AVX512-BF16's pairwise dot product."""
+    n, k = w.shape
+    w = nn.functional.pad(w, (0, k % 2))
+    return w.t().reshape(-1, 2, n).permute(0, 2, 1).contiguous().to(torch.bfloat16)
+
+
+def small_model(weight: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, mean: bool, bottom: nn.Sequential,
+                top: nn.Sequential, n_dense: int, order: int, kp: int):
+    """The whole model as one C++ object for tiny batches: ``small_model(...)(dense, indices,
+    offsets) -> logits``; MLP weights as ``bf16_pairs``, the top's first zero-padded to kp inputs."""
+    b, t = padded_layers(bottom, n_dense), padded_layers(top, kp)
+    return kernels().SmallModel(weight, base, rows, mean, [bf16_pairs(w) for w, _, _ in b], [x for _, x, _ in b],
+                                [bf16_pairs(w) for w, _, _ in t], [x for _, x, _ in t], [r for _, _, r in b],
+                                [r for _, _, r in t], order, kp)
 
 
 class OneDnnMlp(nn.Module):

@@ -84,7 +84,7 @@ class FastDLRM(nn.Module):
     """bottom MLP -> fused lookup + dot interaction -> top MLP, each batch size on its fastest form."""
 
     def __init__(self, model: RecModel):
-        from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, small_mlp_args
+        from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, small_model
 
         super().__init__()
         if model.spec.interaction != "dot":
@@ -94,8 +94,9 @@ class FastDLRM(nn.Module):
         self.order = PAIR_ORDERS[model.spec.pairs]
         self.kp = -(-(self.tables.dim + self.pairs.numel()) // 16) * 16     # z width, zero-padded
         self.bottom16, self.top16 = OneDnnMlp(model.bottom), OneDnnMlp(model.top, k_in=self.kp)
-        self.small = {"bottom": small_mlp_args(model.bottom, model.spec.n_dense),
-                      "top": small_mlp_args(model.top, self.kp)}
+        t = self.tables
+        self.small = small_model(t.weight, t.base, t.rows, t.pooling == "mean", model.bottom, model.top,
+                                 model.spec.n_dense, self.order, self.kp)
 
     def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """z bf16 [B, kp] = [x, <t_i, t_j> kept pairs, 0 ...] straight from the canonical batch."""
@@ -106,13 +107,8 @@ class FastDLRM(nn.Module):
                                         self.order, self.kp, False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        from targets.fast_kernels import kernels
-
         if dense.shape[0] <= SMALL_MAX_BATCH:
-            t = self.tables
-            return kernels().small_forward(dense.contiguous(), t.weight, indices, offsets, t.base, t.rows,
-                                           t.pooling == "mean", *self.small["bottom"], *self.small["top"],
-                                           self.order, self.kp)
+            return self.small(dense.contiguous(), indices, offsets)
         x = self.bottom16(dense.to(torch.bfloat16))
         return self.top16(self.lookup_interact(x, indices, offsets)).squeeze(1)
 

@@ -10,8 +10,8 @@
 //       z_b = [x_b, G[i, j] for the kept pairs in `order`, 0 ...]  (order 0: dlrm j < i,
 //       1: dlrm-self j <= i, 2: torchrec j > i; row-major in i), rounded to bf16 once.
 //   final_dot(y, w, bias)      -> logits [B] f32 = y w + bias, y bf16 [B, K] (a last layer of width 1)
-//   small_forward(dense, W, idx, off, base, rows, mean, bottom W^T/b/relu, top W^T/b/relu, order, kp)
-//                              -> logits [B] f32: the whole model in one call, bf16 weights (tiny B)
+//   SmallModel(W, base, rows, mean, bottom weights, bottom b, top weights, top b, bottom relu, top relu,
+//              order, kp)(dense, idx, off) -> logits [B] f32: the whole model in one call (tiny B)
 //
 // Order: chunks of CHUNK samples; inside a chunk each feature's bags are pooled in turn (one
 // table at a time, its rows prefetched PREFETCH lookups ahead) into a [CHUNK, 32, d] tile that
@@ -350,37 +350,41 @@ torch::Tensor final_dot(torch::Tensor y, torch::Tensor w, double bias) {
   return out;
 }
 
-struct Layers {   // an MLP as W^T bf16 [K_l, N_l], bias f32 [N_l], relu_l
-  std::vector<const uint16_t*> wt;
+// An MLP for small_forward: per layer the weight as bf16 pairs P [ceil(K/2), N, 2] with
+// P[c, j, q] = W[j, 2c + q] (0 past K): the operand layout of AVX512-BF16's dot product, which
+// multiplies two bf16 inputs by two bf16 weights and adds both into an f32 lane; bias f32 [N].
+struct Layers {
+  std::vector<const uint32_t*> wp;   // pairs of bf16 as 32-bit words: wp[c * N + j]
   std::vector<const float*> bias;
   std::vector<int64_t> k, n;
   std::vector<bool> relu;
 };
 
-Layers check_layers(const std::vector<torch::Tensor>& wt, const std::vector<torch::Tensor>& bias,
+Layers check_layers(const std::vector<torch::Tensor>& wp, const std::vector<torch::Tensor>& bias,
                     const std::vector<bool>& relu, int64_t k_in) {
-  TORCH_CHECK(!wt.empty() && wt.size() == bias.size() && wt.size() == relu.size(), "one W^T, bias, relu per layer");
+  TORCH_CHECK(!wp.empty() && wp.size() == bias.size() && wp.size() == relu.size(), "one weight, bias, relu per layer");
   Layers l;
-  for (size_t i = 0; i < wt.size(); ++i) {
-    TORCH_CHECK(wt[i].dim() == 2 && wt[i].scalar_type() == torch::kBFloat16 && wt[i].is_contiguous() &&
-                wt[i].size(0) == k_in && bias[i].scalar_type() == torch::kFloat && bias[i].is_contiguous() &&
-                bias[i].numel() == wt[i].size(1), "layer shapes do not chain (W^T bf16 [K, N], bias f32 [N])");
-    l.wt.push_back(reinterpret_cast<const uint16_t*>(wt[i].data_ptr<at::BFloat16>()));
+  for (size_t i = 0; i < wp.size(); ++i) {
+    TORCH_CHECK(wp[i].dim() == 3 && wp[i].scalar_type() == torch::kBFloat16 && wp[i].is_contiguous() &&
+                wp[i].size(0) == (k_in + 1) / 2 && wp[i].size(2) == 2 && bias[i].scalar_type() == torch::kFloat &&
+                bias[i].is_contiguous() && bias[i].numel() == wp[i].size(1),
+                "layer shapes do not chain (weight bf16 [ceil(K/2), N, 2], bias f32 [N])");
+    l.wp.push_back(reinterpret_cast<const uint32_t*>(wp[i].data_ptr<at::BFloat16>()));
     l.bias.push_back(bias[i].data_ptr<float>());
     l.k.push_back(k_in);
-    l.n.push_back(wt[i].size(1));
+    l.n.push_back(wp[i].size(1));
     l.relu.push_back(relu[i]);
-    k_in = wt[i].size(1);
+    k_in = wp[i].size(1);
   }
   return l;
 }
 
 #ifdef DLRM_FAST_AVX512
-// Outputs [j0, j0 + 16 NV) of y = b + x W^T for one sample, NV accumulators kept in registers
-// across the whole K loop (no stores until the end); masked at the tail of n.
+// Outputs [j0, j0 + 16 NV) of y = b + x W^T for one sample (x as bf16 pairs), NV accumulators
+// kept in registers across the whole K loop; masked at the tail of n.
 template <int NV>
-inline void matvec_block(const float* x, int64_t k, const uint16_t* wt, const float* bias, int64_t n, int64_t j0,
-                         bool relu, float* y) {
+inline void matvec_block(const uint32_t* x2, int64_t k2, const uint32_t* wp, const float* bias, int64_t n,
+                         int64_t j0, bool relu, float* y) {
   __mmask16 mask[NV];
   __m512 acc[NV];
   for (int v = 0; v < NV; ++v) {
@@ -388,14 +392,12 @@ inline void matvec_block(const float* x, int64_t k, const uint16_t* wt, const fl
     mask[v] = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1);
     acc[v] = _mm512_maskz_loadu_ps(mask[v], bias + j0 + v * 16);
   }
-  for (int64_t c = 0; c < k; ++c) {
-    if (x[c] == 0.f) continue;
-    const __m512 a = _mm512_set1_ps(x[c]);
-    const uint16_t* w = wt + c * n + j0;
-    for (int v = 0; v < NV; ++v) {
-      const __m256i h = _mm256_maskz_loadu_epi16(mask[v], w + v * 16);
-      acc[v] = _mm512_fmadd_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), acc[v]);
-    }
+  for (int64_t c = 0; c < k2; ++c) {
+    if (x2[c] == 0) continue;   // both inputs zero (after a ReLU, often)
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x2[c]));
+    const uint32_t* w = wp + c * n + j0;
+    for (int v = 0; v < NV; ++v)
+      acc[v] = _mm512_dpbf16_ps(acc[v], a, (__m512bh)_mm512_maskz_loadu_epi32(mask[v], w + v * 16));
   }
   for (int v = 0; v < NV; ++v) {
     const __m512 out = relu ? _mm512_max_ps(acc[v], _mm512_setzero_ps()) : acc[v];
@@ -404,51 +406,61 @@ inline void matvec_block(const float* x, int64_t k, const uint16_t* wt, const fl
 }
 #endif
 
-// y = b + x W^T (W^T bf16 [k, n], f32 accumulation), ReLU if relu, for one sample.
-void matvec_bf16(const float* x, int64_t k, const uint16_t* wt, const float* bias, int64_t n, bool relu, float* y) {
+// y = b + x W^T (f32 accumulation), ReLU if relu, for one sample; x: k2 pairs of bf16.
+void matvec_bf16(const uint32_t* x2, int64_t k2, const uint32_t* wp, const float* bias, int64_t n, bool relu,
+                 float* y) {
 #ifdef DLRM_FAST_AVX512
   int64_t j0 = 0;
-  for (; j0 + 128 <= n; j0 += 128) matvec_block<8>(x, k, wt, bias, n, j0, relu, y);
-  const int64_t rest = (n - j0 + 15) / 16;
-  switch (rest) {
+  for (; j0 + 128 <= n; j0 += 128) matvec_block<8>(x2, k2, wp, bias, n, j0, relu, y);
+  switch ((n - j0 + 15) / 16) {
     case 0: break;
-    case 1: matvec_block<1>(x, k, wt, bias, n, j0, relu, y); break;
-    case 2: matvec_block<2>(x, k, wt, bias, n, j0, relu, y); break;
-    case 3: matvec_block<3>(x, k, wt, bias, n, j0, relu, y); break;
-    case 4: matvec_block<4>(x, k, wt, bias, n, j0, relu, y); break;
-    case 5: matvec_block<5>(x, k, wt, bias, n, j0, relu, y); break;
-    case 6: matvec_block<6>(x, k, wt, bias, n, j0, relu, y); break;
-    default: matvec_block<7>(x, k, wt, bias, n, j0, relu, y); break;
+    case 1: matvec_block<1>(x2, k2, wp, bias, n, j0, relu, y); break;
+    case 2: matvec_block<2>(x2, k2, wp, bias, n, j0, relu, y); break;
+    case 3: matvec_block<3>(x2, k2, wp, bias, n, j0, relu, y); break;
+    case 4: matvec_block<4>(x2, k2, wp, bias, n, j0, relu, y); break;
+    case 5: matvec_block<5>(x2, k2, wp, bias, n, j0, relu, y); break;
+    case 6: matvec_block<6>(x2, k2, wp, bias, n, j0, relu, y); break;
+    default: matvec_block<7>(x2, k2, wp, bias, n, j0, relu, y); break;
   }
 #else
   std::memcpy(y, bias, n * sizeof(float));
-  for (int64_t c = 0; c < k; ++c) {
-    if (x[c] == 0.f) continue;
-    const uint16_t* w = wt + c * n;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] += x[c] * bf16_to_f32(w[j]);
+  for (int64_t c = 0; c < k2; ++c) {
+    if (x2[c] == 0) continue;
+    const float a0 = bf16_to_f32(x2[c] & 0xffffu), a1 = bf16_to_f32(x2[c] >> 16);
+    for (int64_t j = 0; j < n; ++j)
+      y[j] += a0 * bf16_to_f32(wp[c * n + j] & 0xffffu) + a1 * bf16_to_f32(wp[c * n + j] >> 16);
   }
   if (relu)
     for (int64_t j = 0; j < n; ++j) y[j] = std::max(y[j], 0.f);
 #endif
 }
 
-// M samples through an MLP, x [M, K_0] f32 -> the returned [M, N_last].
-std::vector<float> mlp_rows(const Layers& l, std::vector<float> x, int64_t m) {
+// M samples through an MLP: x [M, K_0] bf16 -> [M, N_last] f32; each layer's f32 output is
+// rounded to bf16 as the next layer's input (the numerics of the oneDNN bf16 path).
+std::vector<float> mlp_rows(const Layers& l, const uint16_t* x, int64_t m) {
+  std::vector<uint16_t> in;
   std::vector<float> y;
-  for (size_t i = 0; i < l.wt.size(); ++i) {
-    const int64_t k = l.k[i], n = l.n[i];
+  for (size_t i = 0; i < l.wp.size(); ++i) {
+    const int64_t k = l.k[i], k2 = (k + 1) / 2, n = l.n[i];
+    if (i == 0) {
+      in.assign(m * 2 * k2, 0);
+      for (int64_t r = 0; r < m; ++r) std::memcpy(in.data() + r * 2 * k2, x + r * k, k * sizeof(uint16_t));
+    } else {
+      in.assign(m * 2 * k2, 0);
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < k; ++c) in[r * 2 * k2 + c] = to_bf16(y[r * k + c]);
+    }
     y.resize(m * n);
-    for (int64_t r = 0; r < m; ++r) matvec_bf16(x.data() + r * k, k, l.wt[i], l.bias[i], n, l.relu[i], y.data() + r * n);
-    x.swap(y);
+    for (int64_t r = 0; r < m; ++r)
+      matvec_bf16(reinterpret_cast<const uint32_t*>(in.data() + r * 2 * k2), k2, l.wp[i], l.bias[i], n, l.relu[i],
+                  y.data() + r * n);
   }
-  return x;
+  return y;
 }
 
 // The whole model for a few samples in one call (batch-1 serving: per-op dispatch would cost more
-// than the math): x = bottom(dense), z = embed_interact(.., x, ..), logit = top(z).  Weights bf16
-// (half the bytes to stream from cache per sample), activations and accumulation f32, z rounded
-// to bf16 as on the large-batch path, so both paths compute the same numbers.
+// than the math): x = bottom(dense), z = embed_interact(.., x, ..), logit = top(z), in the
+// numerics of the large-batch path (bf16 weights and layer inputs, f32 accumulation).
 torch::Tensor small_forward(torch::Tensor dense, torch::Tensor w, torch::Tensor idx, torch::Tensor off,
                             torch::Tensor base, torch::Tensor rows, bool mean, std::vector<torch::Tensor> bottom_wt,
                             std::vector<torch::Tensor> bottom_b, std::vector<bool> bottom_relu,
@@ -460,18 +472,32 @@ torch::Tensor small_forward(torch::Tensor dense, torch::Tensor w, torch::Tensor 
   TORCH_CHECK(top.n.back() == 1, "the top MLP must end in one output");
   const int64_t batch = dense.size(0), d = w.size(1);
   TORCH_CHECK(bottom.n.back() == d, "the bottom MLP must end in d = ", d, " outputs");
-  const float* dp = dense.data_ptr<float>();
-  const std::vector<float> xv = mlp_rows(bottom, std::vector<float>(dp, dp + dense.numel()), batch);
+  std::vector<uint16_t> dense16(dense.numel());
+  for (int64_t c = 0; c < dense.numel(); ++c) dense16[c] = to_bf16(dense.data_ptr<float>()[c]);
+  const std::vector<float> xv = mlp_rows(bottom, dense16.data(), batch);
   const torch::Tensor x = torch::from_blob(const_cast<float*>(xv.data()), {batch, d}, torch::kFloat);
   const torch::Tensor z = embed_interact(w, idx, off, base, rows, mean, x, order, kp, false);
-  const uint16_t* zp = reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>());
-  std::vector<float> zf(batch * kp);
-  for (int64_t c = 0; c < batch * kp; ++c) zf[c] = bf16_to_f32(zp[c]);
-  const std::vector<float> logits = mlp_rows(top, std::move(zf), batch);
+  const std::vector<float> logits =
+      mlp_rows(top, reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), batch);
   auto out = torch::empty({batch}, torch::kFloat);
   std::memcpy(out.data_ptr<float>(), logits.data(), batch * sizeof(float));
   return out;
 }
+
+// small_forward with its weights bound once (a Python call then converts three tensors, not
+// six lists: ~5 us of the ~28 us of a batch-1 call).
+struct SmallModel {
+  torch::Tensor w, base, rows;
+  bool mean;
+  std::vector<torch::Tensor> bottom_wt, bottom_b, top_wt, top_b;
+  std::vector<bool> bottom_relu, top_relu;
+  int64_t order, kp;
+
+  torch::Tensor forward(torch::Tensor dense, torch::Tensor idx, torch::Tensor off) const {
+    return small_forward(dense, w, idx, off, base, rows, mean, bottom_wt, bottom_b, bottom_relu, top_wt, top_b,
+                         top_relu, order, kp);
+  }
+};
 
 bool has_avx512() {
 #ifdef DLRM_FAST_AVX512
@@ -487,6 +513,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_bags", &gather_bags);
   m.def("embed_interact", &embed_interact);
   m.def("final_dot", &final_dot);
-  m.def("small_forward", &small_forward);
+  pybind11::class_<SmallModel>(m, "SmallModel")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, bool, std::vector<torch::Tensor>,
+                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                          std::vector<bool>, std::vector<bool>, int64_t, int64_t>())
+      .def("__call__", &SmallModel::forward);
   m.def("has_avx512", &has_avx512);
 }

@@ -7,7 +7,7 @@ from torch import nn
 
 from rewrite.model import DotInteraction, interaction_pairs, mlp, split_bags
 from rewrite.synthetic import multi_hot_batch
-from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, huge_table, kernels, small_mlp_args
+from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, bf16_pairs, huge_table, kernels, small_model
 
 pytestmark = pytest.mark.slow          # the first test on a machine builds the extension (~30 s)
 torch.set_num_threads(1)
@@ -92,21 +92,28 @@ def test_onednn_mlp_matches_fp32_and_keeps_the_logit_fp32():
                                            atol=1e-5, rtol=1e-5)
 
 
-def test_small_forward_equals_the_model_with_bf16_weights():
-    from tests.helpers import small_model
+def test_small_model_equals_the_model_in_bf16_and_refuses_bad_shapes():
+    from tests.helpers import small_model as trained_like
 
-    model = small_model(rows=tuple(ROWS))
+    model = trained_like(rows=tuple(ROWS))
     tables = [model.embeddings[t].weight.detach() for t in model.feature_tables]
-    w, base = huge_table(tables), torch.tensor(np.cumsum([0] + ROWS[:-1]))
+    w, base, rows = huge_table(tables), torch.tensor(np.cumsum([0] + ROWS[:-1])), torch.tensor(ROWS)
     kp = -(-(16 + len(interaction_pairs(len(ROWS) + 1, "dlrm"))) // 16) * 16
+    net = small_model(w, base, rows, False, model.bottom, model.top, model.spec.n_dense, 0, kp)
     for b in (1, 3, 8):
         batch = multi_hot_batch(ROWS, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
-        got = kernels().small_forward(batch.dense, w, batch.indices, batch.offsets, base, torch.tensor(ROWS), False,
-                                      *small_mlp_args(model.bottom, model.spec.n_dense), *small_mlp_args(model.top, kp),
-                                      0, kp)
         with torch.inference_mode():
-            torch.testing.assert_close(got, model(*batch.inputs()), atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(net(batch.dense, batch.indices, batch.offsets), model(*batch.inputs()),
+                                       atol=1e-2, rtol=1e-2)
     with pytest.raises(RuntimeError, match="layer shapes do not chain"):
-        kernels().small_forward(batch.dense[:, :5].contiguous(), w, batch.indices, batch.offsets, base,
-                                torch.tensor(ROWS), False, *small_mlp_args(model.bottom, model.spec.n_dense),
-                                *small_mlp_args(model.top, kp), 0, kp)
+        net(batch.dense[:, :5].contiguous(), batch.indices, batch.offsets)
+
+
+def test_bf16_pairs_layout():
+    w = torch.arange(15, dtype=torch.float32).reshape(3, 5)          # N = 3, K = 5 (odd)
+    p = bf16_pairs(w)
+    assert p.shape == (3, 3, 2)
+    for c in range(3):
+        for j in range(3):
+            for q in range(2):
+                assert p[c, j, q] == (w[j, 2 * c + q] if 2 * c + q < 5 else 0)
