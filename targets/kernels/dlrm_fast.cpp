@@ -32,7 +32,7 @@
 #include <memory>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__)
 #include <immintrin.h>
 #define DLRM_FAST_AVX512 1
 #endif
@@ -273,14 +273,13 @@ inline void interact_avx512(const float* t, int64_t nv, int64_t order, uint16_t*
         if (upper) g1[r] = _mm512_fmadd_ps(a, v, g1[r]);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {   // kept columns [lo, hi) of row r, packed to the front
       const int64_t n = hi[r] - lo[r];
       if (n <= 0) continue;
-      alignas(64) uint16_t row[32];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row), (__m256i)_mm512_cvtneps_pbh(g0[r]));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row + 16), (__m256i)_mm512_cvtneps_pbh(g1[r]));
-      const __mmask32 m = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
-      _mm512_mask_storeu_epi16(out, m, _mm512_maskz_loadu_epi16(m, row + lo[r]));
+      const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(g1[r], g0[r]);   // bf16 of columns 0..31
+      const __mmask32 keep = static_cast<__mmask32>(((uint64_t(1) << n) - 1) << lo[r]);
+      _mm512_mask_storeu_epi16(out, static_cast<__mmask32>((uint64_t(1) << n) - 1),
+                               lo[r] == 0 ? v : _mm512_maskz_compress_epi16(keep, v));
       out += n;
     }
   }
