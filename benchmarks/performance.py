@@ -172,6 +172,40 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(stages: list[dict[str, Any]], path: Path, batch: int = 2048) -> None:
+    """Stacked bars: where one call's time goes, per path, at ``batch`` (stage medians, same run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rewrite.atomic import atomic_path
+
+    ms = {(r["stage"], r["variant"]): r["ms"] for r in stages if r["batch"] == batch}
+    paths = {"eager fp32": [("embedding + interaction", "eager fp32"), ("bottom MLP", "eager fp32"),
+                            ("top MLP", "eager fp32")],
+             "torch-fast": [("embedding + interaction", "torch-fast (C++ embed_interact)"),
+                            ("bottom MLP", "torch-fast (bf16 oneDNN)"), ("top MLP", "torch-fast (bf16 oneDNN)")]}
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    colours = dict(zip(("embedding + interaction", "bottom MLP", "top MLP"), plt.cm.tab10.colors))
+    for y, (name, parts) in enumerate(paths.items()):
+        left = 0.0
+        for stage, variant in parts:
+            width = ms.get((stage, variant), 0.0)
+            ax.barh(y, width, left=left, color=colours[stage], label=stage if y == 0 else None)
+            left += width
+        whole = ms.get(("whole model", name))
+        if whole:
+            ax.text(left, y, f"  whole call {whole:.2f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(paths)), list(paths))
+    ax.set_xlabel(f"ms per call at batch {batch}, one thread (stage medians, same run)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="written by benchmarks/kaggle_model.py")
@@ -195,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     fast8 = FastInt8DLRM(model).eval()             # its own fused copy (2.2 GB), C++ lookup
     result["stages"] = time_stages(model, fast, fast8, fbgemm_tbe(model))
     write_text(args.output, json.dumps(result, indent=1))
+    plot(result["stages"], args.output.with_suffix(".png"))
     print(table(result if "whole" in result else {**result, "whole": {"results": []}}))
     return 0
 

@@ -19,7 +19,7 @@ def test_kaggle_shape_and_trained_like_scale():
     assert torch.equal(kaggle_model(ROWS).top[0].weight, model.top[0].weight)     # seeded
 
 
-def test_stage_timings_cover_every_stage_and_variant(monkeypatch):
+def test_stage_timings_cover_every_stage_and_variant(monkeypatch, tmp_path):
     import benchmarks.performance as perf
 
     monkeypatch.setattr(perf, "STAGE_BATCHES", {1: 2, 2048: 1})
@@ -35,3 +35,5 @@ def test_stage_timings_cover_every_stage_and_variant(monkeypatch):
     at_one = {(r["stage"], r["variant"]) for r in rows if r["batch"] == 1 and r["variant"].startswith("torch-fast")}
     assert at_one == {("whole model", "torch-fast"), ("whole model", "torch-fast-int8")}   # one C++ call there
     assert "| 2048 | top MLP | torch-fast-int8 |" in table({"whole": {"results": []}, "stages": rows})
+    perf.plot(rows, tmp_path / "stages.png")
+    assert (tmp_path / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
