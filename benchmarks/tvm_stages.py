@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/tvm_stages.py --model demo/model.pt --data demo/day_1.npz \
         --batch-sizes 1,512,2048 --rounds 5 --json stages.json
+    PYTHONPATH=. python benchmarks/tvm_stages.py --model /tmp/kaggle/model.safetensors \
+        --batch-sizes 1,2048 --json stages.json          # no data file: synthetic batches
 
 Stages (the same math in every engine, each compiled on its own with dynamic shapes):
   embedding    bags -> [B, F, D]      every table's lookup and pooling
@@ -10,14 +12,18 @@ Stages (the same math in every engine, each compiled on its own with dynamic sha
   top          z -> logits            top MLP
   full         the whole model        (TVM: the tvm-llvm target's own lowering and runner)
 Each engine runs in its own process per round (rounds alternate the engine order), on fresh
-batches from the data file (a different batch every call), warm-up first; a process reports the
-median per call, the result is the median over rounds.  Inputs start as numpy arrays in every
-engine, so conversion to the engine's tensors is timed too.
+batches (a different batch every call), warm-up first; a process reports the median per call,
+the result is the median over rounds.  Batches come from ``--data``, or without it from
+``rewrite.timing.serving_batches`` (one id per bag, ids uniform over each table).  Inputs start
+as numpy arrays in every engine, so conversion to the engine's tensors is timed too.
+Compiled stages are cached under ``--cache``/<fingerprint of rewrite/ and targets/ sources>, so
+a change to a lowering never reuses a stale build.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -178,21 +184,44 @@ def tvm_runner(model, stage: str, cache: Path):
     return lambda *xs: main(*to_tvm(list(xs), dev), *params).numpy()
 
 
+def fresh_batches(model, data_path: str | None, size: int) -> list:
+    """FRESH distinct canonical batches of ``size`` samples: rows of the data file in order, or
+    synthetic serving batches (one uniform id per bag) when there is no data file."""
+    from rewrite import data
+    from rewrite.batch import Batch
+    from rewrite.timing import serving_batches
+
+    if data_path:
+        ds = data.open(data_path)
+        return [ds.batch(slice(k * size, (k + 1) * size)) for k in range(FRESH)]
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    return [Batch(*(torch.from_numpy(a) for a in b))
+            for b in serving_batches(rows, model.spec.n_dense, size, FRESH, seed=0)]
+
+
+def source_fingerprint() -> str:
+    """sha256 prefix of every lowering source (rewrite/, passes/, targets/, this file)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("rewrite/**/*.py"), *root.glob("passes/**/*.py"),
+                        *root.glob("targets/**/*.py"), Path(__file__).resolve()]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def worker(args) -> dict:
     """One engine, one process: median ms per call for every stage and batch size."""
-    from rewrite import data, formats
+    from rewrite import formats
 
     torch.set_num_threads(1)
     model = formats.load(args.model).eval()
-    ds = data.open(args.data)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     for stage in STAGES:
         run = make_runner(args.engine, model, stage, cache)
         for size in args.batch_sizes:
-            inputs = [stage_inputs(model, stage, ds.batch(slice(k * size, (k + 1) * size)))
-                      for k in range(FRESH)]
+            inputs = [stage_inputs(model, stage, b) for b in fresh_batches(model, args.data, size)]
             for k in range(WARMUP):
                 run(*inputs[k % FRESH])
             times = []
@@ -207,15 +236,17 @@ def worker(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None,
+                    help="data file of batches (default: synthetic serving batches)")
     ap.add_argument("--batch-sizes", default="1,512,2048")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--cache", default=None, help="compiled stages (default: <model dir>/stages)")
+    ap.add_argument("--cache", default=None,
+                    help="compiled stages (default: <model dir>/stages/<source fingerprint>)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)   # worker mode
     args = ap.parse_args(argv)
     args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",")]
-    args.cache = args.cache or str(Path(args.model).parent / "stages")
+    args.cache = args.cache or str(Path(args.model).parent / "stages" / source_fingerprint())
     if args.engine:
         print(json.dumps(worker(args)))
         return 0
@@ -226,8 +257,8 @@ def main(argv=None) -> int:
         for engine in order:
             print(f"round {r + 1}/{args.rounds}: {engine}", file=sys.stderr)
             cmd = [sys.executable, __file__, "--engine", engine, "--model", args.model,
-                   "--data", args.data, "--batch-sizes", ",".join(map(str, args.batch_sizes)),
-                   "--cache", args.cache]
+                   "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--cache", args.cache]
+            cmd += ["--data", args.data] if args.data else []
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if res.returncode != 0:
                 sys.stderr.write(res.stderr[-3000:])
