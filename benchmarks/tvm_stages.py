@@ -1,4 +1,4 @@
-"""Per-stage latency of one model in torch eager, onnxruntime and TVM (tvm-llvm), one thread.
+"""Per-stage latency of one model in torch eager, onnxruntime (fp32, int8 MLPs) and TVM, one thread.
 
     PYTHONPATH=. python benchmarks/tvm_stages.py --model demo/model.pt --data demo/day_1.npz \
         --batch-sizes 1,512,2048 --rounds 5 --json stages.json
@@ -8,14 +8,20 @@
 Stages (the same math in every engine, each compiled on its own with dynamic shapes):
   embedding    bags -> [B, F, D]      every table's lookup and pooling
   bottom       dense -> x             bottom MLP
-  interaction  (x, [B, F, D]) -> z    dot interaction
+  interaction  (x, e_0..e_{F-1}) -> z dot interaction (each e_f [B, D], as the model has them)
   top          z -> logits            top MLP
-  full         the whole model        (TVM: the tvm-llvm target's own lowering and runner)
+  full         the whole model        (the onnx-cpu, onnx-cpu-int8 and tvm-llvm targets' own
+                                      lowerings and runners)
+Engines: torch (eager), onnxruntime (onnx-cpu's export form and session options),
+onnxruntime-int8 (the same with the MLP stages quantized as onnx-cpu-int8 does; embedding and
+interaction are fp32 there, so the same graphs), tvm (tvm-llvm's import and rewrites).
 Each engine runs in its own process per round (rounds alternate the engine order), on fresh
 batches (a different batch every call), warm-up first; a process reports the median per call,
 the result is the median over rounds.  Batches come from ``--data``, or without it from
-``rewrite.timing.serving_batches`` (one id per bag, ids uniform over each table).  Inputs start
-as numpy arrays in every engine, so conversion to the engine's tensors is timed too.
+``rewrite.timing.serving_batches`` (one id per bag, ids uniform over each table).  A stage's
+inputs are converted to the engine's tensors before timing (inside the model they are already
+there: 27 numpy -> engine conversions would dominate the interaction at B = 1); the full model
+is timed from numpy through each target's runner, conversion included.
 Compiled stages are cached under ``--cache``/<fingerprint of rewrite/ and targets/ sources>, so
 a change to a lowering never reuses a stale build.
 """
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-ENGINES = ("torch", "onnxruntime", "tvm")
+ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "tvm")
 STAGES = ("embedding", "bottom", "interaction", "top", "full")
 FRESH = 8           # distinct batches cycled per (stage, batch size)
 WARMUP, CALLS = 3, 24
@@ -57,8 +63,8 @@ class Interaction(nn.Module):
         super().__init__()
         self.interaction = model.interaction
 
-    def forward(self, x, e):
-        return self.interaction(x, list(e.unbind(1)))
+    def forward(self, x, *embeddings):
+        return self.interaction(x, list(embeddings))
 
 
 class Top(nn.Module):
@@ -87,8 +93,9 @@ def stage_inputs(model, stage: str, batch) -> list[np.ndarray]:
     with torch.no_grad():
         x = model.bottom(batch.dense)
         e = Embeddings(model)(*[torch.from_numpy(b) for b in bags])
-        z = Interaction(model)(x, e)
-    return {"embedding": bags, "bottom": [dense], "interaction": [x.numpy(), e.numpy()],
+        z = Interaction(model)(x, *e.unbind(1))
+    return {"embedding": bags, "bottom": [dense],
+            "interaction": [x.numpy(), *(np.ascontiguousarray(f) for f in e.numpy().transpose(1, 0, 2))],
             "top": [z.numpy()], "full": [dense, *bags]}[stage]
 
 
@@ -109,10 +116,12 @@ def export_stage(model, stage: str):
     with torch.no_grad():
         x = model.bottom(traced[0])
         e = Embeddings(model)(*traced[1:])
-        z = Interaction(model)(x, e)
+        embs = tuple(f.contiguous() for f in e.unbind(1))
+        z = Interaction(model)(x, *embs)
     args, shapes = {"embedding": (traced[1:], {"bags": bag_dims}),
                     "bottom": ((traced[0],), {"input": {0: b}}),
-                    "interaction": ((x, e), {"x": {0: b}, "e": {0: b}}),
+                    "interaction": ((x, *embs), {"x": {0: b},
+                                                 "embeddings": tuple({0: b} for _ in embs)}),
                     "top": ((z,), {"z": {0: b}}),
                     "full": (traced, {"dense": {0: b}, "bags": bag_dims})}[stage]
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
@@ -120,32 +129,62 @@ def export_stage(model, stage: str):
 
 
 def make_runner(engine: str, model, stage: str, cache: Path):
-    """numpy inputs -> numpy output, for one engine and stage (compiled once into ``cache``)."""
+    """(convert, call) for one engine and stage (compiled once into ``cache``): ``convert``
+    turns the numpy inputs into the engine's own tensors (not timed: inside the model they are
+    there already), ``call`` runs the stage on them; the full model converts inside ``call``."""
     if engine == "torch":
         mod = stage_module(model, stage)
 
-        def run_torch(*xs):
+        def run_torch(xs):
             with torch.no_grad():
-                return mod(*[torch.from_numpy(x) for x in xs]).numpy()
+                return mod(*xs)
 
-        return run_torch
-    if engine == "onnxruntime":
-        import onnxruntime as ort
-
-        path = cache / f"{stage}.onnx"
-        if not path.exists():
-            import torch.fx.experimental._config as fx_config
-
-            ep, _ = export_stage(model, stage)
-            with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
-                torch.onnx.export(ep, (), str(path), dynamo=True, optimize=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        return lambda *xs: sess.run(None, dict(zip(names, xs)))[0]
+        return (lambda xs: [torch.from_numpy(x) for x in xs]), run_torch
+    if engine.startswith("onnxruntime"):
+        return onnx_runner(model, stage, cache, int8=engine.endswith("int8"))
     return tvm_runner(model, stage, cache)
+
+
+def onnx_runner(model, stage: str, cache: Path, int8: bool):
+    """onnx-cpu (or onnx-cpu-int8) for one stage: the whole model through the target itself,
+    a stage as its own graph from the targets' export form (``targets.onnx_interaction``), the
+    MLP stages' Gemms quantized as onnx-cpu-int8 does; onnx_cpu's session options, one thread."""
+    import onnxruntime as ort
+
+    from targets.base import CompiledPath, get_target
+    from targets.onnx_cpu import save_quantized, session_options
+    from targets.onnx_interaction import onnx_form
+
+    name = "onnx-cpu-int8" if int8 else "onnx-cpu"
+    if stage == "full":
+        folder, target = cache / name, get_target(name)
+        meta = folder / "compiled.json"
+        if not meta.exists():
+            from rewrite.synthetic import multi_hot_batch
+
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = [model.embeddings[t].rows for t in model.feature_tables]
+            cp = target.lower(model, multi_hot_batch(rows, 2, model.spec.n_dense, 1, 0), folder)
+            meta.write_text(json.dumps(cp.__dict__))
+        run = target.load(folder, CompiledPath(**json.loads(meta.read_text())), threads=1)
+        return list, lambda xs: run(xs[0], list(xs[1:]))
+    quantize = int8 and stage in ("bottom", "top")
+    path = cache / f"{stage}{'_int8' if quantize else ''}.onnx"
+    if not path.exists():
+        import torch.fx.experimental._config as fx_config
+
+        ep, _ = export_stage(onnx_form(model), stage)
+        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+            program = torch.onnx.export(ep, (), dynamo=True, optimize=True)
+        if quantize:
+            save_quantized(program, path, external=False, prefixes=("",))
+        else:
+            program.save(str(path))           # weights go to external data above 2 GB
+    sess = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    # numpy feeds: onnxruntime wraps them without a copy (run_with_ort_values on prepared
+    # OrtValues measured 3x slower per call here)
+    return (lambda xs: dict(zip(names, xs))), lambda feeds: sess.run(None, feeds)[0]
 
 
 def tvm_runner(model, stage: str, cache: Path):
@@ -165,14 +204,14 @@ def tvm_runner(model, stage: str, cache: Path):
             cp = target.lower(model, multi_hot_batch(rows, 2, model.spec.n_dense, 1, 0), folder)
             meta.write_text(json.dumps(cp.__dict__))
         run = target.load(folder, CompiledPath(**json.loads(meta.read_text())))
-        return lambda dense, *bags: run(dense, list(bags))
+        return list, lambda xs: run(xs[0], list(xs[1:]))
     from targets import tvm_relax
     from targets.tvm_common import load_params, save_params, to_tvm
 
     if not meta.exists():
         folder.mkdir(parents=True, exist_ok=True)
         ep, _ = export_stage(model, stage)
-        mod, params, names = tvm_relax.to_relax(ep.run_decompositions(), "tvm-llvm")
+        mod, params, names = target.prepare(*tvm_relax.to_relax(ep.run_decompositions(), "tvm-llvm"))
         tvm_target, _ = target.tvm_target({})
         target.build(mod, tvm_target, {}).export_library(str(folder / "model.so"))
         save_params(folder / "params.safetensors", params, names)
@@ -181,7 +220,7 @@ def tvm_runner(model, stage: str, cache: Path):
     vm = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), dev)
     params = load_params(folder / "params.safetensors", json.loads(meta.read_text())["params"], dev)
     main = vm["main"]
-    return lambda *xs: main(*to_tvm(list(xs), dev), *params).numpy()
+    return (lambda xs: to_tvm(list(xs), dev)), lambda xs: main(*xs, *params)
 
 
 def fresh_batches(model, data_path: str | None, size: int) -> list:
@@ -219,15 +258,16 @@ def worker(args) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     for stage in STAGES:
-        run = make_runner(args.engine, model, stage, cache)
+        convert, call = make_runner(args.engine, model, stage, cache)
         for size in args.batch_sizes:
-            inputs = [stage_inputs(model, stage, b) for b in fresh_batches(model, args.data, size)]
+            inputs = [convert(stage_inputs(model, stage, b))
+                      for b in fresh_batches(model, args.data, size)]
             for k in range(WARMUP):
-                run(*inputs[k % FRESH])
+                call(inputs[k % FRESH])
             times = []
             for k in range(CALLS):
                 t0 = time.perf_counter()
-                run(*inputs[k % FRESH])
+                call(inputs[k % FRESH])
                 times.append(time.perf_counter() - t0)
             out[f"{stage}/{size}"] = 1e3 * float(np.median(times))
     return out
@@ -253,7 +293,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
     rounds: dict[str, list[dict]] = {e: [] for e in ENGINES}
     for r in range(args.rounds):
-        order = ENGINES[r % 3:] + ENGINES[:r % 3]
+        order = ENGINES[r % len(ENGINES):] + ENGINES[:r % len(ENGINES)]
         for engine in order:
             print(f"round {r + 1}/{args.rounds}: {engine}", file=sys.stderr)
             cmd = [sys.executable, __file__, "--engine", engine, "--model", args.model,
@@ -265,11 +305,13 @@ def main(argv=None) -> int:
                 return 1
             rounds[engine].append(json.loads(res.stdout.strip().splitlines()[-1]))
     table = {e: {k: float(np.median([rd[k] for rd in rs])) for k in rs[0]} for e, rs in rounds.items()}
-    print(f"{'stage':12s} {'batch':>6s} " + " ".join(f"{e:>12s}" for e in ENGINES) + "   tvm/torch  tvm/ort")
+    print(f"{'stage':12s} {'batch':>6s} " + " ".join(f"{e:>16s}" for e in ENGINES)
+          + "   " + " ".join(f"{e + '/torch':>22s}" for e in ENGINES[1:]))
     for key in table["torch"]:
         stage, size = key.split("/")
-        t, o, v = (table[e][key] for e in ENGINES)
-        print(f"{stage:12s} {size:>6s} {t:12.3f} {o:12.3f} {v:12.3f}   {v / t:9.2f} {v / o:8.2f}")
+        ms = [table[e][key] for e in ENGINES]
+        print(f"{stage:12s} {size:>6s} " + " ".join(f"{v:16.3f}" for v in ms)
+              + "   " + " ".join(f"{v / ms[0]:22.2f}" for v in ms[1:]))
     if args.json:
         Path(args.json).write_text(json.dumps({"ms_per_call": table, "rounds": args.rounds,
                                                "batch_sizes": args.batch_sizes}, indent=1))
