@@ -13,8 +13,8 @@ and 2.74 ms at B=2048 vs 0.097 / 3.05 ms for the legacy TorchScript exporter's g
 ORT 1.31, 20 fresh batches, 5 alternating rounds, medians; a one-off script, 2026-11).  Cost:
 export takes ~3 s instead of ~0.4 s.
 
-The dot interaction is exported in the row-slice form of ``targets.onnx_interaction`` (no
-element-by-element Gather).
+The dot interaction is exported in the form of ``targets.onnx_interaction`` (row slices above
+16 samples instead of an element-by-element Gather).
 
 ``onnx-cpu-int8``: the MLPs' Gemm nodes become MatMul + Add (onnxruntime's ``quantize_dynamic``
 quantizes MatMul, not Gemm), then only those MatMuls are quantized:
