@@ -13,9 +13,12 @@ applied on the way out.  The B mod ROWS rows left over (all of them at B = 1) ta
 so no block carries a bounds predicate.  Accumulators are a "global"-scope buffer of fewer than
 1,024 bytes, which TVM places on the stack (``LowerTVMBuiltin``: a "local" buffer becomes a heap
 workspace, and LLVM then stores every accumulator on every k step: half the speed).
-Measured (``benchmarks/tvm_stages.py``, one thread): 512 x 256 at B = 2048 ran 3.0 ms vs torch's
-MKL 3.4 ms, where the schedule of ``targets.tvm_schedules`` ran 9.1 ms plus a transpose per call.
-Layers whose N is not a multiple of 16 (the last 1-wide layer) keep that schedule.
+Measured, one thread: one 512 x 256 layer at B = 2048 ran 3.0 ms vs torch's MKL 3.4 ms (a
+standalone script, alternating with torch), where the schedule of ``targets.tvm_schedules`` ran
+9.1 ms plus a transpose per call; the Kaggle MLPs in ``benchmarks/tvm_stages.py``:
+docs/performance.md.
+Layers whose N is not a multiple of 16 (the last 1-wide layer) keep that schedule.  The kernel
+is written for 16-lane registers; on an AVX2 host LLVM splits each into two (correct, not measured).
 """
 
 from __future__ import annotations
