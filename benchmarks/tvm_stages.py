@@ -1,23 +1,35 @@
-"""Per-stage latency of one model in torch eager, onnxruntime and TVM (tvm-llvm), one thread.
+"""Per-stage latency of one model in torch eager, onnxruntime (fp32, int8 MLPs) and TVM, one thread.
 
     PYTHONPATH=. python benchmarks/tvm_stages.py --model demo/model.pt --data demo/day_1.npz \
         --batch-sizes 1,512,2048 --rounds 5 --json stages.json
+    PYTHONPATH=. python benchmarks/tvm_stages.py --model /tmp/kaggle/model.safetensors \
+        --batch-sizes 1,2048 --json stages.json          # no data file: synthetic batches
 
 Stages (the same math in every engine, each compiled on its own with dynamic shapes):
   embedding    bags -> [B, F, D]      every table's lookup and pooling
   bottom       dense -> x             bottom MLP
-  interaction  (x, [B, F, D]) -> z    dot interaction
+  interaction  (x, e_0..e_{F-1}) -> z dot interaction (each e_f [B, D], as the model has them)
   top          z -> logits            top MLP
-  full         the whole model        (TVM: the tvm-llvm target's own lowering and runner)
+  full         the whole model        (the onnx-cpu, onnx-cpu-int8 and tvm-llvm targets' own
+                                      lowerings and runners)
+Engines: torch (eager), onnxruntime (onnx-cpu's export form and session options),
+onnxruntime-int8 (the same with the MLP stages quantized as onnx-cpu-int8 does; embedding and
+interaction are fp32 there, so the same graphs), tvm (tvm-llvm's import and rewrites).
 Each engine runs in its own process per round (rounds alternate the engine order), on fresh
-batches from the data file (a different batch every call), warm-up first; a process reports the
-median per call, the result is the median over rounds.  Inputs start as numpy arrays in every
-engine, so conversion to the engine's tensors is timed too.
+batches (a different batch every call), warm-up first; a process reports the median per call,
+the result is the median over rounds.  Batches come from ``--data``, or without it from
+``rewrite.timing.serving_batches`` (one id per bag, ids uniform over each table).  A stage's
+inputs are converted to the engine's tensors before timing (inside the model they are already
+there: 27 numpy -> engine conversions would dominate the interaction at B = 1); the full model
+is timed from numpy through each target's runner, conversion included.
+Compiled stages are cached under ``--cache``/<fingerprint of rewrite/ and targets/ sources>, so
+a change to a lowering never reuses a stale build.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -29,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-ENGINES = ("torch", "onnxruntime", "tvm")
+ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "tvm")
 STAGES = ("embedding", "bottom", "interaction", "top", "full")
 FRESH = 8           # distinct batches cycled per (stage, batch size)
 WARMUP, CALLS = 3, 24
@@ -51,8 +63,8 @@ class Interaction(nn.Module):
         super().__init__()
         self.interaction = model.interaction
 
-    def forward(self, x, e):
-        return self.interaction(x, list(e.unbind(1)))
+    def forward(self, x, *embeddings):
+        return self.interaction(x, list(embeddings))
 
 
 class Top(nn.Module):
@@ -81,8 +93,9 @@ def stage_inputs(model, stage: str, batch) -> list[np.ndarray]:
     with torch.no_grad():
         x = model.bottom(batch.dense)
         e = Embeddings(model)(*[torch.from_numpy(b) for b in bags])
-        z = Interaction(model)(x, e)
-    return {"embedding": bags, "bottom": [dense], "interaction": [x.numpy(), e.numpy()],
+        z = Interaction(model)(x, *e.unbind(1))
+    return {"embedding": bags, "bottom": [dense],
+            "interaction": [x.numpy(), *(np.ascontiguousarray(f) for f in e.numpy().transpose(1, 0, 2))],
             "top": [z.numpy()], "full": [dense, *bags]}[stage]
 
 
@@ -103,10 +116,12 @@ def export_stage(model, stage: str):
     with torch.no_grad():
         x = model.bottom(traced[0])
         e = Embeddings(model)(*traced[1:])
-        z = Interaction(model)(x, e)
+        embs = tuple(f.contiguous() for f in e.unbind(1))
+        z = Interaction(model)(x, *embs)
     args, shapes = {"embedding": (traced[1:], {"bags": bag_dims}),
                     "bottom": ((traced[0],), {"input": {0: b}}),
-                    "interaction": ((x, e), {"x": {0: b}, "e": {0: b}}),
+                    "interaction": ((x, *embs), {"x": {0: b},
+                                                 "embeddings": tuple({0: b} for _ in embs)}),
                     "top": ((z,), {"z": {0: b}}),
                     "full": (traced, {"dense": {0: b}, "bags": bag_dims})}[stage]
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
@@ -114,32 +129,70 @@ def export_stage(model, stage: str):
 
 
 def make_runner(engine: str, model, stage: str, cache: Path):
-    """numpy inputs -> numpy output, for one engine and stage (compiled once into ``cache``)."""
+    """(convert, call) for one engine and stage (compiled once into ``cache``): ``convert``
+    turns the numpy inputs into the engine's own tensors (not timed: inside the model they are
+    there already), ``call`` runs the stage on them; the full model converts inside ``call``."""
     if engine == "torch":
         mod = stage_module(model, stage)
 
-        def run_torch(*xs):
+        def run_torch(xs):
             with torch.no_grad():
-                return mod(*[torch.from_numpy(x) for x in xs]).numpy()
+                return mod(*xs)
 
-        return run_torch
-    if engine == "onnxruntime":
-        import onnxruntime as ort
-
-        path = cache / f"{stage}.onnx"
-        if not path.exists():
-            import torch.fx.experimental._config as fx_config
-
-            ep, _ = export_stage(model, stage)
-            with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
-                torch.onnx.export(ep, (), str(path), dynamo=True, optimize=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        return lambda *xs: sess.run(None, dict(zip(names, xs)))[0]
+        return (lambda xs: [torch.from_numpy(x) for x in xs]), run_torch
+    if engine.startswith("onnxruntime"):
+        return onnx_runner(model, stage, cache, int8=engine.endswith("int8"))
     return tvm_runner(model, stage, cache)
+
+
+def onnx_runner(model, stage: str, cache: Path, int8: bool):
+    """onnx-cpu (or onnx-cpu-int8) for one stage: the whole model through the target itself,
+    a stage as its own graph from the targets' export form (``targets.onnx_interaction``), the
+    MLP stages' Gemms quantized as onnx-cpu-int8 does; onnx_cpu's session options, one thread."""
+    import onnxruntime as ort
+
+    from targets.base import CompiledPath, get_target
+    from targets.onnx_cpu import save_quantized, session_options
+    from targets.onnx_interaction import onnx_form
+
+    name = "onnx-cpu-int8" if int8 else "onnx-cpu"
+    if stage == "full":
+        folder, target = cache / name, get_target(name)
+        meta = folder / "compiled.json"
+        if not meta.exists():
+            from rewrite.synthetic import multi_hot_batch
+
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = [model.embeddings[t].rows for t in model.feature_tables]
+            cp = target.lower(model, multi_hot_batch(rows, 2, model.spec.n_dense, 1, 0), folder)
+            meta.write_text(json.dumps(cp.__dict__))
+        run = target.load(folder, CompiledPath(**json.loads(meta.read_text())), threads=1)
+        return list, lambda xs: run(xs[0], list(xs[1:]))
+    quantize = int8 and stage in ("bottom", "top")
+    path = cache / f"{stage}{'_int8' if quantize else ''}.onnx"
+    if not path.exists():
+        import torch.fx.experimental._config as fx_config
+
+        ep, _ = export_stage(onnx_form(model), stage)
+        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+            program = torch.onnx.export(ep, (), dynamo=True, optimize=True)
+        if quantize:
+            save_quantized(program, path, external=False, prefixes=("",))
+        else:
+            program.save(str(path))           # weights go to external data above 2 GB
+    sess = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+    names, output = [i.name for i in sess.get_inputs()], sess.get_outputs()[0].name
+
+    def bind(xs):
+        """Inputs bound once (IOBinding): ``run`` with 27 numpy feeds spends more on converting
+        them than the interaction itself takes at B = 1."""
+        binding = sess.io_binding()
+        for name, x in zip(names, xs):
+            binding.bind_cpu_input(name, x)
+        binding.bind_output(output)
+        return binding
+
+    return bind, sess.run_with_iobinding
 
 
 def tvm_runner(model, stage: str, cache: Path):
@@ -159,14 +212,14 @@ def tvm_runner(model, stage: str, cache: Path):
             cp = target.lower(model, multi_hot_batch(rows, 2, model.spec.n_dense, 1, 0), folder)
             meta.write_text(json.dumps(cp.__dict__))
         run = target.load(folder, CompiledPath(**json.loads(meta.read_text())))
-        return lambda dense, *bags: run(dense, list(bags))
+        return list, lambda xs: run(xs[0], list(xs[1:]))
     from targets import tvm_relax
     from targets.tvm_common import load_params, save_params, to_tvm
 
     if not meta.exists():
         folder.mkdir(parents=True, exist_ok=True)
         ep, _ = export_stage(model, stage)
-        mod, params, names = tvm_relax.to_relax(ep.run_decompositions(), "tvm-llvm")
+        mod, params, names = target.prepare(*tvm_relax.to_relax(ep.run_decompositions(), "tvm-llvm"))
         tvm_target, _ = target.tvm_target({})
         target.build(mod, tvm_target, {}).export_library(str(folder / "model.so"))
         save_params(folder / "params.safetensors", params, names)
@@ -175,30 +228,54 @@ def tvm_runner(model, stage: str, cache: Path):
     vm = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), dev)
     params = load_params(folder / "params.safetensors", json.loads(meta.read_text())["params"], dev)
     main = vm["main"]
-    return lambda *xs: main(*to_tvm(list(xs), dev), *params).numpy()
+    return (lambda xs: to_tvm(list(xs), dev)), lambda xs: main(*xs, *params)
+
+
+def fresh_batches(model, data_path: str | None, size: int) -> list:
+    """FRESH distinct canonical batches of ``size`` samples: rows of the data file in order, or
+    synthetic serving batches (one uniform id per bag) when there is no data file."""
+    from rewrite import data
+    from rewrite.batch import Batch
+    from rewrite.timing import serving_batches
+
+    if data_path:
+        ds = data.open(data_path)
+        return [ds.batch(slice(k * size, (k + 1) * size)) for k in range(FRESH)]
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    return [Batch(*(torch.from_numpy(a) for a in b))
+            for b in serving_batches(rows, model.spec.n_dense, size, FRESH, seed=0)]
+
+
+def source_fingerprint() -> str:
+    """sha256 prefix of every lowering source (rewrite/, passes/, targets/, this file)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("rewrite/**/*.py"), *root.glob("passes/**/*.py"),
+                        *root.glob("targets/**/*.py"), Path(__file__).resolve()]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def worker(args) -> dict:
     """One engine, one process: median ms per call for every stage and batch size."""
-    from rewrite import data, formats
+    from rewrite import formats
 
     torch.set_num_threads(1)
     model = formats.load(args.model).eval()
-    ds = data.open(args.data)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     for stage in STAGES:
-        run = make_runner(args.engine, model, stage, cache)
+        convert, call = make_runner(args.engine, model, stage, cache)
         for size in args.batch_sizes:
-            inputs = [stage_inputs(model, stage, ds.batch(slice(k * size, (k + 1) * size)))
-                      for k in range(FRESH)]
+            inputs = [convert(stage_inputs(model, stage, b))
+                      for b in fresh_batches(model, args.data, size)]
             for k in range(WARMUP):
-                run(*inputs[k % FRESH])
+                call(inputs[k % FRESH])
             times = []
             for k in range(CALLS):
                 t0 = time.perf_counter()
-                run(*inputs[k % FRESH])
+                call(inputs[k % FRESH])
                 times.append(time.perf_counter() - t0)
             out[f"{stage}/{size}"] = 1e3 * float(np.median(times))
     return out
@@ -207,38 +284,42 @@ def worker(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None,
+                    help="data file of batches (default: synthetic serving batches)")
     ap.add_argument("--batch-sizes", default="1,512,2048")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--cache", default=None, help="compiled stages (default: <model dir>/stages)")
+    ap.add_argument("--cache", default=None,
+                    help="compiled stages (default: <model dir>/stages/<source fingerprint>)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)   # worker mode
     args = ap.parse_args(argv)
     args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",")]
-    args.cache = args.cache or str(Path(args.model).parent / "stages")
+    args.cache = args.cache or str(Path(args.model).parent / "stages" / source_fingerprint())
     if args.engine:
         print(json.dumps(worker(args)))
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
     rounds: dict[str, list[dict]] = {e: [] for e in ENGINES}
     for r in range(args.rounds):
-        order = ENGINES[r % 3:] + ENGINES[:r % 3]
+        order = ENGINES[r % len(ENGINES):] + ENGINES[:r % len(ENGINES)]
         for engine in order:
             print(f"round {r + 1}/{args.rounds}: {engine}", file=sys.stderr)
             cmd = [sys.executable, __file__, "--engine", engine, "--model", args.model,
-                   "--data", args.data, "--batch-sizes", ",".join(map(str, args.batch_sizes)),
-                   "--cache", args.cache]
+                   "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--cache", args.cache]
+            cmd += ["--data", args.data] if args.data else []
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if res.returncode != 0:
                 sys.stderr.write(res.stderr[-3000:])
                 return 1
             rounds[engine].append(json.loads(res.stdout.strip().splitlines()[-1]))
     table = {e: {k: float(np.median([rd[k] for rd in rs])) for k in rs[0]} for e, rs in rounds.items()}
-    print(f"{'stage':12s} {'batch':>6s} " + " ".join(f"{e:>12s}" for e in ENGINES) + "   tvm/torch  tvm/ort")
+    print(f"{'stage':12s} {'batch':>6s} " + " ".join(f"{e:>16s}" for e in ENGINES)
+          + "   " + " ".join(f"{e + '/torch':>22s}" for e in ENGINES[1:]))
     for key in table["torch"]:
         stage, size = key.split("/")
-        t, o, v = (table[e][key] for e in ENGINES)
-        print(f"{stage:12s} {size:>6s} {t:12.3f} {o:12.3f} {v:12.3f}   {v / t:9.2f} {v / o:8.2f}")
+        ms = [table[e][key] for e in ENGINES]
+        print(f"{stage:12s} {size:>6s} " + " ".join(f"{v:16.3f}" for v in ms)
+              + "   " + " ".join(f"{v / ms[0]:22.2f}" for v in ms[1:]))
     if args.json:
         Path(args.json).write_text(json.dumps({"ms_per_call": table, "rounds": args.rounds,
                                                "batch_sizes": args.batch_sizes}, indent=1))

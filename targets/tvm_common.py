@@ -53,6 +53,11 @@ class TvmTarget(Target):
         """The ``tvm.target.Target`` to compile for, and the options to record."""
         raise NotImplementedError
 
+    def prepare(self, mod, params: list, names: list[str]):
+        """Target-specific rewrites of the imported module before ``build``: returns
+        (module, params, names), the parameters still runtime inputs in that order."""
+        return mod, params, names
+
     def build(self, mod, target, options: dict[str, Any]):
         """Relax module -> executable (``tvm.compile``'s per-target default pipeline)."""
         import tvm
@@ -77,7 +82,7 @@ class TvmTarget(Target):
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         ep = tvm_relax.export(model)
-        mod, params, names = tvm_relax.to_relax(ep, self.name)
+        mod, params, names = self.prepare(*tvm_relax.to_relax(ep, self.name))
         t1 = time.perf_counter()
         try:
             executable = self.build(mod, target, options)

@@ -4,7 +4,10 @@ Before: RecModel.  After: ``model.so`` + ``params.safetensors`` (see ``targets.t
 The CPU is named explicitly from LLVM's host query (``llvm_get_system_cpu``, e.g. znver5):
 TVM 0.27 rejects "-mcpu" strings and silently treats mcpu="native" as a generic x86-64, which
 loses AVX-512.  The library is therefore for this CPU model (or a newer one of its family).
-Matmuls get the vectorised schedule of ``targets.tvm_schedules`` (TVM has no CPU default).
+MLP Linear layers become the packed register-blocked kernel of ``targets.tvm_dense`` (their
+weights packed into constants at compile time), the dot interaction one kernel of
+``targets.tvm_interaction``; other matmuls get the vectorised schedule of
+``targets.tvm_schedules`` (TVM has no CPU default).
 Options (optional, off by default): ``tune_trials`` N and ``tune_batches`` (default 512, 2048):
 meta-schedule libraries for those exact batch sizes (``targets.tvm_tuning``; extra ``tune``).
 """
@@ -37,6 +40,13 @@ class TvmLlvm(TvmTarget):
 
         cpu = host_cpu()
         return tvm.target.Target({"kind": "llvm", "mcpu": cpu}), {"mcpu": cpu}
+
+    def prepare(self, mod, params: list, names: list[str]):
+        from targets.tvm_dense import pack_dense_layers
+        from targets.tvm_interaction import fuse_dot_interaction
+
+        mod, params, names = pack_dense_layers(mod, params, names)
+        return fuse_dot_interaction(mod), params, names
 
     def build(self, mod, target, options: dict[str, Any]):
         import tvm

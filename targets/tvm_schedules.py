@@ -7,7 +7,10 @@ blocks of ROWS rows, loops (..., io, jo, k, ii, ji) with ii unrolled and ji vect
 k step is ROWS broadcast-FMAs into ROWS vector accumulators; the init is split out
 (``decompose_reduction``).  Measured on the demo's top MLP (2048 x 367 -> 64 -> 32 -> 1, one
 thread): 122 ms -> ~3 ms (``benchmarks/tvm_stages.py``).  Functions without a static output
-width divisible by 4 (e.g. the last 1-wide layer, the interaction's bmm) keep the default.
+width divisible by 4 (e.g. the last 1-wide layer) keep the default.  On tvm-llvm the MLP layers
+and the dot interaction never reach this rule: ``targets.tvm_dense`` and
+``targets.tvm_interaction`` replace them first; it schedules the other matmuls (representations'
+projections and contractions: MD, TT, DHE).
 """
 
 from __future__ import annotations
