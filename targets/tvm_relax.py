@@ -6,9 +6,12 @@ symbolic batch B (offsets are B + 1 long) and a symbolic lookup count n_f per fe
 the parameters as trailing runtime inputs (``keep_params_as_input``), never baked-in constants.
 
 Route: ``torch.export`` (size-oblivious, so batch 1 and empty features are not specialised away)
-then ``tvm.relax.frontend.torch.from_exported_program`` with converters for what TVM 0.27's
-importer lacks or gets wrong on these graphs:
-  * ``scatter_add``                 -> ``scatter_elements(reduction="add")`` (segment sums);
+(inside ``rewrite.bag_ops.lowering()``, so tables pool through ``dlrm_rewrite::`` ops)
+then ``tvm.relax.frontend.torch.from_exported_program`` with converters for those ops and for
+what TVM 0.27's importer lacks or gets wrong on these graphs:
+  * ``dlrm_rewrite::gather_segment_sum`` / ``segment_sum`` -> ``call_tir`` of one fused
+    lookup + pooling kernel per call (``targets.tvm_bags``; CPU or CUDA variant by target);
+  * ``scatter_add``                 -> ``scatter_elements(reduction="add")``;
   * ``div(x, c, rounding_mode=...)`` on integers: the importer makes an int32 constant against
     int64 ids (a type error); here the constant takes x's dtype and "trunc" lowers to ``divide``
     (TIR's integer division truncates), "floor" to ``floor_divide``.  ``remainder`` is the
@@ -31,9 +34,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from rewrite import bag_ops
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
 from targets.base import ExportedBags
+from targets.tvm_bags import emit_bag_op
 
 INT_SLICE_END = 2**62    # slice ends at or above this mean "to the end" (torch writes INT64_MAX)
 
@@ -67,7 +72,8 @@ def export(model: RecModel) -> torch.export.ExportedProgram:
     shapes = {"dense": {0: batch},
               "bags": tuple({0: Dim(f"n_{i // 2}", min=0) if i % 2 == 0 else batch + 1}
                             for i in range(len(args) - 1))}
-    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False), \
+            bag_ops.lowering():
         ep = torch.export.export(ExportedBags(model).eval(), args, dynamic_shapes=shapes)
     dense = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "dense")
     if isinstance(dense.meta["val"].shape[0], int):
@@ -167,6 +173,14 @@ CONVERTERS = {"scatter_add.default": _scatter_add, "div.Tensor_mode": _div_mode,
               "slice.Tensor": _slice, "clamp.default": _clamp}
 
 
+def bag_converters(cuda: bool) -> dict[str, Any]:
+    """Converters of the ``rewrite.bag_ops`` ops: the CPU or the CUDA kernel."""
+    def convert(node: fx.Node, imp) -> Any:
+        return emit_bag_op(imp, [imp.env[a] for a in node.args], cuda)
+
+    return {op.__name__: convert for op in (bag_ops.SEGMENT_SUM, bag_ops.GATHER_SEGMENT_SUM)}
+
+
 def to_relax(ep: torch.export.ExportedProgram, target_name: str):
     """ExportedProgram -> (IRModule with params as inputs, [param tensors], [param names]).
 
@@ -177,13 +191,14 @@ def to_relax(ep: torch.export.ExportedProgram, target_name: str):
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     importer = ExportedProgramImporter()
-    known = set(importer.convert_map) | set(CONVERTERS)
+    converters = {**CONVERTERS, **bag_converters(cuda=target_name.endswith("cuda"))}
+    known = set(importer.convert_map) | set(converters)
     missing = [n for n in ep.graph.nodes if n.op == "call_function" and _op_name(n) not in known]
     if missing:
         raise RewriteError(f"{target_name}: TVM cannot lower " + "; ".join(
             sorted({_where(n) for n in missing})) + " (no Relax converter in TVM's importer)")
     try:
-        mod = importer.from_exported_program(ep, True, True, False, dict(CONVERTERS))
+        mod = importer.from_exported_program(ep, True, True, False, converters)
     except Exception as e:  # noqa: BLE001  (name the node the importer stopped at)
         done = set(importer.env)
         failed = next((n for n in ep.graph.nodes if n.op == "call_function" and n not in done), None)
