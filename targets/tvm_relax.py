@@ -11,6 +11,8 @@ then ``tvm.relax.frontend.torch.from_exported_program`` with converters for thos
 what TVM 0.27's importer lacks or gets wrong on these graphs:
   * ``dlrm_rewrite::gather_segment_sum`` / ``segment_sum`` -> ``call_tir`` of one fused
     lookup + pooling kernel per call (``targets.tvm_bags``; CPU or CUDA variant by target);
+  * ``cat`` / ``stack`` on the CPU   -> one kernel that pools bag inputs in place and copies
+    the others (``targets.tvm_bags``), instead of TVM's per-element if_then_else chain;
   * ``scatter_add``                 -> ``scatter_elements(reduction="add")``;
   * ``div(x, c, rounding_mode=...)`` on integers: the importer makes an int32 constant against
     int64 ids (a type error); here the constant takes x's dtype and "trunc" lowers to ``divide``
@@ -29,6 +31,7 @@ as Div/Abs/Sign/Floor; so only the torch route is used.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,7 +41,7 @@ from rewrite import bag_ops
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
 from targets.base import ExportedBags
-from targets.tvm_bags import emit_bag_op
+from targets.tvm_bags import convert_cat, convert_view, emit_bag_op
 
 INT_SLICE_END = 2**62    # slice ends at or above this mean "to the end" (torch writes INT64_MAX)
 
@@ -173,12 +176,20 @@ CONVERTERS = {"scatter_add.default": _scatter_add, "div.Tensor_mode": _div_mode,
               "slice.Tensor": _slice, "clamp.default": _clamp}
 
 
-def bag_converters(cuda: bool) -> dict[str, Any]:
-    """Converters of the ``rewrite.bag_ops`` ops: the CPU or the CUDA kernel."""
-    def convert(node: fx.Node, imp) -> Any:
+def target_converters(cuda: bool, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Converters whose kernels depend on the device: the ``rewrite.bag_ops`` ops (CPU or CUDA
+    kernel) and, on the CPU, ``cat`` / ``stack`` / ``view`` of them (``defaults``: the
+    importer's own converters, for the views that are not of a kernel's result)."""
+    def bags(node: fx.Node, imp) -> Any:
         return emit_bag_op(imp, [imp.env[a] for a in node.args], cuda)
 
-    return {op.__name__: convert for op in (bag_ops.SEGMENT_SUM, bag_ops.GATHER_SEGMENT_SUM)}
+    out = {op.__name__: bags for op in (bag_ops.SEGMENT_SUM, bag_ops.GATHER_SEGMENT_SUM)}
+    if not cuda:
+        out["cat.default"] = lambda node, imp: convert_cat(node, imp, stack=False)
+        out["stack.default"] = lambda node, imp: convert_cat(node, imp, stack=True)
+        for name in ("view.default", "reshape.default"):
+            out[name] = partial(convert_view, fallback=defaults[name])
+    return out
 
 
 def to_relax(ep: torch.export.ExportedProgram, target_name: str):
@@ -191,7 +202,8 @@ def to_relax(ep: torch.export.ExportedProgram, target_name: str):
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     importer = ExportedProgramImporter()
-    converters = {**CONVERTERS, **bag_converters(cuda=target_name.endswith("cuda"))}
+    converters = {**CONVERTERS, **target_converters(target_name.endswith("cuda"),
+                                                    dict(importer.convert_map))}
     known = set(importer.convert_map) | set(converters)
     missing = [n for n in ep.graph.nodes if n.op == "call_function" and _op_name(n) not in known]
     if missing:
@@ -205,6 +217,7 @@ def to_relax(ep: torch.export.ExportedProgram, target_name: str):
         where = _where(failed) if failed is not None else "the graph"
         raise RewriteError(f"{target_name}: TVM cannot lower {where}: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)   # bag calls fused into a cat
     mod, params = relax.frontend.detach_params(mod)
     func = mod["main"]
     n_inputs = int(func.attrs["num_input"])
