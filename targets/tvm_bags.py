@@ -2,7 +2,7 @@
 
 Before: ``dlrm_rewrite::gather_segment_sum(W [rows, D], idx [n], off [B+1])`` (and
 ``segment_sum(V [n, D], off)``, the same with the rows given), then usually a
-``stack`` / ``cat`` of every table's [B, D] (the interaction's T = [x, e_0..e_{F-1}]).
+``stack`` of every table's [B, D] (the interaction's T = [x, e_0..e_{F-1}]).
 After:  ``relax.call_tir`` of one hand-written PrimFunc, lookup and pooling fused:
     for b in 0..B-1:                       (CPU: serial; CUDA: one thread per (b, d))
         acc[0:D] = 0
@@ -10,11 +10,12 @@ After:  ``relax.call_tir`` of one hand-written PrimFunc, lookup and pooling fuse
             prefetch W[idx[min(p + PREFETCH, n-1)]]      (CPU only)
             acc[0:D] += float32(W[idx[p], 0:D])          (D vectorised)
         out[b, 0:D] = acc
-On the CPU a ``cat`` / ``stack`` along axis >= 1 becomes one such kernel over all its inputs,
-each input x_i viewed as [B, outer, w_i] (outer = the dims between 0 and the axis; reshapes are
-free) and written at column s_i = w_0 + ... + w_{i-1} of out [B, outer, sum w]: an input that is
-a bag op's result is pooled straight into its columns (the bag's own call becomes dead code),
-any other input is copied (vectorised).  TVM's own ``concat`` walks an ``if_then_else`` chain
+On the CPU a ``cat`` along axis >= 1 (also ``stack``: core ATen's cat + view) becomes one such
+kernel over all its inputs, each input x_i viewed as [B, outer, w_i] (outer = the dims between 0
+and the axis; reshapes are free) and written at column s_i = w_0 + ... + w_{i-1} of
+out [B, outer, sum w]: a bag op's result is pooled straight into its columns (the bag's own call
+becomes dead code), any other input is copied (vectorised); a ``view`` of the result re-emits
+the kernel with the viewed shape.  TVM's own ``concat`` walks an ``if_then_else`` chain
 over the inputs for every element: stacking 26 bags [2048, 16] took ~8 ms, 10x the lookups.
 The ids are not checked here (``rewrite.runtime`` validates every batch first), as in ONNX's
 Gather.  Measured: docs/lowering.md.
@@ -238,9 +239,9 @@ def convert_view(node, imp, fallback) -> Any:
     return bb.emit(relax.call_tir(gvar, args, relax.TensorType((batch, *tail), dtype)))
 
 
-def convert_cat(node, imp, stack: bool) -> Any:
-    """``cat(xs, dim)`` / ``stack(xs, dim)`` on the CPU -> one kernel (bags pooled in place,
-    other inputs copied), or TVM's concat when the inputs do not fit it (see the module doc)."""
+def convert_cat(node, imp) -> Any:
+    """``cat(xs, dim)`` on the CPU -> one kernel (bags pooled in place, other inputs copied), or
+    TVM's concat when the inputs do not fit it (see the module doc)."""
     import tvm
     from tvm import relax
 
@@ -248,10 +249,8 @@ def convert_cat(node, imp, stack: bool) -> Any:
     xs = [imp.env[x] for x in node.args[0]]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     shapes = [list(imp.shape_of(x)) for x in xs]
-    dim %= len(shapes[0]) + (1 if stack else 0)
+    dim %= len(shapes[0])
     bags = [_bag_call(bb, x) for x in xs]
-    if stack:
-        shapes = [s[:dim] + [tvm.tirx.IntImm("int64", 1)] + s[dim:] for s in shapes]
     dtypes = {str(x.ty.dtype) for x in xs}
     equal = tvm.sym.Analyzer().can_prove_equal
     rest = [[int(d) for i, d in enumerate(s[1:], 1) if i != dim]
@@ -259,8 +258,6 @@ def convert_cat(node, imp, stack: bool) -> Any:
     if (dim == 0 or len(xs) < 2 or len(dtypes) != 1 or len({len(s) for s in shapes}) != 1
             or None in rest or any(r != rest[0] for r in rest)
             or not all(equal(s[0], shapes[0][0]) for s in shapes)):
-        if stack:
-            xs = [bb.emit(relax.op.expand_dims(x, dim)) for x in xs]
         return bb.emit(relax.op.concat(xs, axis=dim))
     batch, dtype = shapes[0][0], dtypes.pop()
     outer = math.prod(int(d) for d in shapes[0][1:dim])

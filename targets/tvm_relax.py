@@ -11,9 +11,11 @@ then ``tvm.relax.frontend.torch.from_exported_program`` with converters for thos
 what TVM 0.27's importer lacks or gets wrong on these graphs:
   * ``dlrm_rewrite::gather_segment_sum`` / ``segment_sum`` -> ``call_tir`` of one fused
     lookup + pooling kernel per call (``targets.tvm_bags``; CPU or CUDA variant by target);
-  * ``cat`` / ``stack`` on the CPU   -> one kernel that pools bag inputs in place and copies
-    the others (``targets.tvm_bags``), instead of TVM's per-element if_then_else chain;
-  * ``scatter_add``                 -> ``scatter_elements(reduction="add")``;
+  * ``cat`` (and the ``view`` after it, ``stack``'s decomposition) on the CPU -> one kernel that
+    pools bag inputs in place and copies the others (``targets.tvm_bags``), instead of TVM's
+    per-element if_then_else chain;
+  * ``scatter_add``                 -> ``scatter_elements(reduction="add")`` (graphs exported
+    outside ``lowering()``, e.g. by benchmarks);
   * ``div(x, c, rounding_mode=...)`` on integers: the importer makes an int32 constant against
     int64 ids (a type error); here the constant takes x's dtype and "trunc" lowers to ``divide``
     (TIR's integer division truncates), "floor" to ``floor_divide``.  ``remainder`` is the
@@ -178,17 +180,15 @@ CONVERTERS = {"scatter_add.default": _scatter_add, "div.Tensor_mode": _div_mode,
 
 def target_converters(cuda: bool, defaults: dict[str, Any]) -> dict[str, Any]:
     """Converters whose kernels depend on the device: the ``rewrite.bag_ops`` ops (CPU or CUDA
-    kernel) and, on the CPU, ``cat`` / ``stack`` / ``view`` of them (``defaults``: the
-    importer's own converters, for the views that are not of a kernel's result)."""
+    kernel) and, on the CPU, ``cat`` and ``view`` of them (core ATen writes ``stack`` as cat +
+    view; ``defaults``: the importer's own converters, for views of anything else)."""
     def bags(node: fx.Node, imp) -> Any:
         return emit_bag_op(imp, [imp.env[a] for a in node.args], cuda)
 
     out = {op.__name__: bags for op in (bag_ops.SEGMENT_SUM, bag_ops.GATHER_SEGMENT_SUM)}
     if not cuda:
-        out["cat.default"] = lambda node, imp: convert_cat(node, imp, stack=False)
-        out["stack.default"] = lambda node, imp: convert_cat(node, imp, stack=True)
-        for name in ("view.default", "reshape.default"):
-            out[name] = partial(convert_view, fallback=defaults[name])
+        out["cat.default"] = convert_cat
+        out["view.default"] = partial(convert_view, fallback=defaults["view.default"])
     return out
 
 
