@@ -4,7 +4,8 @@ Before: a RecModel (any representations built from gather / matmul / elementwise
 After:  ``model.onnx`` (opset 18; weights in ``model.onnx.data`` above 2 GB), inputs
 ``dense [B, n_dense]``, ``indices_f [n_f]``, ``offsets_f [B + 1]`` per feature, output
 ``logits [B]``; no ``Loop``: tables pool through the ``rewrite.bag_ops`` ops, which
-``targets.onnx_bags`` translates (Gather + ScatterND(add) over CumSum bag ids).
+``targets.onnx_bags`` translates (Gather, then an If: the rows themselves when every bag holds
+one id, else ScatterND(add) over CumSum bag ids; docs/lowering.md).
 
 Exporter: ``torch.onnx.export(dynamo=True)`` of the ``torch.export`` program (``export_program``
 inside ``bag_ops.lowering()``, with ``onnx_bags.TRANSLATIONS`` as custom translations).

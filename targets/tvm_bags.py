@@ -41,10 +41,6 @@ class Segment:
     dtype: str            # the stored dtype of W / V / the copied tensor
     kind: str             # "gather", "rows" or "copy"
 
-    @property
-    def n_args(self) -> int:
-        return {"gather": 3, "rows": 2, "copy": 1}[self.kind]
-
 
 def cpu_kernel(segments: tuple[Segment, ...], outer: int, out_tail: tuple[int, ...], out_dtype: str):
     """PrimFunc(args of every segment..., out [B, *out_tail]) writing out viewed as
