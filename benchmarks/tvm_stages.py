@@ -5,7 +5,8 @@
     PYTHONPATH=. python benchmarks/tvm_stages.py --model /tmp/kaggle/model.safetensors \
         --batch-sizes 1,2048 --json stages.json          # no data file: synthetic batches
 
-Stages (the same math in every engine, each compiled on its own with dynamic shapes):
+Stages (the same math in every engine, each compiled on its own with dynamic shapes, exported
+inside ``rewrite.bag_ops.lowering()`` as the targets export them):
   embedding    bags -> [B, F, D]      every table's lookup and pooling
   bottom       dense -> x             bottom MLP
   interaction  (x, e_0..e_{F-1}) -> z dot interaction (each e_f [B, D], as the model has them)
@@ -124,7 +125,9 @@ def export_stage(model, stage: str):
                                                  "embeddings": tuple({0: b} for _ in embs)}),
                     "top": ((z,), {"z": {0: b}}),
                     "full": (traced, {"dense": {0: b}, "bags": bag_dims})}[stage]
-    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+    from rewrite import bag_ops
+
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False), bag_ops.lowering():
         return torch.export.export(stage_module(model, stage), tuple(args), dynamic_shapes=shapes), args
 
 
@@ -173,9 +176,11 @@ def onnx_runner(model, stage: str, cache: Path, int8: bool):
     if not path.exists():
         import torch.fx.experimental._config as fx_config
 
+        from targets.onnx_bags import TRANSLATIONS
+
         ep, _ = export_stage(onnx_form(model), stage)
         with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
-            program = torch.onnx.export(ep, (), dynamo=True, optimize=True)
+            program = torch.onnx.export(ep, (), dynamo=True, optimize=True, custom_translation_table=TRANSLATIONS)
         if quantize:
             save_quantized(program, path, external=False, prefixes=("",))
         else:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from passes.universal_hash import PRIME, universal_hash
-from rewrite.embedding import Representation, pool, register_representation
+from rewrite.embedding import Representation, gather_pool, register_representation
 from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
 
@@ -45,7 +45,7 @@ class HashBag(Representation):
         return universal_hash(indices, a, b, self.buckets)[:, 0]
 
     def forward(self, indices, offsets):
-        return pool(self.weight.index_select(0, self.bucket(indices)), offsets, self.pooling)
+        return gather_pool(self.weight, self.bucket(indices), offsets, self.pooling)
 
     def params(self):
         return {"rows": self.rows, "dim": self.dim, "buckets": self.buckets, "a": self.a, "b": self.b,

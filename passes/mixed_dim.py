@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, TableBag, pool, register_representation
+from rewrite.embedding import Representation, TableBag, gather_pool, register_representation
 from rewrite.errors import RewriteError
 from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.tracing import EmbeddingSite
@@ -42,7 +42,7 @@ class MDBag(Representation):
         self.proj = nn.Parameter(torch.empty(self.dim, self.inner_dim))
 
     def forward(self, indices, offsets):
-        pooled = pool(self.weight.index_select(0, indices), offsets, self.pooling)
+        pooled = gather_pool(self.weight, indices, offsets, self.pooling)
         return pooled @ self.proj.t()
 
     def params(self):

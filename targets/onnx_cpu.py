@@ -3,10 +3,13 @@
 Before: a RecModel (any representations built from gather / matmul / elementwise / segment-sum).
 After:  ``model.onnx`` (opset 18; weights in ``model.onnx.data`` above 2 GB), inputs
 ``dense [B, n_dense]``, ``indices_f [n_f]``, ``offsets_f [B + 1]`` per feature, output
-``logits [B]``; no ``Loop`` (every bag is pooled by ScatterElements(add) over CumSum bag ids).
+``logits [B]``; no ``Loop``: tables pool through the ``rewrite.bag_ops`` ops, which
+``targets.onnx_bags`` translates (Gather, then an If: the rows themselves when every bag holds
+one id, else ScatterND(add) over CumSum bag ids; docs/lowering.md).
 
-Exporter: ``torch.onnx.export(dynamo=True)`` of the ``torch.export`` program (``export_program``).
-Both exporters give a correct, Loop-free graph for ``segment_sum`` here; the dynamo one is the
+Exporter: ``torch.onnx.export(dynamo=True)`` of the ``torch.export`` program (``export_program``
+inside ``bag_ops.lowering()``, with ``onnx_bags.TRANSLATIONS`` as custom translations).
+Both exporters gave a correct, Loop-free graph for the scatter-add segment sum; the dynamo one is the
 maintained one, states offsets = batch + 1 symbolically, and its onnxscript optimizer folds
 constants: on a 4-table composite model (table, QR, MD, fp16) its graph ran 0.053 ms at B=1
 and 2.74 ms at B=2048 vs 0.097 / 3.05 ms for the legacy TorchScript exporter's graph (1 thread,
@@ -34,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from rewrite import bag_ops
 from rewrite.batch import Batch
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
@@ -51,12 +55,16 @@ def export_onnx(model: RecModel, example: Batch):
     """ONNXProgram of ``ExportedBags(model)``: dynamic batch and lookup counts, opset 18."""
     import torch
 
-    program = export_program(onnx_form(model), example)
+    from targets.onnx_bags import TRANSLATIONS
+
+    with bag_ops.lowering():
+        program = export_program(onnx_form(model), example)
     names = bag_input_names(len(model.spec.features))
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, args=(), input_names=names,
-                                         output_names=["logits"], opset_version=OPSET, dynamo=True)
+                                         output_names=["logits"], opset_version=OPSET, dynamo=True,
+                                         custom_translation_table=TRANSLATIONS)
     ops = {n.op_type for n in onnx_program.model.graph.all_nodes()}
     if "Loop" in ops:
         raise RewriteError("onnx export produced a Loop op (an nn.EmbeddingBag or a Python loop "

@@ -6,9 +6,16 @@ symbolic batch B (offsets are B + 1 long) and a symbolic lookup count n_f per fe
 the parameters as trailing runtime inputs (``keep_params_as_input``), never baked-in constants.
 
 Route: ``torch.export`` (size-oblivious, so batch 1 and empty features are not specialised away)
-then ``tvm.relax.frontend.torch.from_exported_program`` with converters for what TVM 0.27's
-importer lacks or gets wrong on these graphs:
-  * ``scatter_add``                 -> ``scatter_elements(reduction="add")`` (segment sums);
+(inside ``rewrite.bag_ops.lowering()``, so tables pool through ``dlrm_rewrite::`` ops)
+then ``tvm.relax.frontend.torch.from_exported_program`` with converters for those ops and for
+what TVM 0.27's importer lacks or gets wrong on these graphs:
+  * ``dlrm_rewrite::gather_segment_sum`` / ``segment_sum`` -> ``call_tir`` of one fused
+    lookup + pooling kernel per call (``targets.tvm_bags``; CPU or CUDA variant by target);
+  * ``cat`` (and the ``view`` after it, ``stack``'s decomposition) on the CPU -> one kernel that
+    pools bag inputs in place and copies the others (``targets.tvm_bags``), instead of TVM's
+    per-element if_then_else chain;
+  * ``scatter_add``                 -> ``scatter_elements(reduction="add")`` (graphs exported
+    outside ``lowering()``, e.g. by benchmarks);
   * ``div(x, c, rounding_mode=...)`` on integers: the importer makes an int32 constant against
     int64 ids (a type error); here the constant takes x's dtype and "trunc" lowers to ``divide``
     (TIR's integer division truncates), "floor" to ``floor_divide``.  ``remainder`` is the
@@ -26,14 +33,17 @@ as Div/Abs/Sign/Floor; so only the torch route is used.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 from torch import fx
 
+from rewrite import bag_ops
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
 from targets.base import ExportedBags
+from targets.tvm_bags import convert_cat, convert_view, emit_bag_op
 
 INT_SLICE_END = 2**62    # slice ends at or above this mean "to the end" (torch writes INT64_MAX)
 
@@ -67,7 +77,8 @@ def export(model: RecModel) -> torch.export.ExportedProgram:
     shapes = {"dense": {0: batch},
               "bags": tuple({0: Dim(f"n_{i // 2}", min=0) if i % 2 == 0 else batch + 1}
                             for i in range(len(args) - 1))}
-    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False), \
+            bag_ops.lowering():
         ep = torch.export.export(ExportedBags(model).eval(), args, dynamic_shapes=shapes)
     dense = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "dense")
     if isinstance(dense.meta["val"].shape[0], int):
@@ -167,6 +178,20 @@ CONVERTERS = {"scatter_add.default": _scatter_add, "div.Tensor_mode": _div_mode,
               "slice.Tensor": _slice, "clamp.default": _clamp}
 
 
+def target_converters(cuda: bool, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Converters whose kernels depend on the device: the ``rewrite.bag_ops`` ops (CPU or CUDA
+    kernel) and, on the CPU, ``cat`` and ``view`` of them (core ATen writes ``stack`` as cat +
+    view; ``defaults``: the importer's own converters, for views of anything else)."""
+    def bags(node: fx.Node, imp) -> Any:
+        return emit_bag_op(imp, [imp.env[a] for a in node.args], cuda)
+
+    out = {op.__name__: bags for op in (bag_ops.SEGMENT_SUM, bag_ops.GATHER_SEGMENT_SUM)}
+    if not cuda:
+        out["cat.default"] = convert_cat
+        out["view.default"] = partial(convert_view, fallback=defaults["view.default"])
+    return out
+
+
 def to_relax(ep: torch.export.ExportedProgram, target_name: str):
     """ExportedProgram -> (IRModule with params as inputs, [param tensors], [param names]).
 
@@ -177,19 +202,22 @@ def to_relax(ep: torch.export.ExportedProgram, target_name: str):
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     importer = ExportedProgramImporter()
-    known = set(importer.convert_map) | set(CONVERTERS)
+    converters = {**CONVERTERS, **target_converters(target_name.endswith("cuda"),
+                                                    dict(importer.convert_map))}
+    known = set(importer.convert_map) | set(converters)
     missing = [n for n in ep.graph.nodes if n.op == "call_function" and _op_name(n) not in known]
     if missing:
         raise RewriteError(f"{target_name}: TVM cannot lower " + "; ".join(
             sorted({_where(n) for n in missing})) + " (no Relax converter in TVM's importer)")
     try:
-        mod = importer.from_exported_program(ep, True, True, False, dict(CONVERTERS))
+        mod = importer.from_exported_program(ep, True, True, False, converters)
     except Exception as e:  # noqa: BLE001  (name the node the importer stopped at)
         done = set(importer.env)
         failed = next((n for n in ep.graph.nodes if n.op == "call_function" and n not in done), None)
         where = _where(failed) if failed is not None else "the graph"
         raise RewriteError(f"{target_name}: TVM cannot lower {where}: "
                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)   # bag calls fused into a cat
     mod, params = relax.frontend.detach_params(mod)
     func = mod["main"]
     n_inputs = int(func.attrs["num_input"])

@@ -40,8 +40,8 @@ def test_graph_is_loop_free_opset18_with_dynamic_batch_and_lookups(model, fp32):
     assert compiled.files == ["model.onnx"]
     g = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(g)
-    ops = {n.op_type for n in g.graph.node}
-    assert "Loop" not in ops and "ScatterElements" in ops and "CumSum" in ops
+    ops = all_ops(g.graph)
+    assert "Loop" not in ops and {"If", "ScatterND", "CumSum"} <= ops     # bags: targets.onnx_bags
     assert max(o.version for o in g.opset_import if o.domain in ("", "ai.onnx")) >= 18
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.graph.input}
     n_features = len(model.spec.features)
@@ -51,6 +51,17 @@ def test_graph_is_loop_free_opset18_with_dynamic_batch_and_lookups(model, fp32):
         assert isinstance(dims[f"indices_{f}"][0], str)
         assert dims[f"offsets_{f}"][0] == f"{dims['dense'][0]} + 1"   # offsets are B + 1
     assert len({dims[f"indices_{f}"][0] for f in range(n_features)}) == n_features
+
+
+def all_ops(graph) -> set[str]:
+    """Op types of a graph and of every subgraph (If branches) in it."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                ops |= all_ops(attr.g)
+    return ops
 
 
 def test_session_options(fp32):

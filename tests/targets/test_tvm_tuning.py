@@ -85,7 +85,8 @@ def test_options_recorded(tuned):
     assert names and all("matmul" in n for n in names)          # lookups never measured
     speed = o["tune_speedup"][str(TUNED_B)]
     assert speed["untuned_ms"] > 0 and speed["tuned_ms"] > 0
-    assert speed["speedup"] == pytest.approx(speed["untuned_ms"] / speed["tuned_ms"], rel=0.01)
+    rounding = 5e-4 / speed["untuned_ms"] + 5e-4 / speed["tuned_ms"]   # ms kept to 3 decimals
+    assert speed["speedup"] == pytest.approx(speed["untuned_ms"] / speed["tuned_ms"], rel=0.01 + rounding)
 
 
 @pytest.mark.slow

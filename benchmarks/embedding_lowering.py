@@ -1,0 +1,238 @@
+"""Embedding stage (every table's lookup + pooling) in torch eager, onnxruntime and TVM, one thread.
+
+    PYTHONPATH=. python benchmarks/embedding_lowering.py --max-rows 1000000 --json emb.json
+    PYTHONPATH=. python benchmarks/embedding_lowering.py --model /tmp/kaggle/model.safetensors
+
+The stage is ``bags -> [B, F, D]`` (``torch.stack`` of the tables' pooled bags) on the
+Criteo-Kaggle-shaped model of ``benchmarks/kaggle_model.py`` (``--max-rows`` caps every table for
+a smaller copy; ``--model`` reads a saved one instead).  Engines: torch eager (the tables'
+``F.embedding_bag``), onnxruntime and TVM (tvm-llvm's target and pipeline) on the graphs the
+lowerings produce (``rewrite.bag_ops`` ops translated by ``targets.onnx_bags`` /
+``targets.tvm_bags``), compiled once into ``--cache``.  Each engine runs in its own process per
+round, rounds alternate the order; fresh batches (``rewrite.timing.serving_batches``, one id per
+bag like Criteo, a different batch every call), warm-up first, median per call per process,
+median over rounds.  Inputs start as numpy arrays in every engine.  Also reports each engine's
+max |difference| from eager on the first batch.  ``--touch-pages`` first looks up one row per
+4 KiB page of every table, so the timed calls see a serving process's steady state: onnxruntime
+memory-maps the external data file (> 2 GB) and otherwise pays a page fault on the first touch
+of each page, where torch and TVM hold the tables in memory they have already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ENGINES = ("torch", "onnxruntime", "tvm")
+FRESH, WARMUP, CALLS = 16, 4, 48
+PAGE = 4096                 # bytes: one lookup per page touches every page of a table
+TOUCH_BATCH = 65536
+
+
+class EmbeddingStage(nn.Module):
+    """``forward(idx_0, off_0, ...) -> [B, F, D]``: every feature's pooled bag."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *bags):
+        m = self.model
+        return torch.stack([m.embeddings[t](bags[2 * f], bags[2 * f + 1])
+                            for f, t in enumerate(m.feature_tables)], dim=1)
+
+
+def load_model(args):
+    from benchmarks.kaggle_model import kaggle_model
+    from rewrite import formats
+    from rewrite.synthetic import KAGGLE_ROWS
+
+    if args.model:
+        return formats.load(args.model).eval()
+    return kaggle_model(tuple(min(r, args.max_rows) for r in KAGGLE_ROWS)).eval()
+
+
+def export_stage(model) -> torch.export.ExportedProgram:
+    """The stage under ``bag_ops.lowering()`` with dynamic lookup counts and batch (offsets B+1)."""
+    import torch.fx.experimental._config as fx_config
+    from torch.export import Dim
+
+    from rewrite import bag_ops
+    from targets.tvm_relax import trace_inputs
+
+    bags = trace_inputs(model)[1:]
+    offsets = Dim("offsets", min=2)
+    shapes = {"bags": tuple({0: Dim(f"n_{i // 2}", min=0) if i % 2 == 0 else offsets}
+                            for i in range(len(bags)))}
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False), \
+            bag_ops.lowering():
+        return torch.export.export(EmbeddingStage(model).eval(), bags, dynamic_shapes=shapes)
+
+
+def compile_stage(engine: str, model, cache: Path) -> None:
+    if engine == "onnxruntime" and not (cache / "embedding.onnx").exists():
+        from targets.onnx_bags import TRANSLATIONS
+
+        program = torch.onnx.export(export_stage(model), (), dynamo=True, opset_version=18,
+                                    custom_translation_table=TRANSLATIONS)
+        program.save(str(cache / "embedding.onnx"), external_data=model.embedding_bytes() > 2**30)
+    if engine == "tvm" and not (cache / "tvm" / "compiled.json").exists():
+        from targets import tvm_relax
+        from targets.base import get_target
+        from targets.tvm_common import save_params
+
+        target = get_target("tvm-llvm")
+        mod, params, names = tvm_relax.to_relax(export_stage(model).run_decompositions(), target.name)
+        tvm_target, _ = target.tvm_target({})
+        (cache / "tvm").mkdir(parents=True, exist_ok=True)
+        target.build(mod, tvm_target, {}).export_library(str(cache / "tvm" / "model.so"))
+        save_params(cache / "tvm" / "params.safetensors", params, names)
+        (cache / "tvm" / "compiled.json").write_text(json.dumps({"params": names}))
+
+
+def make_runner(engine: str, model, cache: Path):
+    """numpy bags -> numpy [B, F, D] for one engine (compiled stages read from ``cache``)."""
+    if engine == "torch":
+        stage = EmbeddingStage(model)
+
+        def run_torch(bags):
+            with torch.inference_mode():
+                return stage(*[torch.from_numpy(b) for b in bags]).numpy()
+
+        return run_torch
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        from targets.onnx_cpu import session_options
+
+        sess = ort.InferenceSession(str(cache / "embedding.onnx"), session_options(1),
+                                    providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        return lambda bags: sess.run(None, dict(zip(names, bags)))[0]
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from targets.tvm_common import load_params, set_threads, to_tvm
+
+    set_threads(1)
+    dev = tvm.cpu(0)
+    folder = cache / "tvm"
+    main = VirtualMachine(tvm.runtime.load_module(str(folder / "model.so")), dev)["main"]
+    params = load_params(folder / "params.safetensors",
+                         json.loads((folder / "compiled.json").read_text())["params"], dev)
+    return lambda bags: main(*to_tvm(list(bags), dev), *params).numpy()
+
+
+def fresh_bags(model, batch: int, seed: int) -> list[list[np.ndarray]]:
+    from rewrite.timing import serving_batches
+    from targets.base import split_bags_np
+
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    return [split_bags_np(idx, off, len(rows))
+            for _, idx, off in serving_batches(rows, model.spec.n_dense, batch, FRESH, seed)]
+
+
+def touch_pages(model, run) -> None:
+    """Run ``run`` on batches whose ids hit every PAGE-byte page of every table once."""
+    tables = [model.embeddings[t] for t in model.feature_tables]
+    strides = [max(1, PAGE // (t.dim * t.weight.element_size())) for t in tables]
+    pages = max(-(-t.rows // s) for t, s in zip(tables, strides))
+    for start in range(0, pages, TOUCH_BATCH):
+        page = np.arange(start, start + TOUCH_BATCH, dtype=np.int64)
+        bags = []
+        for t, stride in zip(tables, strides):
+            bags += [(page * stride) % t.rows, np.arange(TOUCH_BATCH + 1, dtype=np.int64)]
+        run(bags)
+
+
+def worker(args) -> dict:
+    """One engine, one process: median ms per call per batch size, and |Δ| vs eager."""
+    torch.set_num_threads(1)
+    model = load_model(args)
+    cache = Path(args.cache)
+    run = make_runner(args.engine, model, cache)
+    ref = EmbeddingStage(model)
+    if args.touch_pages:
+        touch_pages(model, run)
+    out: dict = {}
+    for size in args.batch_sizes:
+        inputs = fresh_bags(model, size, seed=size)
+        with torch.inference_mode():
+            want = ref(*[torch.from_numpy(b) for b in inputs[0]]).numpy()
+        out[f"maxdiff/{size}"] = float(np.abs(run(inputs[0]) - want).max())
+        for k in range(WARMUP):
+            run(inputs[k % FRESH])
+        times = []
+        for k in range(CALLS):
+            t0 = time.perf_counter()
+            run(inputs[k % FRESH])
+            times.append(time.perf_counter() - t0)
+        out[f"ms/{size}"] = 1e3 * float(np.median(times))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a saved model (default: build the Kaggle shape)")
+    ap.add_argument("--max-rows", type=int, default=1_000_000, help="cap on rows per table")
+    ap.add_argument("--batch-sizes", default="1,2048")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cache", default="/tmp/embedding_lowering", help="compiled stages")
+    ap.add_argument("--touch-pages", action="store_true", help="fault in every table page first")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)   # worker mode
+    args = ap.parse_args(argv)
+    args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",")]
+    if args.engine:
+        print(json.dumps(worker(args)))
+        return 0
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    model = load_model(args)
+    for engine in ENGINES[1:]:
+        print(f"compiling the embedding stage for {engine}", file=sys.stderr)
+        compile_stage(engine, model, cache)
+    del model
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
+    rounds: dict[str, list[dict]] = {e: [] for e in ENGINES}
+    for r in range(args.rounds):
+        for engine in ENGINES[r % 3:] + ENGINES[:r % 3]:
+            print(f"round {r + 1}/{args.rounds}: {engine}", file=sys.stderr)
+            cmd = [sys.executable, __file__, "--engine", engine, "--max-rows", str(args.max_rows),
+                   "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--cache", args.cache]
+            if args.model:
+                cmd += ["--model", args.model]
+            if args.touch_pages:
+                cmd.append("--touch-pages")
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                sys.stderr.write(res.stderr[-3000:])
+                return 1
+            rounds[engine].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    table = {e: {k: float(np.median([rd[k] for rd in rs])) for k in rs[0]} for e, rs in rounds.items()}
+    print(f"{'batch':>6s} " + " ".join(f"{e + ' ms':>15s}" for e in ENGINES) + "   ort/eager  tvm/eager")
+    for size in args.batch_sizes:
+        t, o, v = (table[e][f"ms/{size}"] for e in ENGINES)
+        print(f"{size:6d} {t:15.3f} {o:15.3f} {v:15.3f}   {o / t:9.2f} {v / t:10.2f}")
+    print("max |diff| vs eager: " + ", ".join(
+        f"{e} {max(table[e][f'maxdiff/{s}'] for s in args.batch_sizes):.1e}" for e in ENGINES[1:]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "ms_per_call": table, "rounds": args.rounds, "batch_sizes": args.batch_sizes,
+            "model": args.model or f"kaggle_model(rows capped at {args.max_rows})",
+            "threads": 1, "ids_per_bag": 1, "touch_pages": args.touch_pages,
+            "per_round": rounds}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
