@@ -25,12 +25,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from rewrite.timing import median_ms
 
 ENGINES = ("torch", "onnxruntime", "tvm")
 FRESH, WARMUP, CALLS = 16, 4, 48
@@ -169,14 +170,7 @@ def worker(args) -> dict:
         with torch.inference_mode():
             want = ref(*[torch.from_numpy(b) for b in inputs[0]]).numpy()
         out[f"maxdiff/{size}"] = float(np.abs(run(inputs[0]) - want).max())
-        for k in range(WARMUP):
-            run(inputs[k % FRESH])
-        times = []
-        for k in range(CALLS):
-            t0 = time.perf_counter()
-            run(inputs[k % FRESH])
-            times.append(time.perf_counter() - t0)
-        out[f"ms/{size}"] = 1e3 * float(np.median(times))
+        out[f"ms/{size}"] = median_ms(run, inputs[:FRESH], WARMUP, CALLS)
     return out
 
 

@@ -35,12 +35,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from rewrite.timing import median_ms
 
 ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "tvm")
 STAGES = ("embedding", "bottom", "interaction", "top", "full")
@@ -275,14 +276,7 @@ def worker(args) -> dict:
         for size in args.batch_sizes:
             inputs = [convert(stage_inputs(model, stage, b))
                       for b in fresh_batches(model, args.data, size)]
-            for k in range(WARMUP):
-                call(inputs[k % FRESH])
-            times = []
-            for k in range(CALLS):
-                t0 = time.perf_counter()
-                call(inputs[k % FRESH])
-                times.append(time.perf_counter() - t0)
-            out[f"{stage}/{size}"] = 1e3 * float(np.median(times))
+            out[f"{stage}/{size}"] = median_ms(call, inputs[:FRESH], WARMUP, CALLS)
     return out
 
 

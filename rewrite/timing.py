@@ -35,3 +35,17 @@ def time_calls(call: Callable[[object], object], inputs: list, repeat: int = 1) 
             call(x)
             times.append(time.perf_counter() - t0)
     return times
+
+
+def median_ms(call: Callable[[object], object], inputs: list, warmup: int, calls: int) -> float:
+    """Median milliseconds of ``call(inputs[k % len(inputs)])`` over ``calls`` calls after
+    ``warmup`` untimed ones (inputs cycled, so each call gets the next fresh batch)."""
+    for k in range(warmup):
+        call(inputs[k % len(inputs)])
+    times = []
+    for k in range(calls):
+        x = inputs[k % len(inputs)]
+        t0 = time.perf_counter()
+        call(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
