@@ -102,6 +102,9 @@ def gemm_to_matmul(ir_model, prefixes: tuple[str, ...] = MLP_PREFIXES) -> list[s
         graph.register_initializer(wt)
         matmul = ir.node("MatMul", [x, wt], name=f"{node.name}_matmul")
         add = ir.node("Add", [matmul.outputs[0], b], name=f"{node.name}_bias")
+        # named here: left unnamed, the serializer numbers them val_N and can repeat a name
+        # the exporter gave elsewhere (a bag op's int64 value then typed an MLP activation)
+        matmul.outputs[0].name, add.outputs[0].name = f"{node.name}_matmul_out", f"{node.name}_out"
         graph.insert_before(node, [matmul, add])
         node.outputs[0].replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)

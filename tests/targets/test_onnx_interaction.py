@@ -55,3 +55,12 @@ def test_exported_interaction_branches_on_batch_and_matches_eager(tmp_path):
     assert ops["then_branch"].count("Gather") == 1 and "Slice" not in ops["then_branch"]
     assert ops["else_branch"].count("Slice") == 26 and "Gather" not in ops["else_branch"]
     assert assert_matches_eager(runner, model, "fp32") < 2e-5
+
+
+def test_int8_quantization_of_the_kaggle_shape_with_both_ifs(tmp_path):
+    """The bag ops' and the interaction's Ifs in one graph: the MLP MatMuls the quantizer adds
+    must not reuse an exporter value name (they did: val_374, typed int64 by a bag op)."""
+    model = kaggle_model((50, 7, 300) + (20,) * 23)
+    compiled, runner = lower_and_load(get_target("onnx-cpu-int8"), model, tmp_path)
+    assert compiled.options["quantized_matmuls"] == 7          # every Linear: 4 bottom + 3 top
+    assert assert_matches_eager(runner, model, "int8-dense") > 0
