@@ -199,7 +199,8 @@ def plot(stages: list[dict[str, Any]], path: Path, batch: int = 2048) -> None:
             ax.text(left, y, f"  whole call {whole:.2f} ms", va="center", fontsize=8)
     ax.set_yticks(range(len(paths)), list(paths))
     ax.set_xlabel(f"ms per call at batch {batch}, one thread (stage medians, same run)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, max(ms.values()) * 1.35)
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
