@@ -29,27 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
+from benchmarks import tvm_stages
 from rewrite.timing import median_ms
 
 ENGINES = ("torch", "onnxruntime", "tvm")
 FRESH, WARMUP, CALLS = 16, 4, 48
 PAGE = 4096                 # bytes: one lookup per page touches every page of a table
 TOUCH_BATCH = 65536
-
-
-class EmbeddingStage(nn.Module):
-    """``forward(idx_0, off_0, ...) -> [B, F, D]``: every feature's pooled bag."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *bags):
-        m = self.model
-        return torch.stack([m.embeddings[t](bags[2 * f], bags[2 * f + 1])
-                            for f, t in enumerate(m.feature_tables)], dim=1)
 
 
 def load_model(args):
@@ -63,20 +50,8 @@ def load_model(args):
 
 
 def export_stage(model) -> torch.export.ExportedProgram:
-    """The stage under ``bag_ops.lowering()`` with dynamic lookup counts and batch (offsets B+1)."""
-    import torch.fx.experimental._config as fx_config
-    from torch.export import Dim
-
-    from rewrite import bag_ops
-    from targets.tvm_relax import trace_inputs
-
-    bags = trace_inputs(model)[1:]
-    offsets = Dim("offsets", min=2)
-    shapes = {"bags": tuple({0: Dim(f"n_{i // 2}", min=0) if i % 2 == 0 else offsets}
-                            for i in range(len(bags)))}
-    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False), \
-            bag_ops.lowering():
-        return torch.export.export(EmbeddingStage(model).eval(), bags, dynamic_shapes=shapes)
+    """The embedding stage as ``benchmarks.tvm_stages`` exports it (under ``bag_ops.lowering()``)."""
+    return tvm_stages.export_stage(model, "embedding")[0]
 
 
 def compile_stage(engine: str, model, cache: Path) -> None:
@@ -103,7 +78,7 @@ def compile_stage(engine: str, model, cache: Path) -> None:
 def make_runner(engine: str, model, cache: Path):
     """numpy bags -> numpy [B, F, D] for one engine (compiled stages read from ``cache``)."""
     if engine == "torch":
-        stage = EmbeddingStage(model)
+        stage = tvm_stages.Embeddings(model)
 
         def run_torch(bags):
             with torch.inference_mode():
@@ -161,7 +136,7 @@ def worker(args) -> dict:
     model = load_model(args)
     cache = Path(args.cache)
     run = make_runner(args.engine, model, cache)
-    ref = EmbeddingStage(model)
+    ref = tvm_stages.Embeddings(model)
     if args.touch_pages:
         touch_pages(model, run)
     out: dict = {}

@@ -498,13 +498,6 @@ struct SmallModel {
   }
 };
 
-bool has_avx512() {
-#ifdef DLRM_FAST_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -517,5 +510,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<bool>, std::vector<bool>, int64_t, int64_t>())
       .def("__call__", &SmallModel::forward);
-  m.def("has_avx512", &has_avx512);
 }
