@@ -46,6 +46,7 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
 
     n_features = len(model.spec.features)
     t = fast.tables
+    mlp_kind = {"AmxMlp": "bf16 AMX, 1 call", "OneDnnMlp": "bf16 oneDNN"}[type(fast.bottom16).__name__]
 
     def eager_embed(b):
         bags = split_bags(b["indices"], b["offsets"], n_features)
@@ -57,7 +58,7 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
                       "C++ gather_bags (huge pages)": lambda b: fast_kernels().gather_bags(
                           t.weight, b["indices"], b["offsets"], t.base, t.rows, False)},
         "bottom MLP": {"eager fp32": lambda b: model.bottom(b["dense"]),
-                       "torch-fast (bf16 oneDNN)": lambda b: fast.bottom16(b["dense"].to(torch.bfloat16)),
+                       f"torch-fast ({mlp_kind})": lambda b: fast.bottom16(b["dense"]),
                        "torch-fast-int8": lambda b: fast8.bottom8(b["dense"])},
         "interaction": {"eager fp32 (list)": lambda b: model.interaction(b["x"], b["embs"]),
                         "torch-fast-int8 (C++)": lambda b: kernels().dot_interaction(
@@ -68,7 +69,7 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
             "torch-fast-int8 (embedding_bag + C++ interaction, int8 out)": lambda b: kernels().dot_interaction_quant(
                 b["x"], t(b["indices"], b["offsets"]), fast8.pair_i, fast8.pair_j, fast8.top8.kp)},
         "top MLP": {"eager fp32": lambda b: model.top(b["z"]),
-                    "torch-fast (bf16 oneDNN)": lambda b: fast.top16(b["z16"]),
+                    f"torch-fast ({mlp_kind})": lambda b: fast.top16(b["z16"]),
                     "torch-fast-int8": lambda b: fast8.top8(b["z"])},
         "whole model": {"eager fp32": lambda b: model(b["dense"], b["indices"], b["offsets"]),
                         "torch-fast": lambda b: fast(b["dense"], b["indices"], b["offsets"]),

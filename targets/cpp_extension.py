@@ -27,14 +27,15 @@ def compiler_missing() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def build(name: str, source: str):
-    """The compiled module ``name`` from ``targets/kernels/<source>``; RewriteError if it cannot build."""
+def build(name: str, source: str, flags: tuple[str, ...] = ()):
+    """The compiled module ``name`` from ``targets/kernels/<source>`` (``flags`` added to FLAGS);
+    RewriteError if it cannot build."""
     why = compiler_missing()
     if why:
         raise RewriteError(why)
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name=name, sources=[str(KERNELS / source)], extra_cflags=FLAGS, verbose=False)
+        return load(name=name, sources=[str(KERNELS / source)], extra_cflags=FLAGS + list(flags), verbose=False)
     except Exception as e:  # the build raises RuntimeError / subprocess errors with the compiler log
         raise RewriteError(f"building {source} failed: {str(e).splitlines()[0][:200]}") from None

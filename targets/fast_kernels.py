@@ -5,6 +5,8 @@ and bf16 MLPs on oneDNN with prepacked weights.
   pages (``madvise(MADV_HUGEPAGE)``), so a random lookup into a 2 GB table does not also miss the
   TLB;
 * ``kernels()``: ``kernels/dlrm_fast.cpp`` (``gather_bags``, ``embed_interact``, ``final_dot``);
+* ``bf16_mlp``: ``targets.amx_mlp.AmxMlp`` (the whole MLP in one call on AMX tiles) where the
+  CPU has AMX, else ``OneDnnMlp``;
 * ``OneDnnMlp``: y = relu(x Wᵀ + b) per layer as ``torch.ops.mkldnn._linear_pointwise`` on bf16
   activations with weights reordered once into oneDNN's blocked layout (AMX tiles where the CPU
   has them; B=2048 on this machine: top MLP 1.15 ms prepacked vs 1.78 ms plain bf16 ``F.linear``
@@ -77,8 +79,21 @@ def small_model(weight: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, me
                                 [r for _, _, r in t], order, kp)
 
 
+def bf16_mlp(mlp: nn.Sequential, k_in: int | None = None) -> nn.Module:
+    """The fastest bf16 form of an MLP here: ``AmxMlp`` (one call, AMX tiles) where this process
+    can use AMX, else ``OneDnnMlp``; both take f32 or bf16 [B, K_in] (``k_in``: zero-padded
+    width) and compute the same numerics."""
+    from targets.amx_mlp import AmxMlp, amx_missing
+
+    layers = padded_layers(mlp, k_in)
+    if amx_missing() is None and len(layers) > 1:     # AmxMlp needs a hidden layer to end on
+        return AmxMlp(layers)
+    return OneDnnMlp(mlp, k_in)
+
+
 class OneDnnMlp(nn.Module):
-    """An MLP of Linear (+ ReLU) layers in bf16 on oneDNN; input bf16 [B, K_in], output fp32.
+    """An MLP of Linear (+ ReLU) layers in bf16 on oneDNN; input f32 or bf16 [B, K_in] (rounded
+    to bf16), output bf16, or fp32 [B, 1] after a width-1 last layer.
 
     ``k_in`` zero-pads the first layer's weight columns to the width the caller's input has
     (the fused interaction writes [B, kp] with kp a multiple of 16).
@@ -101,7 +116,8 @@ class OneDnnMlp(nn.Module):
         self.attr = ["relu" if relu else "none" for _, _, relu in layers]
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The layers before a width-1 last layer (all layers otherwise), bf16 in and out."""
+        """The layers before a width-1 last layer (all layers otherwise), f32 or bf16 in, bf16 out."""
+        x = x.to(torch.bfloat16)
         for w, b, attr in zip(self.packed, self.bias, self.attr):
             x = torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], "")
         return x

@@ -7,10 +7,11 @@ After, same weights, same math:
   index rows base_f + i (``targets.fast_kernels.huge_table``);
 * up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
   weights, f32 activations and accumulation, z rounded to bf16 as below);
-* above: x = bottom(dense) in bf16 on oneDNN (prepacked weights, bias and ReLU fused), then ONE
-  C++ call pools every bag and computes the dot interaction per sample, writing the top MLP's
-  bf16 input z = [x, <t_i, t_j> ...] directly (``embed_interact``), then the top MLP in bf16 on
-  oneDNN with the width-1 last layer accumulated in fp32.
+* above: x = bottom(dense) in bf16 (``fast_kernels.bf16_mlp``: the whole MLP as one call on AMX
+  tiles where the CPU has AMX, else oneDNN with prepacked weights), then ONE C++ call pools every
+  bag and computes the dot interaction per sample, writing the top MLP's bf16 input
+  z = [x, <t_i, t_j> ...] directly (``embed_interact``), then the top MLP in bf16 the same way,
+  its width-1 last layer accumulated in fp32.
 ``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples.
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
 Only plain fp32 tables of one dim and one pooling mode, and the dot interaction, are accepted;
@@ -84,7 +85,7 @@ class FastDLRM(nn.Module):
     """bottom MLP -> fused lookup + dot interaction -> top MLP, each batch size on its fastest form."""
 
     def __init__(self, model: RecModel):
-        from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, small_model
+        from targets.fast_kernels import PAIR_ORDERS, bf16_mlp, small_model
 
         super().__init__()
         if model.spec.interaction != "dot":
@@ -92,8 +93,10 @@ class FastDLRM(nn.Module):
         self.tables = FusedTables(model)
         self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
         self.order = PAIR_ORDERS[model.spec.pairs]
-        self.kp = -(-(self.tables.dim + self.pairs.numel()) // 16) * 16     # z width, zero-padded
-        self.bottom16, self.top16 = OneDnnMlp(model.bottom), OneDnnMlp(model.top, k_in=self.kp)
+        # z's width, zero-padded to a multiple of 32: one AMX tile's K, so the top MLP's tile loads
+        # read z in place
+        self.kp = -(-(self.tables.dim + self.pairs.numel()) // 32) * 32
+        self.bottom16, self.top16 = bf16_mlp(model.bottom), bf16_mlp(model.top, k_in=self.kp)
         t = self.tables
         self.small = small_model(t.weight, t.base, t.rows, t.pooling == "mean", model.bottom, model.top,
                                  model.spec.n_dense, self.order, self.kp)
@@ -109,7 +112,7 @@ class FastDLRM(nn.Module):
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if dense.shape[0] <= SMALL_MAX_BATCH:
             return self.small(dense.contiguous(), indices, offsets)
-        x = self.bottom16(dense.to(torch.bfloat16))
+        x = self.bottom16(dense)
         return self.top16(self.lookup_interact(x, indices, offsets)).squeeze(1)
 
 
