@@ -5,6 +5,8 @@ Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 
 After, same weights, same math:
 * tables: every plain table concatenated into one W [Σ rows, d] in huge pages; feature f's ids
   index rows base_f + i (``targets.fast_kernels.huge_table``);
+* memory: glibc malloc told to keep freed buffers below ``KEEP_FREED_BYTES`` (process-wide), so
+  each call's activations reuse pages instead of page-faulting fresh ones in;
 * up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
   weights, f32 activations and accumulation, z rounded to bf16 as below);
 * above: x = bottom(dense) in bf16 (``fast_kernels.bf16_mlp``: the whole MLP as one call on AMX
@@ -36,6 +38,7 @@ from targets.torch_eager import TorchEager
 
 SMALL_MAX_BATCH = 8      # samples; up to here one C++ call beats oneDNN (Kaggle model: B=4 0.09 vs 0.17 ms)
 INT8_MIN_BATCH = 64      # samples; torch-fast-int8's int8 GEMMs from here
+KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers below it are reused, not faulted in
 
 
 def fusable(model: RecModel) -> None:
@@ -85,11 +88,12 @@ class FastDLRM(nn.Module):
     """bottom MLP -> fused lookup + dot interaction -> top MLP, each batch size on its fastest form."""
 
     def __init__(self, model: RecModel):
-        from targets.fast_kernels import PAIR_ORDERS, bf16_mlp, small_model
+        from targets.fast_kernels import PAIR_ORDERS, bf16_mlp, kernels, small_model
 
         super().__init__()
         if model.spec.interaction != "dot":
             raise RewriteError(f"torch-fast supports the dot interaction, not {model.spec.interaction!r}")
+        kernels().keep_freed_memory(KEEP_FREED_BYTES)
         self.tables = FusedTables(model)
         self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
         self.order = PAIR_ORDERS[model.spec.pairs]

@@ -9,6 +9,7 @@
 //       T_b = [x_b; e[b, 0]; ..; e[b, F-1]] (F+1 vectors of d), G = T_b T_bᵀ,
 //       z_b = [x_b, G[i, j] for the kept pairs in `order`, 0 ...]  (order 0: dlrm j < i,
 //       1: dlrm-self j <= i, 2: torchrec j > i; row-major in i), rounded to bf16 once.
+//   keep_freed_memory(bytes) -> bool   glibc malloc keeps freed buffers below `bytes` for reuse
 //   final_dot(y, w, bias)      -> logits [B] f32 = y w + bias, y bf16 [B, K] (a last layer of width 1)
 //   SmallModel(W, base, rows, mean, bottom weights, bottom b, top weights, top b, bottom relu, top relu,
 //              order, kp)(dense, idx, off) -> logits [B] f32: the whole model in one call (tiny B)
@@ -25,6 +26,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -53,6 +57,18 @@ torch::Tensor huge_empty(int64_t rows, int64_t d) {
   return torch::from_blob(p, {rows, d}, [](void* q) { std::free(q); }, torch::kFloat);
 }
 
+// Serve allocations below `bytes` from the heap and keep freed memory there (glibc's mmap and trim
+// thresholds), so each call's activations reuse pages instead of faulting fresh ones in: a fresh
+// 1.5 MiB buffer (z at B=2048) costs ~0.4 ms of page faults on this VM, and glibc's own threshold
+// moves with whatever was freed last.  false where the C library has no such knobs.
+bool keep_freed_memory(int64_t bytes) {
+#if defined(__GLIBC__)
+  return mallopt(M_MMAP_THRESHOLD, static_cast<int>(bytes)) == 1 && mallopt(M_TRIM_THRESHOLD, static_cast<int>(2 * bytes)) == 1;
+#else
+  return false;
+#endif
+}
+
 struct Bags {
   const float* w;
   const int64_t *idx, *off, *base, *rows;
@@ -76,66 +92,64 @@ Bags check_bags(const torch::Tensor& w, const torch::Tensor& idx, const torch::T
           nf, batch, w.size(1), mean};
 }
 
-// The lookups of samples [lo, hi) in pooling order (feature by feature, bag by bag): the row
-// PREFETCH lookups ahead of the one being summed, across feature boundaries, so the stream of
-// misses never drains when the loop moves to the next table.
-struct Lookahead {
-  const Bags& g;
-  int64_t lo, hi, f, p, end;
-  Lookahead(const Bags& bags, int64_t l, int64_t h) : g(bags), lo(l), hi(h), f(-1), p(0), end(0) {
-    next_feature();
-    for (int64_t k = 0; k < PREFETCH; ++k) step();
-  }
-  void next_feature() {
-    while (p >= end && f + 1 < g.nf) {
-      ++f;
-      p = g.off[f * g.batch + lo];
-      end = g.off[f * g.batch + hi];
-    }
-  }
-  void step() {   // prefetch the row at the cursor, then advance it
-    if (p >= end) return;
-    const uint64_t i = static_cast<uint64_t>(g.idx[p]);
-    if (i < static_cast<uint64_t>(g.rows[f])) __builtin_prefetch(g.w + (g.base[f] + static_cast<int64_t>(i)) * g.d);
-    ++p;
-    next_feature();
-  }
-};
+alignas(64) const float ZERO_ROW[MAX_D] = {};   // where an out-of-range id points (then an error)
 
 // Pools every bag of samples [lo, hi): bag (f, b) into out[b * stride + (first_row + f) * d ..];
-// false if an id was out of range.  Feature-major order matters: B=2048 Kaggle, 0.51 ms
-// feature-major vs 0.89 ms walking sample by sample across the 26 tables (docs/performance.md).
-// STREAM: write each pooled row with a non-temporal store (a [B, F, d] result that the next stage
-// reads much later: no read-for-ownership of its lines, B=2048 Kaggle 0.84 -> 0.67 ms in C).
+// false if an id was out of range.  Two passes: first the address of every looked-up row in
+// pooling order (feature by feature, bag by bag), bounds checked, then the sums, each load with
+// the row PREFETCH lookups ahead prefetched, across feature boundaries, so the stream of misses
+// never drains between tables.  Splitting the passes keeps the summing loop free of per-lookup
+// bookkeeping (B=2048 Kaggle with every id 0, i.e. no misses: 0.60 -> see docs/performance.md).
+// Feature-major order matters: 0.51 ms feature-major vs 0.89 ms walking sample by sample across
+// the 26 tables.  STREAM: write each pooled row with a non-temporal store (a [B, F, d] result
+// that the next stage reads much later: no read-for-ownership of its lines).
 template <int64_t D, bool STREAM>
 bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
   const int64_t d = D > 0 ? D : g.d;
-  Lookahead ahead(g, lo, hi);
+  int64_t total = 0;
+  for (int64_t f = 0; f < g.nf; ++f) total += g.off[f * g.batch + hi] - g.off[f * g.batch + lo];
+  std::vector<const float*> at(total + PREFETCH, ZERO_ROW);   // the tail: prefetch targets past the end
   bool ok = true;
+  int64_t n = 0;
   for (int64_t f = 0; f < g.nf; ++f) {
     const uint64_t rows = static_cast<uint64_t>(g.rows[f]);
     const float* wf = g.w + g.base[f] * d;
+    const int64_t end = g.off[f * g.batch + hi];
+    for (int64_t p = g.off[f * g.batch + lo]; p < end; ++p) {
+      const uint64_t i = static_cast<uint64_t>(g.idx[p]);
+      const bool inside = i < rows;
+      ok &= inside;
+      at[n++] = inside ? wf + static_cast<int64_t>(i) * d : ZERO_ROW;
+    }
+  }
+  for (int64_t k = 0; k < std::min(PREFETCH, total); ++k) __builtin_prefetch(at[k]);
+  const float* const* q = at.data();
+  for (int64_t f = 0; f < g.nf; ++f) {
     const int64_t* off = g.off + f * g.batch;
     for (int64_t b = lo; b < hi; ++b) {
-      const int64_t start = off[b], end = off[b + 1];
-      float acc[D > 0 ? D : MAX_D];
-      for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
-      for (int64_t p = start; p < end; ++p) {
-        ahead.step();
-        const uint64_t i = static_cast<uint64_t>(g.idx[p]);
-        if (i >= rows) { ok = false; continue; }
-        const float* row = wf + static_cast<int64_t>(i) * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) acc[c] += row[c];
-      }
-      const float scale = g.mean && end - start > 1 ? 1.f / static_cast<float>(end - start) : 1.f;
+      const int64_t count = off[b + 1] - off[b];
+      const float scale = g.mean && count > 1 ? 1.f / static_cast<float>(count) : 1.f;
       float* o = out + (b - lo) * stride + (first_row + f) * d;
 #ifdef DLRM_FAST_AVX512
-      if constexpr (STREAM && D == 16) {
-        _mm512_stream_ps(o, _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(scale)));
+      if constexpr (D == 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < count; ++k, ++q) {
+          __builtin_prefetch(q[PREFETCH]);
+          acc = _mm512_add_ps(acc, _mm512_loadu_ps(*q));
+        }
+        acc = _mm512_mul_ps(acc, _mm512_set1_ps(scale));
+        if constexpr (STREAM) _mm512_stream_ps(o, acc);
+        else _mm512_storeu_ps(o, acc);
         continue;
       }
 #endif
+      float acc[D > 0 ? D : MAX_D];
+      for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
+      for (int64_t k = 0; k < count; ++k, ++q) {
+        __builtin_prefetch(q[PREFETCH]);
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) acc[c] += (*q)[c];
+      }
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * scale;
     }
@@ -286,6 +300,20 @@ inline void interact_avx512(const float* t, int64_t nv, int64_t order, uint16_t*
 }
 #endif
 
+// This thread's interaction tile, at least `floats` long, 64-byte aligned, kept between calls:
+// allocating and zeroing 512 KiB per chunk cost more than its Gram (B=2048 Kaggle: see
+// docs/performance.md).  The caller writes every float it reads.
+float* interaction_tile(int64_t floats) {
+  thread_local std::unique_ptr<float, decltype(&std::free)> tile(nullptr, &std::free);
+  thread_local int64_t size = 0;
+  if (size < floats) {
+    tile.reset(static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64)));
+    TORCH_CHECK(tile != nullptr, "out of memory for the interaction tile");
+    size = floats;
+  }
+  return tile.get();
+}
+
 torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base,
                              torch::Tensor rows, bool mean, torch::Tensor x, int64_t order, int64_t kp,
                              bool generic) {
@@ -305,14 +333,15 @@ torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor o
 #endif
   const int64_t ts = std::max<int64_t>(32, nv) * d;   // tile floats per sample
   for_chunks(g, [&](int64_t lo, int64_t hi) {
-    const size_t bytes = (hi - lo) * ts * sizeof(float);   // a multiple of 64: ts is a multiple of 16
-    std::unique_ptr<float, decltype(&std::free)> tile(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
-    TORCH_CHECK(tile != nullptr, "out of memory for the interaction tile");
-    std::memset(tile.get(), 0, bytes);
-    for (int64_t b = lo; b < hi; ++b) std::memcpy(tile.get() + (b - lo) * ts, xp + b * d, d * sizeof(float));
-    const bool ok = pool_features<false>(g, lo, hi, tile.get(), ts, 1);
+    float* tile = interaction_tile(CHUNK * ts);
+    for (int64_t b = lo; b < hi; ++b) {   // row 0: x; rows 1..F: the bags (pooled below); the rest 0
+      float* t = tile + (b - lo) * ts;
+      std::memcpy(t, xp + b * d, d * sizeof(float));
+      std::memset(t + nv * d, 0, (ts - nv * d) * sizeof(float));
+    }
+    const bool ok = pool_features<false>(g, lo, hi, tile, ts, 1);
     for (int64_t b = lo; b < hi; ++b) {
-      const float* t = tile.get() + (b - lo) * ts;
+      const float* t = tile + (b - lo) * ts;
       uint16_t* zb = zp + b * kp;
 #ifdef DLRM_FAST_AVX512
       if (vector) interact_avx512(t, nv, order, zb);
@@ -502,6 +531,7 @@ struct SmallModel {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("huge_empty", &huge_empty);
+  m.def("keep_freed_memory", &keep_freed_memory);
   m.def("gather_bags", &gather_bags);
   m.def("embed_interact", &embed_interact);
   m.def("final_dot", &final_dot);
