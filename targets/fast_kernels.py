@@ -1,7 +1,8 @@
 """The pieces of the ``torch-fast`` path: huge-page tables, the fused lookup + interaction kernel,
 and bf16 MLPs on oneDNN with prepacked weights.
 
-* ``huge_table``: every table's rows concatenated into one fp32 W [Σ rows, d] allocated in 2 MiB
+* ``huge_table``: every table's rows concatenated into one W [Σ rows, d] (fp32, or fp16 for
+  tables the ``quantize`` pass stored at 16 bits: half the bytes per lookup) allocated in 2 MiB
   pages (``madvise(MADV_HUGEPAGE)``), so a random lookup into a 2 GB table does not also miss the
   TLB;
 * ``kernels()``: ``kernels/dlrm_fast.cpp`` (``gather_bags``, ``embed_interact``, ``final_dot``);
@@ -32,9 +33,9 @@ def kernels():
 
 
 def huge_table(tables: list[torch.Tensor]) -> torch.Tensor:
-    """The row-wise concatenation of fp32 tables of one width, in huge-page memory."""
+    """The row-wise concatenation of tables of one width and dtype (fp32 or fp16), in huge-page memory."""
     rows = sum(t.shape[0] for t in tables)
-    out = kernels().huge_empty(rows, tables[0].shape[1])
+    out = kernels().huge_empty(rows, tables[0].shape[1], tables[0].dtype == torch.float16)
     start = 0
     for t in tables:
         out[start:start + t.shape[0]].copy_(t)

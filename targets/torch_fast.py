@@ -3,7 +3,7 @@
 Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 MLPs (MKL),
 ``DotInteraction`` over a list of [B, d] tensors (stack, bmm, gather, concat).
 After, same weights, same math:
-* tables: every plain table concatenated into one W [Σ rows, d] in huge pages; feature f's ids
+* tables: every plain table concatenated into one W [Σ rows, d] (fp32 or fp16) in huge pages; feature f's ids
   index rows base_f + i (``targets.fast_kernels.huge_table``);
 * memory: glibc malloc told to keep freed buffers below ``KEEP_FREED_BYTES`` (process-wide), so
   each call's activations reuse pages instead of page-faulting fresh ones in;
@@ -16,8 +16,8 @@ After, same weights, same math:
   its width-1 last layer accumulated in fp32.
 ``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples.
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
-Only plain fp32 tables of one dim and one pooling mode, and the dot interaction, are accepted;
-anything else is refused by name.
+Only plain fp32 or fp16 tables (``quantize`` bits=16) of one dim, dtype and pooling mode, and
+the dot interaction, are accepted; anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -41,18 +41,23 @@ INT8_MIN_BATCH = 64      # samples; torch-fast-int8's int8 GEMMs from here
 KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers below it are reused, not faulted in
 
 
+FUSABLE_DTYPES = (torch.float32, torch.float16)
+
+
 def fusable(model: RecModel) -> None:
-    """RewriteError unless every table is a plain fp32 ``TableBag`` of one dim and pooling."""
-    dims, poolings = set(), set()
+    """RewriteError unless every table is a plain fp32 or fp16 ``TableBag``, all of one dim,
+    dtype and pooling."""
+    dims, dtypes, poolings = set(), set(), set()
     for name, rep in model.embeddings.items():
-        if type(rep) is not TableBag or rep.weight.dtype != torch.float32:
+        if type(rep) is not TableBag or rep.weight.dtype not in FUSABLE_DTYPES:
             raise RewriteError(f"torch-fast cannot fuse table {name!r}: it is a {rep.describe()!r}; "
-                               f"this target fuses only plain fp32 tables")
+                               f"this target fuses only plain fp32 or fp16 tables")
         dims.add(rep.dim)
+        dtypes.add(str(rep.weight.dtype).removeprefix("torch."))
         poolings.add(rep.pooling)
-    if len(dims) != 1 or len(poolings) != 1:
-        raise RewriteError(f"torch-fast fuses tables of one dim and one pooling mode, found dims "
-                           f"{sorted(dims)} and poolings {sorted(poolings)}")
+    if len(dims) != 1 or len(dtypes) != 1 or len(poolings) != 1:
+        raise RewriteError(f"torch-fast fuses tables of one dim, dtype and pooling mode, found dims "
+                           f"{sorted(dims)}, dtypes {sorted(dtypes)} and poolings {sorted(poolings)}")
 
 
 class FusedTables(nn.Module):
@@ -81,7 +86,7 @@ class FusedTables(nn.Module):
         shifted = indices + torch.repeat_interleave(self.base, counts, output_size=indices.numel())
         pooled = nn.functional.embedding_bag(shifted, self.weight, offsets, mode=self.pooling,
                                              include_last_offset=True)
-        return pooled.view(n_features, batch, self.dim)
+        return pooled.float().view(n_features, batch, self.dim)
 
 
 class FastDLRM(nn.Module):

@@ -2,9 +2,10 @@
 // and the lookup fused with the dot interaction, writing the top MLP's bf16 input directly.
 // Built at load time by targets/fast_kernels.py (torch C++ extension, -O3 -march=native).
 //
-//   huge_empty(rows, d)        -> W [rows, d] f32 in 2 MiB-aligned memory advised MADV_HUGEPAGE
+//   huge_empty(rows, d, half)  -> W [rows, d] f32 (fp16 if half) in 2 MiB-aligned memory advised MADV_HUGEPAGE
 //   gather_bags(W, idx, off, base, rows, mean)               -> e [B, F, d] f32
-//       e[b, f] = sum_{p in [off[f*B+b], off[f*B+b+1])} W[base[f] + idx[p]]   (mean: / max(1, len))
+//       e[b, f] = sum_{p in [off[f*B+b], off[f*B+b+1])} W[base[f] + idx[p]]   (mean: / max(1, len)),
+//       W f32 or fp16, summed in f32
 //   embed_interact(W, idx, off, base, rows, mean, x, order, kp) -> z [B, kp] bf16
 //       T_b = [x_b; e[b, 0]; ..; e[b, F-1]] (F+1 vectors of d), G = T_b T_bᵀ,
 //       z_b = [x_b, G[i, j] for the kept pairs in `order`, 0 ...]  (order 0: dlrm j < i,
@@ -34,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__)
@@ -47,14 +49,14 @@ constexpr int64_t CHUNK = 256;    // samples per tile: [CHUNK, 32, 16] f32 = 512
 constexpr int64_t HUGE_PAGE = int64_t(2) << 20;
 constexpr int64_t MAX_D = 1024;
 
-torch::Tensor huge_empty(int64_t rows, int64_t d) {
+torch::Tensor huge_empty(int64_t rows, int64_t d, bool half) {
   TORCH_CHECK(rows >= 0 && d > 0, "rows must be >= 0 and d > 0");
-  const int64_t bytes = std::max<int64_t>(rows * d * 4, 4);
+  const int64_t bytes = std::max<int64_t>(rows * d * (half ? 2 : 4), 4);
   const int64_t total = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
   void* p = std::aligned_alloc(HUGE_PAGE, total);
   TORCH_CHECK(p != nullptr, "could not allocate ", total, " bytes for the tables");
   madvise(p, total, MADV_HUGEPAGE);   // advisory: without THP the table still works, on 4 KiB pages
-  return torch::from_blob(p, {rows, d}, [](void* q) { std::free(q); }, torch::kFloat);
+  return torch::from_blob(p, {rows, d}, [](void* q) { std::free(q); }, half ? torch::kHalf : torch::kFloat);
 }
 
 // Serve allocations below `bytes` from the heap and keep freed memory there (glibc's mmap and trim
@@ -70,15 +72,16 @@ bool keep_freed_memory(int64_t bytes) {
 }
 
 struct Bags {
-  const float* w;
+  const char* w;   // rows of d f32, or of d fp16 (half)
   const int64_t *idx, *off, *base, *rows;
   int64_t nf, batch, d;
-  bool mean;
+  bool mean, half;
 };
 
 Bags check_bags(const torch::Tensor& w, const torch::Tensor& idx, const torch::Tensor& off, const torch::Tensor& base,
                 const torch::Tensor& rows, bool mean) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat && w.is_contiguous(), "W must be f32 [rows, d]");
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kHalf) && w.is_contiguous(),
+              "W must be f32 or fp16 [rows, d]");
   TORCH_CHECK(w.size(1) <= MAX_D, "d must be <= ", MAX_D);
   for (const auto* t : {&idx, &off, &base, &rows})
     TORCH_CHECK(t->scalar_type() == torch::kLong && t->is_contiguous() && t->dim() == 1,
@@ -88,42 +91,50 @@ Bags check_bags(const torch::Tensor& w, const torch::Tensor& idx, const torch::T
   const int64_t batch = (off.numel() - 1) / nf;
   const int64_t* op = off.data_ptr<int64_t>();
   TORCH_CHECK(op[0] == 0 && op[nf * batch] == idx.numel(), "offsets must run from 0 to len(indices)");
-  return {w.data_ptr<float>(), idx.data_ptr<int64_t>(), op, base.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
-          nf, batch, w.size(1), mean};
+  return {static_cast<const char*>(w.data_ptr()), idx.data_ptr<int64_t>(), op, base.data_ptr<int64_t>(),
+          rows.data_ptr<int64_t>(), nf, batch, w.size(1), mean, w.scalar_type() == torch::kHalf};
 }
 
 alignas(64) const float ZERO_ROW[MAX_D] = {};   // where an out-of-range id points (then an error)
+
+// Row element c as f32: W stores T (float or at::Half, summed in f32 either way).
+template <typename T>
+inline float element(const char* row, int64_t c) {
+  return static_cast<float>(reinterpret_cast<const T*>(row)[c]);
+}
 
 // Pools every bag of samples [lo, hi): bag (f, b) into out[b * stride + (first_row + f) * d ..];
 // false if an id was out of range.  Two passes: first the address of every looked-up row in
 // pooling order (feature by feature, bag by bag), bounds checked, then the sums, each load with
 // the row PREFETCH lookups ahead prefetched, across feature boundaries, so the stream of misses
 // never drains between tables.  Splitting the passes keeps the summing loop free of per-lookup
-// bookkeeping (B=2048 Kaggle with every id 0, i.e. no misses: 0.60 -> see docs/performance.md).
+// bookkeeping (B=2048 Kaggle gather_bags: 0.93 -> 0.72 ms, 0.60 -> 0.44 ms with every id 0).
+// T: the table's element type (float, or at::Half: half the bytes per row, converted on load).
 // Feature-major order matters: 0.51 ms feature-major vs 0.89 ms walking sample by sample across
 // the 26 tables.  STREAM: write each pooled row with a non-temporal store (a [B, F, d] result
 // that the next stage reads much later: no read-for-ownership of its lines).
-template <int64_t D, bool STREAM>
+template <typename T, int64_t D, bool STREAM>
 bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
-  const int64_t d = D > 0 ? D : g.d;
+  const int64_t d = D > 0 ? D : g.d, row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const char* zero = reinterpret_cast<const char*>(ZERO_ROW);
   int64_t total = 0;
   for (int64_t f = 0; f < g.nf; ++f) total += g.off[f * g.batch + hi] - g.off[f * g.batch + lo];
-  std::vector<const float*> at(total + PREFETCH, ZERO_ROW);   // the tail: prefetch targets past the end
+  std::vector<const char*> at(total + PREFETCH, zero);   // the tail: prefetch targets past the end
   bool ok = true;
   int64_t n = 0;
   for (int64_t f = 0; f < g.nf; ++f) {
     const uint64_t rows = static_cast<uint64_t>(g.rows[f]);
-    const float* wf = g.w + g.base[f] * d;
+    const char* wf = g.w + g.base[f] * row_bytes;
     const int64_t end = g.off[f * g.batch + hi];
     for (int64_t p = g.off[f * g.batch + lo]; p < end; ++p) {
       const uint64_t i = static_cast<uint64_t>(g.idx[p]);
       const bool inside = i < rows;
       ok &= inside;
-      at[n++] = inside ? wf + static_cast<int64_t>(i) * d : ZERO_ROW;
+      at[n++] = inside ? wf + static_cast<int64_t>(i) * row_bytes : zero;
     }
   }
   for (int64_t k = 0; k < std::min(PREFETCH, total); ++k) __builtin_prefetch(at[k]);
-  const float* const* q = at.data();
+  const char* const* q = at.data();
   for (int64_t f = 0; f < g.nf; ++f) {
     const int64_t* off = g.off + f * g.batch;
     for (int64_t b = lo; b < hi; ++b) {
@@ -135,7 +146,8 @@ bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t strid
         __m512 acc = _mm512_setzero_ps();
         for (int64_t k = 0; k < count; ++k, ++q) {
           __builtin_prefetch(q[PREFETCH]);
-          acc = _mm512_add_ps(acc, _mm512_loadu_ps(*q));
+          if constexpr (std::is_same_v<T, float>) acc = _mm512_add_ps(acc, _mm512_loadu_ps(*q));
+          else acc = _mm512_add_ps(acc, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(*q))));
         }
         acc = _mm512_mul_ps(acc, _mm512_set1_ps(scale));
         if constexpr (STREAM) _mm512_stream_ps(o, acc);
@@ -148,7 +160,7 @@ bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t strid
       for (int64_t k = 0; k < count; ++k, ++q) {
         __builtin_prefetch(q[PREFETCH]);
 #pragma omp simd
-        for (int64_t c = 0; c < d; ++c) acc[c] += (*q)[c];
+        for (int64_t c = 0; c < d; ++c) acc[c] += element<T>(*q, c);
       }
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * scale;
@@ -159,8 +171,11 @@ bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t strid
 
 template <bool STREAM>
 bool pool_features(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
-  return g.d == 16 ? pool_chunk<16, STREAM>(g, lo, hi, out, stride, first_row)
-                   : pool_chunk<0, false>(g, lo, hi, out, stride, first_row);
+  if (g.half)
+    return g.d == 16 ? pool_chunk<at::Half, 16, STREAM>(g, lo, hi, out, stride, first_row)
+                     : pool_chunk<at::Half, 0, false>(g, lo, hi, out, stride, first_row);
+  return g.d == 16 ? pool_chunk<float, 16, STREAM>(g, lo, hi, out, stride, first_row)
+                   : pool_chunk<float, 0, false>(g, lo, hi, out, stride, first_row);
 }
 
 // fn(lo, hi) over chunks of CHUNK samples, in parallel; an out-of-range id anywhere is an error.

@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+import passes
 from rewrite.compiler import compile_model
 from rewrite.embedding import TableBag
 from rewrite.errors import RewriteError
 from rewrite.model import split_bags
+from rewrite.pipeline import apply
 from rewrite.runtime import load
 from rewrite.synthetic import multi_hot_batch
 from targets.base import get_target, split_bags_np
@@ -72,13 +74,24 @@ def test_predictor_uses_the_canonical_batch(model, tmp_path):
     np.testing.assert_allclose(got, model.predict(*batch.inputs()).numpy(), atol=1e-2)
 
 
+@pytest.mark.parametrize("name", ["torch-fast", "torch-fast-int8"])
+def test_fp16_tables_match_eager_of_the_fp16_model(model, tmp_path, name):
+    half, _ = apply(model, [passes.quantize(bits=16)])
+    _, runner = lower_and_load(get_target(name), half, tmp_path)
+    assert runner.net.tables.weight.dtype == torch.float16          # lookups read 2-byte elements
+    assert assert_matches_eager(runner, half, get_target(name).precision) > 0
+
+
 def test_refuses_tables_it_cannot_fuse(model, tmp_path):
     mixed = model.with_tables({"t1": TableBag(300, 8, weight=torch.zeros(300, 8))})
-    with pytest.raises(RewriteError, match=r"one dim and one pooling mode, found dims \[8, 16\]"):
+    with pytest.raises(RewriteError, match=r"one dim, dtype and pooling mode, found dims \[8, 16\]"):
         get_target("torch-fast").lower(mixed, None, tmp_path)
     half = model.with_tables({"t0": TableBag(1000, 16, dtype="float16")})
-    with pytest.raises(RewriteError, match="cannot fuse table 't0'.*only plain fp32 tables"):
+    with pytest.raises(RewriteError, match=r"found dims \[16\], dtypes \['float16', 'float32'\]"):
         get_target("torch-fast").lower(half, None, tmp_path)
+    int8, _ = apply(model, [passes.quantize(bits=8, tables=("t0",))])
+    with pytest.raises(RewriteError, match="cannot fuse table 't0'.*only plain fp32 or fp16 tables"):
+        get_target("torch-fast").lower(int8, None, tmp_path)
     from dataclasses import replace
 
     from rewrite.model import RecModel
