@@ -10,8 +10,9 @@ One thread.  Two measurements, each with torch eager fp32 of the same model in t
   taking turns, medians; the timed call is ``Predictor.predict(..., validate=False)``, so batch-1
   latency includes the Python call, the runtime and the numpy <-> torch conversions;
 * per stage, in this process (all torch, one thread pool): embedding (26 ``embedding_bag`` calls
-  vs one fused call vs the C++ lookup vs fbgemm int8 TBE), bottom MLP, interaction, embedding +
-  interaction (what torch-fast fuses into one C++ call), top MLP, whole model; variants
+  vs one fused call vs the C++ lookup on fp32 and fp16 tables vs fbgemm int8 TBE), bottom MLP,
+  interaction, embedding + interaction (what torch-fast fuses into one C++ call), top MLP, whole
+  model; variants
   alternate call by call, each on fresh batches of its own; medians.  Embedding rows/s = looked-up
   rows / embedding-stage time.
 Writes JSON and prints a markdown table of both.
@@ -38,7 +39,7 @@ STAGE_BATCHES = {1: 256, 2048: 8}      # fresh batches per size (B=1: many, to a
 STAGE_ROUNDS = 5
 
 
-def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
+def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callable]]:
     """stage -> {variant: f(batch tensors) -> output}; eager first in each stage."""
     from rewrite.model import split_bags
     from targets.fast_kernels import kernels as fast_kernels
@@ -56,7 +57,9 @@ def stage_functions(model, fast, fast8, tbe) -> dict[str, dict[str, Callable]]:
         "embedding": {"eager fp32 (26 calls)": eager_embed,
                       "fused embedding_bag (1 call, huge pages)": lambda b: t(b["indices"], b["offsets"]),
                       "C++ gather_bags (huge pages)": lambda b: fast_kernels().gather_bags(
-                          t.weight, b["indices"], b["offsets"], t.base, t.rows, False)},
+                          t.weight, b["indices"], b["offsets"], t.base, t.rows, False),
+                      "C++ gather_bags, fp16 table (quantize bits=16)": lambda b: fast_kernels().gather_bags(
+                          half.weight, b["indices"], b["offsets"], half.base, half.rows, False)},
         "bottom MLP": {"eager fp32": lambda b: model.bottom(b["dense"]),
                        f"torch-fast ({mlp_kind})": lambda b: fast.bottom16(b["dense"]),
                        "torch-fast-int8": lambda b: fast8.bottom8(b["dense"])},
@@ -94,14 +97,14 @@ def runs_at(stage: str, variant: str, batch: int) -> bool:
 
 
 @torch.inference_mode()
-def time_stages(model, fast, fast8, tbe, sizes=SIZES, seed: int = 1) -> list[dict[str, Any]]:
+def time_stages(model, fast, fast8, tbe, half, sizes=SIZES, seed: int = 1) -> list[dict[str, Any]]:
     """Medians per (batch size, stage, variant).  Every variant gets batches of its own: a batch's
     rows stay in this CPU's large L3 after one call, so a variant timed on a batch another just
     used would look faster than it is."""
     from rewrite.timing import serving_batches
 
     rows = [model.embeddings[t].rows for t in model.feature_tables]
-    stages = stage_functions(model, fast, fast8, tbe)
+    stages = stage_functions(model, fast, fast8, tbe, half)
     out = []
     for b in sizes:
         def fresh(k: int) -> list[dict[str, torch.Tensor]]:
@@ -139,6 +142,16 @@ def time_stages(model, fast, fast8, tbe, sizes=SIZES, seed: int = 1) -> list[dic
                     row["rows_per_s"] = b * len(rows) / (ms / 1e3)
                 out.append(row)
     return out
+
+
+def fp16_tables(model):
+    """torch-fast's fused tables of the model after ``quantize`` bits=16 (1.1 GB)."""
+    import passes
+    from rewrite.pipeline import apply
+    from targets.torch_fast import FusedTables
+
+    half, _ = apply(model, [passes.quantize(bits=16)])
+    return FusedTables(half)
 
 
 def fbgemm_tbe(model):
@@ -229,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load(args.model).eval()
     fast = FastDLRM(model).eval()
     fast8 = FastInt8DLRM(model).eval()             # its own fused copy (2.2 GB), C++ lookup
-    result["stages"] = time_stages(model, fast, fast8, fbgemm_tbe(model))
+    result["stages"] = time_stages(model, fast, fast8, fbgemm_tbe(model), fp16_tables(model))
     write_text(args.output, json.dumps(result, indent=1))
     plot(result["stages"], args.output.with_suffix(".png"))
     print(table(result if "whole" in result else {**result, "whole": {"results": []}}))
