@@ -16,8 +16,8 @@ and 2.74 ms at B=2048 vs 0.097 / 3.05 ms for the legacy TorchScript exporter's g
 ORT 1.31, 20 fresh batches, 5 alternating rounds, medians; a one-off script, 2026-11).  Cost:
 export takes ~3 s instead of ~0.4 s.
 
-The dot interaction is exported in the form of ``targets.onnx_interaction`` (row slices above
-16 samples instead of an element-by-element Gather).
+The dot interaction is exported in the form of ``targets.onnx_interaction`` (one GatherElements
+with int32 indices instead of an element-by-element Gather).
 
 Loading (``onnx_session``): initializers held in external data (models above 2 GB: the tables)
 of at least ``HUGE_PAGE_MIN_BYTES`` are read from the data file into one anonymous memory map
@@ -55,7 +55,7 @@ from rewrite.batch import Batch
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
 from targets.base import CompiledPath, Runner, Target, bag_input_names, export_program, register_target
-from targets.onnx_interaction import onnx_form
+from targets.onnx_interaction import int32_pair_indices, onnx_form
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -69,7 +69,8 @@ ALIGN = 64                           # bytes: start of every tensor in the huge-
 
 
 def export_onnx(model: RecModel, example: Batch):
-    """ONNXProgram of ``ExportedBags(model)``: dynamic batch and lookup counts, opset 18."""
+    """ONNXProgram of ``ExportedBags(model)``: dynamic batch and lookup counts, opset 18; the dot
+    interaction in ``targets.onnx_interaction``'s form, its pair indices int32."""
     import torch
 
     from targets.onnx_bags import TRANSLATIONS
@@ -82,6 +83,7 @@ def export_onnx(model: RecModel, example: Batch):
         onnx_program = torch.onnx.export(program, args=(), input_names=names,
                                          output_names=["logits"], opset_version=OPSET, dynamo=True,
                                          custom_translation_table=TRANSLATIONS)
+    int32_pair_indices(onnx_program.model)
     ops = {n.op_type for n in onnx_program.model.graph.all_nodes()}
     if "Loop" in ops:
         raise RewriteError("onnx export produced a Loop op (an nn.EmbeddingBag or a Python loop "
