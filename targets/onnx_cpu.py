@@ -148,14 +148,82 @@ def session_options(threads: int | None):
     return so
 
 
-def _numpy_dtypes() -> dict[int, np.dtype]:
-    """ONNX element types a huge-page initializer may have (numpy has no bfloat16: those stay
-    with onnxruntime)."""
-    from onnx import TensorProto as T
+# ONNX TensorProto element types a huge-page initializer may have (numpy has no bfloat16: those
+# stay with onnxruntime): FLOAT, UINT8, INT8, INT32, INT64, FLOAT16, DOUBLE
+NUMPY_DTYPES = {1: np.dtype(np.float32), 2: np.dtype(np.uint8), 3: np.dtype(np.int8),
+                6: np.dtype(np.int32), 7: np.dtype(np.int64), 10: np.dtype(np.float16),
+                11: np.dtype(np.float64)}
 
-    return {T.FLOAT: np.dtype(np.float32), T.FLOAT16: np.dtype(np.float16),
-            T.DOUBLE: np.dtype(np.float64), T.INT8: np.dtype(np.int8), T.UINT8: np.dtype(np.uint8),
-            T.INT32: np.dtype(np.int32), T.INT64: np.dtype(np.int64)}
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The protobuf varint at ``buf[pos]``, and the position after it."""
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: bytes, start: int = 0, end: int | None = None):
+    """(field number, value) of a protobuf message's wire bytes: an int for varints, the
+    (start, end) span for length-delimited fields; 64/32-bit fields are skipped."""
+    end = len(buf) if end is None else end
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield field, value
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            yield field, (pos, pos + n)
+            pos += n
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+    if pos != end:
+        raise ValueError("protobuf field runs past its message")
+
+
+def _external_initializers(model: bytes) -> list[tuple[str, int, tuple[int, ...], dict[str, str]]]:
+    """(name, element type, dims, external-data entries) of every initializer of the main graph
+    stored as external data, read from the ModelProto's wire bytes (ModelProto.graph = 7,
+    GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2, name = 8,
+    external_data = 13 as key 1 / value 2, data_location = 14, EXTERNAL = 1): the runtime side
+    reads this without the ``onnx`` package."""
+    out = []
+    for field, graph in _fields(model):
+        if field != 7:
+            continue
+        for gfield, tensor in _fields(model, *graph):
+            if gfield != 5:
+                continue
+            name, dtype, dims, entries, external = "", 0, [], {}, False
+            for tfield, value in _fields(model, *tensor):
+                if tfield == 1 and isinstance(value, int):
+                    dims.append(value)
+                elif tfield == 1:                            # packed dims
+                    pos, stop = value
+                    while pos < stop:
+                        dim, pos = _varint(model, pos)
+                        dims.append(dim)
+                elif tfield == 2:
+                    dtype = value
+                elif tfield == 8:
+                    name = model[value[0]:value[1]].decode()
+                elif tfield == 13:
+                    kv = {k: model[a:b].decode() for k, (a, b) in _fields(model, *value) if k in (1, 2)}
+                    entries[kv.get(1, "")] = kv.get(2, "")
+                elif tfield == 14:
+                    external = value == 1
+            if external:
+                out.append((name, dtype, tuple(dims), entries))
+    return out
 
 
 def huge_page_initializers(path: Path) -> tuple[dict[str, np.ndarray], mmap.mmap | None]:
@@ -167,26 +235,24 @@ def huge_page_initializers(path: Path) -> tuple[dict[str, np.ndarray], mmap.mmap
     ({}, None) when the model has no such initializer, the platform has no ``MADV_HUGEPAGE``,
     or ``path`` is not a graph-only ONNX file (onnxruntime reports what is wrong with it).
     A data file that is missing, outside the model's folder, or too short for a tensor's
-    offset, length and shape raises RewriteError.  Raw bytes are copied; nothing is unpickled.
+    offset, length and shape raises RewriteError.  The graph is read from its protobuf wire
+    bytes (``_external_initializers``: a serving process imports no ``onnx``), the tensors as
+    raw bytes; nothing is unpickled.
     """
-    import onnx
-    from google.protobuf.message import DecodeError
-
     if not hasattr(mmap, "MADV_HUGEPAGE") or path.stat().st_size > GRAPH_ONLY_BYTES:
         return {}, None
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except (DecodeError, OSError, ValueError):
+        initializers = _external_initializers(path.read_bytes())
+    except (IndexError, ValueError, UnicodeDecodeError):         # not a model: onnxruntime says so
         return {}, None
-    dtypes, tensors = _numpy_dtypes(), []
-    for init in graph.initializer:
-        if init.data_location != onnx.TensorProto.EXTERNAL or init.data_type not in dtypes:
+    tensors = []
+    for name, element_type, shape, info in initializers:
+        if element_type not in NUMPY_DTYPES:
             continue
-        info = {e.key: e.value for e in init.external_data}
-        dtype, shape = dtypes[init.data_type], tuple(int(d) for d in init.dims)
+        dtype = NUMPY_DTYPES[element_type]
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes >= HUGE_PAGE_MIN_BYTES:
-            tensors.append((init.name, dtype, shape, nbytes, _external_span(path, init.name, info, nbytes)))
+            tensors.append((name, dtype, shape, nbytes, _external_span(path, name, info, nbytes)))
     if not tensors:
         return {}, None
     starts, total = [], 0

@@ -142,6 +142,15 @@ def external(external_lowered, tmp_path, monkeypatch):
     return tmp_path / "path", external_lowered[1]
 
 
+def test_external_initializers_read_from_the_wire_bytes_as_onnx_reads_them(external_lowered):
+    path = external_lowered[0] / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    want = [(t.name, t.data_type, tuple(t.dims), {e.key: e.value for e in t.external_data})
+            for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(want) >= len(REPRESENTATIONS)
+    assert onnx_cpu._external_initializers(path.read_bytes()) == want
+
+
 def test_huge_page_initializers_are_used_in_place_and_match_the_file_path(model, external, monkeypatch):
     out, compiled = external
     runner = get_target("onnx-cpu").load(out, compiled, threads=1)
