@@ -28,7 +28,7 @@ costs a TLB miss: 26 tables of the Kaggle shape, B = 2048, one id per bag, the e
 2.86 -> 2.47 ms (eager 2.87).  ``SessionOptions.add_external_initializers`` does not do this:
 it copies every tensor into onnxruntime's own allocation (+2 GB, 29 s to create the session,
 no huge pages).  Costs: the tables are private memory of the process (not the shared page
-cache) and loading reads the whole data file (~1 s per GB from the page cache).
+cache) and loading reads the whole data file (2.16 GB: 2.0 s from the page cache, 15 s cold).
 
 ``onnx-cpu-int8``: the MLPs' Gemm nodes become MatMul + Add (onnxruntime's ``quantize_dynamic``
 quantizes MatMul, not Gemm), then only those MatMuls are quantized:

@@ -193,3 +193,12 @@ def test_bad_external_data_below_the_huge_page_size_is_still_a_rewrite_error(ext
     (external[0] / "model.onnx.data").unlink()
     with pytest.raises(RewriteError, match="onnxruntime cannot load it"):
         get_target("onnx-cpu").load(*external)
+
+
+def test_int8_tables_in_huge_pages_match_eager(model, tmp_path, monkeypatch):
+    """onnx-cpu-int8's quantizer writes its own external data file; its tables load the same way."""
+    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 1)
+    _, runner = lower_and_load(get_target("onnx-cpu-int8"), model, tmp_path, external_threshold=0)
+    arrays = runner.session.huge_pages[1]
+    assert any(name.startswith("model.embeddings.") for name in arrays)
+    assert_matches_eager(runner, model, "int8-dense")
