@@ -12,10 +12,10 @@ lowerings produce (``rewrite.bag_ops`` ops translated by ``targets.onnx_bags`` /
 round, rounds alternate the order; fresh batches (``rewrite.timing.serving_batches``, one id per
 bag like Criteo, a different batch every call), warm-up first, median per call per process,
 median over rounds.  Inputs start as numpy arrays in every engine.  Also reports each engine's
-max |difference| from eager on the first batch.  ``--touch-pages`` first looks up one row per
-4 KiB page of every table, so the timed calls see a serving process's steady state: onnxruntime
-memory-maps the external data file (> 2 GB) and otherwise pays a page fault on the first touch
-of each page, where torch and TVM hold the tables in memory they have already written.
+max |difference| from eager on the first batch.  onnxruntime gets onnx-cpu's session
+(``targets.onnx_cpu.onnx_session``: the tables read into huge pages at load).  ``--touch-pages``
+first looks up one row per 4 KiB page of every table, so the timed calls see a serving
+process's steady state (a first touch of a memory-mapped page faults it in).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks import tvm_stages
+from rewrite import atomic
 from rewrite.timing import median_ms
 
 ENGINES = ("torch", "onnxruntime", "tvm")
@@ -60,7 +61,8 @@ def compile_stage(engine: str, model, cache: Path) -> None:
 
         program = torch.onnx.export(export_stage(model), (), dynamo=True, opset_version=18,
                                     custom_translation_table=TRANSLATIONS)
-        program.save(str(cache / "embedding.onnx"), external_data=model.embedding_bytes() > 2**30)
+        tvm_stages.save_stage(cache / "embedding.onnx", lambda p: program.save(
+            str(p), external_data=model.embedding_bytes() > 2**30))
     if engine == "tvm" and not (cache / "tvm" / "compiled.json").exists():
         from targets import tvm_relax
         from targets.base import get_target
@@ -86,12 +88,9 @@ def make_runner(engine: str, model, cache: Path):
 
         return run_torch
     if engine == "onnxruntime":
-        import onnxruntime as ort
+        from targets.onnx_cpu import onnx_session
 
-        from targets.onnx_cpu import session_options
-
-        sess = ort.InferenceSession(str(cache / "embedding.onnx"), session_options(1),
-                                    providers=["CPUExecutionProvider"])
+        sess = onnx_session(cache / "embedding.onnx", 1, ["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
         return lambda bags: sess.run(None, dict(zip(names, bags)))[0]
     import tvm
@@ -195,7 +194,7 @@ def main(argv=None) -> int:
     print("max |diff| vs eager: " + ", ".join(
         f"{e} {max(table[e][f'maxdiff/{s}'] for s in args.batch_sizes):.1e}" for e in ENGINES[1:]))
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        atomic.write_text(args.json, json.dumps({
             "ms_per_call": table, "rounds": args.rounds, "batch_sizes": args.batch_sizes,
             "model": args.model or f"kaggle_model(rows capped at {args.max_rows})",
             "threads": 1, "ids_per_bag": 1, "touch_pages": args.touch_pages,

@@ -18,11 +18,14 @@ onnxruntime-int8 (the same with the MLP stages quantized as onnx-cpu-int8 does; 
 interaction are fp32 there, so the same graphs), tvm (tvm-llvm's import and rewrites).
 Each engine runs in its own process per round (rounds alternate the engine order), on fresh
 batches (a different batch every call), warm-up first; a process reports the median per call,
-the result is the median over rounds.  Batches come from ``--data``, or without it from
-``rewrite.timing.serving_batches`` (one id per bag, ids uniform over each table).  A stage's
-inputs are converted to the engine's tensors before timing (inside the model they are already
-there: 27 numpy -> engine conversions would dominate the interaction at B = 1); the full model
-is timed from numpy through each target's runner, conversion included.
+the result is the median over rounds; ``--engines`` runs a subset (torch always: the ratios).
+Batches come from ``--data``, or without it from ``rewrite.timing.serving_batches`` (one id
+per bag, ids uniform over each table).  A stage's inputs are converted to the engine's tensors
+before timing (inside the model they are already there: 27 numpy -> engine conversions would
+dominate the interaction at B = 1); onnxruntime's stages are timed through both of its call
+paths, each with a cost the model does not have, and the faster counts (``onnx_runners``; both
+are in the JSON as ``stage/B@run`` and ``stage/B@bound``).  The full model is timed from numpy
+through each target's runner, conversion included.
 Compiled stages are cached under ``--cache``/<fingerprint of rewrite/ and targets/ sources>, so
 a change to a lowering never reuses a stale build.
 """
@@ -35,12 +38,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from rewrite import atomic
 from rewrite.timing import median_ms
 
 ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "tvm")
@@ -132,10 +137,11 @@ def export_stage(model, stage: str):
         return torch.export.export(stage_module(model, stage), tuple(args), dynamic_shapes=shapes), args
 
 
-def make_runner(engine: str, model, stage: str, cache: Path):
-    """(convert, call) for one engine and stage (compiled once into ``cache``): ``convert``
-    turns the numpy inputs into the engine's own tensors (not timed: inside the model they are
-    there already), ``call`` runs the stage on them; the full model converts inside ``call``."""
+def make_runners(engine: str, model, stage: str, cache: Path) -> dict[str, tuple]:
+    """{call path: (convert, call)} for one engine and stage (compiled once into ``cache``):
+    ``convert`` turns the numpy inputs into what ``call`` takes (not timed: inside the model they
+    are the engine's tensors already), ``call`` runs the stage on them; the full model converts
+    inside ``call``.  One call path ("") except onnxruntime's stages ("run", "bound")."""
     if engine == "torch":
         mod = stage_module(model, stage)
 
@@ -143,21 +149,26 @@ def make_runner(engine: str, model, stage: str, cache: Path):
             with torch.no_grad():
                 return mod(*xs)
 
-        return (lambda xs: [torch.from_numpy(x) for x in xs]), run_torch
+        return {"": ((lambda xs: [torch.from_numpy(x) for x in xs]), run_torch)}
     if engine.startswith("onnxruntime"):
-        return onnx_runner(model, stage, cache, int8=engine.endswith("int8"))
-    return tvm_runner(model, stage, cache)
+        return onnx_runners(model, stage, cache, int8=engine.endswith("int8"))
+    return {"": tvm_runner(model, stage, cache)}
 
 
-def onnx_runner(model, stage: str, cache: Path, int8: bool):
+def onnx_runners(model, stage: str, cache: Path, int8: bool) -> dict[str, tuple]:
     """onnx-cpu (or onnx-cpu-int8) for one stage: the whole model through the target itself,
-    a stage as its own graph from the targets' export form (``targets.onnx_interaction``), the
-    MLP stages' Gemms quantized as onnx-cpu-int8 does; onnx_cpu's session options, one thread."""
-    import onnxruntime as ort
+    a stage as its own graph from the targets' export form (``targets.onnx_interaction``, int32
+    pair indices), the MLP stages' Gemms quantized as onnx-cpu-int8 does; onnx_cpu's session
+    (``onnx_session``: options, tables in huge pages), one thread.
 
+    A stage has two call paths, each with a cost the model does not pay: "run" (``session.run``
+    on numpy, the target's own call) converts every feed per call (~1 µs each: 27 of them
+    outweigh the interaction at B = 1), "bound" (IOBinding, inputs and output bound before
+    timing) copies the output per call (0.25-0.4 ms for a bare 3.5 MB Concat at B = 2048, where
+    ``run`` takes 0.44 ms in all).  The worker reports both and takes the faster."""
     from targets.base import CompiledPath, get_target
-    from targets.onnx_cpu import save_quantized, session_options
-    from targets.onnx_interaction import onnx_form
+    from targets.onnx_cpu import onnx_session, save_quantized
+    from targets.onnx_interaction import int32_pair_indices, onnx_form
 
     name = "onnx-cpu-int8" if int8 else "onnx-cpu"
     if stage == "full":
@@ -171,7 +182,7 @@ def onnx_runner(model, stage: str, cache: Path, int8: bool):
             cp = target.lower(model, multi_hot_batch(rows, 2, model.spec.n_dense, 1, 0), folder)
             meta.write_text(json.dumps(cp.__dict__))
         run = target.load(folder, CompiledPath(**json.loads(meta.read_text())), threads=1)
-        return list, lambda xs: run(xs[0], list(xs[1:]))
+        return {"": (list, lambda xs: run(xs[0], list(xs[1:])))}
     quantize = int8 and stage in ("bottom", "top")
     path = cache / f"{stage}{'_int8' if quantize else ''}.onnx"
     if not path.exists():
@@ -182,23 +193,37 @@ def onnx_runner(model, stage: str, cache: Path, int8: bool):
         ep, _ = export_stage(onnx_form(model), stage)
         with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
             program = torch.onnx.export(ep, (), dynamo=True, optimize=True, custom_translation_table=TRANSLATIONS)
+        int32_pair_indices(program.model)
         if quantize:
-            save_quantized(program, path, external=False, prefixes=("",))
+            save_stage(path, lambda p: save_quantized(program, p, external=False, prefixes=("",)))
         else:
-            program.save(str(path))           # weights go to external data above 2 GB
-    sess = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+            save_stage(path, lambda p: program.save(str(p)))   # weights go to external data above 2 GB
+    sess = onnx_session(path, 1, ["CPUExecutionProvider"])
     names, output = [i.name for i in sess.get_inputs()], sess.get_outputs()[0].name
 
     def bind(xs):
-        """Inputs bound once (IOBinding): ``run`` with 27 numpy feeds spends more on converting
-        them than the interaction itself takes at B = 1."""
+        """Inputs and the output bound once; the output to a buffer made here (unbound, onnxruntime
+        allocates it per call and faults its pages in: ~160 minor faults per call for the
+        interaction's 3 MB at B = 2048)."""
+        out = sess.run(None, dict(zip(names, xs)))[0]
         binding = sess.io_binding()
         for name, x in zip(names, xs):
             binding.bind_cpu_input(name, x)
-        binding.bind_output(output)
+        binding.bind_output(output, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+        binding.buffer = out                  # the bound output lives as long as the binding
         return binding
 
-    return bind, sess.run_with_iobinding
+    return {"run": ((lambda xs: dict(zip(names, xs))), (lambda feeds: sess.run(None, feeds))),
+            "bound": (bind, sess.run_with_iobinding)}
+
+
+def save_stage(path: Path, save) -> None:
+    """``save(tmp_path)`` in a temporary folder beside ``path``, then its files moved beside
+    ``path`` (external data first, the .onnx file last: its existence marks a finished build)."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        save(Path(tmp) / path.name)
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == path.name):
+            os.replace(f, path.parent / f.name)
 
 
 def tvm_runner(model, stage: str, cache: Path):
@@ -272,11 +297,14 @@ def worker(args) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     for stage in STAGES:
-        convert, call = make_runner(args.engine, model, stage, cache)
+        runners = make_runners(args.engine, model, stage, cache)
         for size in args.batch_sizes:
-            inputs = [convert(stage_inputs(model, stage, b))
-                      for b in fresh_batches(model, args.data, size)]
-            out[f"{stage}/{size}"] = median_ms(call, inputs[:FRESH], WARMUP, CALLS)
+            batches = fresh_batches(model, args.data, size)
+            for path, (convert, call) in runners.items():
+                inputs = [convert(stage_inputs(model, stage, b)) for b in batches]
+                out[f"{stage}/{size}{'@' + path if path else ''}"] = median_ms(call, inputs, WARMUP, CALLS)
+            if len(runners) > 1:
+                out[f"{stage}/{size}"] = min(out[f"{stage}/{size}@{path}"] for path in runners)
     return out
 
 
@@ -289,18 +317,24 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cache", default=None,
                     help="compiled stages (default: <model dir>/stages/<source fingerprint>)")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"comma-separated subset of {','.join(ENGINES)} (torch always runs)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)   # worker mode
     args = ap.parse_args(argv)
     args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",")]
+    engines = ("torch", *(e for e in ENGINES[1:] if e in args.engines.split(",")))
+    unknown = set(args.engines.split(",")) - set(ENGINES)
+    if unknown:
+        ap.error(f"unknown engines: {', '.join(sorted(unknown))}")
     args.cache = args.cache or str(Path(args.model).parent / "stages" / source_fingerprint())
     if args.engine:
         print(json.dumps(worker(args)))
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
-    rounds: dict[str, list[dict]] = {e: [] for e in ENGINES}
+    rounds: dict[str, list[dict]] = {e: [] for e in engines}
     for r in range(args.rounds):
-        order = ENGINES[r % len(ENGINES):] + ENGINES[:r % len(ENGINES)]
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
         for engine in order:
             print(f"round {r + 1}/{args.rounds}: {engine}", file=sys.stderr)
             cmd = [sys.executable, __file__, "--engine", engine, "--model", args.model,
@@ -312,16 +346,16 @@ def main(argv=None) -> int:
                 return 1
             rounds[engine].append(json.loads(res.stdout.strip().splitlines()[-1]))
     table = {e: {k: float(np.median([rd[k] for rd in rs])) for k in rs[0]} for e, rs in rounds.items()}
-    print(f"{'stage':12s} {'batch':>6s} " + " ".join(f"{e:>16s}" for e in ENGINES)
-          + "   " + " ".join(f"{e + '/torch':>22s}" for e in ENGINES[1:]))
+    print(f"{'stage':12s} {'batch':>6s} " + " ".join(f"{e:>16s}" for e in engines)
+          + "   " + " ".join(f"{e + '/torch':>22s}" for e in engines[1:]))
     for key in table["torch"]:
         stage, size = key.split("/")
-        ms = [table[e][key] for e in ENGINES]
+        ms = [table[e][key] for e in engines]
         print(f"{stage:12s} {size:>6s} " + " ".join(f"{v:16.3f}" for v in ms)
               + "   " + " ".join(f"{v / ms[0]:22.2f}" for v in ms[1:]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"ms_per_call": table, "rounds": args.rounds,
-                                               "batch_sizes": args.batch_sizes}, indent=1))
+        atomic.write_text(args.json, json.dumps({"ms_per_call": table, "rounds": args.rounds,
+                                                 "batch_sizes": args.batch_sizes}, indent=1))
     return 0
 
 

@@ -22,11 +22,15 @@ def test_batches(model: RecModel, seed: int = 0):
             for i, (b, mean, empty) in enumerate(BATCHES)]
 
 
+def example_batch(model: RecModel):
+    """The example batch targets are lowered with in these tests."""
+    return multi_hot_batch([model.embeddings[t].rows for t in model.feature_tables], 8,
+                           model.spec.n_dense, 2.0, seed=99)
+
+
 def lower_and_load(target: Target, model: RecModel, out: Path, **options):
-    example = multi_hot_batch([model.embeddings[t].rows for t in model.feature_tables], 8,
-                              model.spec.n_dense, 2.0, seed=99)
     out.mkdir(parents=True, exist_ok=True)
-    compiled = target.lower(model, example, out, **options)
+    compiled = target.lower(model, example_batch(model), out, **options)
     return compiled, target.load(out, compiled, threads=1)
 
 

@@ -1,11 +1,17 @@
+import gc
+import shutil
+
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from rewrite.errors import RewriteError
-from targets.base import get_target
+from targets import onnx_cpu
+from targets.base import get_target, split_bags_np
 from targets.onnx_cpu import QUANTIZED_OPS
 from tests.representations import REPRESENTATIONS, composite_model
+from tests.targets import checks
 from tests.targets.checks import assert_matches_eager, lower_and_load
 
 torch.set_num_threads(1)
@@ -119,3 +125,80 @@ def test_unloadable_model_file_is_a_rewrite_error(tmp_path, fp32):
     (tmp_path / "model.onnx").write_bytes(b"not a model")
     with pytest.raises(RewriteError, match="onnxruntime cannot load it"):
         get_target("onnx-cpu").load(tmp_path, fp32[1])
+
+
+@pytest.fixture(scope="module")
+def external_lowered(model, tmp_path_factory):
+    """onnx-cpu with every table in external data."""
+    out = tmp_path_factory.mktemp("onnx-cpu-external")
+    return out, get_target("onnx-cpu").lower(model, checks.example_batch(model), out, external_threshold=0)
+
+
+@pytest.fixture()
+def external(external_lowered, tmp_path, monkeypatch):
+    """A copy of ``external_lowered`` whose every external tensor counts as huge-page sized."""
+    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 1)
+    shutil.copytree(external_lowered[0], tmp_path / "path")
+    return tmp_path / "path", external_lowered[1]
+
+
+def test_external_initializers_read_from_the_wire_bytes_as_onnx_reads_them(external_lowered):
+    path = external_lowered[0] / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    want = [(t.name, t.data_type, tuple(t.dims), {e.key: e.value for e in t.external_data})
+            for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(want) >= len(REPRESENTATIONS)
+    assert onnx_cpu._external_initializers(path.read_bytes()) == want
+
+
+def test_huge_page_initializers_are_used_in_place_and_match_the_file_path(model, external, monkeypatch):
+    out, compiled = external
+    runner = get_target("onnx-cpu").load(out, compiled, threads=1)
+    _, arrays, buffer = runner.session.huge_pages
+    assert len(arrays) >= len(model.embeddings) and buffer is not None
+    assert min(a.ctypes.data for a in arrays.values()) % onnx_cpu.HUGE_PAGE == 0
+    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 2**62)         # onnxruntime reads the file
+    plain = get_target("onnx-cpu").load(out, compiled, threads=1)
+    assert plain.session.huge_pages[1] == {}
+    gc.collect()                                   # the arrays live as long as the session
+    for b in checks.test_batches(model):
+        args = (b.dense.numpy(), split_bags_np(b.indices.numpy(), b.offsets.numpy(), len(model.spec.features)))
+        np.testing.assert_array_equal(runner(*args), plain(*args))
+    # in place, not copied: a row written into the buffer changes the session's output
+    b = checks.test_batches(model)[0]
+    args = (b.dense.numpy(), split_bags_np(b.indices.numpy(), b.offsets.numpy(), len(model.spec.features)))
+    name = next(n for n, a in arrays.items() if n.startswith("model.embeddings.") and a.dtype == np.float32)
+    before, table = runner(*args), arrays[name].copy()
+    arrays[name][...] += 1.0
+    assert not np.array_equal(runner(*args), before)
+    arrays[name][...] = table
+    np.testing.assert_array_equal(runner(*args), before)
+
+
+@pytest.mark.parametrize("damage, message", [("delete", "external data file model.onnx.data .* is missing"),
+                                             ("truncate", "external data file model.onnx.data is truncated")])
+def test_bad_external_data_file_is_a_rewrite_error(external, damage, message):
+    out, compiled = external
+    data = out / "model.onnx.data"
+    if damage == "delete":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    with pytest.raises(RewriteError, match=message):
+        get_target("onnx-cpu").load(out, compiled)
+
+
+def test_bad_external_data_below_the_huge_page_size_is_still_a_rewrite_error(external, monkeypatch):
+    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 2**62)         # onnxruntime reads the file
+    (external[0] / "model.onnx.data").unlink()
+    with pytest.raises(RewriteError, match="onnxruntime cannot load it"):
+        get_target("onnx-cpu").load(*external)
+
+
+def test_int8_tables_in_huge_pages_match_eager(model, tmp_path, monkeypatch):
+    """onnx-cpu-int8's quantizer writes its own external data file; its tables load the same way."""
+    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 1)
+    _, runner = lower_and_load(get_target("onnx-cpu-int8"), model, tmp_path, external_threshold=0)
+    arrays = runner.session.huge_pages[1]
+    assert any(name.startswith("model.embeddings.") for name in arrays)
+    assert_matches_eager(runner, model, "int8-dense")

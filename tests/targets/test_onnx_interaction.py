@@ -1,5 +1,5 @@
-"""The ONNX export form of the dot interaction: bit-equal to eager at every batch size (both
-branches), and the large-batch branch has no element-wise Gather."""
+"""The ONNX export form of the dot interaction: bit-equal to eager at every batch size, one
+GatherElements with int32 indices and no element-wise Gather in the exported graph."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from benchmarks.kaggle_model import kaggle_model
 from rewrite.embedding import TableBag
 from rewrite.model import ModelSpec, RecModel
 from targets.base import get_target
-from targets.onnx_interaction import RowRunsDotInteraction, onnx_form
+from targets.onnx_interaction import PairGatherDotInteraction, onnx_form
 from tests.targets import checks
 from tests.targets.checks import assert_matches_eager, lower_and_load
 
@@ -29,10 +29,10 @@ def small(order: str = "dlrm", interaction: str = "dot") -> RecModel:
 
 
 @pytest.mark.parametrize("order", ["dlrm", "dlrm-self", "torchrec"])
-def test_row_runs_form_is_bit_equal_to_eager(order):
+def test_pair_gather_form_is_bit_equal_to_eager(order):
     model = small(order)
     form = onnx_form(model)
-    assert isinstance(form.interaction, RowRunsDotInteraction) and form.bottom is model.bottom
+    assert isinstance(form.interaction, PairGatherDotInteraction) and form.bottom is model.bottom
     with torch.no_grad():
         for b in checks.test_batches(model):
             assert torch.equal(form(*b.inputs()), model(*b.inputs()))
@@ -43,22 +43,27 @@ def test_other_interactions_are_left_alone():
     assert onnx_form(model) is model
 
 
-def test_exported_interaction_branches_on_batch_and_matches_eager(tmp_path):
-    """One If: the small-batch branch gathers, the large-batch one slices 26 runs and gathers
-    nothing; batches of 1, 2, 6 (small) and 1024, 1536 (large) all match eager."""
+@pytest.mark.parametrize("target", ["onnx-cpu", "onnx-cpu-int8"])
+def test_exported_interaction_is_one_int32_gather_elements_and_matches_eager(tmp_path, target):
+    """No If and no Gather outside the bag ops: one GatherElements reading int32 indices (an
+    Expand of an int32 initializer, the int64 one gone); batches of 1, 2, 6, 1024 and 1536 match
+    eager, the interaction bit for bit (test_pair_gather_form_is_bit_equal_to_eager)."""
     model = kaggle_model((50, 7, 300) + (20,) * 23)
-    compiled, runner = lower_and_load(get_target("onnx-cpu"), model, tmp_path)
+    compiled, runner = lower_and_load(get_target(target), model, tmp_path)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
-    (branch,) = [n for n in graph.node if n.op_type == "If" and "segment_sum" not in n.output[0]]
-    sub = {a.name: a.g for a in branch.attribute}
-    ops = {name: [n.op_type for n in g.node] for name, g in sub.items()}
-    assert ops["then_branch"].count("Gather") == 1 and "Slice" not in ops["then_branch"]
-    assert ops["else_branch"].count("Slice") == 26 and "Gather" not in ops["else_branch"]
-    assert assert_matches_eager(runner, model, "fp32") < 2e-5
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GatherElements") == 1 and "Gather" not in ops
+    assert ops.count("If") == 26                                  # the bag ops' only
+    (gather,) = [n for n in graph.node if n.op_type == "GatherElements"]
+    (expand,) = [n for n in graph.node if n.output[0] == gather.input[1]]
+    init = {i.name: i for i in graph.initializer}
+    assert expand.op_type == "Expand" and init[expand.input[0]].data_type == onnx.TensorProto.INT32
+    assert "model.interaction.flat_pairs" not in init
+    assert_matches_eager(runner, model, "fp32" if target == "onnx-cpu" else "int8-dense")
 
 
-def test_int8_quantization_of_the_kaggle_shape_with_both_ifs(tmp_path):
-    """The bag ops' and the interaction's Ifs in one graph: the MLP MatMuls the quantizer adds
+def test_int8_quantization_of_the_kaggle_shape(tmp_path):
+    """The bag ops' Ifs and the interaction in one graph: the MLP MatMuls the quantizer adds
     must not reuse an exporter value name (they did: val_374, typed int64 by a bag op)."""
     model = kaggle_model((50, 7, 300) + (20,) * 23)
     compiled, runner = lower_and_load(get_target("onnx-cpu-int8"), model, tmp_path)
