@@ -131,9 +131,15 @@ class FastRunner:
     def __init__(self, net: FastDLRM):
         self.net = net
 
-    @torch.inference_mode()
     def canonical(self, dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        return self.net(torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(offsets)).numpy()
+        """Up to SMALL_MAX_BATCH samples straight into ``SmallModel`` (C++, no autograd to turn
+        off: entering inference mode and ``nn.Module.__call__`` were a quarter of a batch-1
+        ``predict``, 0.048 -> 0.037 ms here); larger batches through the module."""
+        d, i, o = torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(offsets)
+        if d.shape[0] <= SMALL_MAX_BATCH:
+            return self.net.small(d.contiguous(), i, o).numpy()
+        with torch.inference_mode():
+            return self.net(d, i, o).numpy()
 
     def __call__(self, dense: np.ndarray, bags: list[np.ndarray]) -> np.ndarray:
         idx, offs = bags[0::2], bags[1::2]
