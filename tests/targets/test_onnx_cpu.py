@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rewrite.errors import RewriteError
-from targets import onnx_cpu
+from targets import onnx_huge_pages
 from targets.base import get_target, split_bags_np
 from targets.onnx_cpu import QUANTIZED_OPS
 from tests.representations import REPRESENTATIONS, composite_model
@@ -137,7 +137,7 @@ def external_lowered(model, tmp_path_factory):
 @pytest.fixture()
 def external(external_lowered, tmp_path, monkeypatch):
     """A copy of ``external_lowered`` whose every external tensor counts as huge-page sized."""
-    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(onnx_huge_pages, "HUGE_PAGE_MIN_BYTES", 1)
     shutil.copytree(external_lowered[0], tmp_path / "path")
     return tmp_path / "path", external_lowered[1]
 
@@ -148,7 +148,7 @@ def test_external_initializers_read_from_the_wire_bytes_as_onnx_reads_them(exter
     want = [(t.name, t.data_type, tuple(t.dims), {e.key: e.value for e in t.external_data})
             for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(want) >= len(REPRESENTATIONS)
-    assert onnx_cpu._external_initializers(path.read_bytes()) == want
+    assert onnx_huge_pages.external_initializers(path.read_bytes()) == want
 
 
 def test_huge_page_initializers_are_used_in_place_and_match_the_file_path(model, external, monkeypatch):
@@ -156,8 +156,8 @@ def test_huge_page_initializers_are_used_in_place_and_match_the_file_path(model,
     runner = get_target("onnx-cpu").load(out, compiled, threads=1)
     _, arrays, buffer = runner.session.huge_pages
     assert len(arrays) >= len(model.embeddings) and buffer is not None
-    assert min(a.ctypes.data for a in arrays.values()) % onnx_cpu.HUGE_PAGE == 0
-    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 2**62)         # onnxruntime reads the file
+    assert min(a.ctypes.data for a in arrays.values()) % onnx_huge_pages.HUGE_PAGE == 0
+    monkeypatch.setattr(onnx_huge_pages, "HUGE_PAGE_MIN_BYTES", 2**62)         # onnxruntime reads the file
     plain = get_target("onnx-cpu").load(out, compiled, threads=1)
     assert plain.session.huge_pages[1] == {}
     gc.collect()                                   # the arrays live as long as the session
@@ -189,7 +189,7 @@ def test_bad_external_data_file_is_a_rewrite_error(external, damage, message):
 
 
 def test_bad_external_data_below_the_huge_page_size_is_still_a_rewrite_error(external, monkeypatch):
-    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 2**62)         # onnxruntime reads the file
+    monkeypatch.setattr(onnx_huge_pages, "HUGE_PAGE_MIN_BYTES", 2**62)         # onnxruntime reads the file
     (external[0] / "model.onnx.data").unlink()
     with pytest.raises(RewriteError, match="onnxruntime cannot load it"):
         get_target("onnx-cpu").load(*external)
@@ -197,7 +197,7 @@ def test_bad_external_data_below_the_huge_page_size_is_still_a_rewrite_error(ext
 
 def test_int8_tables_in_huge_pages_match_eager(model, tmp_path, monkeypatch):
     """onnx-cpu-int8's quantizer writes its own external data file; its tables load the same way."""
-    monkeypatch.setattr(onnx_cpu, "HUGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(onnx_huge_pages, "HUGE_PAGE_MIN_BYTES", 1)
     _, runner = lower_and_load(get_target("onnx-cpu-int8"), model, tmp_path, external_threshold=0)
     arrays = runner.session.huge_pages[1]
     assert any(name.startswith("model.embeddings.") for name in arrays)
