@@ -59,10 +59,9 @@ class AmxMlp(nn.Module):
         final_w, final_b = torch.empty(0), 0.0
         if self.final:
             layers, final_w, final_b = layers[:-1], w_last.reshape(-1), float(b_last)
-        self.k_in = layers[0][0].shape[1]
         self.mlp = kernels().AmxMlp([pack(w) for w, _, _ in layers], [b for _, b, _ in layers],
-                                    [r for _, _, r in layers], [w.shape[0] for w, _, _ in layers], self.k_in,
-                                    final_w, final_b)
+                                    [r for _, _, r in layers], [w.shape[0] for w, _, _ in layers],
+                                    layers[0][0].shape[1], final_w, final_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.mlp(x)

@@ -316,8 +316,8 @@ inline void interact_avx512(const float* t, int64_t nv, int64_t order, uint16_t*
 #endif
 
 // This thread's interaction tile, at least `floats` long, 64-byte aligned, kept between calls:
-// allocating and zeroing 512 KiB per chunk cost more than its Gram (B=2048 Kaggle: see
-// docs/performance.md).  The caller writes every float it reads.
+// with a tile allocated and zeroed (512 KiB) per chunk, B=2048 Kaggle with every id 0 (no
+// misses) took 1.00 ms, 0.93 with this one.  The caller writes every float it reads.
 float* interaction_tile(int64_t floats) {
   thread_local std::unique_ptr<float, decltype(&std::free)> tile(nullptr, &std::free);
   thread_local int64_t size = 0;
