@@ -39,11 +39,18 @@ STAGE_BATCHES = {1: 256, 2048: 8}      # fresh batches per size (B=1: many, to a
 STAGE_ROUNDS = 5
 
 
+def fused_embedding_bag(t, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """One ``embedding_bag`` over the fused huge-page W (``FusedTables``): [B * F, d], feature-major."""
+    n_features = t.base.numel()
+    counts = offsets[::(offsets.numel() - 1) // n_features].diff()     # lookups per feature [F]
+    shifted = indices + torch.repeat_interleave(t.base, counts, output_size=indices.numel())
+    return torch.nn.functional.embedding_bag(shifted, t.weight, offsets, mode=t.pooling, include_last_offset=True)
+
+
 def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callable]]:
     """stage -> {variant: f(batch tensors) -> output}; eager first in each stage."""
     from rewrite.model import split_bags
     from targets.fast_kernels import kernels as fast_kernels
-    from targets.int8_kernels import kernels
 
     n_features = len(model.spec.features)
     t = fast.tables
@@ -55,7 +62,8 @@ def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callab
 
     stages = {
         "embedding": {"eager fp32 (26 calls)": eager_embed,
-                      "fused embedding_bag (1 call, huge pages)": lambda b: t(b["indices"], b["offsets"]),
+                      "fused embedding_bag (1 call, huge pages)": lambda b: fused_embedding_bag(
+                          t, b["indices"], b["offsets"]),
                       "C++ gather_bags (huge pages)": lambda b: fast_kernels().gather_bags(
                           t.weight, b["indices"], b["offsets"], t.base, t.rows, False),
                       "C++ gather_bags, fp16 table (quantize bits=16)": lambda b: fast_kernels().gather_bags(
@@ -63,14 +71,13 @@ def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callab
         "bottom MLP": {"eager fp32": lambda b: model.bottom(b["dense"]),
                        f"torch-fast ({mlp_kind})": lambda b: fast.bottom16(b["dense"]),
                        "torch-fast-int8": lambda b: fast8.bottom8(b["dense"])},
-        "interaction": {"eager fp32 (list)": lambda b: model.interaction(b["x"], b["embs"]),
-                        "torch-fast-int8 (C++)": lambda b: kernels().dot_interaction(
-                            b["x"], b["fused"], fast8.pair_i, fast8.pair_j)},
+        "interaction": {"eager fp32 (list)": lambda b: model.interaction(b["x"], b["embs"])},
         "embedding + interaction": {
             "eager fp32": lambda b: model.interaction(b["x"], eager_embed(b)),
             "torch-fast (C++ embed_interact)": lambda b: fast.lookup_interact(b["x"], b["indices"], b["offsets"]),
-            "torch-fast-int8 (embedding_bag + C++ interaction, int8 out)": lambda b: kernels().dot_interaction_quant(
-                b["x"], t(b["indices"], b["offsets"]), fast8.pair_i, fast8.pair_j, fast8.top8.kp)},
+            "torch-fast-int8 (C++ embed_interact_q8, int8 out)": lambda b: fast_kernels().embed_interact_q8(
+                t.weight, b["indices"], b["offsets"], t.base, t.rows, False, b["x"], fast.order, fast8.top8.kp,
+                False)},
         "top MLP": {"eager fp32": lambda b: model.top(b["z"]),
                     f"torch-fast ({mlp_kind})": lambda b: fast.top16(b["z16"]),
                     "torch-fast-int8": lambda b: fast8.top8(b["z"])},
@@ -113,7 +120,6 @@ def time_stages(model, fast, fast8, tbe, half, sizes=SIZES, seed: int = 1) -> li
                 t = {"dense": torch.from_numpy(d), "indices": torch.from_numpy(i), "offsets": torch.from_numpy(o)}
                 t["x"] = model.bottom(t["dense"])
                 t["embs"] = stages["embedding"]["eager fp32 (26 calls)"](t)
-                t["fused"] = torch.stack(t["embs"])
                 t["z"] = model.interaction(t["x"], t["embs"])
                 t["z16"] = nn.functional.pad(t["z"], (0, fast.kp - t["z"].shape[1])).to(torch.bfloat16)
                 batches.append(t)

@@ -9,6 +9,7 @@ need these kernels report themselves unavailable (``compiler_missing``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,13 @@ from rewrite.errors import RewriteError
 
 KERNELS = Path(__file__).parent / "kernels"
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+
+
+def headers_flag() -> str:
+    """A define carrying the hash of ``kernels/*.h``: torch keys its cache on the sources and the
+    flags, not on included headers, so a header edit must change the flags to rebuild."""
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(KERNELS.glob("*.h")))).hexdigest()[:12]
+    return f"-DDLRM_KERNEL_HEADERS=0x{digest}"
 
 
 def compiler_missing() -> str | None:
@@ -36,6 +44,6 @@ def build(name: str, source: str, flags: tuple[str, ...] = ()):
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name=name, sources=[str(KERNELS / source)], extra_cflags=FLAGS + list(flags), verbose=False)
+        return load(name=name, sources=[str(KERNELS / source)], extra_cflags=FLAGS + [headers_flag(), *flags], verbose=False)
     except Exception as e:  # the build raises RuntimeError / subprocess errors with the compiler log
         raise RewriteError(f"building {source} failed: {str(e).splitlines()[0][:200]}") from None

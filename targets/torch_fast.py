@@ -14,7 +14,8 @@ After, same weights, same math:
   bag and computes the dot interaction per sample, writing the top MLP's bf16 input
   z = [x, <t_i, t_j> ...] directly (``embed_interact``), then the top MLP in bf16 the same way,
   its width-1 last layer accumulated in fp32.
-``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples.
+``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples, the fused lookup +
+interaction then writing z quantized per row (``embed_interact_q8``).
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
 Only plain fp32 or fp16 tables (``quantize`` bits=16) of one dim, dtype and pooling mode, and
 the dot interaction, are accepted; anything else is refused by name.
@@ -61,7 +62,8 @@ def fusable(model: RecModel) -> None:
 
 
 class FusedTables(nn.Module):
-    """All features' bags through one ``embedding_bag``: canonical (indices, offsets) -> [F, B, d]."""
+    """Every table's rows in one huge-page W [Σ rows, d] (fp32 or fp16); feature f's id i is row
+    ``base[f] + i`` and must be below ``rows[f]`` (the C++ kernels check it)."""
 
     def __init__(self, model: RecModel):
         super().__init__()
@@ -78,15 +80,6 @@ class FusedTables(nn.Module):
         self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
         self.pooling = model.embeddings[names[0]].pooling
         self.dim = model.embeddings[names[0]].dim
-
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        n_features = self.base.numel()
-        batch = (offsets.numel() - 1) // n_features
-        counts = offsets[::batch].diff()                     # lookups per feature [F]
-        shifted = indices + torch.repeat_interleave(self.base, counts, output_size=indices.numel())
-        pooled = nn.functional.embedding_bag(shifted, self.weight, offsets, mode=self.pooling,
-                                             include_last_offset=True)
-        return pooled.float().view(n_features, batch, self.dim)
 
 
 class FastDLRM(nn.Module):
@@ -175,34 +168,31 @@ class TorchFast(TorchEager):
 
 
 class FastInt8DLRM(FastDLRM):
-    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from INT8_MIN_BATCH samples up and the
-    dot interaction in C++, fused there with the top MLP's input quantization (over the
-    ``embedding_bag`` lookup of ``FusedTables``); smaller batches take ``FastDLRM``'s forms."""
+    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from INT8_MIN_BATCH samples up; the
+    fused lookup + interaction then writes the top MLP's input quantized per row
+    (``embed_interact_q8``); smaller batches take ``FastDLRM``'s forms."""
 
     def __init__(self, model: RecModel):
         from targets.int8_kernels import Int8Mlp
 
         super().__init__(model)
         self.bottom8, self.top8 = Int8Mlp(model.bottom), Int8Mlp(model.top)
-        n = len(model.spec.features) + 1
-        pi, pj = torch.div(self.pairs, n, rounding_mode="trunc"), self.pairs % n
-        self.register_buffer("pair_i", pi.to(torch.int32), persistent=False)
-        self.register_buffer("pair_j", pj.to(torch.int32), persistent=False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        from targets.int8_kernels import kernels
+        from targets.fast_kernels import kernels
 
         if dense.shape[0] < INT8_MIN_BATCH:
             return super().forward(dense, indices, offsets)
         x = self.bottom8(dense)
-        q, s = kernels().dot_interaction_quant(x, self.tables(indices, offsets), self.pair_i, self.pair_j,
-                                               self.top8.kp)
+        t = self.tables
+        q, s = kernels().embed_interact_q8(t.weight, indices, offsets, t.base, t.rows, t.pooling == "mean", x,
+                                           self.order, self.top8.kp, False)
         return self.top8.from_quant(q, s).squeeze(1)
 
 
 @register_target("torch-fast-int8")
 class TorchFastInt8(TorchFast):
-    summary = "torch-fast with int8 MLPs (_int_mm + fused C++ kernels) and a fused C++ interaction"
+    summary = "torch-fast with int8 MLPs (_int_mm + fused C++ kernels), the fused lookup + interaction writing int8"
     precision = "int8-dense"
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:

@@ -10,6 +10,8 @@
 //       T_b = [x_b; e[b, 0]; ..; e[b, F-1]] (F+1 vectors of d), G = T_b T_bᵀ,
 //       z_b = [x_b, G[i, j] for the kept pairs in `order`, 0 ...]  (order 0: dlrm j < i,
 //       1: dlrm-self j <= i, 2: torchrec j > i; row-major in i), rounded to bf16 once.
+//   embed_interact_q8(same)    -> (q [B, kp] int8, s [B] f32): z_b in f32, then quantized per row
+//       (quantize_row.h): the input of torch-fast-int8's int8 top MLP.
 //   keep_freed_memory(bytes) -> bool   glibc malloc keeps freed buffers below `bytes` for reuse
 //   final_dot(y, w, bias)      -> logits [B] f32 = y w + bias, y bf16 [B, K] (a last layer of width 1)
 //   SmallModel(W, base, rows, mean, bottom weights, bottom b, top weights, top b, bottom relu, top relu,
@@ -37,6 +39,8 @@
 #include <memory>
 #include <type_traits>
 #include <vector>
+
+#include "quantize_row.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__)
 #include <immintrin.h>
@@ -227,9 +231,14 @@ inline float bf16_to_f32(uint16_t h) {
   return v;
 }
 
-// Generic interaction row: T [nv, d] row-major -> z (bf16 bits), pairs in `order`.
-void interact_generic(const float* t, int64_t nv, int64_t d, int64_t order, uint16_t* z) {
-  for (int64_t c = 0; c < d; ++c) z[c] = to_bf16(t[c]);
+// z's element type: bf16 bits (torch-fast's top MLP input) or f32 (quantized per row afterwards).
+inline void put(uint16_t* z, float v) { *z = to_bf16(v); }
+inline void put(float* z, float v) { *z = v; }
+
+// Generic interaction row: T [nv, d] row-major -> z, pairs in `order`.
+template <typename Z>
+void interact_generic(const float* t, int64_t nv, int64_t d, int64_t order, Z* z) {
+  for (int64_t c = 0; c < d; ++c) put(z + c, t[c]);
   int64_t k = d;
   for (int64_t i = 0; i < nv; ++i) {
     int64_t lo, hi;
@@ -238,7 +247,7 @@ void interact_generic(const float* t, int64_t nv, int64_t d, int64_t order, uint
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
       for (int64_t c = 0; c < d; ++c) acc += t[i * d + c] * t[j * d + c];
-      z[k++] = to_bf16(acc);
+      put(z + k++, acc);
     }
   }
 }
@@ -271,9 +280,31 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// d = 16, nv <= 32: T [32, 16] (rows >= nv zero, 64-byte aligned) -> z (bf16 bits).
+// Columns [lo, lo + n) of a Gram row (g0: columns 0-15, g1: 16-31), packed to out[0 .. n).
+inline void store_pairs(uint16_t* out, __m512 g0, __m512 g1, int64_t lo, int64_t n) {
+  const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(g1, g0);   // bf16 of columns 0..31
+  const __mmask32 keep = static_cast<__mmask32>(((uint64_t(1) << n) - 1) << lo);
+  _mm512_mask_storeu_epi16(out, static_cast<__mmask32>((uint64_t(1) << n) - 1),
+                           lo == 0 ? v : _mm512_maskz_compress_epi16(keep, v));
+}
+
+inline void store_pairs(float* out, __m512 g0, __m512 g1, int64_t lo, int64_t n) {
+  const uint32_t keep = static_cast<uint32_t>(((uint64_t(1) << n) - 1) << lo);
+  const __mmask16 k0 = static_cast<__mmask16>(keep), k1 = static_cast<__mmask16>(keep >> 16);
+  const int n0 = __builtin_popcount(k0);
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n0) - 1), lo == 0 ? g0 : _mm512_maskz_compress_ps(k0, g0));
+  _mm512_mask_storeu_ps(out + n0, static_cast<__mmask16>((1u << (n - n0)) - 1), _mm512_maskz_compress_ps(k1, g1));
+}
+
+inline void store_row0(uint16_t* z, const float* t) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(z), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(t)));
+}
+inline void store_row0(float* z, const float* t) { _mm512_storeu_ps(z, _mm512_load_ps(t)); }
+
+// d = 16, nv <= 32: T [32, 16] (rows >= nv zero, 64-byte aligned) -> z.
 // G row i = sum_c T[i][c] * Tᵀ[c] (two vectors: columns 0-15 and 16-31), four rows at a time.
-inline void interact_avx512(const float* t, int64_t nv, int64_t order, uint16_t* z) {
+template <typename Z>
+inline void interact_avx512(const float* t, int64_t nv, int64_t order, Z* z) {
   alignas(64) float tt[16][32];   // Tᵀ: tt[c][j] = T[j][c]
   __m512 r[16];
   for (int half = 0; half < 2; ++half) {
@@ -281,8 +312,8 @@ inline void interact_avx512(const float* t, int64_t nv, int64_t order, uint16_t*
     transpose16(r);
     for (int c = 0; c < 16; ++c) _mm512_store_ps(&tt[c][half * 16], r[c]);
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(z), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(t)));
-  uint16_t* out = z + 16;
+  store_row0(z, t);
+  Z* out = z + 16;
   for (int64_t i0 = 0; i0 < nv; i0 += 4) {   // 4 rows at a time: each Tᵀ[c] load feeds 4 FMA chains
     const int64_t rows = std::min<int64_t>(4, nv - i0);
     int64_t lo[4], hi[4];
@@ -305,10 +336,7 @@ inline void interact_avx512(const float* t, int64_t nv, int64_t order, uint16_t*
     for (int64_t r = 0; r < rows; ++r) {   // kept columns [lo, hi) of row r, packed to the front
       const int64_t n = hi[r] - lo[r];
       if (n <= 0) continue;
-      const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(g1[r], g0[r]);   // bf16 of columns 0..31
-      const __mmask32 keep = static_cast<__mmask32>(((uint64_t(1) << n) - 1) << lo[r]);
-      _mm512_mask_storeu_epi16(out, static_cast<__mmask32>((uint64_t(1) << n) - 1),
-                               lo[r] == 0 ? v : _mm512_maskz_compress_epi16(keep, v));
+      store_pairs(out, g0[r], g1[r], lo[r], n);
       out += n;
     }
   }
@@ -329,18 +357,20 @@ float* interaction_tile(int64_t floats) {
   return tile.get();
 }
 
-torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base,
-                             torch::Tensor rows, bool mean, torch::Tensor x, int64_t order, int64_t kp,
-                             bool generic) {
-  const Bags g = check_bags(w, idx, off, base, rows, mean);
+// d + the number of kept pairs among the F + 1 vectors.
+inline int64_t interaction_width(int64_t nf, int64_t d, int64_t order) {
+  return d + (order == 1 ? (nf + 1) * (nf + 2) / 2 : (nf + 1) * nf / 2);
+}
+
+// Every sample's interaction row, chunk by chunk: emit(b, z_b) with z_b the f32 or bf16 row
+// [x_b, kept pairs] of width d + pairs written by write(z_b) (the AVX-512 Gram where it applies).
+template <typename Z, typename Emit>
+void for_interaction_rows(const Bags& g, torch::Tensor& x, int64_t order, int64_t kp, bool generic, Emit emit) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == g.batch && x.size(1) == g.d, "x must be [B, d]");
   TORCH_CHECK(order >= 0 && order <= 2, "order must be 0 (dlrm), 1 (dlrm-self) or 2 (torchrec)");
   x = x.to(torch::kFloat).contiguous();   // x may come bf16 from the bottom MLP
-  const int64_t nv = g.nf + 1, d = g.d;
-  const int64_t pairs = order == 1 ? nv * (nv + 1) / 2 : nv * (nv - 1) / 2;
-  TORCH_CHECK(kp >= d + pairs, "kp must be >= d + pairs");
-  auto z = torch::empty({g.batch, kp}, torch::kBFloat16);
-  uint16_t* zp = reinterpret_cast<uint16_t*>(z.data_ptr<at::BFloat16>());
+  const int64_t nv = g.nf + 1, d = g.d, width = interaction_width(g.nf, d, order);
+  TORCH_CHECK(kp >= width, "kp must be >= d + pairs");
   const float* xp = x.data_ptr<float>();
   bool vector = false;
 #ifdef DLRM_FAST_AVX512
@@ -357,17 +387,50 @@ torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor o
     const bool ok = pool_features<false>(g, lo, hi, tile, ts, 1);
     for (int64_t b = lo; b < hi; ++b) {
       const float* t = tile + (b - lo) * ts;
-      uint16_t* zb = zp + b * kp;
+      emit(b, [&](Z* zb) {
 #ifdef DLRM_FAST_AVX512
-      if (vector) interact_avx512(t, nv, order, zb);
-      else
+        if (vector) return interact_avx512(t, nv, order, zb);
 #endif
         interact_generic(t, nv, d, order, zb);
-      std::memset(zb + d + pairs, 0, (kp - d - pairs) * sizeof(uint16_t));
+      });
     }
     return ok;
   });
+}
+
+torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base,
+                             torch::Tensor rows, bool mean, torch::Tensor x, int64_t order, int64_t kp,
+                             bool generic) {
+  const Bags g = check_bags(w, idx, off, base, rows, mean);
+  auto z = torch::empty({g.batch, kp}, torch::kBFloat16);
+  uint16_t* zp = reinterpret_cast<uint16_t*>(z.data_ptr<at::BFloat16>());
+  const int64_t width = interaction_width(g.nf, g.d, order);
+  for_interaction_rows<uint16_t>(g, x, order, kp, generic, [&](int64_t b, auto write) {
+    uint16_t* zb = zp + b * kp;
+    write(zb);
+    std::memset(zb + width, 0, (kp - width) * sizeof(uint16_t));
+  });
   return z;
+}
+
+// embed_interact for an int8 top MLP: each f32 row z_b quantized on the spot (quantize_row.h),
+// q [B, kp] int8 (zero beyond d + pairs) and s [B] f32 with z_b ≈ s_b q_b.
+std::vector<torch::Tensor> embed_interact_q8(torch::Tensor w, torch::Tensor idx, torch::Tensor off,
+                                             torch::Tensor base, torch::Tensor rows, bool mean, torch::Tensor x,
+                                             int64_t order, int64_t kp, bool generic) {
+  const Bags g = check_bags(w, idx, off, base, rows, mean);
+  auto q = torch::empty({g.batch, kp}, torch::kChar);
+  auto s = torch::empty({g.batch}, torch::kFloat);
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  const int64_t width = interaction_width(g.nf, g.d, order);
+  for_interaction_rows<float>(g, x, order, kp, generic, [&](int64_t b, auto write) {
+    thread_local std::vector<float> row;
+    row.resize(kp);
+    write(row.data());
+    quantize_row(row.data(), width, kp, qp + b * kp, sp + b);
+  });
+  return {q, s};
 }
 
 // The top MLP's last layer when it has one output: logit[b] = sum_k y[b, k] w[k] + bias, from the
@@ -549,6 +612,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("keep_freed_memory", &keep_freed_memory);
   m.def("gather_bags", &gather_bags);
   m.def("embed_interact", &embed_interact);
+  m.def("embed_interact_q8", &embed_interact_q8);
   m.def("final_dot", &final_dot);
   pybind11::class_<SmallModel>(m, "SmallModel")
       .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, bool, std::vector<torch::Tensor>,

@@ -1,4 +1,5 @@
-"""Shared check for every target: lowered path vs torch eager of the same model."""
+"""Shared checks for the targets: lowered path vs torch eager of the same model, and the int8
+row quantization every int8 kernel is held to."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from tests.tolerances import path_tolerance
 
 BATCHES = ((1, 3.0, 0.2), (2, 3.0, 0.0), (1024, 3.0, 0.2), (1536, 1.0, 0.05), (6, 0.0, 1.0))
 # (batch size, mean bag length, fraction of empty bags): ragged at 1 and >= 1024; all-empty
+
+
+def ref_quantize(x: torch.Tensor, kp: int):
+    """Per-row symmetric int8, round half away from zero, zero padding to kp columns."""
+    s = x.abs().amax(1) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    v = x / s[:, None]
+    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
+    return torch.nn.functional.pad(q, (0, kp - x.shape[1])), s
 
 
 def test_batches(model: RecModel, seed: int = 0):

@@ -8,6 +8,8 @@ from torch import nn
 from rewrite.model import DotInteraction, interaction_pairs, mlp, split_bags
 from rewrite.synthetic import multi_hot_batch
 from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, bf16_pairs, huge_table, kernels, small_model
+from targets.int8_kernels import pad_to
+from tests.targets.checks import ref_quantize
 
 pytestmark = pytest.mark.slow          # the first test on a machine builds the extension (~30 s)
 torch.set_num_threads(1)
@@ -62,6 +64,30 @@ def test_embed_interact_equals_dot_interaction_rounded_to_bf16(order, dim, gener
         assert not z[:, dim + n_pairs:].any()
 
 
+@pytest.mark.parametrize("features,dim,order", [(26, 16, "dlrm"), (26, 16, "torchrec"), (26, 16, "dlrm-self"),
+                                                (3, 16, "dlrm"), (5, 8, "dlrm"), (40, 16, "dlrm")])
+def test_embed_interact_q8_is_the_interaction_quantized_per_row(features, dim, order):
+    """26 features: Criteo's shape (the AVX-512 Gram, pairs past column 16, the torchrec order's
+    compressed stores); 40: more vectors than the tile (plain loops); d = 8 likewise."""
+    g = torch.Generator().manual_seed(features)
+    sizes = [1 + 37 * f for f in range(features)]
+    tables = [torch.randn(r, dim, generator=g) * 0.3 for r in sizes]
+    w, base = huge_table(tables), torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.int64)
+    n_pairs = len(interaction_pairs(features + 1, order))
+    kp = pad_to(dim + n_pairs) + 8                             # extra padding must come out zero
+    for b in (1, 33, 300):                                     # 300: more than one 256-sample chunk
+        batch = multi_hot_batch(sizes, b, 13, 2.0, seed=b, empty_fraction=0.2)
+        x = torch.randn(b, dim, generator=g)
+        x[0] = 0                                               # with empty bags: an all-zero row
+        q, s = kernels().embed_interact_q8(w, batch.indices, batch.offsets, base, torch.tensor(sizes), False, x,
+                                           PAIR_ORDERS[order], kp, False)
+        ref = DotInteraction(features + 1, order)(x, list(reference_bags(tables, batch, "sum").unbind(1)))
+        rq, rs = ref_quantize(ref, kp)
+        assert q.dtype == torch.int8 and q.shape == (b, kp) and not q[:, dim + n_pairs:].any()
+        torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+        assert (q.int() - rq.int()).abs().max() <= 1           # f32 FMA order vs torch's: a tie may round apart
+
+
 def test_out_of_range_ids_are_an_error_not_a_read():
     tables, w, base, rows = tables_and_base(16)
     batch = multi_hot_batch(ROWS, 5, 13, 2.0, seed=1)
@@ -72,6 +98,8 @@ def test_out_of_range_ids_are_an_error_not_a_read():
             kernels().gather_bags(w, bad, batch.offsets, base, rows, False)
         with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
             kernels().embed_interact(w, bad, batch.offsets, base, rows, False, torch.zeros(5, 16), 0, 32 * 3, False)
+        with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
+            kernels().embed_interact_q8(w, bad, batch.offsets, base, rows, False, torch.zeros(5, 16), 0, 32 * 3, False)
     with pytest.raises(RuntimeError, match="offsets must run from 0 to len"):
         kernels().gather_bags(w, batch.indices[1:], batch.offsets, base, rows, False)
 

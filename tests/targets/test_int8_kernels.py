@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from rewrite.errors import RewriteError
-from rewrite.model import DotInteraction, interaction_pairs, mlp
+from rewrite.model import mlp
 from targets.int8_kernels import Int8Mlp, kernels, pad_to
+from tests.targets.checks import ref_quantize
 
 pytestmark = pytest.mark.slow      # the first test on a machine builds the C++ extension (~35 s)
 
@@ -16,20 +17,6 @@ def _no_grad():
         yield
 
 
-def ref_quantize(x: torch.Tensor, kp: int):
-    """Per-row symmetric int8, round half away from zero, zero padding to kp columns."""
-    s = x.abs().amax(1) / 127
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    v = x / s[:, None]
-    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)
-    return torch.nn.functional.pad(q, (0, kp - x.shape[1])), s
-
-
-def pairs_i_j(n: int, order: str):
-    p = interaction_pairs(n, order)
-    return (torch.tensor([a for a, _ in p], dtype=torch.int32), torch.tensor([b for _, b in p], dtype=torch.int32))
-
-
 def test_quantize_rows_matches_reference_with_zero_rows_and_padding():
     x = torch.randn(37, 13) * torch.logspace(-3, 2, 37)[:, None]
     x[5] = 0
@@ -39,19 +26,6 @@ def test_quantize_rows_matches_reference_with_zero_rows_and_padding():
     assert (q.int() - rq.int()).abs().max() <= 1          # x*inv vs x/s may differ by 1 ulp at .5
     assert (q[:, 13:] == 0).all() and (q[5] == 0).all() and s[5] == 1
     assert (q.int().abs().amax(1)[torch.arange(37) != 5] == 127).all()
-
-
-@pytest.mark.parametrize("features,dim,order", [(26, 16, "dlrm"), (3, 16, "dlrm"), (5, 8, "dlrm"),
-                                                (4, 16, "torchrec"), (40, 16, "dlrm")])
-def test_dot_interaction_matches_the_model_interaction(features, dim, order):
-    x, e = torch.randn(33, dim), torch.randn(features, 33, dim)
-    ref = DotInteraction(features + 1, order)(x, list(e.unbind(0)))
-    pi, pj = pairs_i_j(features + 1, order)
-    torch.testing.assert_close(kernels().dot_interaction(x, e, pi, pj), ref, atol=1e-5, rtol=1e-5)
-    q, s = kernels().dot_interaction_quant(x, e, pi, pj, pad_to(ref.shape[1]))
-    rq, rs = ref_quantize(ref, pad_to(ref.shape[1]))
-    torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
-    assert (q.int() - rq.int()).abs().max() <= 1
 
 
 def test_dequant_kernels_match_reference():
@@ -90,5 +64,3 @@ def test_refusals_name_the_problem():
         Int8Mlp(mlp([16, 5, 8], relu_last=True))
     with pytest.raises(RuntimeError, match=r"x must be f32 \[M, K\]"):
         kernels().quantize_rows(torch.zeros(4, 4, dtype=torch.float64), 8)
-    with pytest.raises(RuntimeError, match=r"e must be f32 \[F, B, d\] matching x"):
-        kernels().dot_interaction(torch.zeros(4, 16), torch.zeros(3, 5, 16), *pairs_i_j(4, "dlrm"))
