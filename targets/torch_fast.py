@@ -168,15 +168,15 @@ class TorchFast(TorchEager):
 
 
 class FastInt8DLRM(FastDLRM):
-    """``FastDLRM`` with int8 MLPs (``targets.int8_kernels``) from INT8_MIN_BATCH samples up; the
+    """``FastDLRM`` with int8 MLPs (``targets.vnni_mlp.int8_mlp``) from INT8_MIN_BATCH samples up; the
     fused lookup + interaction then writes the top MLP's input quantized per row
     (``embed_interact_q8``); smaller batches take ``FastDLRM``'s forms."""
 
     def __init__(self, model: RecModel):
-        from targets.int8_kernels import Int8Mlp
+        from targets.vnni_mlp import int8_mlp
 
         super().__init__(model)
-        self.bottom8, self.top8 = Int8Mlp(model.bottom), Int8Mlp(model.top)
+        self.bottom8, self.top8 = int8_mlp(model.bottom), int8_mlp(model.top)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         from targets.fast_kernels import kernels
@@ -192,7 +192,7 @@ class FastInt8DLRM(FastDLRM):
 
 @register_target("torch-fast-int8")
 class TorchFastInt8(TorchFast):
-    summary = "torch-fast with int8 MLPs (_int_mm + fused C++ kernels), the fused lookup + interaction writing int8"
+    summary = "torch-fast with int8 MLPs (one AVX512-VNNI call each, else _int_mm), the fused lookup + interaction writing int8"
     precision = "int8-dense"
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:

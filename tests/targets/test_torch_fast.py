@@ -106,10 +106,12 @@ def test_refuses_tables_it_cannot_fuse(model, tmp_path):
 
 def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path):
     from targets.int8_kernels import Int8Mlp
+    from targets.vnni_mlp import VnniMlp, shape_missing, vnni_missing
 
     target = get_target("torch-fast-int8")
     assert target.precision == "int8-dense"
     _, runner = lower_and_load(target, model, tmp_path)
-    assert isinstance(runner.net.top8, Int8Mlp) and isinstance(runner.net.bottom8, Int8Mlp)
+    for mlp, net in ((model.bottom, runner.net.bottom8), (model.top, runner.net.top8)):
+        assert type(net) is (VnniMlp if vnni_missing() is None and shape_missing(mlp) is None else Int8Mlp)
     assert assert_matches_eager(runner, model, "int8-dense") > 0
     assert max(b for b, _, _ in BATCHES) >= INT8_MIN_BATCH     # the int8 form really ran
