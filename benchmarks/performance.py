@@ -202,12 +202,17 @@ def plot(stages: list[dict[str, Any]], path: Path, batch: int = 2048) -> None:
     from rewrite.atomic import atomic_path
 
     ms = {(r["stage"], r["variant"]): r["ms"] for r in stages if r["batch"] == batch}
-    paths = {"eager fp32": [("embedding + interaction", "eager fp32"), ("bottom MLP", "eager fp32"),
-                            ("top MLP", "eager fp32")],
-             "torch-fast": [("embedding + interaction", "torch-fast (C++ embed_interact)"),
-                            ("bottom MLP", "torch-fast (bf16 oneDNN)"), ("top MLP", "torch-fast (bf16 oneDNN)")]}
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    colours = dict(zip(("embedding + interaction", "bottom MLP", "top MLP"), plt.cm.tab10.colors))
+
+    def part(stage: str, prefix: str) -> tuple[str, str]:
+        """(stage, the variant named ``prefix ...``): its MLP kind (AMX, oneDNN) is in the name."""
+        return stage, next((v for s, v in ms if s == stage and v.startswith(prefix)), prefix)
+
+    parts = ("embedding + interaction", "bottom MLP", "top MLP")
+    paths = {"eager fp32": [(stage, "eager fp32") for stage in parts],
+             "torch-fast": [part(stage, "torch-fast (") for stage in parts],
+             "torch-fast-int8": [part(stage, "torch-fast-int8") for stage in parts]}
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    colours = dict(zip(parts, plt.cm.tab10.colors))
     for y, (name, parts) in enumerate(paths.items()):
         left = 0.0
         for stage, variant in parts:
