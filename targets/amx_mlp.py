@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rewrite.errors import RewriteError
-from targets.cpp_extension import build, compiler_missing
+from targets.cpp_extension import build, usable_or_why
 
 AMX_FLAGS = ("-mamx-tile", "-mamx-bf16")
 
@@ -26,13 +26,7 @@ def kernels():
 
 def amx_missing() -> str | None:
     """Why this process cannot run the AMX kernels, or None when it can."""
-    why = compiler_missing()
-    if why:
-        return why
-    try:
-        return kernels().amx_usable() or None
-    except RewriteError as e:      # e.g. a compiler without -mamx-tile
-        return str(e)
+    return usable_or_why(lambda: kernels().amx_usable())
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,18 @@ def compiler_missing() -> str | None:
     return None
 
 
+def usable_or_why(probe) -> str | None:
+    """Why a process cannot run an extension's kernels (no compiler, a failed build, or what
+    ``probe()``, the extension's own CPU check, returns), or None when it can."""
+    why = compiler_missing()
+    if why:
+        return why
+    try:
+        return probe() or None
+    except RewriteError as e:      # e.g. a compiler without the needed -m flags
+        return str(e)
+
+
 @functools.lru_cache(maxsize=None)
 def build(name: str, source: str, flags: tuple[str, ...] = ()):
     """The compiled module ``name`` from ``targets/kernels/<source>`` (``flags`` added to FLAGS);

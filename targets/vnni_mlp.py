@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rewrite.errors import RewriteError
-from targets.cpp_extension import build, compiler_missing
+from targets.cpp_extension import build, usable_or_why
 from targets.int8_kernels import Int8Linear, linears
 
 TILE_N = 16                  # output columns per VNNI vector: every int8 layer's width is a multiple
@@ -30,13 +30,7 @@ def kernels():
 
 def vnni_missing() -> str | None:
     """Why this process cannot run the VNNI kernels, or None when it can."""
-    why = compiler_missing()
-    if why:
-        return why
-    try:
-        return kernels().vnni_usable() or None
-    except RewriteError as e:
-        return str(e)
+    return usable_or_why(lambda: kernels().vnni_usable())
 
 
 def shape_missing(mlp: nn.Sequential) -> str | None:
