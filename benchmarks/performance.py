@@ -75,9 +75,8 @@ def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callab
         "embedding + interaction": {
             "eager fp32": lambda b: model.interaction(b["x"], eager_embed(b)),
             "torch-fast (C++ embed_interact)": lambda b: fast.lookup_interact(b["x"], b["indices"], b["offsets"]),
-            "torch-fast-int8 (C++ embed_interact_q8, int8 out)": lambda b: fast_kernels().embed_interact_q8(
-                t.weight, b["indices"], b["offsets"], t.base, t.rows, False, b["x"], fast.order, fast8.top8.kp,
-                False)},
+            "torch-fast-int8 (C++ embed_interact_q8, int8 out)": lambda b: fast8.lookup_interact(
+                b["x"], b["indices"], b["offsets"], fast8.top8.kp)},
         "top MLP": {"eager fp32": lambda b: model.top(b["z"]),
                     f"torch-fast ({mlp_kind})": lambda b: fast.top16(b["z16"]),
                     "torch-fast-int8": lambda b: fast8.top8(b["z"])},

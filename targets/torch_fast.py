@@ -103,13 +103,15 @@ class FastDLRM(nn.Module):
         self.small = small_model(t.weight, t.base, t.rows, t.pooling == "mean", model.bottom, model.top,
                                  model.spec.n_dense, self.order, self.kp)
 
-    def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """z bf16 [B, kp] = [x, <t_i, t_j> kept pairs, 0 ...] straight from the canonical batch."""
+    def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                        int8_kp: int | None = None):
+        """z bf16 [B, kp] = [x, <t_i, t_j> kept pairs, 0 ...] straight from the canonical batch; with
+        ``int8_kp``, z quantized per row instead: (q int8 [B, int8_kp], s [B])."""
         from targets.fast_kernels import kernels
 
-        t = self.tables
-        return kernels().embed_interact(t.weight, indices, offsets, t.base, t.rows, t.pooling == "mean", x,
-                                        self.order, self.kp, False)
+        t, k = self.tables, kernels()
+        fn, kp = (k.embed_interact, self.kp) if int8_kp is None else (k.embed_interact_q8, int8_kp)
+        return fn(t.weight, indices, offsets, t.base, t.rows, t.pooling == "mean", x, self.order, kp, False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if dense.shape[0] <= SMALL_MAX_BATCH:
@@ -179,15 +181,10 @@ class FastInt8DLRM(FastDLRM):
         self.bottom8, self.top8 = int8_mlp(model.bottom), int8_mlp(model.top)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        from targets.fast_kernels import kernels
-
         if dense.shape[0] < INT8_MIN_BATCH:
             return super().forward(dense, indices, offsets)
         x = self.bottom8(dense)
-        t = self.tables
-        q, s = kernels().embed_interact_q8(t.weight, indices, offsets, t.base, t.rows, t.pooling == "mean", x,
-                                           self.order, self.top8.kp, False)
-        return self.top8.from_quant(q, s).squeeze(1)
+        return self.top8.from_quant(*self.lookup_interact(x, indices, offsets, self.top8.kp)).squeeze(1)
 
 
 @register_target("torch-fast-int8")

@@ -3,8 +3,8 @@ MLPs where the CPU has VNNI.
 
 Same weights as ``targets.int8_kernels.Int8Mlp`` (int8 per output channel); what changes is the
 schedule and the hidden activations: ``Int8Mlp`` runs one ``torch._int_mm`` per layer and a
-C++ epilogue over its [B, N] int32 result (at B=2048 the top MLP's epilogues and quantization
-were ~0.8 ms of 2.2 on the AMD host); here 48 samples at a time go through every layer with
+C++ epilogue over its [B, N] int32 result (at B=2048 on the AMD host, everything but the
+``_int_mm`` calls was 0.52 of the bottom MLP's 1.36 ms and 0.66 of the top's 2.18); here 48 samples at a time go through every layer with
 their activations in L1/L2, the epilogue on the accumulators in registers.  Inputs after a
 ReLU are quantized to u8 (scale max / 255: the sign bit is free), signed inputs to s8 shifted
 by 128 with the column sums subtracted (VPDPBUSD multiplies u8 by s8).  A width-1 last layer
@@ -33,11 +33,19 @@ def vnni_missing() -> str | None:
     return usable_or_why(lambda: kernels().vnni_usable())
 
 
+def split_final(mlp: nn.Sequential) -> tuple[list[tuple[nn.Linear, bool]], nn.Linear | None]:
+    """(the int8 layers, the width-1 last layer without ReLU that runs as an fp32 dot product, or
+    None): ``linears(mlp)`` with that last layer split off when there is one after a hidden layer."""
+    layers = linears(mlp)
+    last, relu_last = layers[-1]
+    if last.out_features == 1 and not relu_last and len(layers) > 1:
+        return layers[:-1], last
+    return layers, None
+
+
 def shape_missing(mlp: nn.Sequential) -> str | None:
     """Why ``VnniMlp`` cannot take this MLP's shape, or None."""
-    layers = linears(mlp)
-    hidden = layers[:-1] if layers[-1][0].out_features == 1 and not layers[-1][1] and len(layers) > 1 else layers
-    bad = [lin.out_features for lin, _ in hidden if lin.out_features % TILE_N]
+    bad = [lin.out_features for lin, _ in split_final(mlp)[0] if lin.out_features % TILE_N]
     return f"layer widths {bad} are not multiples of {TILE_N}" if bad else None
 
 
@@ -57,12 +65,10 @@ class VnniMlp(nn.Module):
         why = vnni_missing() or shape_missing(mlp)
         if why:
             raise RewriteError(f"VNNI MLP: {why}")
-        layers = linears(mlp)
+        layers, last = split_final(mlp)
+        self.final = last is not None
         final_w, final_b = torch.empty(0), 0.0
-        last, relu_last = layers[-1]
-        self.final = last.out_features == 1 and not relu_last and len(layers) > 1
         if self.final:
-            layers = layers[:-1]
             final_w, final_b = last.weight.detach().float().reshape(-1).contiguous(), float(last.bias.detach())
         int8 = [Int8Linear(lin, relu) for lin, relu in layers]
         qs = [layer.qweight_t.t().contiguous() for layer in int8]             # [N, Kp]

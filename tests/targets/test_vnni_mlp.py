@@ -7,7 +7,7 @@ import torch
 from rewrite.errors import RewriteError
 from rewrite.model import mlp
 from targets.int8_kernels import Int8Linear, Int8Mlp, kernels as int8_kernels, linears
-from targets.vnni_mlp import VnniMlp, int8_mlp, shape_missing, vnni_missing
+from targets.vnni_mlp import VnniMlp, int8_mlp, shape_missing, split_final, vnni_missing
 from tests.targets.checks import ref_quantize
 
 pytestmark = [pytest.mark.slow,
@@ -21,11 +21,9 @@ SHAPES = {"bottom": lambda: mlp([13, 512, 256, 64, 16], relu_last=True),
 
 def reference(net: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """The kernel's math in int64 / f32 torch ops: s8 (+128) for signed inputs, u8 after a ReLU."""
-    layers = linears(net)
-    last, relu_last = layers[-1]
-    final = last.out_features == 1 and not relu_last and len(layers) > 1
+    layers, last = split_final(net)
     h, signed = x, True
-    for lin, relu in layers[:-1] if final else layers:
+    for lin, relu in layers:
         layer = Int8Linear(lin, relu)
         if signed:
             a, s = ref_quantize(h, layer.kp)
@@ -36,7 +34,7 @@ def reference(net: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         acc = a.long() @ layer.qweight_t.long()                          # exact, as VPDPBUSD
         h = acc.float() * (s[:, None] * layer.scale[None]) + layer.bias
         h, signed = (h.relu(), False) if relu else (h, True)
-    return h @ last.weight.detach().t() + last.bias.detach() if final else h
+    return h @ last.weight.detach().t() + last.bias.detach() if last is not None else h
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
