@@ -54,7 +54,8 @@ def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callab
 
     n_features = len(model.spec.features)
     t = fast.tables
-    mlp_kind = {"AmxMlp": "bf16 AMX, 1 call", "OneDnnMlp": "bf16 oneDNN"}[type(fast.bottom16).__name__]
+    mlp_kind = ("bf16 AMX, 1 call" if type(fast.bottom16).__name__ == "AmxMlp"
+                else f"{str(fast.bottom16.dtype).removeprefix('torch.')} oneDNN")
 
     def eager_embed(b):
         bags = split_bags(b["indices"], b["offsets"], n_features)

@@ -11,6 +11,10 @@ the runtime side, not the checkpoint readers, profiler or tracer.
 
 from importlib import import_module
 
+from rewrite import isa as _isa
+
+_isa.cap_third_party_kernels()     # REWRITE_ISA=<tier> caps torch and oneDNN too, before they load
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

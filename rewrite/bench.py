@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from rewrite import isa
 from rewrite.errors import RewriteError
 
 BASELINE = "torch-eager-fp32"
@@ -211,6 +212,6 @@ def _report(bundle, specs, timings, absent, threads, rounds, pooling, reference_
                          "baseline_p99_ms": float(np.percentile(bms, 99)), "speedup": b50 / p50,
                          "max_abs_prob_diff_vs_baseline": float(np.abs(probes[name] - base).max())})
     return {"schema": "bench/1", "bundle": str(bundle.root), "baseline": BASELINE,
-            "reference": str(reference_file), "threads": threads, "rounds": rounds,
+            "reference": str(reference_file), "host": isa.describe(), "threads": threads, "rounds": rounds,
             "lookups_per_bag": pooling, "throughput": "samples/s = batch / p50 latency",
             "results": rows, "absent": absent}

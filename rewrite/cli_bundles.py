@@ -165,7 +165,9 @@ def bench(bundle, batch_sizes, reference, threads, rounds, pooling, as_json) -> 
     result = run_bench(bundle, sizes, reference, threads, rounds, pooling)
 
     def human(d):
+        host = d["host"]
         lines = [f"{d['bundle']}: {d['threads']} thread(s), {d['rounds']} rounds, baseline {d['baseline']}",
+                 f"  host: {host['cpu']} ({host['arch']}), ISA tier {host['tier']} (host's highest: {host['host_tier']})",
                  f"  {'path':<18}{'batch':>6}{'samples/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs eager':>9}"]
         for r in d["results"]:
             lines.append(f"  {r['path']:<18}{r['batch']:>6}{r['samples_per_s']:>12,.0f}{r['p50_ms']:>9.3f}"
@@ -182,15 +184,18 @@ def bench(bundle, batch_sizes, reference, threads, rounds, pooling, as_json) -> 
 @json_option
 def targets_cmd(as_json) -> None:
     """Which targets run on this machine, and why the others do not."""
+    from rewrite import isa
     from targets.base import TARGETS, get_target
 
     get_target("torch")
-    result = {"targets": [{"name": n, "devices": list(c.devices), "precision": c.precision,
+    result = {"host": isa.describe(), "targets": [{"name": n, "devices": list(c.devices), "precision": c.precision,
                            "summary": c.summary, "available": c().unavailable() is None,
                            "why_not": c().unavailable()} for n, c in sorted(TARGETS.items())]}
 
     def human(d):
-        return "\n".join(f"  {t['name']:<17}{'yes' if t['available'] else 'no':<5}"
-                         f"{t['summary'] if t['available'] else t['why_not']}" for t in d["targets"])
+        host = d["host"]
+        head = f"host: {host['cpu']} ({host['arch']}), ISA tier {host['tier']} (highest here: {host['host_tier']})"
+        return "\n".join([head] + [f"  {t['name']:<17}{'yes' if t['available'] else 'no':<5}"
+                                    f"{t['summary'] if t['available'] else t['why_not']}" for t in d["targets"]])
 
     emit(result, as_json, human)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rewrite import isa
 from rewrite.artifact import (FORMAT, FORMAT_VERSION, REFERENCE_FILE, dispatch_policy, file_entry,
                               sha256_file, write_manifest)
 from rewrite.atomic import atomic_path
@@ -106,6 +107,8 @@ def lower_path(target: Target, model: RecModel, root: Path, name: str, lowered_f
     folder = root / name
     folder.mkdir()
     compiled = target.lower(model, example, folder, **(options or {}))
+    if target.native_code:
+        compiled.options.setdefault("isa_tier", isa.active_tier())
     runner = target.load(folder, compiled, threads=1)
     verification = compare(runner, checks, expected, len(model.spec.features), target.tolerance)
     entry = {
@@ -130,6 +133,7 @@ def manifest_head(model: RecModel, source: Path | None, root: Path) -> dict[str,
                    "sha256": sha256_file(source) if source else None,
                    "format": model.spec.provenance.get("format")},
         "versions": library_versions(),
+        "host": isa.describe(),          # the CPU and ISA tier it was compiled on (each load picks its own)
         "reference": file_entry(root, REFERENCE_FILE),
     }
 

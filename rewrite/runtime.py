@@ -22,7 +22,7 @@ import numpy as np
 
 from rewrite.artifact import Bundle, open_bundle
 from rewrite.errors import RewriteError
-from targets.base import CompiledPath, Runner, get_target, require_available, split_bags_np
+from targets.base import CompiledPath, Runner, get_target, require_available, require_tier, split_bags_np
 
 
 def _array(x: Any, name: str) -> np.ndarray:
@@ -93,6 +93,7 @@ class Predictor:
         if path not in self._runners:
             target = require_available(get_target(entry["target"]))
             compiled = CompiledPath(entry["target"], [f["path"] for f in entry["files"]], entry["options"])
+            require_tier(target, compiled)
             self._runners[path] = target.load(self.bundle.path_dir(path), compiled, threads=self.threads)
         return self._runners[path]
 

@@ -26,7 +26,7 @@ def kernels():
 
 def amx_missing() -> str | None:
     """Why this process cannot run the AMX kernels, or None when it can."""
-    return usable_or_why(lambda: kernels().amx_usable())
+    return usable_or_why(lambda: kernels().amx_usable(), "amx_tile", "amx_bf16", "avx512_bf16")
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:

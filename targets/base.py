@@ -55,6 +55,9 @@ class Target:
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     precision: ClassVar[str] = "fp32"                  # a key of TOLERANCE
     summary: ClassVar[str] = ""                        # one line for `rewrite targets`
+    # True when the lowered files hold machine code for the compiling host's ISA tier: the tier is
+    # recorded (``options["isa_tier"]``) and a host of a lower tier refuses to load the path.
+    native_code: ClassVar[bool] = False
 
     def unavailable(self) -> str | None:
         """None when this target can run here, else why not (a missing package or device)."""
@@ -96,6 +99,18 @@ def require_available(target: Target) -> Target:
     if why:
         raise RewriteError(f"target {target.name!r} cannot run here: {why}")
     return target
+
+
+def require_tier(target: Target, compiled: CompiledPath) -> None:
+    """RewriteError when ``compiled`` holds machine code for an ISA tier above this host's active
+    one (an AVX-512 library on an AVX2 host would die of SIGILL at the first call)."""
+    from rewrite import isa
+
+    tier = compiled.options.get("isa_tier")
+    if target.native_code and tier and isa.rank(tier) > isa.rank(isa.active_tier()):
+        raise RewriteError(f"path {target.name!r} was compiled for ISA tier {tier!r}; this host runs "
+                           f"{isa.active_tier()!r} ({isa.cpu_model()}): compile the bundle on a host of "
+                           f"this tier (or with REWRITE_ISA={isa.active_tier()})")
 
 
 class ExportedBags(torch.nn.Module):

@@ -1,9 +1,13 @@
-"""Build the C++ kernels in ``targets/kernels/`` as torch extensions, once per source version.
+"""Build the C++ kernels in ``targets/kernels/`` as torch extensions, once per source version,
+machine and ISA tier.
 
-``torch.utils.cpp_extension.load`` compiles with ``-O3 -march=native`` (the kernels are for the
-machine that serves) and caches the module under TORCH_EXTENSIONS_DIR, keyed by the source hash,
-so the ~30 s build happens on first use per machine.  Without a C++ compiler the targets that
-need these kernels report themselves unavailable (``compiler_missing``).
+The tier is chosen at load from CPUID (``rewrite.isa.active_tier``: the host's highest, or the
+one ``REWRITE_ISA`` forces) and the kernels are compiled for it (``isa.compile_flags``:
+``-march=native`` at the host's own tier, ``-march=x86-64-v3`` for the AVX2 tier, ...), so the
+bundle never carries instructions chosen on another machine.  Each (kernel, tier) is its own
+module, cached by torch under TORCH_EXTENSIONS_DIR keyed by the source hash and flags: the ~30 s
+build happens on first use per machine and tier.  Without a C++ compiler the targets that need
+these kernels report themselves unavailable (``compiler_missing``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import os
 import shutil
 from pathlib import Path
 
+from rewrite import isa
 from rewrite.errors import RewriteError
 
 KERNELS = Path(__file__).parent / "kernels"
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+FLAGS = ["-O3", "-fopenmp-simd"]
 
 
 def headers_flag() -> str:
@@ -34,9 +39,13 @@ def compiler_missing() -> str | None:
     return None
 
 
-def usable_or_why(probe) -> str | None:
-    """Why a process cannot run an extension's kernels (no compiler, a failed build, or what
-    ``probe()``, the extension's own CPU check, returns), or None when it can."""
+def usable_or_why(probe, *features: str) -> str | None:
+    """Why a process cannot run an extension's kernels at the active tier (a CPU feature it lacks
+    or the tier masks, no compiler, a failed build, or what ``probe()``, the extension's own
+    check, returns), or None when it can.  The features are checked before anything is built."""
+    why = isa.missing(*features) if features else None
+    if why:
+        return why
     why = compiler_missing()
     if why:
         return why
@@ -46,16 +55,21 @@ def usable_or_why(probe) -> str | None:
         return str(e)
 
 
-@functools.lru_cache(maxsize=None)
 def build(name: str, source: str, flags: tuple[str, ...] = ()):
-    """The compiled module ``name`` from ``targets/kernels/<source>`` (``flags`` added to FLAGS);
-    RewriteError if it cannot build."""
+    """The compiled module ``name`` from ``targets/kernels/<source>`` for the active ISA tier
+    (``flags`` added to the tier's); RewriteError if it cannot build."""
+    return _build(name, source, flags, isa.active_tier())
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str, source: str, flags: tuple[str, ...], tier: str):
     why = compiler_missing()
     if why:
         raise RewriteError(why)
     from torch.utils.cpp_extension import load
 
+    cflags = FLAGS + isa.compile_flags(tier) + [headers_flag(), *flags]
     try:
-        return load(name=name, sources=[str(KERNELS / source)], extra_cflags=FLAGS + [headers_flag(), *flags], verbose=False)
+        return load(name=f"{name}_{tier}", sources=[str(KERNELS / source)], extra_cflags=cflags, verbose=False)
     except Exception as e:  # the build raises RuntimeError / subprocess errors with the compiler log
-        raise RewriteError(f"building {source} failed: {str(e).splitlines()[0][:200]}") from None
+        raise RewriteError(f"building {source} for ISA tier {tier!r} failed: {str(e).splitlines()[0][:200]}") from None

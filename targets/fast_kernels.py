@@ -6,13 +6,15 @@ and bf16 MLPs on oneDNN with prepacked weights.
   pages (``madvise(MADV_HUGEPAGE)``), so a random lookup into a 2 GB table does not also miss the
   TLB;
 * ``kernels()``: ``kernels/dlrm_fast.cpp`` (``gather_bags``, ``embed_interact``, ``final_dot``);
-* ``bf16_mlp``: ``targets.amx_mlp.AmxMlp`` (the whole MLP in one call on AMX tiles) where the
-  CPU has AMX, else ``OneDnnMlp``;
-* ``OneDnnMlp``: y = relu(x Wᵀ + b) per layer as ``torch.ops.mkldnn._linear_pointwise`` on bf16
-  activations with weights reordered once into oneDNN's blocked layout (AMX tiles where the CPU
-  has them; B=2048 on this machine: top MLP 1.15 ms prepacked vs 1.78 ms plain bf16 ``F.linear``
-  vs 9.8 ms fp32), bias and ReLU fused into the GEMM.  A last layer of width 1 runs as
-  ``final_dot`` in fp32 accumulation, so the logit is not rounded to bf16.
+* ``fast_mlp``: the MLP form for the active ISA tier (``rewrite.isa``): ``targets.amx_mlp.AmxMlp``
+  (the whole MLP in one call on AMX tiles) at the amx tier, ``OneDnnMlp`` in bf16 where the CPU
+  computes in bf16 (AVX512-BF16), else ``OneDnnMlp`` in fp32 (on AVX2, bf16 is only a
+  conversion cost, and torch's oneDNN bf16 linear refuses CPUs without avx512bw/vl/dq);
+* ``OneDnnMlp``: y = relu(x Wᵀ + b) per layer as ``torch.ops.mkldnn._linear_pointwise`` with
+  weights reordered once into oneDNN's blocked layout (bf16 on the AMD host at B=2048: top MLP
+  1.15 ms prepacked vs 1.78 ms plain bf16 ``F.linear`` vs 9.8 ms fp32), bias and ReLU fused into
+  the GEMM.  In bf16 a last layer of width 1 runs as ``final_dot`` in fp32 accumulation, so the
+  logit is not rounded to bf16.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rewrite import isa
 from rewrite.errors import RewriteError
 from targets.cpp_extension import build
 from targets.int8_kernels import linears
@@ -51,6 +54,12 @@ def onednn_missing() -> str | None:
     return None
 
 
+def bf16_gemm_missing() -> str | None:
+    """Why bf16 MLPs would not pay here (no oneDNN, or a CPU without AVX512-BF16, where bf16 is
+    a conversion cost and torch's oneDNN bf16 linear may refuse to run), or None."""
+    return onednn_missing() or isa.missing("avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+
+
 def padded_layers(mlp: nn.Sequential, k_in: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
     """(W fp32 [N, K], b fp32 [N], ReLU after) per layer; the first W zero-padded to ``k_in`` columns."""
     out = []
@@ -80,45 +89,48 @@ def small_model(weight: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, me
                                 [r for _, _, r in t], order, kp)
 
 
-def bf16_mlp(mlp: nn.Sequential, k_in: int | None = None) -> nn.Module:
-    """The fastest bf16 form of an MLP here: ``AmxMlp`` (one call, AMX tiles) where this process
-    can use AMX, else ``OneDnnMlp``; both take f32 or bf16 [B, K_in] (``k_in``: zero-padded
-    width) and compute the same numerics."""
+def fast_mlp(mlp: nn.Sequential, k_in: int | None = None) -> nn.Module:
+    """The fastest form of an MLP at the active ISA tier: ``AmxMlp`` (one call, AMX tiles) where
+    this process can use AMX, else ``OneDnnMlp`` in bf16 where the CPU computes in bf16, else in
+    fp32.  Each takes f32 or bf16 [B, K_in] (``k_in``: zero-padded width); the bf16 forms
+    compute the same numerics."""
     from targets.amx_mlp import AmxMlp, amx_missing
 
     layers = padded_layers(mlp, k_in)
     if amx_missing() is None and len(layers) > 1:     # AmxMlp needs a hidden layer to end on
         return AmxMlp(layers)
-    return OneDnnMlp(mlp, k_in)
+    return OneDnnMlp(mlp, k_in, torch.float32 if bf16_gemm_missing() else torch.bfloat16)
 
 
 class OneDnnMlp(nn.Module):
-    """An MLP of Linear (+ ReLU) layers in bf16 on oneDNN; input f32 or bf16 [B, K_in] (rounded
-    to bf16), output bf16, or fp32 [B, 1] after a width-1 last layer.
+    """An MLP of Linear (+ ReLU) layers on oneDNN in ``dtype`` (bf16 or fp32); input f32 or bf16
+    [B, K_in] (converted to ``dtype``), output ``dtype``, or fp32 [B, 1] after a width-1 last layer.
 
     ``k_in`` zero-pads the first layer's weight columns to the width the caller's input has
     (the fused interaction writes [B, kp] with kp a multiple of 16).
     """
 
-    def __init__(self, mlp: nn.Sequential, k_in: int | None = None):
+    def __init__(self, mlp: nn.Sequential, k_in: int | None = None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        why = onednn_missing()
+        why = onednn_missing() or (bf16_gemm_missing() if dtype == torch.bfloat16 else None)
         if why:
-            raise RewriteError(why)
+            raise RewriteError(f"oneDNN {str(dtype).removeprefix('torch.')} MLP: {why}")
+        self.dtype = dtype
         layers = padded_layers(mlp, k_in)
         w_last, b_last, relu_last = layers[-1]
-        self.final = w_last.shape[0] == 1 and not relu_last
+        self.final = w_last.shape[0] == 1 and not relu_last and dtype == torch.bfloat16
         if self.final:
             layers = layers[:-1]
             self.w_final = w_last.reshape(-1).contiguous()
             self.b_final = float(b_last)
-        self.packed = [torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), None) for w, _, _ in layers]
-        self.bias = [b.to(torch.bfloat16) for _, b, _ in layers]
+        self.packed = [torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), None) for w, _, _ in layers]
+        self.bias = [b.to(dtype) for _, b, _ in layers]
         self.attr = ["relu" if relu else "none" for _, _, relu in layers]
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The layers before a width-1 last layer (all layers otherwise), f32 or bf16 in, bf16 out."""
-        x = x.to(torch.bfloat16)
+        """The layers before a width-1 last layer in bf16 (all layers otherwise), f32 or bf16 in,
+        ``dtype`` out."""
+        x = x.to(self.dtype)
         for w, b, attr in zip(self.packed, self.bias, self.attr):
             x = torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], "")
         return x

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rewrite import isa
 from rewrite.batch import Batch
 from rewrite.errors import RewriteError
 from rewrite.model import RecModel
@@ -24,9 +25,20 @@ from targets.base import CompiledPath, Runner, Target, export_program, register_
 PACKAGE_FILE = "model.pt2"
 
 
+def inductor_tier() -> str:
+    """The ISA tier of the vector code Inductor generates here (its own pick from CPUID and
+    ``ATEN_CPU_CAPABILITY``), capped at the active tier."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    picked = str(pick_vec_isa())
+    tier = "avx512" if picked.startswith("avx512") else "avx2" if picked.startswith("avx2") else "generic"
+    return min(tier, isa.active_tier(), key=isa.rank)
+
+
 @register_target("torch-compile")
 class TorchCompile(Target):
     summary = "TorchInductor AOT (C++ shared library in a .pt2 package) on CPU"
+    native_code = True
 
     def unavailable(self) -> str | None:
         compiler = os.environ.get("CXX", "g++")
@@ -40,7 +52,7 @@ class TorchCompile(Target):
             torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / PACKAGE_FILE))
         except Exception as e:  # inductor raises many types (CppCompileError, InductorError, ...)
             raise RewriteError(f"torch-compile: TorchInductor failed: {str(e).splitlines()[0]}") from None
-        return CompiledPath(self.name, [PACKAGE_FILE], {"compiler": "aoti"})
+        return CompiledPath(self.name, [PACKAGE_FILE], {"compiler": "aoti", "isa_tier": inductor_tier()})
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> Runner:
         if threads:

@@ -9,8 +9,9 @@ After, same weights, same math:
   each call's activations reuse pages instead of page-faulting fresh ones in;
 * up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
   weights, f32 activations and accumulation, z rounded to bf16 as below);
-* above: x = bottom(dense) in bf16 (``fast_kernels.bf16_mlp``: the whole MLP as one call on AMX
-  tiles where the CPU has AMX, else oneDNN with prepacked weights), then ONE C++ call pools every
+* above: x = bottom(dense) in bf16 (``fast_kernels.fast_mlp``: the whole MLP as one call on AMX
+  tiles where the CPU has AMX, else oneDNN with prepacked weights, in fp32 on CPUs without
+  AVX512-BF16), then ONE C++ call pools every
   bag and computes the dot interaction per sample, writing the top MLP's bf16 input
   z = [x, <t_i, t_j> ...] directly (``embed_interact``), then the top MLP in bf16 the same way,
   its width-1 last layer accumulated in fp32.
@@ -86,7 +87,7 @@ class FastDLRM(nn.Module):
     """bottom MLP -> fused lookup + dot interaction -> top MLP, each batch size on its fastest form."""
 
     def __init__(self, model: RecModel):
-        from targets.fast_kernels import PAIR_ORDERS, bf16_mlp, kernels, small_model
+        from targets.fast_kernels import PAIR_ORDERS, fast_mlp, kernels, small_model
 
         super().__init__()
         if model.spec.interaction != "dot":
@@ -98,7 +99,7 @@ class FastDLRM(nn.Module):
         # z's width, zero-padded to a multiple of 32: one AMX tile's K, so the top MLP's tile loads
         # read z in place
         self.kp = -(-(self.tables.dim + self.pairs.numel()) // 32) * 32
-        self.bottom16, self.top16 = bf16_mlp(model.bottom), bf16_mlp(model.top, k_in=self.kp)
+        self.bottom16, self.top16 = fast_mlp(model.bottom), fast_mlp(model.top, k_in=self.kp)
         t = self.tables
         self.small = small_model(t.weight, t.base, t.rows, t.pooling == "mean", model.bottom, model.top,
                                  model.spec.n_dense, self.order, self.kp)
@@ -145,7 +146,7 @@ class FastRunner:
 
 @register_target("torch-fast")
 class TorchFast(TorchEager):
-    summary = "huge-page fused tables, C++ lookup + interaction, bf16 oneDNN MLPs from batch 64"
+    summary = "huge-page fused tables, C++ lookup + interaction, MLPs on AMX / bf16 / fp32 oneDNN by ISA tier"
     precision = "bf16-dense"
 
     def unavailable(self) -> str | None:

@@ -16,14 +16,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from rewrite import isa
 from targets.base import register_target
 from targets.tvm_common import TvmTarget
 
 
+# LLVM CPU names that stand for an ISA tier below the host's (``REWRITE_ISA``): the oldest CPU
+# with that tier's features, so the library uses nothing the tier masks.
+TIER_CPU = {"generic": "x86-64-v2", "avx2": "haswell", "avx512": "skylake-avx512"}
+
+
 def host_cpu() -> str:
-    """LLVM's name for this machine's CPU (what clang's -mcpu=native resolves to)."""
+    """LLVM's name for this machine's CPU (what clang's -mcpu=native resolves to), or the tier's
+    stand-in when ``REWRITE_ISA`` forces a lower tier."""
     from tvm.target import codegen
 
+    tier = isa.active_tier()
+    if tier != isa.host_tier() and isa.is_x86():
+        return TIER_CPU[tier]
     return str(codegen.llvm_get_system_cpu())
 
 
@@ -32,6 +42,7 @@ class TvmLlvm(TvmTarget):
     devices = ("cpu",)
     summary = "Apache TVM Relax for the host CPU (mcpu from the LLVM host query), relax VM"
     device_kind = "cpu"
+    native_code = True
     option_names = frozenset({"tune_trials", "tune_batches"})
     tunable = True
 

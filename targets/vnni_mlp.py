@@ -30,7 +30,7 @@ def kernels():
 
 def vnni_missing() -> str | None:
     """Why this process cannot run the VNNI kernels, or None when it can."""
-    return usable_or_why(lambda: kernels().vnni_usable())
+    return usable_or_why(lambda: kernels().vnni_usable(), "avx512bw", "avx512_vnni")
 
 
 def split_final(mlp: nn.Sequential) -> tuple[list[tuple[nn.Linear, bool]], nn.Linear | None]:

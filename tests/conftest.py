@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rewrite import isa
 from rewrite.batch import Batch
 from rewrite.formats import dlrm
 from rewrite.model import RecModel
@@ -23,6 +24,18 @@ torch.set_num_threads(1)
 ROWS = (2, 17, 300, 1000)
 N_DENSE = 5
 DIM = 8
+
+
+@pytest.fixture(params=isa.TIERS)
+def isa_tier(request, monkeypatch) -> str:
+    """Each ISA tier in turn (``REWRITE_ISA`` set for the test), so the kernels of every tier this
+    host can run are tested here, the lower ones forced; a tier above the host skips by name."""
+    try:
+        isa.check_tier(request.param)
+    except Exception as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv(isa.ENV, request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -109,12 +109,39 @@ def test_targets_lists_what_runs_and_why_not():
         assert not t["onnx-cuda"]["available"] and "CUDAExecutionProvider" in t["onnx-cuda"]["why_not"]
 
 
+def test_targets_and_compile_at_a_forced_lower_tier(monkeypatch, tmp_path):
+    """REWRITE_ISA=avx2 on any host of that tier or above: what an AVX2-only host sees."""
+    from rewrite import isa
+
+    try:
+        isa.check_tier("avx2")
+    except Exception as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv(isa.ENV, "avx2")
+    r = run("targets", "--json")
+    d = json.loads(r.stdout)
+    assert d["host"]["tier"] == "avx2"
+    t = {x["name"]: x for x in d["targets"]}
+    assert t["torch-fast"]["available"] and t["torch-fast-int8"]["available"]
+    src = tmp_path / "m.safetensors"
+    from tests.helpers import small_model
+
+    save(small_model(rows=(100, 30, 7)), src)
+    r = run("compile", src, "-o", tmp_path / "b", "--target", "torch-fast", "--target", "torch-fast-int8", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert all(p["verification"]["passed"] for p in out["paths"].values())
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["host"]["tier"] == "avx2"
+
+
 @pytest.mark.slow
 def test_bench_json(built):
     r = run("bench", built[1], "--batch-sizes", "1,8", "--rounds", "1", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     rows = {(x["path"], x["batch"]): x for x in d["results"]}
+    assert d["host"]["tier"] in ("generic", "avx2", "avx512", "amx")
     assert set(rows) == {(p, b) for p in ("torch-eager-fp32", "onnx-cpu", "torch") for b in (1, 8)}
     for x in rows.values():
         assert x["samples_per_s"] > 0 and x["p99_ms"] >= x["p50_ms"] > 0

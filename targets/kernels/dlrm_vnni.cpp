@@ -35,7 +35,7 @@ std::string vnni_usable() {
 #ifdef DLRM_VNNI
   return "";
 #else
-  return "this build has no AVX512-VNNI (compiled with -march=native on a CPU without it)";
+  return "this build has no AVX512-VNNI (compiled for an ISA tier without it)";
 #endif
 }
 
@@ -208,9 +208,9 @@ class VnniMlp {
   // load(row, a, s) writes sample `row`'s first-layer input (u8, kp wide) and its scale.
   template <typename Load>
   torch::Tensor run(int64_t batch, Load load) const {
+#ifdef DLRM_VNNI
     const bool final = final_w_.numel() > 0;
     auto out = final ? torch::empty({batch}, torch::kFloat) : torch::empty({batch, layers_.back().n}, torch::kFloat);
-#ifdef DLRM_VNNI
     float* op = out.data_ptr<float>();
     int64_t widest = kp();
     for (const auto& l : layers_) widest = std::max(widest, l.n);
@@ -252,10 +252,11 @@ class VnniMlp {
         }
       }
     });
-#else
-    (void)load;
-#endif
     return out;
+#else
+    (void)batch, (void)load;
+    TORCH_CHECK(false, vnni_usable());
+#endif
   }
 
   int64_t k_in_, kp_;

@@ -41,3 +41,17 @@ def test_exported_program_serves_batch_one_and_empty_features():
         bags = [torch.from_numpy(x) for x in split_bags_np(batch.indices.numpy(), batch.offsets.numpy(),
                                                           len(rows))]
         torch.testing.assert_close(program(batch.dense, *bags), model(*batch.inputs()))
+
+
+def test_native_code_compiled_for_a_higher_tier_is_refused_by_name(monkeypatch):
+    from rewrite import isa
+    from targets.base import CompiledPath, require_tier
+
+    tvm, eager = get_target("tvm-llvm"), get_target("torch")
+    assert tvm.native_code and not eager.native_code
+    monkeypatch.setenv(isa.ENV, "generic")
+    compiled = CompiledPath("tvm-llvm", ["lib.so"], {"isa_tier": "avx2"})
+    with pytest.raises(RewriteError, match="compiled for ISA tier 'avx2'; this host runs 'generic'"):
+        require_tier(tvm, compiled)
+    require_tier(tvm, CompiledPath("tvm-llvm", ["lib.so"], {"isa_tier": "generic"}))
+    require_tier(eager, compiled)                   # no machine code in the files: nothing to refuse

@@ -5,13 +5,15 @@ import pytest
 import torch
 from torch import nn
 
+from rewrite.errors import RewriteError
 from rewrite.model import DotInteraction, interaction_pairs, mlp, split_bags
 from rewrite.synthetic import multi_hot_batch
 from targets.fast_kernels import PAIR_ORDERS, OneDnnMlp, bf16_pairs, huge_table, kernels, small_model
 from targets.int8_kernels import pad_to
 from tests.targets.checks import ref_quantize
 
-pytestmark = pytest.mark.slow          # the first test on a machine builds the extension (~30 s)
+# the first test on a machine builds the extension (~30 s per ISA tier); every tier this host runs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isa_tier")]
 torch.set_num_threads(1)
 ROWS = [1000, 300, 37, 5]
 
@@ -104,16 +106,24 @@ def test_out_of_range_ids_are_an_error_not_a_read():
         kernels().gather_bags(w, batch.indices[1:], batch.offsets, base, rows, False)
 
 
-def test_onednn_mlp_matches_fp32_and_keeps_the_logit_fp32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_onednn_mlp_matches_fp32_and_keeps_the_logit_fp32(dtype):
+    from targets.fast_kernels import bf16_gemm_missing
+
+    if dtype == torch.bfloat16 and bf16_gemm_missing():
+        with pytest.raises(RewriteError, match="oneDNN bfloat16 MLP: .*avx512"):
+            OneDnnMlp(mlp([13, 16], True), dtype=dtype)
+        pytest.skip(f"bf16 MLPs: {bf16_gemm_missing()}")
     torch.manual_seed(0)
     for widths, relu_last, k_in in (([13, 512, 256, 64, 16], True, None), ([367, 512, 256, 1], False, 368)):
         net = mlp(widths, relu_last).eval()
         x = torch.randn(300, widths[0])
-        fast = OneDnnMlp(net, k_in=k_in)
-        assert fast.final == (widths[-1] == 1)
-        xin = nn.functional.pad(x, (0, (k_in or widths[0]) - widths[0])).to(torch.bfloat16)
+        fast = OneDnnMlp(net, k_in=k_in, dtype=dtype)
+        assert fast.final == (widths[-1] == 1 and dtype == torch.bfloat16)
+        xin = nn.functional.pad(x, (0, (k_in or widths[0]) - widths[0])).to(dtype)
+        tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
         with torch.inference_mode():
-            torch.testing.assert_close(fast(xin), net(x), atol=3e-2, rtol=3e-2)
+            torch.testing.assert_close(fast(xin).float(), net(x), atol=tol, rtol=tol)
             if fast.final:                                     # the last layer adds no bf16 rounding
                 y = fast.hidden(xin)
                 torch.testing.assert_close(fast(xin).squeeze(1), y.float() @ fast.w_final + fast.b_final,

@@ -17,6 +17,7 @@ from tests.helpers import small_model
 from tests.targets.checks import BATCHES, assert_matches_eager, lower_and_load
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("isa_tier")       # every test at every ISA tier this host runs
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,18 @@ def test_refuses_tables_it_cannot_fuse(model, tmp_path):
         get_target("torch-fast").lower(cat, None, tmp_path)
 
 
-def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path):
+def test_mlps_follow_the_isa_tier(model, isa_tier):
+    from targets.amx_mlp import AmxMlp
+    from targets.fast_kernels import OneDnnMlp
+
+    net = FastDLRM(model)
+    expected = {"amx": AmxMlp, "avx512": OneDnnMlp, "avx2": OneDnnMlp, "generic": OneDnnMlp}[isa_tier]
+    assert type(net.bottom16) is expected
+    if isa_tier in ("avx2", "generic"):       # no bf16 arithmetic below AVX512-BF16: fp32 MLPs
+        assert net.bottom16.dtype == net.top16.dtype == torch.float32
+
+
+def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path, isa_tier):
     from targets.int8_kernels import Int8Mlp
     from targets.vnni_mlp import VnniMlp, shape_missing, vnni_missing
 
@@ -113,5 +125,7 @@ def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path)
     _, runner = lower_and_load(target, model, tmp_path)
     for mlp, net in ((model.bottom, runner.net.bottom8), (model.top, runner.net.top8)):
         assert type(net) is (VnniMlp if vnni_missing() is None and shape_missing(mlp) is None else Int8Mlp)
+        if isa_tier in ("avx2", "generic"):
+            assert type(net) is Int8Mlp and "above the forced ISA tier" in vnni_missing()
     assert assert_matches_eager(runner, model, "int8-dense") > 0
     assert max(b for b, _, _ in BATCHES) >= INT8_MIN_BATCH     # the int8 form really ran

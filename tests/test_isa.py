@@ -1,0 +1,68 @@
+"""``rewrite.isa``: the host's tier from its CPUID flags, the REWRITE_ISA switch, masking."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rewrite import isa
+from rewrite.errors import RewriteError
+
+
+def test_host_tier_follows_the_flags(monkeypatch):
+    for flags, tier in ((set(), "generic"), ({"avx2", "fma", "f16c"}, "avx2"),
+                        ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx512"),
+                        ({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}, "generic"),   # no f16c
+                        ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "amx_tile",
+                          "amx_bf16"}, "amx")):
+        monkeypatch.setattr(isa, "host_features", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(isa, "is_x86", lambda: True)
+        assert isa.host_tier() == tier
+        assert isa.available_tiers() == list(isa.TIERS[:isa.rank(tier) + 1])
+
+
+def test_the_real_host_has_a_tier_and_avx2_implies_its_flags():
+    tier = isa.host_tier()
+    assert tier in isa.TIERS
+    if isa.rank(tier) >= isa.rank("avx2"):
+        assert {"avx2", "fma", "f16c"} <= isa.host_features()
+    assert isa.describe()["host_tier"] == tier
+
+
+def test_forcing_a_lower_tier_masks_the_features_above_it(monkeypatch):
+    monkeypatch.setattr(isa, "host_features", lambda: frozenset(
+        {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}))
+    monkeypatch.setattr(isa, "is_x86", lambda: True)
+    monkeypatch.delenv(isa.ENV, raising=False)
+    assert isa.active_tier() == "avx512" and isa.has("avx512_vnni")
+    monkeypatch.setenv(isa.ENV, "avx2")
+    assert isa.active_tier() == "avx2"
+    assert isa.missing("avx512_vnni") == "avx512_vnni is above the forced ISA tier 'avx2' (REWRITE_ISA)"
+    assert isa.has("fma")
+    assert "lacks amx_tile" in isa.missing("amx_tile")
+    assert isa.compile_flags() == ["-march=x86-64-v3", "-mtune=native"]
+    assert isa.compile_flags("avx512") == ["-march=native"]
+
+
+def test_a_tier_above_the_host_or_unknown_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setattr(isa, "host_features", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.setattr(isa, "is_x86", lambda: True)
+    with pytest.raises(RewriteError, match=r"ISA tier 'avx512' needs avx512bw, avx512dq, avx512f, avx512vl"):
+        isa.check_tier("avx512")
+    monkeypatch.setenv(isa.ENV, "sse9")
+    with pytest.raises(RewriteError, match=r"unknown ISA tier 'sse9' \(known: generic, avx2, avx512, amx\)"):
+        isa.active_tier()
+
+
+def test_forcing_caps_torch_and_onednn_in_a_fresh_process():
+    env = dict(os.environ, REWRITE_ISA="avx2")
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    code = ("import os, rewrite, torch; print(os.environ['ATEN_CPU_CAPABILITY'], "
+            "os.environ['ONEDNN_MAX_CPU_ISA'], torch.backends.cpu.get_cpu_capability())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    aten, onednn, torch_cap = out.stdout.split()
+    assert (aten, onednn) == ("avx2", "AVX2")
+    if isa.rank(isa.host_tier()) >= isa.rank("avx2"):
+        assert torch_cap == "AVX2"
