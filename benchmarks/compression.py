@@ -31,11 +31,11 @@ from tqdm import tqdm
 import passes  # noqa: F401  (registers every pass)
 import rewrite
 from rewrite import data
-from rewrite.atomic import atomic_path, write_text
-from rewrite.model import RecModel
-from rewrite.passinfra import parse_pass
+from rewrite.core.atomic import atomic_path, write_text
+from rewrite.core.model import RecModel
+from rewrite.core.pass_contract import parse_pass
 from rewrite.training import evaluate
-from targets.base import split_bags_np
+from rewrite.core.batch import split_bags_np
 
 
 @dataclass(frozen=True)

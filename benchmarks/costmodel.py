@@ -36,18 +36,18 @@ import rewrite  # noqa: F401  (first: importing passes before rewrite is a circu
 from passes.mixed_dim import MDBag
 from passes.onehot import OneHotBag
 from passes.quotient_remainder import QRBag
-from rewrite.atomic import write_text
+from rewrite.core.atomic import write_text
 from rewrite.cost import microbench as mb
 from rewrite.cost.calibrate import estimator_for, runner
 from rewrite.cost.estimate import TableStats, coverage_curve, dense_facts
 from rewrite.cost.hardware import load_hardware
 from rewrite.cost.solve import Constraints, Problem, solve
 from rewrite.cost.variants import variant_of
-from rewrite.embedding import TableBag
+from rewrite.core.embedding import TableBag
 from rewrite.formats import native
-from rewrite.model import ModelSpec, RecModel
-from rewrite.synthetic import KAGGLE_ROWS, Synthetic, SyntheticConfig
-from rewrite.units import parse_bytes
+from rewrite.core.model import ModelSpec, RecModel
+from rewrite.core.synthetic import KAGGLE_ROWS, Synthetic, SyntheticConfig
+from rewrite.core.units import parse_bytes
 
 SMALL = 200          # rows: tables at or below stay plain (dlrm's --md/--qr threshold)
 DIM = 16

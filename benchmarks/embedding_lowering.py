@@ -7,13 +7,13 @@ The stage is ``bags -> [B, F, D]`` (``torch.stack`` of the tables' pooled bags) 
 Criteo-Kaggle-shaped model of ``benchmarks/kaggle_model.py`` (``--max-rows`` caps every table for
 a smaller copy; ``--model`` reads a saved one instead).  Engines: torch eager (the tables'
 ``F.embedding_bag``), onnxruntime and TVM (tvm-llvm's target and pipeline) on the graphs the
-lowerings produce (``rewrite.bag_ops`` ops translated by ``targets.onnx_bags`` /
-``targets.tvm_bags``), compiled once into ``--cache``.  Each engine runs in its own process per
-round, rounds alternate the order; fresh batches (``rewrite.timing.serving_batches``, one id per
+lowerings produce (``rewrite.core.bag_ops`` ops translated by ``targets.onnx.bags`` /
+``targets.tvm.bags``), compiled once into ``--cache``.  Each engine runs in its own process per
+round, rounds alternate the order; fresh batches (``rewrite.core.timing.serving_batches``, one id per
 bag like Criteo, a different batch every call), warm-up first, median per call per process,
 median over rounds.  Inputs start as numpy arrays in every engine.  Also reports each engine's
 max |difference| from eager on the first batch.  onnxruntime gets onnx-cpu's session
-(``targets.onnx_cpu.onnx_session``: the tables read into huge pages at load).  ``--touch-pages``
+(``targets.onnx.cpu.onnx_session``: the tables read into huge pages at load).  ``--touch-pages``
 first looks up one row per 4 KiB page of every table, so the timed calls see a serving
 process's steady state (a first touch of a memory-mapped page faults it in).
 """
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from benchmarks import tvm_stages
-from rewrite import atomic
-from rewrite.timing import median_ms
+from rewrite.core import atomic
+from rewrite.core.timing import median_ms
 
 ENGINES = ("torch", "onnxruntime", "tvm")
 FRESH, WARMUP, CALLS = 16, 4, 48
@@ -43,7 +43,7 @@ TOUCH_BATCH = 65536
 def load_model(args):
     from benchmarks.kaggle_model import kaggle_model
     from rewrite import formats
-    from rewrite.synthetic import KAGGLE_ROWS
+    from rewrite.core.synthetic import KAGGLE_ROWS
 
     if args.model:
         return formats.load(args.model).eval()
@@ -57,16 +57,16 @@ def export_stage(model) -> torch.export.ExportedProgram:
 
 def compile_stage(engine: str, model, cache: Path) -> None:
     if engine == "onnxruntime" and not (cache / "embedding.onnx").exists():
-        from targets.onnx_bags import TRANSLATIONS
+        from targets.onnx.bags import TRANSLATIONS
 
         program = torch.onnx.export(export_stage(model), (), dynamo=True, opset_version=18,
                                     custom_translation_table=TRANSLATIONS)
         tvm_stages.save_stage(cache / "embedding.onnx", lambda p: program.save(
             str(p), external_data=model.embedding_bytes() > 2**30))
     if engine == "tvm" and not (cache / "tvm" / "compiled.json").exists():
-        from targets import tvm_relax
+        from targets.tvm import relax as tvm_relax
         from targets.base import get_target
-        from targets.tvm_common import save_params
+        from targets.tvm.common import save_params
 
         target = get_target("tvm-llvm")
         mod, params, names = tvm_relax.to_relax(export_stage(model).run_decompositions(), target.name)
@@ -88,7 +88,7 @@ def make_runner(engine: str, model, cache: Path):
 
         return run_torch
     if engine == "onnxruntime":
-        from targets.onnx_cpu import onnx_session
+        from targets.onnx.cpu import onnx_session
 
         sess = onnx_session(cache / "embedding.onnx", 1, ["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
@@ -96,7 +96,7 @@ def make_runner(engine: str, model, cache: Path):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from targets.tvm_common import load_params, set_threads, to_tvm
+    from targets.tvm.common import load_params, set_threads, to_tvm
 
     set_threads(1)
     dev = tvm.cpu(0)
@@ -108,8 +108,8 @@ def make_runner(engine: str, model, cache: Path):
 
 
 def fresh_bags(model, batch: int, seed: int) -> list[list[np.ndarray]]:
-    from rewrite.timing import serving_batches
-    from targets.base import split_bags_np
+    from rewrite.core.timing import serving_batches
+    from rewrite.core.batch import split_bags_np
 
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     return [split_bags_np(idx, off, len(rows))

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/kaggle_model.py /tmp/kaggle/model.safetensors
 
-Shape (dlrm's Kaggle configuration): 26 plain fp32 tables with ``rewrite.synthetic.KAGGLE_ROWS``
+Shape (dlrm's Kaggle configuration): 26 plain fp32 tables with ``rewrite.core.synthetic.KAGGLE_ROWS``
 rows and d = 16 (33.8 M rows, 2.16 GB), bottom MLP 13-512-256-64-16, dot interaction over
 27 vectors (16 + 351 = 367 wide), top MLP 367-512-256-1: 2.16 GB in the native format.
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewrite.embedding import TableBag
-from rewrite.model import ModelSpec, RecModel
-from rewrite.synthetic import KAGGLE_ROWS
+from rewrite.core.embedding import TableBag
+from rewrite.core.model import ModelSpec, RecModel
+from rewrite.core.synthetic import KAGGLE_ROWS
 
 DIM = 16
 BOTTOM = (512, 256, 64, DIM)
@@ -58,7 +58,7 @@ def kaggle_model(rows: tuple[int, ...] = KAGGLE_ROWS, seed: int = 0) -> RecModel
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rewrite.formats.native import save
+    from rewrite.core.model_file import save
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("output", type=Path, help="a .safetensors path outside the repository")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rewrite.atomic import write_text
+from rewrite.core.atomic import write_text
 
 SIZES = (1, 2048)
 STAGE_BATCHES = {1: 256, 2048: 8}      # fresh batches per size (B=1: many, to average the misses)
@@ -49,8 +49,8 @@ def fused_embedding_bag(t, indices: torch.Tensor, offsets: torch.Tensor) -> torc
 
 def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callable]]:
     """stage -> {variant: f(batch tensors) -> output}; eager first in each stage."""
-    from rewrite.model import split_bags
-    from targets.fast_kernels import kernels as fast_kernels
+    from rewrite.core.model import split_bags
+    from targets.native.fast_kernels import kernels as fast_kernels
 
     n_features = len(model.spec.features)
     t = fast.tables
@@ -94,7 +94,7 @@ def runs_at(stage: str, variant: str, batch: int) -> bool:
     """Whether a path's stage form is what the path runs at this batch size: up to
     SMALL_MAX_BATCH samples both fast paths are one C++ call (only their whole model is timed),
     and torch-fast-int8's int8 forms start at INT8_MIN_BATCH."""
-    from targets.torch_fast import INT8_MIN_BATCH, SMALL_MAX_BATCH
+    from targets.native.engine import INT8_MIN_BATCH, SMALL_MAX_BATCH
 
     if stage == "whole model" or not variant.startswith("torch-fast"):
         return True
@@ -108,7 +108,7 @@ def time_stages(model, fast, fast8, tbe, half, sizes=SIZES, seed: int = 1) -> li
     """Medians per (batch size, stage, variant).  Every variant gets batches of its own: a batch's
     rows stay in this CPU's large L3 after one call, so a variant timed on a batch another just
     used would look faster than it is."""
-    from rewrite.timing import serving_batches
+    from rewrite.core.timing import serving_batches
 
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     stages = stage_functions(model, fast, fast8, tbe, half)
@@ -153,8 +153,8 @@ def time_stages(model, fast, fast8, tbe, half, sizes=SIZES, seed: int = 1) -> li
 def fp16_tables(model):
     """torch-fast's fused tables of the model after ``quantize`` bits=16 (1.1 GB)."""
     import passes
-    from rewrite.pipeline import apply
-    from targets.torch_fast import FusedTables
+    from rewrite.pass_manager import apply
+    from targets.native.engine import FusedTables
 
     half, _ = apply(model, [passes.quantize(bits=16)])
     return FusedTables(half)
@@ -163,7 +163,7 @@ def fp16_tables(model):
 def fbgemm_tbe(model):
     """fbgemm's int8 row-wise TBE over the model's tables, or None when fbgemm_gpu does not load."""
     from targets.base import get_target
-    from targets.fbgemm_int8 import FbgemmDLRM, quantize_rows
+    from targets.fbgemm.int8 import FbgemmDLRM, quantize_rows
 
     if get_target("fbgemm-int8").unavailable():
         return None
@@ -172,7 +172,7 @@ def fbgemm_tbe(model):
 
 
 def ensure_bundle(model_file: Path, bundle: Path) -> None:
-    from rewrite.compiler import compile_model
+    from rewrite.bundling import compile_model
     from rewrite.formats import load
 
     if not (bundle / "manifest.json").is_file():
@@ -199,7 +199,7 @@ def plot(stages: list[dict[str, Any]], path: Path, batch: int = 2048) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rewrite.atomic import atomic_path
+    from rewrite.core.atomic import atomic_path
 
     ms = {(r["stage"], r["variant"]): r["ms"] for r in stages if r["batch"] == batch}
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_bundle(args.model, args.bundle)
         result["whole"] = run_bench(args.bundle, list(SIZES), threads=1, rounds=args.rounds)
     from rewrite.formats import load
-    from targets.torch_fast import FastDLRM, FastInt8DLRM
+    from targets.native.engine import FastDLRM, FastInt8DLRM
 
     model = load(args.model).eval()
     fast = FastDLRM(model).eval()

@@ -35,8 +35,8 @@ import torch
 
 import rewrite
 from rewrite import data
-from rewrite.atomic import atomic_path, write_text
-from rewrite.passinfra import ConfiguredPass, parse_pass
+from rewrite.core.atomic import atomic_path, write_text
+from rewrite.core.pass_contract import ConfiguredPass, parse_pass
 from rewrite.recovery import recover
 from rewrite.training import evaluate
 

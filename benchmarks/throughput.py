@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from rewrite.atomic import atomic_path, write_text
+from rewrite.core.atomic import atomic_path, write_text
 from rewrite.bench import BASELINE, run_bench
 
 

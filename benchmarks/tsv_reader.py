@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewrite.atomic import write_text
+from rewrite.core.atomic import write_text
 from rewrite.data_formats.common import IdMap
 from rewrite.data_formats.criteo_tsv import N_CAT, N_INT, open_tsv
 

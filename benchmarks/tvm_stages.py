@@ -6,7 +6,7 @@
         --batch-sizes 1,2048 --json stages.json          # no data file: synthetic batches
 
 Stages (the same math in every engine, each compiled on its own with dynamic shapes, exported
-inside ``rewrite.bag_ops.lowering()`` as the targets export them):
+inside ``rewrite.core.bag_ops.lowering()`` as the targets export them):
   embedding    bags -> [B, F, D]      every table's lookup and pooling
   bottom       dense -> x             bottom MLP
   interaction  (x, e_0..e_{F-1}) -> z dot interaction (each e_f [B, D], as the model has them)
@@ -19,7 +19,7 @@ interaction are fp32 there, so the same graphs), tvm (tvm-llvm's import and rewr
 Each engine runs in its own process per round (rounds alternate the engine order), on fresh
 batches (a different batch every call), warm-up first; a process reports the median per call,
 the result is the median over rounds; ``--engines`` runs a subset (torch always: the ratios).
-Batches come from ``--data``, or without it from ``rewrite.timing.serving_batches`` (one id
+Batches come from ``--data``, or without it from ``rewrite.core.timing.serving_batches`` (one id
 per bag, ids uniform over each table).  A stage's inputs are converted to the engine's tensors
 before timing (inside the model they are already there: 27 numpy -> engine conversions would
 dominate the interaction at B = 1); onnxruntime's stages are timed through both of its call
@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite import atomic
-from rewrite.timing import median_ms
+from rewrite.core import atomic
+from rewrite.core.timing import median_ms
 
 ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "tvm")
 STAGES = ("embedding", "bottom", "interaction", "top", "full")
@@ -93,7 +93,7 @@ def stage_module(model, stage: str) -> nn.Module:
 
 def stage_inputs(model, stage: str, batch) -> list[np.ndarray]:
     """Numpy inputs of one stage for one canonical batch (upstream stages computed in torch)."""
-    from targets.base import split_bags_np
+    from rewrite.core.batch import split_bags_np
 
     bags = split_bags_np(batch.indices.numpy(), batch.offsets.numpy(), len(model.spec.features))
     dense = batch.dense.numpy()
@@ -107,11 +107,11 @@ def stage_inputs(model, stage: str, batch) -> list[np.ndarray]:
 
 
 def export_stage(model, stage: str):
-    """torch.export of a stage with dynamic batch (and lookup counts), like targets.tvm_relax."""
+    """torch.export of a stage with dynamic batch (and lookup counts), like targets.tvm.relax."""
     import torch.fx.experimental._config as fx_config
     from torch.export import Dim
 
-    from targets.tvm_relax import trace_inputs
+    from targets.tvm.relax import trace_inputs
 
     traced = trace_inputs(model)
     b, offsets = Dim("batch", min=1), Dim("offsets", min=2)
@@ -131,7 +131,7 @@ def export_stage(model, stage: str):
                                                  "embeddings": tuple({0: b} for _ in embs)}),
                     "top": ((z,), {"z": {0: b}}),
                     "full": (traced, {"dense": {0: b}, "bags": bag_dims})}[stage]
-    from rewrite import bag_ops
+    from rewrite.core import bag_ops
 
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True, use_duck_shape=False), bag_ops.lowering():
         return torch.export.export(stage_module(model, stage), tuple(args), dynamic_shapes=shapes), args
@@ -157,7 +157,7 @@ def make_runners(engine: str, model, stage: str, cache: Path) -> dict[str, tuple
 
 def onnx_runners(model, stage: str, cache: Path, int8: bool) -> dict[str, tuple]:
     """onnx-cpu (or onnx-cpu-int8) for one stage: the whole model through the target itself,
-    a stage as its own graph from the targets' export form (``targets.onnx_interaction``, int32
+    a stage as its own graph from the targets' export form (``targets.onnx.interaction``, int32
     pair indices), the MLP stages' Gemms quantized as onnx-cpu-int8 does; onnx_cpu's session
     (``onnx_session``: options, tables in huge pages), one thread.
 
@@ -167,15 +167,15 @@ def onnx_runners(model, stage: str, cache: Path, int8: bool) -> dict[str, tuple]
     timing) copies the output per call (0.25-0.4 ms for a bare 3.5 MB Concat at B = 2048, where
     ``run`` takes 0.44 ms in all).  The worker reports both and takes the faster."""
     from targets.base import CompiledPath, get_target
-    from targets.onnx_cpu import onnx_session, save_quantized
-    from targets.onnx_interaction import int32_pair_indices, onnx_form
+    from targets.onnx.cpu import onnx_session, save_quantized
+    from targets.onnx.interaction import int32_pair_indices, onnx_form
 
     name = "onnx-cpu-int8" if int8 else "onnx-cpu"
     if stage == "full":
         folder, target = cache / name, get_target(name)
         meta = folder / "compiled.json"
         if not meta.exists():
-            from rewrite.synthetic import multi_hot_batch
+            from rewrite.core.synthetic import multi_hot_batch
 
             folder.mkdir(parents=True, exist_ok=True)
             rows = [model.embeddings[t].rows for t in model.feature_tables]
@@ -188,7 +188,7 @@ def onnx_runners(model, stage: str, cache: Path, int8: bool) -> dict[str, tuple]
     if not path.exists():
         import torch.fx.experimental._config as fx_config
 
-        from targets.onnx_bags import TRANSLATIONS
+        from targets.onnx.bags import TRANSLATIONS
 
         ep, _ = export_stage(onnx_form(model), stage)
         with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
@@ -237,15 +237,15 @@ def tvm_runner(model, stage: str, cache: Path):
     meta = folder / "compiled.json"
     if stage == "full":
         if not meta.exists():
-            from rewrite.synthetic import multi_hot_batch
+            from rewrite.core.synthetic import multi_hot_batch
 
             rows = [model.embeddings[t].rows for t in model.feature_tables]
             cp = target.lower(model, multi_hot_batch(rows, 2, model.spec.n_dense, 1, 0), folder)
             meta.write_text(json.dumps(cp.__dict__))
         run = target.load(folder, CompiledPath(**json.loads(meta.read_text())))
         return list, lambda xs: run(xs[0], list(xs[1:]))
-    from targets import tvm_relax
-    from targets.tvm_common import load_params, save_params, to_tvm
+    from targets.tvm import relax as tvm_relax
+    from targets.tvm.common import load_params, save_params, to_tvm
 
     if not meta.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -266,8 +266,8 @@ def fresh_batches(model, data_path: str | None, size: int) -> list:
     """FRESH distinct canonical batches of ``size`` samples: rows of the data file in order, or
     synthetic serving batches (one uniform id per bag) when there is no data file."""
     from rewrite import data
-    from rewrite.batch import Batch
-    from rewrite.timing import serving_batches
+    from rewrite.core.batch import Batch
+    from rewrite.core.timing import serving_batches
 
     if data_path:
         ds = data.open(data_path)

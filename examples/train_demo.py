@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from rewrite import data
-from rewrite.atomic import write_text
+from rewrite.core.atomic import write_text
 from rewrite.formats import dlrm
-from rewrite.synthetic import Synthetic, SyntheticConfig, write_npz
+from rewrite.core.synthetic import Synthetic, SyntheticConfig, write_npz
 from rewrite.training import evaluate, table_dlrm, train
 
 TRAIN_ROWS, EVAL_ROWS = 300_000, 100_000
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     ev = evaluate(model, eval_data)
     x_int, x_cat, y = eval_data.dense, eval_data.cat, eval_data.labels
-    from rewrite.metrics import auc
+    from rewrite.core.metrics import auc
 
     teacher = auc(y, gen.teacher_probability(x_int, x_cat))
     acc = float(((model(*eval_data.batch(slice(None)).inputs()) > 0).float().numpy() == y).mean())

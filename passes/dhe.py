@@ -24,9 +24,9 @@ from torch import nn
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
 from passes.rowfit import (budget_bytes, check_fit_options, fit_rows, fp32_table, not_smaller, rms,
                            table_rows, weighted_rel_error)
-from rewrite.embedding import Representation, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 MAX_BUCKETS = 1 << 24          # bucket numbers must be exact in float32 (24-bit mantissa)
 MISH_FLOPS = 7                 # abs, neg, exp, add, log, add (softplus), tanh, mul: ~7 per unit

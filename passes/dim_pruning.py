@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, pool, register_representation
-from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
-from rewrite.tracing import EmbeddingSite
-from rewrite.units import parse_bytes
+from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.tracing import EmbeddingSite
+from rewrite.core.units import parse_bytes
 
 DEFAULT_KEEP = 0.5          # share of the table's values kept when neither keep nor budget is given
 BISECTION_STEPS = 100       # λ bisection steps (float64; more changes nothing)

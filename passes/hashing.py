@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from passes.universal_hash import PRIME, universal_hash
-from rewrite.embedding import Representation, gather_pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, gather_pool, register_representation
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 MERSENNE_31 = PRIME           # the hash family's prime p = 2^31 - 1
 DLRM_THRESHOLD = 200          # rows; as dlrm's qr/md thresholds: only larger tables

@@ -27,14 +27,14 @@ import torch
 from torch import nn
 
 from passes.row_index import hottest_rows, narrow_tensor
-from rewrite.batch import Batch
-from rewrite.embedding import (Representation, TableBag, pool, register_representation,
+from rewrite.core.batch import Batch
+from rewrite.core.embedding import (Representation, TableBag, pool, register_representation,
                                representation_class)
-from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, parse_pass, plain_fp32_table, register_pass
-from rewrite.profiling import AccessProfile, TableProfile
-from rewrite.tracing import EmbeddingSite, capture
-from rewrite.units import parse_bytes
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, parse_pass, plain_fp32_table, register_pass
+from rewrite.core.access_profile import AccessProfile, TableProfile
+from rewrite.core.tracing import EmbeddingSite, capture
+from rewrite.core.units import parse_bytes
 
 DEFAULT_COVERAGE = 0.9     # share of lookups the hot set covers (the profile CLI's default)
 PLAIN_COLD = {"fp32": ("float32", 0.0), "fp16": ("float16", 2.0 ** -11), "bf16": ("bfloat16", 2.0 ** -8)}

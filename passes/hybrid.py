@@ -27,9 +27,9 @@ from passes.dhe import MAX_BUCKETS, DeepHashDecoder, fit_decoder, plan_decoder
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
 from passes.rowfit import (budget_bytes, check_fit_options, fp32_table, not_smaller, table_rows,
                            weighted_rel_error)
-from rewrite.embedding import Representation, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 
 @register_representation("hybrid")

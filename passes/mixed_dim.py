@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, TableBag, gather_pool, register_representation
-from rewrite.errors import RewriteError
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
-from rewrite.tracing import EmbeddingSite
-from rewrite.units import parse_bytes
+from rewrite.core.embedding import Representation, TableBag, gather_pool, register_representation
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.tracing import EmbeddingSite
+from rewrite.core.units import parse_bytes
 
 DLRM_MD_THRESHOLD = 200       # rows; dlrm_s_pytorch.py --md-threshold default: only larger tables
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, register_representation, segment_sum
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, register_representation, segment_sum
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 
 @register_representation("onehot")

@@ -34,9 +34,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, TableBag, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, TableBag, pool, register_representation
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 FBGEMM_EPSILON = 1e-8         # FBGEMM QuantUtils.cc, 8-bit: inverse scale = 255 / (range + kEpsilon)
 FP16_MAX = 65504.0            # largest finite IEEE half

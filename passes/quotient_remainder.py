@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.embedding import Representation, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 DLRM_QR_THRESHOLD = 200       # rows; dlrm_s_pytorch.py --qr-threshold default: only larger tables
 ALS_MAX_ITERATIONS = 200

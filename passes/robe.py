@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
 from passes.rowfit import budget_bytes, check_fit_options, fp32_table, not_smaller, table_rows, weighted_rel_error
-from rewrite.embedding import Representation, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 FIT_CHUNK = 1 << 16            # rows per closed-form accumulation step (memory: chunk × d × 8 B)
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rewrite.embedding import TableBag
-from rewrite.passinfra import PassContext, Skip, plain_fp32_table
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import TableBag
+from rewrite.core.pass_contract import PassContext, Skip, plain_fp32_table
+from rewrite.core.tracing import EmbeddingSite
 
 
 def budget_bytes(rows: int, dim: int, compression: float) -> int:

@@ -31,9 +31,9 @@ from torch import nn
 from passes import tt_fit
 from passes.row_index import (hottest_rows, narrow_tensor, padded_sorted_ids, sorted_lookup,
                                sorted_lookup_steps)
-from rewrite.embedding import Representation, pool, register_representation
-from rewrite.passinfra import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
-from rewrite.tracing import EmbeddingSite
+from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.tracing import EmbeddingSite
 
 DEFAULT_RANK = 16       # TT-Rec's Kaggle experiments use ranks 8-64 for 3 cores
 INT8_LEVELS = 255       # 2^8 - 1 code steps (FBGEMM row-wise int8)

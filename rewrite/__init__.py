@@ -11,7 +11,7 @@ the runtime side, not the checkpoint readers, profiler or tracer.
 
 from importlib import import_module
 
-from rewrite import isa as _isa
+from rewrite.core import isa as _isa
 
 _isa.cap_third_party_kernels()     # REWRITE_ISA=<tier> caps torch and oneDNN too, before they load
 
@@ -19,18 +19,18 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "data": ("rewrite.data", None),
-    "Batch": ("rewrite.batch", "Batch"),
-    "RewriteError": ("rewrite.errors", "RewriteError"),
-    "VerificationError": ("rewrite.errors", "VerificationError"),
+    "Batch": ("rewrite.core.batch", "Batch"),
+    "RewriteError": ("rewrite.core.errors", "RewriteError"),
+    "VerificationError": ("rewrite.core.errors", "VerificationError"),
     "load": ("rewrite.formats", "load"),
-    "save": ("rewrite.formats.native", "save"),
-    "ModelSpec": ("rewrite.model", "ModelSpec"),
-    "RecModel": ("rewrite.model", "RecModel"),
-    "apply": ("rewrite.pipeline", "apply"),
-    "AccessProfile": ("rewrite.profiling", "AccessProfile"),
+    "save": ("rewrite.core.model_file", "save"),
+    "ModelSpec": ("rewrite.core.model", "ModelSpec"),
+    "RecModel": ("rewrite.core.model", "RecModel"),
+    "apply": ("rewrite.pass_manager", "apply"),
+    "AccessProfile": ("rewrite.core.access_profile", "AccessProfile"),
     "profile": ("rewrite.profiling", "profile"),
-    "EmbeddingSite": ("rewrite.tracing", "EmbeddingSite"),
-    "capture": ("rewrite.tracing", "capture"),
+    "EmbeddingSite": ("rewrite.core.tracing", "EmbeddingSite"),
+    "capture": ("rewrite.core.tracing", "capture"),
 }
 
 __all__ = sorted(_EXPORTS)

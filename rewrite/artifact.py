@@ -8,7 +8,7 @@
       rewritten/<pK>.safetensors    (--plan, format 2) each verified plan path's rewritten model
       <path>/...                 what the path's target wrote (model.onnx, model.pt2, ...)
 
-A bundle is written into a temporary sibling and renamed into place (``rewrite.atomic``), so a
+A bundle is written into a temporary sibling and renamed into place (``rewrite.core.atomic``), so a
 reader sees a whole bundle or none.  Format 2 adds the optional ``variants`` (plan paths and
 their rewritten models, checksummed like every file), ``plan`` and ``passes`` keys; format 1
 bundles load unchanged.  ``open_bundle`` refuses a bundle whose format version is
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 FORMAT = "dlrm-rewrite-bundle"
 FORMAT_VERSION = 2   # 2: variants/plan/passes keys (plan bundles); 1 still loads

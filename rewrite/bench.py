@@ -2,7 +2,7 @@
 
 Method (the machine is shared, so only ratios measured in the same run mean anything):
 * each contender runs in its own process (no two thread pools in one process) and builds the
-  same fresh serving batches (``rewrite.timing.serving_batches``: distinct batches, uniform ids),
+  same fresh serving batches (``rewrite.core.timing.serving_batches``: distinct batches, uniform ids),
   a set for the warm-up and one per round, so no timed call sees rows an earlier call left in
   the cache (this CPU's L3 is 480 MB);
 * per batch size: one untimed warm-up pass per contender, then ``rounds`` passes in which the
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rewrite import isa
-from rewrite.errors import RewriteError
+from rewrite.core import isa
+from rewrite.core.errors import RewriteError
 
 BASELINE = "torch-eager-fp32"
 CALLS_PER_ROUND = 16384   # samples per contender per round and size, at most (B=1: 256 calls)
@@ -85,7 +85,7 @@ def worker(conn, spec: dict[str, Any], threads: int, rows: list[int], n_dense: i
     """Contender process: answer ("time", B, lo, hi) with the seconds of each call on its fresh
     batches lo..hi of size B, ("probe",) with its outputs on one batch, ("stop",) by exiting."""
     try:
-        from rewrite.timing import serving_batches, time_calls
+        from rewrite.core.timing import serving_batches, time_calls
 
         call = _make_call(spec, threads)
         batches = {b: serving_batches(rows, n_dense, b, calls_per_round(b) * (rounds + 1), seed, pooling)
@@ -108,7 +108,7 @@ def _fbgemm_contender(bundle, reference_file: Path, tmp: Path) -> tuple[dict[str
     """fbgemm's int8 TBE path lowered from the reference, when fbgemm_gpu loads and the bundle lacks it."""
     if "fbgemm-int8" in bundle.paths:
         return None, None
-    from rewrite.compiler import compile_model
+    from rewrite.bundling import compile_model
     from rewrite.formats import load
     from targets.base import get_target
 

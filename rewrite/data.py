@@ -21,10 +21,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from rewrite.batch import Batch, batch_from_dense_ids
+from rewrite.core.batch import Batch, batch_from_dense_ids
 from rewrite.data_formats.common import (DENSE_TRANSFORMS, IdMap, check_transform, default_transform,
                                          feature_rows, id_map, transform_dense)
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 __all__ = ["DENSE_TRANSFORMS", "Dataset", "check_matches", "labels_tensor", "open", "transform_dense"]
 

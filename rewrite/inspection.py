@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rewrite.formats import detect
-from rewrite.model import RecModel
+from rewrite.core.model import RecModel
 
 INSPECT_VERSION = 1
 
@@ -47,7 +47,7 @@ def human_bytes(n: float) -> str:
 def describe_bundle(bundle) -> dict[str, Any]:
     """``inspect`` of a bundle: the model it was lowered from, per path what it holds, and
     ``embedding_bytes`` of the default path (what serving the default path keeps in memory)."""
-    from rewrite.formats.native import load
+    from rewrite.core.model_file import load
 
     default = bundle.default_path
     model_file = bundle.reference_file(default)

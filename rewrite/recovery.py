@@ -36,9 +36,9 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from rewrite.data import Dataset, check_matches
-from rewrite.errors import RewriteError
-from rewrite.metrics import auc, logloss
-from rewrite.model import RecModel
+from rewrite.core.errors import RewriteError
+from rewrite.core.metrics import auc, logloss
+from rewrite.core.model import RecModel
 
 MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
 DEFAULT_LR = 5e-3             # Adam; the demo's table DLRM trains at 5e-3 (examples/train_demo.py)

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from rewrite.artifact import Bundle, open_bundle
-from rewrite.errors import RewriteError
-from targets.base import CompiledPath, Runner, get_target, require_available, require_tier, split_bags_np
+from rewrite.core.errors import RewriteError
+from targets.base import CompiledPath, Runner, get_target, require_available, require_tier
+from rewrite.core.batch import split_bags_np
 
 
 def _array(x: Any, name: str) -> np.ndarray:

@@ -9,9 +9,9 @@ import torch
 from tqdm import tqdm
 
 from rewrite.data import Dataset
-from rewrite.embedding import TableBag
-from rewrite.metrics import auc, logloss
-from rewrite.model import ModelSpec, RecModel
+from rewrite.core.embedding import TableBag
+from rewrite.core.metrics import auc, logloss
+from rewrite.core.model import ModelSpec, RecModel
 
 
 def table_dlrm(rows: list[int], n_dense: int = 13, dim: int = 16, bottom: tuple[int, ...] = (64, 16),

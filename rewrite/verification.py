@@ -15,10 +15,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from rewrite.batch import Batch
-from rewrite.model import RecModel
-from rewrite.synthetic import multi_hot_batch
-from targets.base import Runner, split_bags_np
+from rewrite.core.batch import Batch
+from rewrite.core.model import RecModel
+from rewrite.core.synthetic import multi_hot_batch
+from targets.base import Runner
+from rewrite.core.batch import split_bags_np
 
 RAGGED_SIZES = (1, 7, 1024)     # samples per verification batch
 MEAN_BAG = 3.0                  # mean lookups per bag in the ragged batches
@@ -80,7 +81,7 @@ def compare(runner: Runner, checks: list[Check], expected: list[np.ndarray], n_f
               "max_abs_prob_error": worst_p, "max_abs_logit_error": worst_logit,
               "checks": per_check}
     if labels:
-        from rewrite.metrics import auc
+        from rewrite.core.metrics import auc
 
         y = np.concatenate(labels)
         record["auc"] = auc(y, np.concatenate(path_scores))

@@ -23,12 +23,13 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from rewrite.batch import Batch
-from rewrite.errors import RewriteError
-from rewrite.model import RecModel
+from rewrite.core.batch import Batch, split_bags_np
+from rewrite.core.errors import RewriteError
+from rewrite.core.registry import Registry
+from rewrite.core.model import RecModel
 
 Runner = Callable[[np.ndarray, list[np.ndarray]], np.ndarray]
-TARGETS: dict[str, type["Target"]] = {}
+TARGETS: Registry[type["Target"]] = Registry("target", "targets")
 
 # Accepted max |p_path - p_reference| (probabilities) per arithmetic precision of a path, against
 # torch eager fp32 of the same model, on the verification batches (rewrite.verification).
@@ -76,22 +77,17 @@ class Target:
 
 
 def register_target(name: str):
+    """Class decorator: register a ``Target`` subclass under ``name``."""
+
     def wrap(cls):
-        if name in TARGETS:
-            raise ValueError(f"target {name!r} registered twice")
         cls.name = name
-        TARGETS[name] = cls
-        return cls
+        return TARGETS.register(name)(cls)
 
     return wrap
 
 
 def get_target(name: str) -> Target:
-    import targets  # noqa: F401  (registers the targets it lists)
-
-    if name not in TARGETS:
-        raise RewriteError(f"unknown target {name!r} (known: {', '.join(sorted(TARGETS))})")
-    return TARGETS[name]()
+    return TARGETS.get(name)()
 
 
 def require_available(target: Target) -> Target:
@@ -104,7 +100,7 @@ def require_available(target: Target) -> Target:
 def require_tier(target: Target, compiled: CompiledPath) -> None:
     """RewriteError when ``compiled`` holds machine code for an ISA tier above this host's active
     one (an AVX-512 library on an AVX2 host would die of SIGILL at the first call)."""
-    from rewrite import isa
+    from rewrite.core import isa
 
     tier = compiled.options.get("isa_tier")
     if target.native_code and tier and isa.rank(tier) > isa.rank(isa.active_tier()):
@@ -122,18 +118,6 @@ class ExportedBags(torch.nn.Module):
 
     def forward(self, dense: torch.Tensor, *bags: torch.Tensor) -> torch.Tensor:
         return self.model.forward_bags(dense, list(bags))
-
-
-def split_bags_np(indices: np.ndarray, offsets: np.ndarray, n_features: int) -> list[np.ndarray]:
-    """Canonical feature-major bags -> [idx_0, off_0, ...] with each off_f starting at 0 (int64)."""
-    batch = (len(offsets) - 1) // n_features
-    bounds = offsets[::batch]
-    out: list[np.ndarray] = []
-    for f in range(n_features):
-        lo, hi = int(bounds[f]), int(bounds[f + 1])
-        out.append(np.ascontiguousarray(indices[lo:hi], dtype=np.int64))
-        out.append(np.ascontiguousarray(offsets[f * batch:(f + 1) * batch + 1] - lo, dtype=np.int64))
-    return out
 
 
 def bag_input_names(n_features: int) -> list[str]:

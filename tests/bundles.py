@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rewrite.compiler import compile_model
-from rewrite.formats.native import save
+from rewrite.bundling import compile_model
+from rewrite.core.model_file import save
 from tests.representations import composite_model
 
 TARGETS = ["onnx-cpu", "torch"]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewrite import isa
-from rewrite.batch import Batch
+from rewrite.core import isa
+from rewrite.core.batch import Batch
 from rewrite.formats import dlrm
-from rewrite.model import RecModel
-from rewrite.synthetic import Synthetic, SyntheticConfig, multi_hot_batch, write_npz
+from rewrite.core.model import RecModel
+from rewrite.core.synthetic import Synthetic, SyntheticConfig, multi_hot_batch, write_npz
 from rewrite.training import table_dlrm
 
 torch.set_num_threads(1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.export import Dim
 
-from rewrite.model import RecModel
-from rewrite.synthetic import multi_hot_batch
+from rewrite.core.model import RecModel
+from rewrite.core.synthetic import multi_hot_batch
 from targets.base import ExportedBags
 
 
@@ -33,7 +33,7 @@ def zipf_profile(model: RecModel, exponent: float = 1.1, lookups: int = 20_000, 
     """An AccessProfile with Zipf-skewed counts per table (hot rows scattered by a permutation)."""
     import numpy as np
 
-    from rewrite.profiling import AccessProfile, TableProfile
+    from rewrite.core.access_profile import AccessProfile, TableProfile
 
     rng = np.random.default_rng(seed)
     tables = {}

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 import rewrite
-from rewrite.batch import Batch
-from rewrite.model import RecModel
-from rewrite.profiling import AccessProfile, TableProfile
-from rewrite.synthetic import multi_hot_batch
+from rewrite.core.batch import Batch
+from rewrite.core.model import RecModel
+from rewrite.core.access_profile import AccessProfile, TableProfile
+from rewrite.core.synthetic import multi_hot_batch
 from rewrite.training import table_dlrm
-from targets.base import ExportedBags, split_bags_np
+from targets.base import ExportedBags
+from rewrite.core.batch import split_bags_np
 
 
 def small_model(rows: tuple[int, ...] = (1000, 300, 37), dim: int = 16, seed: int = 0) -> RecModel:

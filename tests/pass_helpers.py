@@ -6,13 +6,14 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from rewrite.batch import Batch
-from rewrite.embedding import TableBag
-from rewrite.model import RecModel
-from rewrite.profiling import AccessProfile, TableProfile
-from rewrite.synthetic import multi_hot_batch
+from rewrite.core.batch import Batch
+from rewrite.core.embedding import TableBag
+from rewrite.core.model import RecModel
+from rewrite.core.access_profile import AccessProfile, TableProfile
+from rewrite.core.synthetic import multi_hot_batch
 from rewrite.training import table_dlrm
-from targets.base import ExportedBags, split_bags_np
+from targets.base import ExportedBags
+from rewrite.core.batch import split_bags_np
 
 # One table of tolerances by representation, shared by every test (relative to the largest
 # |value| compared).  Lossy forms with a derived bound (intN, fitted passes) are checked against

@@ -16,11 +16,11 @@ import numpy as np
 
 from passes.mixed_dim import MDBag
 from passes.quotient_remainder import QRBag
-from rewrite.embedding import Representation, TableBag
-from rewrite.model import ModelSpec, RecModel
-from rewrite.passinfra import parse_pass
-from rewrite.pipeline import apply
-from rewrite.profiling import AccessProfile, TableProfile
+from rewrite.core.embedding import Representation, TableBag
+from rewrite.core.model import ModelSpec, RecModel
+from rewrite.core.pass_contract import parse_pass
+from rewrite.pass_manager import apply
+from rewrite.core.access_profile import AccessProfile, TableProfile
 
 DIM = 8
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from rewrite.artifact import FORMAT_VERSION, dispatch_policy, open_bundle, sha256_file
-from rewrite.compiler import compile_model
-from rewrite.errors import RewriteError
-from rewrite.formats.native import load
+from rewrite.bundling import compile_model
+from rewrite.core.errors import RewriteError
+from rewrite.core.model_file import load
 from tests.bundles import LATENCY_SIZES, TARGETS, make_bundle
 from tests.representations import composite_model
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from rewrite.atomic import atomic_path, write_text
-from rewrite.errors import RewriteError
+from rewrite.core.atomic import atomic_path, write_text
+from rewrite.core.errors import RewriteError
 
 
 def test_file_written_whole(tmp_path):

@@ -1,12 +1,12 @@
-"""rewrite.bag_ops: the ops' eager semantics against a Python loop, and when exports emit them."""
+"""rewrite.core.bag_ops: the ops' eager semantics against a Python loop, and when exports emit them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rewrite import bag_ops
-from rewrite.embedding import TableBag
+from rewrite.core import bag_ops
+from rewrite.core.embedding import TableBag
 from tests.tolerances import assert_close
 
 LENGTHS = [2, 0, 3, 1, 0, 0, 4]                  # ragged, empty bags inside and at the end

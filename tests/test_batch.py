@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rewrite.batch import Batch, batch_from_dense_ids, validate
-from rewrite.errors import RewriteError
+from rewrite.core.batch import Batch, batch_from_dense_ids, validate
+from rewrite.core.errors import RewriteError
 
 ROWS = [3, 10]          # two features
 B = 2

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import rewrite
 from rewrite.cli import main
-from rewrite.profiling import AccessProfile
+from rewrite.core.access_profile import AccessProfile
 from tests.reference_dlrm import DLRM_Net, save_like_dlrm
 
 ROOT = Path(__file__).resolve().parents[1]

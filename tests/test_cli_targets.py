@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import targets.base
 from rewrite.bench import calls_per_round
 from rewrite.cli import main
-from rewrite.formats.native import save
+from rewrite.core.model_file import save
 from tests.bundles import make_bundle
 from tests.representations import composite_model
 
@@ -45,13 +45,13 @@ def test_compile_verify_inspect(tmp_path):
 
 def test_default_target_is_onnx_cpu(built):
     assert list(built[2]["paths"]) == ["onnx-cpu", "torch"]   # make_bundle asks for both
-    from rewrite.compiler import DEFAULT_TARGETS
+    from rewrite.bundling import DEFAULT_TARGETS
 
     assert DEFAULT_TARGETS == ("onnx-cpu",)
 
 
 def test_verify_on_data_reports_auc(built, tmp_path):
-    from rewrite.synthetic import write_npz
+    from rewrite.core.synthetic import write_npz
 
     model = composite_model()
     rows = [model.embeddings[t].rows for t in model.feature_tables]
@@ -111,7 +111,7 @@ def test_targets_lists_what_runs_and_why_not():
 
 def test_targets_and_compile_at_a_forced_lower_tier(monkeypatch, tmp_path):
     """REWRITE_ISA=avx2 on any host of that tier or above: what an AVX2-only host sees."""
-    from rewrite import isa
+    from rewrite.core import isa
 
     try:
         isa.check_tier("avx2")

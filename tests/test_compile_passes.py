@@ -14,8 +14,8 @@ import rewrite.runtime
 from rewrite.artifact import MANIFEST, open_bundle
 from rewrite.cli import main
 from rewrite.formats import dlrm
-from rewrite.formats.native import load
-from rewrite.synthetic import multi_hot_batch, write_npz
+from rewrite.core.model_file import load
+from rewrite.core.synthetic import multi_hot_batch, write_npz
 from tests.pass_helpers import small_model
 
 torch.set_num_threads(1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rewrite import data
-from rewrite.errors import RewriteError
-from rewrite.synthetic import write_npz
+from rewrite.core.errors import RewriteError
+from rewrite.core.synthetic import write_npz
 
 
 def arrays(n=50, f=3, seed=0):

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rewrite.embedding import (REPRESENTATIONS, TableBag, bag_ids, pool, register_representation,
+from rewrite.core.embedding import (REPRESENTATIONS, TableBag, bag_ids, pool, register_representation,
                                representation_class, segment_sum)
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from tests.tolerances import assert_close
 
 W = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""``rewrite.isa``: the host's tier from its CPUID flags, the REWRITE_ISA switch, masking."""
+"""``rewrite.core.isa``: the host's tier from its CPUID flags, the REWRITE_ISA switch, masking."""
 
 import os
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from rewrite import isa
-from rewrite.errors import RewriteError
+from rewrite.core import isa
+from rewrite.core.errors import RewriteError
 
 
 def test_host_tier_follows_the_flags(monkeypatch):

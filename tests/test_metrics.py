@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rewrite.metrics import auc, logloss
+from rewrite.core.metrics import auc, logloss
 
 
 def brute_auc(y, s) -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewrite.embedding import TableBag
-from rewrite.model import ModelSpec, RecModel, interaction_pairs, interaction_width, split_bags
+from rewrite.core.embedding import TableBag
+from rewrite.core.model import ModelSpec, RecModel, interaction_pairs, interaction_width, split_bags
 from tests.conftest import N_DENSE, ROWS
 from tests.tolerances import assert_close
 

@@ -10,9 +10,9 @@ import pytest
 
 import rewrite
 from rewrite import data
-from rewrite.errors import RewriteError
-from rewrite.profiling import AccessProfile, TableProfile, profile
-from rewrite.synthetic import Synthetic, SyntheticConfig, write_npz
+from rewrite.core.errors import RewriteError
+from rewrite.core.access_profile import AccessProfile, TableProfile, profile
+from rewrite.core.synthetic import Synthetic, SyntheticConfig, write_npz
 from rewrite.training import table_dlrm
 
 

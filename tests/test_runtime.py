@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import rewrite.runtime as runtime
-from rewrite.errors import RewriteError
-from rewrite.synthetic import multi_hot_batch
+from rewrite.core.errors import RewriteError
+from rewrite.core.synthetic import multi_hot_batch
 from tests.bundles import make_bundle
 from tests.representations import composite_model
 from tests.tolerances import path_tolerance
@@ -122,6 +122,6 @@ print(json.dumps(sorted(sys.modules)))
                                          capture_output=True, text=True).stdout.splitlines()[-1]))
     assert "onnxruntime" in mods
     forbidden = ["onnx", "onnxscript", "onnx_ir", "torch.onnx", "onnxruntime.quantization", "torch._inductor",
-                 "rewrite.compiler", "rewrite.formats", "rewrite.profiling", "rewrite.tracing",
+                 "rewrite.bundling", "rewrite.formats", "rewrite.profiling", "rewrite.core.tracing",
                  "rewrite.data", "rewrite.verification", "rewrite.bench", "passes", "fbgemm_gpu"]
     assert [m for m in forbidden if m in mods] == []

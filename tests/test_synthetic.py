@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rewrite.batch import validate
-from rewrite.metrics import auc
-from rewrite.synthetic import KAGGLE_ROWS, Synthetic, SyntheticConfig, demo_rows, multi_hot_batch
+from rewrite.core.batch import validate
+from rewrite.core.metrics import auc
+from rewrite.core.synthetic import KAGGLE_ROWS, Synthetic, SyntheticConfig, demo_rows, multi_hot_batch
 
 SMALL = SyntheticConfig(rows=(1000, 50, 3), n_pairs=2, seed=5)
 

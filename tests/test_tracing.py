@@ -7,8 +7,8 @@ import torch
 import rewrite
 from passes.mixed_dim import MDBag
 from passes.quotient_remainder import QRBag
-from rewrite.embedding import TableBag
-from rewrite.model import ModelSpec, RecModel
+from rewrite.core.embedding import TableBag
+from rewrite.core.model import ModelSpec, RecModel
 from tests.conftest import ROWS
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rewrite.errors import RewriteError
-from rewrite.units import parse_bytes
+from rewrite.core.errors import RewriteError
+from rewrite.core.units import parse_bytes
 
 
 @pytest.mark.parametrize("text, expected", [("4096", 4096), ("256KiB", 256 * 1024), ("64MB", 64 * 10**6),

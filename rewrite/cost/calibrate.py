@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from rewrite.atomic import write_text
+from rewrite.core.atomic import write_text
 from rewrite.cost import microbench as mb
 from rewrite.cost.estimate import Estimator, TableStats, dense_facts, rep_facts
 from rewrite.cost.hardware import cache_dir
 from rewrite.cost.types import Cost, HardwareSpec
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 CALIBRATION_VERSION = 1
 TARGETS = ("torch", "onnx-cpu")
@@ -67,11 +67,10 @@ def fit_theta(terms: np.ndarray, measured: np.ndarray) -> Fit:
 
 def _configs():
     """(name, representation) pairs; tables filled with ones (values do not change timing)."""
-    import passes  # noqa: F401  (registers the representations)
     from passes.mixed_dim import MDBag
     from passes.onehot import OneHotBag
     from passes.quotient_remainder import QRBag
-    from rewrite.embedding import TableBag
+    from rewrite.core.embedding import TableBag
 
     def filled(rep):
         with torch.no_grad():
@@ -139,8 +138,8 @@ def target_available(target: str) -> bool:
 @torch.no_grad()
 def measure(hw: HardwareSpec, target: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Terms and measured seconds for every configuration x batch on ``target``."""
-    from rewrite.model import ModelSpec, RecModel
-    from rewrite.embedding import TableBag
+    from rewrite.core.model import ModelSpec, RecModel
+    from rewrite.core.embedding import TableBag
 
     say = (lambda m: print(f"[calibrate {target}] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     est, stats = Estimator(hw), TableStats()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from rewrite.inspection import human_bytes
 
 
@@ -49,7 +49,7 @@ def human_hardware(d: dict[str, Any]) -> str:
 
 def _constraints(memory_budget, max_auc_drop, latency_target, batch):
     from rewrite.cost.solve import Constraints
-    from rewrite.units import parse_bytes, parse_seconds
+    from rewrite.core.units import parse_bytes, parse_seconds
 
     if batch < 1:
         raise RewriteError(f"--batch must be >= 1, got {batch}")
@@ -94,7 +94,8 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     from rewrite.cost.plan import save_plan
     from rewrite.cost.planner import build_problem, make_plan
     from rewrite.cost.select import explain as explain_plan
-    from rewrite.profiling import AccessProfile, profile
+    from rewrite.core.access_profile import AccessProfile
+    from rewrite.profiling import profile
 
     constraints = _constraints(memory_budget, max_auc_drop, latency_target, batch)
     if samples < 1:

@@ -33,8 +33,8 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from rewrite.cost.types import Cost, HardwareSpec, RepFacts, Source
-from rewrite.embedding import Representation
-from rewrite.model import RecModel
+from rewrite.core.embedding import Representation
+from rewrite.core.model import RecModel
 
 PROBE_LOOKUPS, PROBE_BAGS = 97, 13      # probe shapes: distinct primes, so a dim tells n from B
 SCATTER_TARGETS = {"scatter_add", "scatter_add_", torch.scatter_add, "index_add", "index_add_",
@@ -153,8 +153,8 @@ class DenseFacts:
 
 def dense_facts(model: RecModel) -> DenseFacts:
     """Shape-propagate the captured model on a probe batch; everything but the tables."""
-    from rewrite.synthetic import multi_hot_batch
-    from rewrite.tracing import capture
+    from rewrite.core.synthetic import multi_hot_batch
+    from rewrite.core.tracing import capture
 
     gm, _ = capture(model)
     b0 = PROBE_BAGS

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from rewrite.atomic import write_text
+from rewrite.core.atomic import write_text
 from rewrite.cost import microbench as mb
 from rewrite.cost.types import HardwareSpec, MemoryTier
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 GB, GiB, MiB, KiB = 1e9, 1 << 30, 1 << 20, 1 << 10
 CACHE_ENV = "DLRM_REWRITE_CACHE"          # overrides ~/.cache/dlrm-rewrite (tests use a tmp dir)

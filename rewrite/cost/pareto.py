@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rewrite.atomic import atomic_path
+from rewrite.core.atomic import atomic_path
 from rewrite.cost.solve import Constraints, Infeasible, Problem, solve
 from rewrite.cost.types import Variant
 

@@ -25,10 +25,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rewrite.atomic import write_text
-from rewrite.errors import RewriteError
-from rewrite.model import RecModel
-from rewrite.passinfra import ConfiguredPass, parse_pass
+from rewrite.core.atomic import write_text
+from rewrite.core.errors import RewriteError
+from rewrite.core.model import RecModel
+from rewrite.core.pass_contract import ConfiguredPass, parse_pass
 
 PLAN_SCHEMA = "plan/1"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from rewrite.batch import Batch
+from rewrite.core.batch import Batch
 from rewrite.cost.dispatch import LADDER, dispatch_policy
 from rewrite.cost.estimate import Estimator, dense_facts
 from rewrite.cost.plan import PLAN_SCHEMA
@@ -19,10 +19,10 @@ from rewrite.cost.select import Selected, select
 from rewrite.cost.solve import Constraints, Problem
 from rewrite.cost.types import Variant
 from rewrite.cost.variants import Enumeration, enumerate_variants, restrict, table_stats
-from rewrite.errors import RewriteError
-from rewrite.metrics import auc
-from rewrite.model import RecModel
-from rewrite.profiling import AccessProfile
+from rewrite.core.errors import RewriteError
+from rewrite.core.metrics import auc
+from rewrite.core.model import RecModel
+from rewrite.core.access_profile import AccessProfile
 
 
 def make_measure(model: RecModel, enum: Enumeration, sample: list[Batch]):

@@ -21,7 +21,7 @@ from typing import Callable
 
 from rewrite.cost.solve import Constraints, Infeasible, Problem, Solution, solve
 from rewrite.cost.types import Variant
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from rewrite.inspection import human_bytes
 
 MAX_REVISIONS = 5

@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 Source = Literal["spec", "measured", "counted", "calibrated", "estimated", "unmeasured"]
 DTYPES = ("fp32", "bf16", "fp16", "int8")

@@ -1,6 +1,6 @@
 """Enumerate variants per table and measure their quality.
 
-Before: a model, the passes registered at run time (``rewrite.passinfra.PASSES``), a grid of
+Before: a model, the passes registered at run time (``rewrite.core.pass_contract.PASSES``), a grid of
 settings per pass (``GRID``, a plain data table), sample batches (labelled or not).
 After: per table a list of ``Variant``s: "keep" plus every (pass setting, placeable tier) the pass
 accepted and verified, each with its exact bytes, its cost facts (``estimate.rep_facts``), its
@@ -24,16 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rewrite.batch import Batch
+from rewrite.core.batch import Batch
 from rewrite.cost.estimate import TableStats, coverage_curve, rep_facts
 from rewrite.cost.types import HardwareSpec, Variant
-from rewrite.embedding import Representation
-from rewrite.errors import RewriteError
-from rewrite.metrics import auc
-from rewrite.model import RecModel
-from rewrite.passinfra import ConfiguredPass, parse_pass
-from rewrite.pipeline import apply
-from rewrite.profiling import AccessProfile
+from rewrite.core.embedding import Representation
+from rewrite.core.errors import RewriteError
+from rewrite.core.metrics import auc
+from rewrite.core.model import RecModel
+from rewrite.core.pass_contract import ConfiguredPass, parse_pass
+from rewrite.pass_manager import apply
+from rewrite.core.access_profile import AccessProfile
 
 # Settings tried per pass: the text after "NAME:" in ``-p NAME:...`` ("" = the pass's defaults).
 # A registered pass missing here is tried with its defaults; an entry whose options the pass does
@@ -68,7 +68,6 @@ class Enumeration:
 def grid_passes(grid: dict[str, tuple[str, ...]] | None = None) -> tuple[list[ConfiguredPass], list[dict]]:
     """Every pass of the grid x its settings, parsed; entries that do not parse (or name a pass
     that is not registered) are reported, not fatal."""
-    import passes  # noqa: F401  (registers every pass)
 
     grid = GRID if grid is None else grid
     out, skipped = [], []

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 DENSE_TRANSFORMS = ("log1p", "log3", "none")
 HASH_MODES = ("mod", "torchrec", "none")

@@ -23,9 +23,9 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from rewrite.batch import Batch, batch_from_dense_ids
+from rewrite.core.batch import Batch, batch_from_dense_ids
 from rewrite.data_formats.common import IdMap, transform_dense
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 N_INT, N_CAT = 13, 26
 MAX_HEX_DIGITS = 16  # uint64

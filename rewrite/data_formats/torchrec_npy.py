@@ -17,7 +17,7 @@ import numpy as np
 
 from rewrite.data import Dataset
 from rewrite.data_formats.common import IdMap
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 PARTS = ("dense", "sparse", "labels")
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rewrite.errors import RewriteError
-from rewrite.formats import dcp, dlrm, native, torchrec
+from rewrite.core.errors import RewriteError
+from rewrite.core import model_file as native
+from rewrite.formats import dcp, dlrm, torchrec
 from rewrite.formats.safe_pickle import load_pickled
-from rewrite.model import RecModel
+from rewrite.core.model import RecModel
 
 DLRM_OPTIONS = ("interaction", "qr_op", "qr_rows")
 TORCHREC_OPTIONS = ("features", "pooling", "table_order")

@@ -24,7 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as md
 
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 METADATA_FILE = ".metadata"
 _DCP = "torch.distributed.checkpoint"

@@ -25,9 +25,9 @@ import torch
 
 from passes.mixed_dim import MDBag
 from passes.quotient_remainder import QRBag
-from rewrite.embedding import Representation, TableBag
-from rewrite.errors import RewriteError
-from rewrite.model import ModelSpec, RecModel, interaction_pairs
+from rewrite.core.embedding import Representation, TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.model import ModelSpec, RecModel, interaction_pairs
 
 METADATA_KEYS = ("nepochs", "nbatches", "nbatches_test", "test_acc", "test_auc", "epoch", "iter",
                  "train_loss", "total_loss")
@@ -192,7 +192,7 @@ def read(obj: Any, path: Path, interaction: str | None = None, qr_op: str | None
 def write(model: RecModel, path: Path | str, metadata: dict[str, Any] | None = None) -> None:
     """Save a plain-table model the way ``dlrm_s_pytorch.py --save-model`` does (atomically):
     ``{"state_dict": ..., <metadata as numpy scalars>}``, keys emb_l/bot_l/top_l."""
-    from rewrite.atomic import atomic_path
+    from rewrite.core.atomic import atomic_path
 
     state: dict[str, torch.Tensor] = {}
     for i, (name, rep) in enumerate(model.embeddings.items()):

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from rewrite.formats import sharded
 
 

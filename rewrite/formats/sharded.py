@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 
 _ST = "torch.distributed._shard.sharded_tensor"
 WAY_OUT = ("save the model with torch.distributed.checkpoint (dcp.save(model.state_dict(), "

@@ -30,9 +30,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.model import ModelSpec, RecModel, interaction_pairs
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.model import ModelSpec, RecModel, interaction_pairs
 
 TABLES = "sparse_arch.embedding_bag_collection.embedding_bags."
 DENSE = "dense_arch.model._mlp."

@@ -2,7 +2,7 @@ import torch
 
 from benchmarks.kaggle_model import TABLE_STD, kaggle_model
 from benchmarks.performance import fp16_tables, table, time_stages
-from targets.torch_fast import FastDLRM, FastInt8DLRM
+from targets.native.engine import FastDLRM, FastInt8DLRM
 
 torch.set_num_threads(1)
 ROWS = (50, 7, 300) + (20,) * 23          # 26 features, small tables

@@ -12,9 +12,9 @@ import torch
 
 from rewrite import data
 from rewrite.cost.types import HardwareSpec, MemoryTier
-from rewrite.embedding import TableBag
-from rewrite.passinfra import PASSES, PassInfo, Rewrite, Selection, Skip
-from rewrite.synthetic import Synthetic, SyntheticConfig, write_npz
+from rewrite.core.embedding import TableBag
+from rewrite.core.pass_contract import PASSES, PassInfo, Rewrite, Selection, Skip
+from rewrite.core.synthetic import Synthetic, SyntheticConfig, write_npz
 from rewrite.training import table_dlrm, train
 
 ROWS = (3000, 800, 40, 6)

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 import rewrite.runtime
 from rewrite.artifact import open_bundle
 from rewrite.cli import main
-from rewrite.formats.native import load
-from rewrite.synthetic import multi_hot_batch
+from rewrite.core.model_file import load
+from rewrite.core.synthetic import multi_hot_batch
 from rewrite.verification import table_rows
 
 BUDGET = 70_000          # bytes, tables + MLPs (the plan's --memory-budget 70KB)

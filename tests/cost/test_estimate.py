@@ -7,8 +7,8 @@ from torch import nn
 
 from rewrite.cost.estimate import Estimator, TableStats, coverage_curve, dense_facts, rep_facts
 from rewrite.cost.types import MemoryTier
-from rewrite.embedding import Representation, TableBag
-from rewrite.model import ModelSpec, RecModel
+from rewrite.core.embedding import Representation, TableBag
+from rewrite.core.model import ModelSpec, RecModel
 from tests.cost.conftest import synthetic_hw
 
 

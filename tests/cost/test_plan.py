@@ -10,9 +10,9 @@ from rewrite.cost.estimate import Estimator
 from rewrite.cost.plan import check_plan_matches, load_plan, plan_paths, plan_to_passes, save_plan
 from rewrite.cost.planner import build_problem, make_plan
 from rewrite.cost.solve import Constraints
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from rewrite.formats import native
-from rewrite.pipeline import apply
+from rewrite.pass_manager import apply
 from tests.cost.conftest import sample_of, synthetic_hw
 
 

@@ -5,7 +5,7 @@ import pytest
 from rewrite.cost.estimate import Estimator
 from rewrite.cost.planner import build_problem, make_plan
 from rewrite.cost.solve import Constraints
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from tests.cost.conftest import sample_of, synthetic_hw
 
 

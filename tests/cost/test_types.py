@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rewrite.cost.types import Cost, Footprint, HardwareSpec, MemoryTier
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from tests.cost.conftest import synthetic_hw
 
 

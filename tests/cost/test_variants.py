@@ -6,12 +6,12 @@ import torch
 from scipy.stats import mannwhitneyu
 
 from rewrite.cost.variants import enumerate_variants, grid_passes, restrict, table_stats
-from rewrite.pipeline import table_bags
+from rewrite.pass_manager import table_bags
 from tests.cost.conftest import sample_of, synthetic_hw
 
 
 def reference_auc(y, scores):
-    """AUC as the Mann-Whitney U statistic (scipy), independent of rewrite.metrics."""
+    """AUC as the Mann-Whitney U statistic (scipy), independent of rewrite.core.metrics."""
     pos, neg = scores[y == 1], scores[y == 0]
     return mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg))
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import rewrite
 from rewrite.cli import main
-from rewrite.synthetic import multi_hot_batch
+from rewrite.core.synthetic import multi_hot_batch
 from tests.formats.test_torchrec import assert_same, rows_of
 from tests.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
 

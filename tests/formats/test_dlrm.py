@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rewrite
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from tests.conftest import N_DENSE, ROWS
 from tests.reference_dlrm import (DLRM_Net, dlrm_inputs, save_bare_state_dict, save_data_parallel,
                                   save_like_dlrm)

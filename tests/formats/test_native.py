@@ -16,10 +16,10 @@ import torch
 import rewrite
 from passes.mixed_dim import MDBag
 from passes.quotient_remainder import QRBag
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
 from rewrite.formats import native
-from rewrite.model import SPEC_VERSION
+from rewrite.core.model import SPEC_VERSION
 
 
 def _filled(rep, seed: int):

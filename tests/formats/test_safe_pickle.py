@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rewrite
-from rewrite.errors import RewriteError
+from rewrite.core.errors import RewriteError
 from rewrite.formats.safe_pickle import load_pickled
 from tests.reference_dlrm import DLRM_Net, save_like_dlrm
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 import rewrite
 from rewrite.cli import main
-from rewrite.model import interaction_pairs
-from rewrite.synthetic import multi_hot_batch
+from rewrite.core.model import interaction_pairs
+from rewrite.core.synthetic import multi_hot_batch
 from tests.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
 
 torch.set_num_threads(1)

@@ -14,11 +14,11 @@ import rewrite
 from passes.dhe import DHEBag, DeepHashDecoder, decoder_bytes, fit_decoder, fold_batchnorm, mish, plan_decoder
 from passes.universal_hash import reference_hash
 from passes.rowfit import table_rows, weighted_rel_error
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.pipeline import table_bags
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.pass_manager import table_bags
 from rewrite.training import table_dlrm
-from rewrite.tracing import capture
+from rewrite.core.tracing import capture
 from tests.hashed_helpers import export_bags, pooled_reference, ragged_batches, roundtrip, zipf_profile
 
 torch.set_num_threads(1)

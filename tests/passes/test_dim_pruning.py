@@ -7,10 +7,10 @@ import torch
 import passes
 import rewrite
 from passes.dim_pruning import PrunedDimBag, allocate, remap_layout
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.passinfra import parse_pass
-from rewrite.tracing import capture
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import parse_pass
+from rewrite.core.tracing import capture
 from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags,
                            small_model, table_bags)
 

@@ -10,10 +10,10 @@ import torch
 import passes
 import rewrite
 from passes.hashing import MERSENNE_31, HashBag, fit_hash
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.passinfra import parse_pass
-from rewrite.pipeline import apply
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import parse_pass
+from rewrite.pass_manager import apply
 from tests.pass_helpers import assert_close, assert_exports, batches, profile_of, small_model
 
 torch.set_num_threads(1)

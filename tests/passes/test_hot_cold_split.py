@@ -6,11 +6,11 @@ import passes
 import rewrite
 from passes.hot_cold_split import HotColdBag, _cold_sample
 from passes.tensor_train import TTBag
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.passinfra import parse_pass
-from rewrite.profiling import AccessProfile, TableProfile
-from rewrite.tracing import capture
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import parse_pass
+from rewrite.core.access_profile import AccessProfile, TableProfile
+from rewrite.core.tracing import capture
 from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags, table_bags)
 
 def hot_ids(rep: HotColdBag) -> np.ndarray:

@@ -11,11 +11,11 @@ import rewrite
 from passes.dhe import decoder_bytes
 from passes.universal_hash import reference_hash
 from passes.hybrid import HybridBag, HybridConfig, fit_slot_table, plan_hybrid
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.pipeline import table_bags
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.pass_manager import table_bags
 from rewrite.training import table_dlrm
-from rewrite.tracing import capture
+from rewrite.core.tracing import capture
 from tests.hashed_helpers import export_bags, pooled_reference, ragged_batches, roundtrip, zipf_profile
 from tests.passes.test_dhe import reference_rows as dhe_reference
 

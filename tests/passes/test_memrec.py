@@ -10,11 +10,11 @@ import passes
 import rewrite
 from passes.universal_hash import reference_hash
 from passes.memrec import MemRecBag, MemRecConfig, init_memrec, memrec_bytes, plan_memrec
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.pipeline import table_bags
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.pass_manager import table_bags
 from rewrite.training import table_dlrm
-from rewrite.tracing import capture
+from rewrite.core.tracing import capture
 from tests.hashed_helpers import export_bags, pooled_reference, ragged_batches, roundtrip, zipf_profile
 
 torch.set_num_threads(1)

@@ -9,10 +9,10 @@ import torch
 import passes
 import rewrite
 from passes.quantized import RowwiseQuantizedBag, quantize_rows
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.passinfra import parse_pass
-from rewrite.pipeline import apply, table_bags
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import parse_pass
+from rewrite.pass_manager import apply, table_bags
 from tests.pass_helpers import assert_close, assert_exports, batches, small_model
 
 torch.set_num_threads(1)

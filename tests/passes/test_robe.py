@@ -9,11 +9,11 @@ import passes
 import rewrite
 from passes.universal_hash import reference_hash
 from passes.robe import RobeBag, fit_robe
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.pipeline import table_bags
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.pass_manager import table_bags
 from rewrite.training import table_dlrm
-from rewrite.tracing import capture
+from rewrite.core.tracing import capture
 from tests.hashed_helpers import export_bags, pooled_reference, ragged_batches, roundtrip, zipf_profile
 
 torch.set_num_threads(1)
@@ -157,7 +157,7 @@ def test_roundtrip_lint_and_export(rewritten, tmp_path):
     capture(rw)[0].graph.lint()
     ep = export_bags(rw, b)
     b2 = ragged_batches(rw, n=1, batch=17, seed=9)[0]
-    from targets.base import split_bags_np
+    from rewrite.core.batch import split_bags_np
 
     bags = [torch.from_numpy(a) for a in split_bags_np(b2.indices.numpy(), b2.offsets.numpy(), len(ROWS))]
     torch.testing.assert_close(ep.module()(b2.dense, *bags), rw(*b2.inputs()))

@@ -8,10 +8,10 @@ import passes
 import rewrite
 from passes import tt_fit
 from passes.tensor_train import TTBag, rowwise_int8
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
-from rewrite.passinfra import parse_pass
-from rewrite.tracing import capture
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import parse_pass
+from rewrite.core.tracing import capture
 from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags, table_bags)
 
 def dense_table(rep: TTBag) -> torch.Tensor:

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 import rewrite
 from rewrite.cli import main
 from rewrite.formats import dlrm
-from rewrite.passinfra import PASSES
-from rewrite.synthetic import write_npz
+from rewrite.core.pass_contract import PASSES
+from rewrite.core.synthetic import write_npz
 from tests.pass_helpers import small_model
 
 torch.set_num_threads(1)

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 import passes
 import rewrite
 from rewrite import data
-from rewrite.embedding import TableBag
-from rewrite.errors import RewriteError
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
 from rewrite.recovery import add_recovery_options, changed_tables, recover, run_recovery_from_cli
-from rewrite.synthetic import Synthetic, SyntheticConfig, write_npz
+from rewrite.core.synthetic import Synthetic, SyntheticConfig, write_npz
 from rewrite.training import evaluate, table_dlrm, train
 
 torch.set_num_threads(1)

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewrite.model import RecModel
-from rewrite.synthetic import multi_hot_batch
-from targets.base import Target, split_bags_np
+from rewrite.core.model import RecModel
+from rewrite.core.synthetic import multi_hot_batch
+from targets.base import Target
+from rewrite.core.batch import split_bags_np
 from tests.tolerances import path_tolerance
 
 BATCHES = ((1, 3.0, 0.2), (2, 3.0, 0.0), (1024, 3.0, 0.2), (1536, 1.0, 0.05), (6, 0.0, 1.0))

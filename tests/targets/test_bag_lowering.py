@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from passes.quotient_remainder import QRBag
-from rewrite.batch import Batch
-from rewrite.embedding import TableBag
-from rewrite.model import ModelSpec, RecModel
-from rewrite.timing import serving_batches
-from targets import tvm_relax
-from targets.base import get_target, split_bags_np
+from rewrite.core.batch import Batch
+from rewrite.core.embedding import TableBag
+from rewrite.core.model import ModelSpec, RecModel
+from rewrite.core.timing import serving_batches
+from targets.tvm import relax as tvm_relax
+from targets.base import get_target
+from rewrite.core.batch import split_bags_np
 from tests.targets.checks import assert_matches_eager, lower_and_load
-from tests.targets.test_onnx_cpu import all_ops
+from tests.targets.onnx.test_cpu import all_ops
 from tests.tolerances import path_tolerance
 
 ROWS = (40, 300, 7, 1000, 64)

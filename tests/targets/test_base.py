@@ -2,14 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from rewrite.errors import RewriteError
-from rewrite.synthetic import multi_hot_batch
-from targets.base import TARGETS, export_program, get_target, register_target, split_bags_np
+from rewrite.core.errors import RewriteError
+from rewrite.core.synthetic import multi_hot_batch
+from targets.base import TARGETS, export_program, get_target, register_target
+from rewrite.core.batch import split_bags_np
 from tests.representations import composite_model
 
 
 def test_split_bags_np_matches_the_models_split():
-    from rewrite.model import split_bags
+    from rewrite.core.model import split_bags
 
     b = multi_hot_batch([10, 20, 30], 5, 2, 2.0, 0, empty_fraction=0.3)
     got = split_bags_np(b.indices.numpy(), b.offsets.numpy(), 3)
@@ -44,7 +45,7 @@ def test_exported_program_serves_batch_one_and_empty_features():
 
 
 def test_native_code_compiled_for_a_higher_tier_is_refused_by_name(monkeypatch):
-    from rewrite import isa
+    from rewrite.core import isa
     from targets.base import CompiledPath, require_tier
 
     tvm, eager = get_target("tvm-llvm"), get_target("torch")

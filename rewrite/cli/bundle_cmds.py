@@ -1,0 +1,201 @@
+"""`rewrite compile`, `verify`, `bench` and `targets`: bundles on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rewrite.cli.group import emit, json_option, load_model, load_options, main
+from rewrite.core.errors import RewriteError
+
+
+@main.command("compile")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
+@click.option("--target", "target_names", multiple=True, metavar="NAME",
+              help="a target to lower to (repeatable; default onnx-cpu; see `rewrite targets`)")
+@click.option("-p", "--pass", "pass_specs", multiple=True, metavar="NAME[:key=value]...",
+              help="apply this pass first, as `rewrite apply` does (repeat)")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path),
+              help="a `rewrite plan -o` file: one rewritten model per plan path, dispatched per batch size")
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="with -p/--plan: verification batches (and the access profile when no --profile)")
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path),
+              help="with -p/--plan: a saved `rewrite profile -o` file")
+@click.option("--samples", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="verification samples drawn from --data")
+@click.option("--dense-transform", default="log1p", show_default=True, type=click.Choice(["log1p", "none"]))
+@click.option("--allow-degraded", is_flag=True, help="compile even if a rewritten table exceeds its tolerance")
+@click.option("--force", is_flag=True, help="replace an existing bundle")
+@click.option("--tune", "tune_trials", type=click.IntRange(min=1), metavar="N",
+              help="meta-schedule N trials per tuned batch size (tvm-llvm; off by default)")
+@load_options
+@json_option
+def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, profile_path, samples,
+                dense_transform, allow_degraded, force, tune_trials, interaction, qr_op, as_json) -> None:
+    """Lower a checkpoint (after -p passes or a --plan) to a verified bundle with a dispatch policy."""
+    from rewrite.bundling import check_output, compile_model, resolve_targets, tune_options
+    from rewrite.core.errors import VerificationError
+
+    if pass_specs and plan_path:
+        raise RewriteError("-p and --plan: give one or the other (a plan already names its passes)")
+    if (data_path or profile_path or allow_degraded) and not (pass_specs or plan_path):
+        raise RewriteError("--data, --profile and --allow-degraded need -p or --plan")
+    targets = resolve_targets(list(target_names) or ["onnx-cpu"])   # unknown / unavailable: fail first
+    options = tune_options(targets, tune_trials) if tune_trials else None
+    if options and plan_path:
+        raise RewriteError("--tune with --plan is not supported yet: compile the plan, then tune a -p bundle")
+    check_output(output, force)
+    names = list(target_names) or None
+    if not (pass_specs or plan_path):
+        model = load_model(path, interaction, qr_op)
+        manifest = compile_model(model, output, names, source=path, force=force, target_options=options)
+        return _emit_compiled(output, manifest, as_json)
+    from rewrite.rewriting import load_inputs, rewrite_checked, summary
+    from rewrite.plan_bundle import compile_plan, rewrite_summary, warnings
+    from rewrite.core.pass_contract import parse_pass
+
+    if plan_path:
+        from rewrite.cost.plan import check_plan_matches, load_plan, plan_paths
+
+        plan = load_plan(plan_path)
+        plan_paths(plan)                                     # every pass spec parses: exit 2 first
+        model = load_model(path, interaction, qr_op)
+        check_plan_matches(plan, model, str(plan_path))
+        inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
+        manifest = compile_plan(model, plan, plan_path, output, inputs, names, source=path, force=force,
+                                allow_degraded=allow_degraded)
+        for line in warnings(manifest):
+            click.echo(f"warning: {line}", err=True)
+        return _emit_compiled(output, manifest, as_json)
+    configured = [parse_pass(s) for s in pass_specs]
+    model = load_model(path, interaction, qr_op)
+    inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
+    rewritten, report = rewrite_checked(model, path, configured, inputs, allow_degraded)
+    if "failure" in report:
+        emit({**report, "output": str(output), "written": False}, as_json, summary)
+        raise VerificationError(f"{report['failure']}; no bundle written")
+    manifest = compile_model(rewritten, output, names, source=path, force=force, original=model,
+                             extra={"passes": report["passes"], "rewrite": rewrite_summary(report)},
+                             target_options=options)
+    _emit_compiled(output, manifest, as_json)
+
+
+def _emit_compiled(output: Path, manifest: dict, as_json: bool) -> None:
+    emit({"bundle": str(output), "paths": {n: {"latency_ms": p.get("latency_ms"),
+                                               "verification": p["verification"]}
+                                           for n, p in manifest["paths"].items()},
+          "dispatch": manifest["dispatch"]}, as_json, _human_paths)
+
+
+def _human_paths(d) -> str:
+    lines = [f"{d['bundle']}:"]
+    for name, p in d["paths"].items():
+        v = p["verification"]
+        status = "ok" if v["passed"] else "FAILED"
+        lat = ", ".join(f"B={b} {ms:.3f} ms" for b, ms in (p.get("latency_ms") or {}).items())
+        err = v["failure"] if "failure" in v else f"max |dp| {v['max_abs_prob_error']:.2e} (tol {v['tolerance']:g})"
+        auc = f", AUC {v['auc']:.5f} vs {v['reference_auc']:.5f}" if "auc" in v else ""
+        lines.append(f"  {name:<16} {status:<7} {err}{auc}  {lat}")
+    if "dispatch" in d:
+        lines.append("  dispatch: " + ", ".join(f"{r['min_batch']}..{r['max_batch'] or ''} -> {r['path']}"
+                                                for r in d["dispatch"]["ranges"]))
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path), help="dlrm .npz to compare on as well")
+@click.option("--limit", default=16384, show_default=True, type=int, help="samples of --data used")
+@json_option
+def verify(bundle, data_path, limit, as_json) -> None:
+    """Check every path of a bundle against torch eager of the model it was lowered from."""
+    from rewrite import data
+    from rewrite.artifact import open_bundle
+    from rewrite.core.errors import VerificationError
+    from rewrite.core.model_file import load
+    from rewrite.runtime import Predictor
+    from rewrite.verification import compare, data_checks, reference_logits, synthetic_checks
+    from targets.base import TOLERANCE
+
+    b = open_bundle(bundle)
+    pred = Predictor(b, threads=1)
+    extra = []
+    if data_path:
+        ds = data.open(data_path)
+        data.check_matches(ds, b.n_dense, b.n_features)
+        extra = data_checks(ds, limit=limit)
+    results, references = {}, {}
+    for name, entry in b.paths.items():
+        if not entry["verification"]["passed"]:
+            results[name] = entry["verification"]
+            continue
+        ref_file = b.reference_file(name)
+        if ref_file not in references:
+            model = load(ref_file)
+            checks = synthetic_checks(model, seed=1000) + extra
+            references[ref_file] = checks, reference_logits(model, checks)
+        checks, expected = references[ref_file]
+        results[name] = compare(pred.runner(name), checks, expected, b.n_features, TOLERANCE[entry["precision"]])
+    failed = [n for n, v in results.items() if not v["passed"]]
+    emit({"bundle": str(bundle), "paths": {n: {"verification": v} for n, v in results.items()}},
+         as_json, _human_paths)
+    if failed:
+        raise VerificationError(f"{bundle}: {len(failed)} path(s) failed: {', '.join(failed)}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--batch-sizes", default="1,64,512,2048", show_default=True, help="comma-separated")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="baseline checkpoint (default: the bundle's reference model)")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="intra-op threads")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1), help="alternating rounds")
+@click.option("--lookups-per-bag", "pooling", default=1, show_default=True, type=click.IntRange(1))
+@json_option
+def bench(bundle, batch_sizes, reference, threads, rounds, pooling, as_json) -> None:
+    """Throughput and p50/p99 latency of every path vs torch eager fp32, in one run."""
+    from rewrite.bench import run_bench
+
+    try:
+        sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise RewriteError(f"--batch-sizes: expected comma-separated integers, got {batch_sizes!r}") from None
+    result = run_bench(bundle, sizes, reference, threads, rounds, pooling)
+
+    def human(d):
+        host = d["host"]
+        lines = [f"{d['bundle']}: {d['threads']} thread(s), {d['rounds']} rounds, baseline {d['baseline']}",
+                 f"  host: {host['cpu']} ({host['arch']}), ISA tier {host['tier']} (host's highest: {host['host_tier']})",
+                 f"  {'path':<18}{'batch':>6}{'samples/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs eager':>9}"]
+        for r in d["results"]:
+            lines.append(f"  {r['path']:<18}{r['batch']:>6}{r['samples_per_s']:>12,.0f}{r['p50_ms']:>9.3f}"
+                         f"{r['p99_ms']:>9.3f}{r['speedup']:>8.2f}x")
+        lines += [f"  {name}: absent ({why})" for name, why in d["absent"].items()]
+        return "\n".join(lines)
+
+    emit(result, as_json, human)
+
+
+
+
+@main.command("targets")
+@json_option
+def targets_cmd(as_json) -> None:
+    """Which targets run on this machine, and why the others do not."""
+    from rewrite.core import isa
+    from targets.base import TARGETS, get_target
+
+    get_target("torch")
+    result = {"host": isa.describe(), "targets": [{"name": n, "devices": list(c.devices), "precision": c.precision,
+                           "summary": c.summary, "available": c().unavailable() is None,
+                           "why_not": c().unavailable()} for n, c in sorted(TARGETS.items())]}
+
+    def human(d):
+        host = d["host"]
+        head = f"host: {host['cpu']} ({host['arch']}), ISA tier {host['tier']} (highest here: {host['host_tier']})"
+        return "\n".join([head] + [f"  {t['name']:<17}{'yes' if t['available'] else 'no':<5}"
+                                    f"{t['summary'] if t['available'] else t['why_not']}" for t in d["targets"]])
+
+    emit(result, as_json, human)

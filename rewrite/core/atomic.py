@@ -1,0 +1,48 @@
+"""Atomic outputs: write into a temporary sibling, then ``os.replace`` it into place.
+
+An interrupted run leaves at most a ``.tmp-*`` sibling, never a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from rewrite.core.errors import RewriteError
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success move it onto ``target``."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:   # a parent that is a file, no permission, read-only file system
+        raise RewriteError(f"{target}: cannot write here ({e.strerror}: {e.filename})") from None
+    try:
+        yield tmp
+        if directory:
+            if target.exists():
+                shutil.rmtree(target)
+        else:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def write_text(target: Path | str, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,180 @@
+"""The representation contract and the plain table.
+
+A *representation* replaces one embedding table.  It is an ``nn.Module`` with
+``forward(indices [n], offsets [B+1]) -> [B, dim]`` over its own bags (offsets start at 0 and end
+at n; empty bags pool to zeros), built only from export-friendly ops (gather, matmul, elementwise,
+and :func:`segment_sum`), so every target lowers it without a ``Loop``.  It reports its exact
+size (``num_bytes``), the bytes it moves and the FLOPs it spends per looked-up id (the cost
+model's inputs), and serialises as JSON ``params()`` plus its ``state_dict`` tensors:
+``cls.from_params(**params)`` builds an empty module of the right shapes and ``load_state_dict``
+fills it, which is how the native format round-trips bit-exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rewrite.core import bag_ops
+from rewrite.core.registry import Registry
+
+REPRESENTATIONS: Registry[type["Representation"]] = Registry("representation", "passes")
+
+
+def register_representation(kind: str):
+    """Class decorator: make ``kind`` loadable from a spec (one name per representation)."""
+
+    def wrap(cls):
+        cls.kind = kind
+        return REPRESENTATIONS.register(kind)(cls)
+
+    return wrap
+
+
+def representation_class(kind: str) -> type["Representation"]:
+    return REPRESENTATIONS.get(kind)
+
+
+def bag_ids(offsets: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bag number of each of the n lookups (``like`` has shape [n]), from offsets [B+1].
+
+    seg[p] = #{b in 1..B-1 : offsets[b] <= p}: scatter a 1 at each interior offset into a zero
+    vector of length n+1 (the extra slot absorbs trailing empty bags), then cumsum.  Built from
+    zeros_like + a static pad so no shape arithmetic reaches the exported graph.
+    """
+    marks = nn.functional.pad(torch.zeros_like(like, dtype=torch.int64), (0, 1))
+    inner = offsets[1:-1]
+    marks = marks.scatter_add(0, inner, torch.ones_like(inner))
+    return torch.cumsum(marks, 0)[:-1]
+
+
+def segment_sum(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Sum rows of values [n, D] per bag: out[b] = sum(values[offsets[b]:offsets[b+1]])  -> [B, D].
+
+    Under ``bag_ops.lowering()`` an export records one ``dlrm_rewrite::segment_sum`` node, which
+    the ONNX / TVM lowerings translate.  Otherwise ``scatter_add`` over ``bag_ids`` (plain ATen;
+    ``index_add`` exports to ONNX as a scatter that drops duplicates).
+    """
+    if exporting() and bag_ops.active():
+        return bag_ops.segment_sum(values, offsets).to(values.dtype)
+    seg = bag_ids(offsets, values[:, 0])
+    out = torch.zeros_like(offsets[1:], dtype=values.dtype).unsqueeze(1) * values.new_zeros(
+        (1, values.shape[1])
+    )
+    return out.scatter_add(0, seg.unsqueeze(1).expand(-1, values.shape[1]), values)
+
+
+def exporting() -> bool:
+    """True while torch.export / dynamo / the TorchScript tracer records the graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def pool(values: torch.Tensor, offsets: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool looked-up rows into bags: sum, or mean (empty bags stay zero).
+
+    Exported graphs get ``segment_sum`` (no Loop).  Eager runs take the same sum from
+    ``F.embedding_bag`` over arange(n) with include_last_offset, 5x faster on this CPU
+    (2048 bags × 16: 9.5 µs vs 53 µs), with autograd, so fitting and recovery are fast too.
+    """
+    if not exporting() and values.dtype == torch.float32:
+        ids = torch.arange(values.shape[0], device=values.device)
+        return nn.functional.embedding_bag(ids, values, offsets, mode=mode, include_last_offset=True)
+    return _mean_if(segment_sum(values, offsets), offsets, mode)
+
+
+def gather_pool(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                mode: str) -> torch.Tensor:
+    """``pool(weight[indices].float(), offsets, mode)`` with the gather fused into the pooling.
+
+    Eager fp32: one ``F.embedding_bag``.  Under ``bag_ops.lowering()``: one
+    ``dlrm_rewrite::gather_segment_sum`` node (fp32 / fp16 / bf16 weight, fp32 sums).
+    """
+    if exporting() and bag_ops.active():
+        return _mean_if(bag_ops.gather_segment_sum(weight, indices, offsets), offsets, mode)
+    if not exporting() and weight.dtype == torch.float32:
+        return nn.functional.embedding_bag(indices, weight, offsets, mode=mode, include_last_offset=True)
+    return pool(weight.index_select(0, indices).to(torch.float32), offsets, mode)
+
+
+def _mean_if(summed: torch.Tensor, offsets: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sums -> means (divided by max(len, 1), so empty bags stay zero) when mode is "mean"."""
+    if mode != "mean":
+        return summed
+    lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(summed.dtype)
+    return summed / lengths.unsqueeze(1)
+
+
+class Representation(nn.Module):
+    """Base of every table replacement.  Subclasses set ``rows``, ``dim`` and ``pooling``."""
+
+    kind: ClassVar[str] = "?"
+    rows: int
+    dim: int
+    pooling: str
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able constructor arguments: ``type(self).from_params(**self.params())``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_params(cls, **params: Any) -> "Representation":
+        return cls(**params)
+
+    def num_bytes(self) -> int:
+        """Exact bytes of every tensor this representation stores."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def bytes_per_lookup(self) -> float:
+        """Bytes read from memory per looked-up id (excluding indices)."""
+        raise NotImplementedError
+
+    def flops_per_lookup(self) -> float:
+        """FLOPs per looked-up id in a one-id bag (multiply-add = 2), per-bag work included."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.rows}x{self.dim}"
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.params()}
+
+    def dense_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding of each id in ``ids`` [k] as [k, dim] (one single-id bag each)."""
+        offsets = torch.arange(ids.numel() + 1, dtype=torch.int64)
+        return self(ids.to(torch.int64), offsets)
+
+
+@register_representation("table")
+class TableBag(Representation):
+    """A plain table W [rows, dim]: e(bag) = sum_i W[i] (or the mean).  fp32, fp16 or bf16 storage,
+    accumulated in fp32."""
+
+    def __init__(self, rows: int, dim: int, pooling: str = "sum", dtype: str = "float32",
+                 weight: torch.Tensor | None = None):
+        super().__init__()
+        self.rows, self.dim, self.pooling = int(rows), int(dim), pooling
+        torch_dtype = getattr(torch, dtype)
+        if weight is None:
+            weight = torch.empty(self.rows, self.dim, dtype=torch_dtype)
+        self.weight = nn.Parameter(weight.to(torch_dtype), requires_grad=torch_dtype.is_floating_point)
+
+    def forward(self, indices, offsets):
+        return gather_pool(self.weight, indices, offsets, self.pooling)
+
+    def params(self):
+        return {"rows": self.rows, "dim": self.dim, "pooling": self.pooling,
+                "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    def bytes_per_lookup(self):
+        return self.dim * self.weight.element_size()
+
+    def flops_per_lookup(self):
+        return float(self.dim)  # one add per element into the bag
+
+    def describe(self):
+        return f"table {self.rows}x{self.dim} {self.params()['dtype']}"

@@ -1,0 +1,196 @@
+"""``rewrite compile`` with passes: ``-p PASS ...`` or ``--plan plan.json``.
+
+``-p``:  model -> passes (the gate of ``rewrite apply``) -> ``compile_model(rewritten, original=model)``.
+``--plan``: model + plan/1 file -> per distinct plan path pK the plan's passes applied to the
+original and verified against it (same gate), stored as ``rewritten/pK.safetensors`` -> one path
+``pK-<target>`` per requested target (lowered, verified against pK's eager model, timed at
+compile time) -> a dispatch policy that follows the plan's batch-size ranges:
+
+* plan range [lo, hi] -> plan path pK: within it, the fastest (compile-time measurement) verified
+  ``pK-<target>``; the target choice uses ``artifact.dispatch_policy`` clipped to [lo, hi];
+* when no ``pK-<target>`` verified (the rewrite exceeded its tolerance, or every lowering
+  failed), the range falls back to the fastest verified path of any plan path, recorded in
+  ``dispatch.fallbacks``;
+* the plan's latency target (``max_batch_within_target``, designed by ``rewrite.cost.dispatch``)
+  is copied: the runtime splits larger requests into chunks of that many rows.
+
+Bad input (unknown pass or target, a plan for another model, an existing output) raises
+RewriteError before any rewrite; nothing verified at all -> VerificationError, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from rewrite.rewriting import Inputs, rewrite_checked
+from rewrite.artifact import REFERENCE_FILE, dispatch_policy, file_entry, sha256_file, write_manifest
+from rewrite.core.atomic import atomic_path
+from rewrite.bundling import (DEFAULT_TARGETS, LATENCY_BATCH_SIZES, check_output, lower_path,
+                              manifest_head, measure_latency, resolve_targets, verification_inputs)
+from rewrite.cost.plan import check_plan_matches, plan_paths
+from rewrite.core.errors import VerificationError
+from rewrite.core.model_file import save
+from rewrite.core.model import RecModel
+
+REPORT_KEYS = ("verification_data", "samples", "within_tolerance", "max_abs_logit_diff",
+               "mean_abs_logit_diff", "embedding_bytes_before", "embedding_bytes_after", "compression",
+               "auc_before", "auc_after", "logloss_before", "logloss_after", "failure")
+TABLE_KEYS = ("table", "pass_name", "status", "after", "bytes_after", "max_abs_diff", "rel_error",
+              "tolerance", "within_tolerance")
+
+
+def rewrite_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of a ``rewrite_checked`` report kept in the manifest (JSON-safe)."""
+    out = {k: report[k] for k in REPORT_KEYS if k in report}
+    out["tables"] = [{k: t[k] for k in TABLE_KEYS} for t in report["tables"] if t["status"] == "rewritten"]
+    return json.loads(json.dumps(out, default=float))
+
+
+def resident_bytes(models: list[RecModel]) -> int:
+    """Bytes the tables and MLPs of all ``models`` hold together, each distinct (table,
+    representation) once: counted from the tensors of the models as stored."""
+    distinct = {(t, rep.describe()): rep.num_bytes() for m in models for t, rep in m.embeddings.items()}
+    return models[0].dense_bytes() + sum(distinct.values())
+
+
+def clip_ranges(ranges: list[dict[str, Any]], lo: int, hi: int | None) -> list[dict[str, Any]]:
+    """``ranges`` (covering 1..inf) restricted to [lo, hi] (hi None: unbounded)."""
+    out = []
+    for r in ranges:
+        a = max(lo, r["min_batch"])
+        b = r["max_batch"] if hi is None else (hi if r["max_batch"] is None else min(hi, r["max_batch"]))
+        if b is None or a <= b:
+            out.append({"min_batch": a, "max_batch": b, "path": r["path"]})
+    return out
+
+
+def plan_dispatch(plan: dict[str, Any], served: dict[str, list[str]],
+                  latency: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """The bundle's dispatch from the plan's ranges (module docstring); ``served[pK]``: the
+    verified bundle paths of plan path pK."""
+    everyone = [n for names in served.values() for n in names]
+    ranges: list[dict[str, Any]] = []
+    fallbacks = []
+    for r in plan["dispatch"]["ranges"]:
+        lo, hi, want = r["min_batch"], r.get("max_batch"), r["path"]
+        candidates = served.get(want) or everyone
+        if not served.get(want):
+            fallbacks.append({"min_batch": lo, "max_batch": hi, "plan_path": want,
+                              "reason": f"plan path {want} has no verified bundle path; "
+                                        "served by the fastest verified path (compile-time latency)"})
+        fastest = dispatch_policy({n: latency[n] for n in candidates}, candidates[0])["ranges"]
+        for c in clip_ranges(fastest, lo, hi):
+            if ranges and ranges[-1]["path"] == c["path"] and ranges[-1]["max_batch"] == c["min_batch"] - 1:
+                ranges[-1]["max_batch"] = c["max_batch"]
+            else:
+                ranges.append(c)
+    ref = int(plan.get("batch") or 1)
+    default = next((r["path"] for r in ranges if r["min_batch"] <= ref
+                    and (r["max_batch"] is None or ref <= r["max_batch"])), ranges[-1]["path"])
+    policy = {"rule": "plan ranges; within a range the fastest verified target of the plan's path "
+                      "(compile-time latency); a plan path with no verified bundle path falls back "
+                      "to the fastest verified path",
+              "plan_rule": plan["dispatch"].get("rule"),
+              "measured_batch_sizes": sorted({b for per in latency.values() for b in per}),
+              "ranges": ranges, "default_path": default, "fallbacks": fallbacks}
+    for key in ("latency_target_s", "max_batch_within_target"):
+        if key in plan["dispatch"]:
+            policy[key] = plan["dispatch"][key]
+    return policy
+
+
+def compile_plan(model: RecModel, plan: dict[str, Any], plan_file: Path, out: Path, inputs: Inputs,
+                 target_names: list[str] | None = None, source: Path | None = None, force: bool = False,
+                 allow_degraded: bool = False, latency_sizes=LATENCY_BATCH_SIZES) -> dict[str, Any]:
+    """Write the bundle of every plan path (module docstring) and return its manifest."""
+    out = Path(out)
+    targets = resolve_targets(list(target_names or DEFAULT_TARGETS))
+    check_output(out, force)
+    check_plan_matches(plan, model, str(plan_file))
+    passes = plan_paths(plan)
+    model = model.eval()
+    torch.set_num_threads(1)
+    variants: dict[str, dict[str, Any]] = {}
+    models: dict[str, RecModel] = {}
+    seen: dict[tuple[str, ...], str] = {}
+    for name, configured in tqdm(passes.items(), desc="rewriting", unit="plan path", file=sys.stderr,
+                                 leave=False):
+        key = tuple(str(c) for c in configured)
+        entry = {"passes": list(key), "plan_bytes": plan["paths"][name].get("bytes")}
+        if key in seen:
+            variants[name] = {**entry, "same_as": seen[key]}
+            continue
+        seen[key] = name
+        rewritten, report = rewrite_checked(model, source or plan_file, configured, inputs, allow_degraded)
+        entry["rewrite"] = rewrite_summary(report)
+        entry["verified"] = "failure" not in report
+        if entry["verified"]:
+            models[name] = rewritten.eval()
+            entry.update(embedding_bytes=rewritten.embedding_bytes(), dense_bytes=rewritten.dense_bytes())
+        variants[name] = entry
+    if not models:
+        raise VerificationError(f"{plan_file}: no plan path passed verification; nothing written: "
+                                + "; ".join(f"{n}: {v['rewrite']['failure']}" for n, v in variants.items()
+                                            if "rewrite" in v))
+    paths: dict[str, dict[str, Any]] = {}
+    runners = {}
+    with atomic_path(out, directory=True) as tmp:
+        save(model, tmp / REFERENCE_FILE)
+        for name, rewritten in models.items():
+            rel = f"rewritten/{name}.safetensors"
+            save(rewritten, tmp / rel)
+            variants[name]["model"] = file_entry(tmp, rel)
+            inputs_v = verification_inputs(rewritten)
+            variants[name]["paths"] = []
+            for target in tqdm(targets, desc=f"lowering {name}", unit="path", file=sys.stderr, leave=False):
+                pname = f"{name}-{target.name}"
+                paths[pname], runner = lower_path(target, rewritten, tmp, pname, rel, inputs_v)
+                paths[pname]["plan_path"] = name
+                variants[name]["paths"].append(pname)
+                if runner is not None:
+                    runners[pname] = runner
+        latency = measure_latency(runners, model, latency_sizes) if runners else {}
+        runners.clear()
+        for name, per in latency.items():
+            paths[name]["latency_ms"] = {str(b): ms for b, ms in per.items()}
+        for entry in paths.values():
+            entry["footprint_bytes"] = sum(f["bytes"] for f in entry["files"])
+        served = {v: [n for n in e.get("paths", []) if n in latency] for v, e in variants.items()}
+        for v, e in variants.items():                       # an alias serves what its twin serves
+            if "same_as" in e:
+                served[v] = served[e["same_as"]]
+        if not any(served.values()):
+            raise VerificationError(f"{out}: no path passed verification; nothing written: "
+                                    + "; ".join(f"{n}: {p['verification']['failure']}" for n, p in paths.items()))
+        constraints = plan.get("constraints", {})
+        manifest = {
+            **manifest_head(model, source, tmp),
+            "paths": paths,
+            "dispatch": {**plan_dispatch(plan, served, latency),
+                         "threads": 1, "measured": "compile time, one process, 1 thread"},
+            "plan": {"file": str(plan_file), "sha256": sha256_file(plan_file), "primary": plan.get("primary", "p0"),
+                     "hardware": plan.get("hardware", {}).get("name"), "target": plan.get("target"),
+                     "memory_budget_bytes": constraints.get("memory_budget_bytes"),
+                     "latency_target": constraints.get("latency_target"),
+                     "resident_bytes": resident_bytes(list(models.values()))},
+            "variants": variants,
+        }
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def warnings(manifest: dict[str, Any]) -> list[str]:
+    """One line per plan path or bundle path that is not served as planned."""
+    lines = [f"plan path {n}: not verified ({v['rewrite'].get('failure')})"
+             for n, v in manifest.get("variants", {}).items() if v.get("verified") is False]
+    lines += [f"path {n}: failed verification ({p['verification'].get('failure')})"
+              for n, p in manifest["paths"].items() if not p["verification"]["passed"]]
+    lines += [f"batches {f['min_batch']}..{f['max_batch'] or ''}: {f['reason']}"
+              for f in manifest["dispatch"].get("fallbacks", [])]
+    return lines

@@ -1,0 +1,137 @@
+"""``rewrite apply``: passes from ``-p`` specs, data and profile from files, verify, write.
+
+Order matters for the exit codes: every pass spec is parsed and the output path checked before
+the model is loaded (bad input -> RewriteError, exit 2, nothing written); a table beyond its
+tolerance leaves nothing written unless ``allow_degraded`` (the CLI then exits 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rewrite import data
+from rewrite.core.batch import Batch
+from rewrite.core.errors import RewriteError, VerificationError
+from rewrite.core.model_file import save
+from rewrite.inspection import human_bytes
+from rewrite.core.model import RecModel
+from rewrite.core.pass_contract import ConfiguredPass, parse_pass
+from rewrite.pass_manager import apply, require_within_tolerance
+from rewrite.core.access_profile import AccessProfile
+from rewrite.profiling import profile
+
+SAMPLE_BATCH = 2048   # rows per verification batch
+
+
+def sample_batches(ds: data.Dataset, n: int, seed: int = 0) -> list[Batch]:
+    """``n`` rows of ``ds`` drawn without replacement (all of them if fewer), in batches."""
+    rows = np.arange(ds.n_samples)
+    if n < ds.n_samples:
+        rows = np.sort(np.random.default_rng(seed).choice(ds.n_samples, n, replace=False))
+    return [ds.batch(rows[lo:lo + SAMPLE_BATCH]) for lo in range(0, len(rows), SAMPLE_BATCH)]
+
+
+@dataclass
+class Inputs:
+    """What the passes are fitted and verified on: data (optional), access profile, sample."""
+
+    data_path: Path | None
+    dataset: data.Dataset | None
+    profile: AccessProfile | None
+    sample: list[Batch] | None
+
+
+def load_inputs(model: RecModel, data_path: Path | None, profile_path: Path | None, samples: int,
+                dense_transform: str) -> Inputs:
+    """Open ``--data`` (checked against the model) and ``--profile`` (default: profile the data)."""
+    ds = None
+    if data_path is not None:
+        ds = data.open(data_path, dense_transform)
+        data.check_matches(ds, model.spec.n_dense, len(model.spec.features))
+    if profile_path is not None:
+        prof = AccessProfile.load(profile_path, model)
+    else:
+        prof = profile(model, ds) if ds is not None else None
+    return Inputs(data_path, ds, prof, sample_batches(ds, samples) if ds is not None else None)
+
+
+def rewrite_checked(model: RecModel, source: Path, configured: list[ConfiguredPass], inputs: Inputs,
+                    allow_degraded: bool) -> tuple[RecModel, dict[str, Any]]:
+    """Apply the passes and verify; the report as JSON, with ``failure`` when a table exceeds its
+    tolerance (unless ``allow_degraded``): the caller then writes nothing."""
+    rewritten, report = apply(model, configured, profile=inputs.profile, sample=inputs.sample)
+    result = {"model": str(source), "passes": [str(p) for p in configured],
+              "profile": None if inputs.profile is None else inputs.profile.source,
+              "verification_data": str(inputs.data_path) if inputs.dataset is not None
+              else "random ragged batches", **report.to_json()}
+    try:
+        if not allow_degraded:
+            require_within_tolerance(report)
+    except VerificationError as e:
+        result["failure"] = str(e)
+    return rewritten, result
+
+
+def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path: Path | None,
+              samples: int, dense_transform: str, allow_degraded: bool, output: Path,
+              load_model: Callable[[Path], RecModel],
+              recovery: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the passes; return the report as JSON, with ``written`` and, when not, ``failure``.
+
+    ``recovery``: the ``--recover`` options (``rewrite.recovery.run_recovery_from_cli``'s keyword
+    arguments).  With ``--recover DATA`` the per-table tolerance is reported but does not gate:
+    distillation exists to repair rewrites that miss it, and it moves tables away from the fitted
+    ones on purpose; its own report (AUC / log loss on ``--eval``) is the result to judge."""
+    configured = [parse_pass(s) for s in specs]
+    output = Path(output)
+    if output.is_dir():
+        raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
+    model = load_model(Path(path))
+    recovering = recovery is not None and recovery.get("recover_path") is not None
+    inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
+    rewritten, result = rewrite_checked(model, path, configured, inputs, allow_degraded or recovering)
+    result.update(output=str(output), written=False)
+    if "failure" in result:
+        return result
+    if recovery is not None:
+        from rewrite.recovery import run_recovery_from_cli
+
+        rewritten, result["recovery"] = run_recovery_from_cli(model, rewritten, dense_transform=dense_transform,
+                                                              **recovery)
+    save(rewritten, output)
+    result["written"] = True
+    return result
+
+
+def summary(d: dict[str, Any]) -> str:
+    """The human form of ``run_apply``'s result."""
+    lines = [f"{d['model']}: {' '.join('-p ' + p for p in d['passes'])}"]
+    for t in d["tables"]:
+        head = f"  {t['table']:<8}{t['pass_name']:<10}"
+        if t["status"] == "skipped":
+            lines.append(f"{head}skipped: {t['reason']}")
+            continue
+        verdict = "ok" if t["within_tolerance"] else "EXCEEDED"
+        lines.append(f"{head}{t['after']}  {human_bytes(t['bytes_before'])} -> {human_bytes(t['bytes_after'])}"
+                     f"  max |Δ| {t['max_abs_diff']:.3g}, rel {t['rel_error']:.3g}  [{t['tolerance']}: {verdict}]")
+    lines.append(f"embeddings {human_bytes(d['embedding_bytes_before'])} -> "
+                 f"{human_bytes(d['embedding_bytes_after'])} ({d['compression']:.2f}x smaller)")
+    lines.append(f"verification on {d['samples']:,} samples ({d['verification_data']}): "
+                 f"max |Δ logit| {d['max_abs_logit_diff']:.4g}, mean {d['mean_abs_logit_diff']:.4g}")
+    if "auc_before" in d:
+        lines.append(f"AUC {d['auc_before']:.4f} -> {d['auc_after']:.4f} ({d['auc_after'] - d['auc_before']:+.4f}), "
+                     f"logloss {d['logloss_before']:.4f} -> {d['logloss_after']:.4f} "
+                     f"({d['logloss_after'] - d['logloss_before']:+.4f})")
+    rec = d.get("recovery")
+    if rec:
+        lines.append(f"recovery on {rec['data']}: {rec['steps']} steps in {rec['seconds']:.0f} s "
+                     f"(kept step {rec['best_step']}), held-out loss {rec['holdout_loss_before']:.4g} -> "
+                     f"{rec['holdout_loss_after']:.4g}")
+        if rec.get("eval"):
+            lines.append(f"  on {rec['eval_data']}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec["eval"].items()))
+    lines.append(f"written to {d['output']}" if d["written"] else "nothing written")
+    return "\n".join(lines)

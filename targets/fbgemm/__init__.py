@@ -1,0 +1,1 @@
+"""fbgemm backend (see ``targets/__init__.py``)."""

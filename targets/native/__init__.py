@@ -1,0 +1,1 @@
+"""native backend (see ``targets/__init__.py``)."""

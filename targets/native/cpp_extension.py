@@ -1,0 +1,75 @@
+"""Build the C++ kernels in ``targets/native/kernels/`` as torch extensions, once per source version,
+machine and ISA tier.
+
+The tier is chosen at load from CPUID (``rewrite.core.isa.active_tier``: the host's highest, or the
+one ``REWRITE_ISA`` forces) and the kernels are compiled for it (``isa.compile_flags``:
+``-march=native`` at the host's own tier, ``-march=x86-64-v3`` for the AVX2 tier, ...), so the
+bundle never carries instructions chosen on another machine.  Each (kernel, tier) is its own
+module, cached by torch under TORCH_EXTENSIONS_DIR keyed by the source hash and flags: the ~30 s
+build happens on first use per machine and tier.  Without a C++ compiler the targets that need
+these kernels report themselves unavailable (``compiler_missing``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from rewrite.core import isa
+from rewrite.core.errors import RewriteError
+
+KERNELS = Path(__file__).parent / "kernels"
+FLAGS = ["-O3", "-fopenmp-simd"]
+
+
+def headers_flag() -> str:
+    """A define carrying the hash of ``kernels/*.h``: torch keys its cache on the sources and the
+    flags, not on included headers, so a header edit must change the flags to rebuild."""
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(KERNELS.glob("*.h")))).hexdigest()[:12]
+    return f"-DDLRM_KERNEL_HEADERS=0x{digest}"
+
+
+def compiler_missing() -> str | None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        return f"no C++ compiler ({compiler} or g++ on PATH) to build the kernels in {KERNELS}"
+    return None
+
+
+def usable_or_why(probe, *features: str) -> str | None:
+    """Why a process cannot run an extension's kernels at the active tier (a CPU feature it lacks
+    or the tier masks, no compiler, a failed build, or what ``probe()``, the extension's own
+    check, returns), or None when it can.  The features are checked before anything is built."""
+    why = isa.missing(*features) if features else None
+    if why:
+        return why
+    why = compiler_missing()
+    if why:
+        return why
+    try:
+        return probe() or None
+    except RewriteError as e:      # e.g. a compiler without the needed -m flags
+        return str(e)
+
+
+def build(name: str, source: str, flags: tuple[str, ...] = ()):
+    """The compiled module ``name`` from ``targets/native/kernels/<source>`` for the active ISA tier
+    (``flags`` added to the tier's); RewriteError if it cannot build."""
+    return _build(name, source, flags, isa.active_tier())
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str, source: str, flags: tuple[str, ...], tier: str):
+    why = compiler_missing()
+    if why:
+        raise RewriteError(why)
+    from torch.utils.cpp_extension import load
+
+    cflags = FLAGS + isa.compile_flags(tier) + [headers_flag(), *flags]
+    try:
+        return load(name=f"{name}_{tier}", sources=[str(KERNELS / source)], extra_cflags=cflags, verbose=False)
+    except Exception as e:  # the build raises RuntimeError / subprocess errors with the compiler log
+        raise RewriteError(f"building {source} for ISA tier {tier!r} failed: {str(e).splitlines()[0][:200]}") from None

@@ -1,0 +1,202 @@
+"""``torch-fast``: eager PyTorch plus C++ kernels, the levers of issue 10 applied at load.
+
+Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 MLPs (MKL),
+``DotInteraction`` over a list of [B, d] tensors (stack, bmm, gather, concat).
+After, same weights, same math:
+* tables: every plain table concatenated into one W [Σ rows, d] (fp32 or fp16) in huge pages; feature f's ids
+  index rows base_f + i (``targets.native.fast_kernels.huge_table``);
+* memory: glibc malloc told to keep freed buffers below ``KEEP_FREED_BYTES`` (process-wide), so
+  each call's activations reuse pages instead of page-faulting fresh ones in;
+* up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
+  weights, f32 activations and accumulation, z rounded to bf16 as below);
+* above: x = bottom(dense) in bf16 (``fast_kernels.fast_mlp``: the whole MLP as one call on AMX
+  tiles where the CPU has AMX, else oneDNN with prepacked weights, in fp32 on CPUs without
+  AVX512-BF16), then ONE C++ call pools every
+  bag and computes the dot interaction per sample, writing the top MLP's bf16 input
+  z = [x, <t_i, t_j> ...] directly (``embed_interact``), then the top MLP in bf16 the same way,
+  its width-1 last layer accumulated in fp32.
+``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples, the fused lookup +
+interaction then writing z quantized per row (``embed_interact_q8``).
+The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
+Only plain fp32 or fp16 tables (``quantize`` bits=16) of one dim, dtype and pooling mode, and
+the dot interaction, are accepted; anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rewrite.core.batch import Batch
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.model import RecModel
+from targets.base import CompiledPath, register_target
+from targets.pytorch.eager import TorchEager
+
+SMALL_MAX_BATCH = 8      # samples; up to here one C++ call beats oneDNN (Kaggle model: B=4 0.09 vs 0.17 ms)
+INT8_MIN_BATCH = 64      # samples; torch-fast-int8's int8 GEMMs from here
+KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers below it are reused, not faulted in
+
+
+FUSABLE_DTYPES = (torch.float32, torch.float16)
+
+
+def fusable(model: RecModel) -> None:
+    """RewriteError unless every table is a plain fp32 or fp16 ``TableBag``, all of one dim,
+    dtype and pooling."""
+    dims, dtypes, poolings = set(), set(), set()
+    for name, rep in model.embeddings.items():
+        if type(rep) is not TableBag or rep.weight.dtype not in FUSABLE_DTYPES:
+            raise RewriteError(f"torch-fast cannot fuse table {name!r}: it is a {rep.describe()!r}; "
+                               f"this target fuses only plain fp32 or fp16 tables")
+        dims.add(rep.dim)
+        dtypes.add(str(rep.weight.dtype).removeprefix("torch."))
+        poolings.add(rep.pooling)
+    if len(dims) != 1 or len(dtypes) != 1 or len(poolings) != 1:
+        raise RewriteError(f"torch-fast fuses tables of one dim, dtype and pooling mode, found dims "
+                           f"{sorted(dims)}, dtypes {sorted(dtypes)} and poolings {sorted(poolings)}")
+
+
+class FusedTables(nn.Module):
+    """Every table's rows in one huge-page W [Σ rows, d] (fp32 or fp16); feature f's id i is row
+    ``base[f] + i`` and must be below ``rows[f]`` (the C++ kernels check it)."""
+
+    def __init__(self, model: RecModel):
+        super().__init__()
+        fusable(model)
+        from targets.native.fast_kernels import huge_table
+
+        names = list(model.embeddings)
+        starts = np.cumsum([0] + [model.embeddings[t].rows for t in names])
+        self.register_buffer("weight", huge_table([model.embeddings[t].weight.detach() for t in names]),
+                             persistent=False)
+        base = [int(starts[names.index(t)]) for t in model.feature_tables]
+        self.register_buffer("base", torch.tensor(base, dtype=torch.int64), persistent=False)
+        rows = [model.embeddings[t].rows for t in model.feature_tables]
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
+        self.pooling = model.embeddings[names[0]].pooling
+        self.dim = model.embeddings[names[0]].dim
+
+
+class FastDLRM(nn.Module):
+    """bottom MLP -> fused lookup + dot interaction -> top MLP, each batch size on its fastest form."""
+
+    def __init__(self, model: RecModel):
+        from targets.native.fast_kernels import PAIR_ORDERS, fast_mlp, kernels, small_model
+
+        super().__init__()
+        if model.spec.interaction != "dot":
+            raise RewriteError(f"torch-fast supports the dot interaction, not {model.spec.interaction!r}")
+        kernels().keep_freed_memory(KEEP_FREED_BYTES)
+        self.tables = FusedTables(model)
+        self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
+        self.order = PAIR_ORDERS[model.spec.pairs]
+        # z's width, zero-padded to a multiple of 32: one AMX tile's K, so the top MLP's tile loads
+        # read z in place
+        self.kp = -(-(self.tables.dim + self.pairs.numel()) // 32) * 32
+        self.bottom16, self.top16 = fast_mlp(model.bottom), fast_mlp(model.top, k_in=self.kp)
+        t = self.tables
+        self.small = small_model(t.weight, t.base, t.rows, t.pooling == "mean", model.bottom, model.top,
+                                 model.spec.n_dense, self.order, self.kp)
+
+    def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                        int8_kp: int | None = None):
+        """z bf16 [B, kp] = [x, <t_i, t_j> kept pairs, 0 ...] straight from the canonical batch; with
+        ``int8_kp``, z quantized per row instead: (q int8 [B, int8_kp], s [B])."""
+        from targets.native.fast_kernels import kernels
+
+        t, k = self.tables, kernels()
+        fn, kp = (k.embed_interact, self.kp) if int8_kp is None else (k.embed_interact_q8, int8_kp)
+        return fn(t.weight, indices, offsets, t.base, t.rows, t.pooling == "mean", x, self.order, kp, False)
+
+    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if dense.shape[0] <= SMALL_MAX_BATCH:
+            return self.small(dense.contiguous(), indices, offsets)
+        x = self.bottom16(dense)
+        return self.top16(self.lookup_interact(x, indices, offsets)).squeeze(1)
+
+
+class FastRunner:
+    """The runner contract ``(dense, bags) -> logits`` plus ``canonical(dense, indices, offsets)``."""
+
+    def __init__(self, net: FastDLRM):
+        self.net = net
+
+    def canonical(self, dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Up to SMALL_MAX_BATCH samples straight into ``SmallModel`` (C++, no autograd to turn
+        off: entering inference mode and ``nn.Module.__call__`` were a quarter of a batch-1
+        ``predict``, 0.048 -> 0.037 ms here); larger batches through the module."""
+        d, i, o = torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(offsets)
+        if d.shape[0] <= SMALL_MAX_BATCH:
+            return self.net.small(d.contiguous(), i, o).numpy()
+        with torch.inference_mode():
+            return self.net(d, i, o).numpy()
+
+    def __call__(self, dense: np.ndarray, bags: list[np.ndarray]) -> np.ndarray:
+        idx, offs = bags[0::2], bags[1::2]
+        base = np.cumsum([0] + [len(i) for i in idx])
+        offsets = np.concatenate([o[:-1] + b for o, b in zip(offs, base)] + [base[-1:]])
+        return self.canonical(dense, np.concatenate(idx).astype(np.int64), offsets.astype(np.int64))
+
+
+@register_target("torch-fast")
+class TorchFast(TorchEager):
+    summary = "huge-page fused tables, C++ lookup + interaction, MLPs on AMX / bf16 / fp32 oneDNN by ISA tier"
+    precision = "bf16-dense"
+
+    def unavailable(self) -> str | None:
+        from targets.native.cpp_extension import compiler_missing
+        from targets.native.fast_kernels import onednn_missing
+
+        return compiler_missing() or onednn_missing()
+
+    def lower(self, model: RecModel, example: Batch, out_dir: Path, **options: Any) -> CompiledPath:
+        fusable(model)
+        if model.spec.interaction != "dot":
+            raise RewriteError(f"{self.name} supports the dot interaction, not {model.spec.interaction!r}")
+        return super().lower(model, example, out_dir, **options)
+
+    def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
+        if threads:
+            torch.set_num_threads(threads)
+        model = self.load_model(out_dir)
+        net = FastDLRM(model).eval()
+        model.embeddings = nn.ModuleDict()                 # drop the unfused copies of the tables
+        return FastRunner(net)
+
+
+class FastInt8DLRM(FastDLRM):
+    """``FastDLRM`` with int8 MLPs (``targets.native.vnni_mlp.int8_mlp``) from INT8_MIN_BATCH samples up; the
+    fused lookup + interaction then writes the top MLP's input quantized per row
+    (``embed_interact_q8``); smaller batches take ``FastDLRM``'s forms."""
+
+    def __init__(self, model: RecModel):
+        from targets.native.vnni_mlp import int8_mlp
+
+        super().__init__(model)
+        self.bottom8, self.top8 = int8_mlp(model.bottom), int8_mlp(model.top)
+
+    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if dense.shape[0] < INT8_MIN_BATCH:
+            return super().forward(dense, indices, offsets)
+        x = self.bottom8(dense)
+        return self.top8.from_quant(*self.lookup_interact(x, indices, offsets, self.top8.kp)).squeeze(1)
+
+
+@register_target("torch-fast-int8")
+class TorchFastInt8(TorchFast):
+    summary = "torch-fast with int8 MLPs (one AVX512-VNNI call each, else _int_mm), the fused lookup + interaction writing int8"
+    precision = "int8-dense"
+
+    def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
+        if threads:
+            torch.set_num_threads(threads)
+        model = self.load_model(out_dir)
+        net = FastInt8DLRM(model).eval()
+        model.embeddings = nn.ModuleDict()
+        return FastRunner(net)

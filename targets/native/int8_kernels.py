@@ -1,0 +1,99 @@
+"""int8 MLPs on ``torch._int_mm`` (oneDNN s8 x s8 -> s32, VNNI) with fused C++ prologue/epilogue.
+
+Before: ``nn.Sequential`` of fp32 Linear + ReLU.  After, per Linear l with N_l % 8 == 0:
+    W_l ≈ diag(sw_l) Q_l          Q_l int8 [N_l, K_l] per output channel, sw_l = max|W_l row| / 127
+    x   ≈ diag(sa) q              per row (per sample) of the activations, sa = max|x row| / 127
+    y   = relu((q Q_lᵀ) ⊙ sa swᵀ + b_l)  (int32 accumulation, exact), requantized per row for
+          layer l+1 inside the same C++ loop (``dequant_act_quant``): activations between int8
+          layers never exist in fp32 in memory.
+K is zero-padded to a multiple of 8 (``_int_mm``'s shape rule).  Layers after the first whose
+N is not a multiple of 8 (the top MLP's N = 1 output) stay fp32.  The kernels
+(``kernels/dlrm_int8.cpp``) build at first use as a torch C++ extension (-O3 -march=native -fopenmp-simd,
+cached by torch under TORCH_EXTENSIONS_DIR); ``unavailable()`` says why when they cannot.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rewrite.core.errors import RewriteError
+from targets.native.cpp_extension import build
+
+ALIGN = 8                      # _int_mm needs K and N multiples of 8
+
+
+def pad_to(k: int, align: int = ALIGN) -> int:
+    return -(-k // align) * align
+
+
+def kernels():
+    """The compiled ``kernels/dlrm_int8.cpp`` (built once per source version and machine)."""
+    return build("dlrm_rewrite_int8", "dlrm_int8.cpp")
+
+
+def linears(mlp: nn.Sequential) -> list[tuple[nn.Linear, bool]]:
+    """(Linear, followed by ReLU) for each layer of an MLP built by ``rewrite.core.model.mlp``."""
+    mods = list(mlp)
+    out = []
+    for k, m in enumerate(mods):
+        if isinstance(m, nn.Linear):
+            out.append((m, k + 1 < len(mods) and isinstance(mods[k + 1], nn.ReLU)))
+        elif not isinstance(m, nn.ReLU):
+            raise RewriteError(f"int8 MLP: unsupported layer {type(m).__name__} (Linear and ReLU only)")
+    return out
+
+
+class Int8Linear(nn.Module):
+    """Per-output-channel int8 weights [Kp, N] (transposed for ``_int_mm``), fp32 scales and bias."""
+
+    def __init__(self, linear: nn.Linear, relu: bool):
+        super().__init__()
+        w = linear.weight.detach().to(torch.float32)
+        n, k = w.shape
+        self.k, self.kp, self.n, self.relu = k, pad_to(k), n, relu
+        scale = (w.abs().amax(1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.zeros(n, self.kp, dtype=torch.int8)
+        q[:, :k] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("qweight_t", q.t())       # [Kp, N], column-major (oneDNN's fast layout)
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("bias", linear.bias.detach().to(torch.float32).contiguous())
+
+
+class Int8Mlp(nn.Module):
+    """An MLP whose leading layers (N % 8 == 0, ReLU after) run in int8; the rest in fp32.
+
+    ``forward(x)`` from fp32; ``from_quant(q, s)`` from an input already quantized per row to
+    [B, Kp] (the fused interaction's output).
+    """
+
+    def __init__(self, mlp: nn.Sequential):
+        super().__init__()
+        layers = linears(mlp)
+        n_int8 = 0
+        while n_int8 < len(layers) and layers[n_int8][0].out_features % ALIGN == 0 and (
+                layers[n_int8][1] or n_int8 == len(layers) - 1):
+            n_int8 += 1
+        if n_int8 == 0:
+            raise RewriteError("int8 MLP: the first layer's width is not a multiple of 8")
+        self.int8 = nn.ModuleList(Int8Linear(lin, relu) for lin, relu in layers[:n_int8])
+        rest: list[nn.Module] = []
+        for lin, relu in layers[n_int8:]:
+            rest += [lin, nn.ReLU()] if relu else [lin]
+        self.rest = nn.Sequential(*rest)
+        self.kp = self.int8[0].kp
+        kernels()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_quant(*kernels().quantize_rows(x.contiguous(), self.kp))
+
+    def from_quant(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ops = kernels()
+        last = len(self.int8) - 1
+        for k, layer in enumerate(self.int8):
+            acc = torch._int_mm(q, layer.qweight_t)
+            if k < last:
+                q, s = ops.dequant_act_quant(acc, s, layer.scale, layer.bias, self.int8[k + 1].kp)
+            else:
+                y = ops.dequant_act(acc, s, layer.scale, layer.bias, layer.relu)
+        return self.rest(y)

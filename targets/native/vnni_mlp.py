@@ -1,0 +1,99 @@
+"""Whole int8 MLPs in one C++ call on AVX512-VNNI (``kernels/dlrm_vnni.cpp``), torch-fast-int8's
+MLPs where the CPU has VNNI.
+
+Same weights as ``targets.native.int8_kernels.Int8Mlp`` (int8 per output channel); what changes is the
+schedule and the hidden activations: ``Int8Mlp`` runs one ``torch._int_mm`` per layer and a
+C++ epilogue over its [B, N] int32 result (at B=2048 on the AMD host, everything but the
+``_int_mm`` calls was 0.52 of the bottom MLP's 1.36 ms and 0.66 of the top's 2.18); here 48 samples at a time go through every layer with
+their activations in L1/L2, the epilogue on the accumulators in registers.  Inputs after a
+ReLU are quantized to u8 (scale max / 255: the sign bit is free), signed inputs to s8 shifted
+by 128 with the column sums subtracted (VPDPBUSD multiplies u8 by s8).  A width-1 last layer
+is an fp32 dot product.  ``vnni_missing`` says why a process cannot use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rewrite.core.errors import RewriteError
+from targets.native.cpp_extension import build, usable_or_why
+from targets.native.int8_kernels import Int8Linear, linears
+
+TILE_N = 16                  # output columns per VNNI vector: every int8 layer's width is a multiple
+
+
+def kernels():
+    """The compiled ``kernels/dlrm_vnni.cpp``."""
+    return build("dlrm_rewrite_vnni", "dlrm_vnni.cpp")
+
+
+def vnni_missing() -> str | None:
+    """Why this process cannot run the VNNI kernels, or None when it can."""
+    return usable_or_why(lambda: kernels().vnni_usable(), "avx512bw", "avx512_vnni")
+
+
+def split_final(mlp: nn.Sequential) -> tuple[list[tuple[nn.Linear, bool]], nn.Linear | None]:
+    """(the int8 layers, the width-1 last layer without ReLU that runs as an fp32 dot product, or
+    None): ``linears(mlp)`` with that last layer split off when there is one after a hidden layer."""
+    layers = linears(mlp)
+    last, relu_last = layers[-1]
+    if last.out_features == 1 and not relu_last and len(layers) > 1:
+        return layers[:-1], last
+    return layers, None
+
+
+def shape_missing(mlp: nn.Sequential) -> str | None:
+    """Why ``VnniMlp`` cannot take this MLP's shape, or None."""
+    bad = [lin.out_features for lin, _ in split_final(mlp)[0] if lin.out_features % TILE_N]
+    return f"layer widths {bad} are not multiples of {TILE_N}" if bad else None
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """Q s8 [N, Kp] -> [N/16, Kp/4, 16, 4], element [nt, k4, c, j] = Q[16 nt + c, 4 k4 + j]: one
+    64-byte vector per (16 columns, 4 inputs), VPDPBUSD's weight operand."""
+    n, kp = q.shape
+    return q.reshape(n // TILE_N, TILE_N, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+class VnniMlp(nn.Module):
+    """An MLP as one VNNI call: ``forward(x f32 [B, K])`` or ``from_quant(q s8 [B, kp], s [B])``
+    -> f32 [B, N_last] ([B, 1] after a width-1 last layer): ``Int8Mlp``'s contract."""
+
+    def __init__(self, mlp: nn.Sequential):
+        super().__init__()
+        why = vnni_missing() or shape_missing(mlp)
+        if why:
+            raise RewriteError(f"VNNI MLP: {why}")
+        layers, last = split_final(mlp)
+        self.final = last is not None
+        final_w, final_b = torch.empty(0), 0.0
+        if self.final:
+            final_w, final_b = last.weight.detach().float().reshape(-1).contiguous(), float(last.bias.detach())
+        int8 = [Int8Linear(lin, relu) for lin, relu in layers]
+        qs = [layer.qweight_t.t().contiguous() for layer in int8]             # [N, Kp]
+        self.kp = int8[0].kp
+        self.mlp = kernels().VnniMlp([pack(q) for q in qs], [layer.scale for layer in int8],
+                                     [layer.bias for layer in int8],
+                                     [(128 * q.to(torch.int32).sum(1)).to(torch.int32) for q in qs],
+                                     [layer.relu for layer in int8], [layer.n for layer in int8],
+                                     int8[0].k, self.kp, final_w, final_b)
+
+    def _shape(self, y: torch.Tensor) -> torch.Tensor:
+        return y.unsqueeze(1) if self.final else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shape(self.mlp.forward(x.float().contiguous()))
+
+    def from_quant(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return self._shape(self.mlp.from_quant(q, s))
+
+
+def int8_mlp(mlp: nn.Sequential) -> nn.Module:
+    """torch-fast-int8's MLP: ``VnniMlp`` where this process has VNNI and the shape fits, else
+    ``Int8Mlp`` (one ``_int_mm`` per layer).  Both: ``forward(x)``, ``from_quant(q, s)``, ``kp``."""
+    from targets.native.int8_kernels import Int8Mlp
+
+    if vnni_missing() is None and shape_missing(mlp) is None:
+        return VnniMlp(mlp)
+    return Int8Mlp(mlp)

@@ -1,0 +1,1 @@
+"""onnx backend (see ``targets/__init__.py``)."""

@@ -1,0 +1,1 @@
+"""pytorch backend (see ``targets/__init__.py``)."""

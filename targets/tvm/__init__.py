@@ -1,0 +1,1 @@
+"""tvm backend (see ``targets/__init__.py``)."""

@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+import torch
+
+import passes
+from rewrite.bundling import compile_model
+from rewrite.core.embedding import TableBag
+from rewrite.core.errors import RewriteError
+from rewrite.core.model import split_bags
+from rewrite.pass_manager import apply
+from rewrite.runtime import load
+from rewrite.core.synthetic import multi_hot_batch
+from targets.base import get_target
+from rewrite.core.batch import split_bags_np
+from targets.native.fast_kernels import kernels
+from targets.native.engine import INT8_MIN_BATCH, SMALL_MAX_BATCH, FastDLRM, FusedTables
+from tests.helpers import small_model
+from tests.targets.checks import BATCHES, assert_matches_eager, lower_and_load
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("isa_tier")       # every test at every ISA tier this host runs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model(rows=(1000, 300, 37, 5))
+
+
+def test_matches_eager_on_ragged_empty_and_largest_id_batches(model, tmp_path):
+    _, runner = lower_and_load(get_target("torch-fast"), model, tmp_path)
+    worst = assert_matches_eager(runner, model, "bf16-dense")
+    assert worst > 0            # bf16 really ran (fp32 would agree to ~1e-7)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("pairs", ["dlrm", "dlrm-self", "torchrec"])
+def test_both_forms_agree_with_eager_around_the_switch(pairs):
+    from dataclasses import replace
+
+    from rewrite.core.model import RecModel
+
+    base = small_model(rows=(1000, 300, 37, 5))
+    model = RecModel(replace(base.spec, pairs=pairs), dict(base.embeddings)).eval()
+    model.bottom.load_state_dict(base.bottom.state_dict())
+    top = model.top[0]
+    with torch.no_grad():                 # the dlrm-self top MLP is wider: give it seeded weights
+        top.weight.copy_(torch.randn(top.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    for later, layer in zip(model.top[1:], base.top[1:]):
+        later.load_state_dict(layer.state_dict())
+    net = FastDLRM(model).eval()
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    for b in (1, SMALL_MAX_BATCH, SMALL_MAX_BATCH + 1, 300):    # one C++ call / oneDNN + C++ lookup
+        batch = multi_hot_batch(rows, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
+        np.testing.assert_allclose(net(*batch.inputs()).numpy(), model(*batch.inputs()).numpy(), atol=1e-2)
+
+
+@torch.inference_mode()
+def test_fused_tables_lookup_equals_per_table_bags(model):
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    batch = multi_hot_batch(rows, 63, model.spec.n_dense, 3.0, seed=3, empty_fraction=0.2)
+    t = FusedTables(model)
+    pooled = kernels().gather_bags(t.weight, batch.indices, batch.offsets, t.base, t.rows, t.pooling == "mean")
+    pooled = pooled.transpose(0, 1)
+    bags = split_bags(batch.indices, batch.offsets, len(rows))
+    for f, table in enumerate(model.feature_tables):
+        ref = model.embeddings[table](bags[2 * f], bags[2 * f + 1])
+        torch.testing.assert_close(pooled[f], ref, atol=1e-6, rtol=0)
+
+
+def test_predictor_uses_the_canonical_batch(model, tmp_path):
+    compile_model(model, tmp_path / "b", ["torch-fast"], latency_sizes=(1,))
+    pred = load(tmp_path / "b")
+    assert hasattr(pred.runner("torch-fast"), "canonical")
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    batch = multi_hot_batch(rows, 5, model.spec.n_dense, 2.0, seed=4, empty_fraction=0.3)
+    got = pred.predict(*batch.inputs(), path="torch-fast")
+    split = pred.runner("torch-fast")(batch.dense.numpy(), split_bags_np(batch.indices.numpy(), batch.offsets.numpy(), 4))
+    np.testing.assert_array_equal(pred.logits(*batch.inputs(), path="torch-fast"), split)
+    np.testing.assert_allclose(got, model.predict(*batch.inputs()).numpy(), atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["torch-fast", "torch-fast-int8"])
+def test_fp16_tables_match_eager_of_the_fp16_model(model, tmp_path, name):
+    half, _ = apply(model, [passes.quantize(bits=16)])
+    _, runner = lower_and_load(get_target(name), half, tmp_path)
+    assert runner.net.tables.weight.dtype == torch.float16          # lookups read 2-byte elements
+    assert assert_matches_eager(runner, half, get_target(name).precision) > 0
+
+
+def test_refuses_tables_it_cannot_fuse(model, tmp_path):
+    mixed = model.with_tables({"t1": TableBag(300, 8, weight=torch.zeros(300, 8))})
+    with pytest.raises(RewriteError, match=r"one dim, dtype and pooling mode, found dims \[8, 16\]"):
+        get_target("torch-fast").lower(mixed, None, tmp_path)
+    half = model.with_tables({"t0": TableBag(1000, 16, dtype="float16")})
+    with pytest.raises(RewriteError, match=r"found dims \[16\], dtypes \['float16', 'float32'\]"):
+        get_target("torch-fast").lower(half, None, tmp_path)
+    int8, _ = apply(model, [passes.quantize(bits=8, tables=("t0",))])
+    with pytest.raises(RewriteError, match="cannot fuse table 't0'.*only plain fp32 or fp16 tables"):
+        get_target("torch-fast").lower(int8, None, tmp_path)
+    from dataclasses import replace
+
+    from rewrite.core.model import RecModel
+
+    cat = RecModel(replace(model.spec, interaction="cat"), dict(model.embeddings))
+    with pytest.raises(RewriteError, match="torch-fast supports the dot interaction, not 'cat'"):
+        get_target("torch-fast").lower(cat, None, tmp_path)
+
+
+def test_mlps_follow_the_isa_tier(model, isa_tier):
+    from targets.native.amx_mlp import AmxMlp
+    from targets.native.fast_kernels import OneDnnMlp
+
+    net = FastDLRM(model)
+    expected = {"amx": AmxMlp, "avx512": OneDnnMlp, "avx2": OneDnnMlp, "generic": OneDnnMlp}[isa_tier]
+    assert type(net.bottom16) is expected
+    if isa_tier in ("avx2", "generic"):       # no bf16 arithmetic below AVX512-BF16: fp32 MLPs
+        assert net.bottom16.dtype == net.top16.dtype == torch.float32
+
+
+def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path, isa_tier):
+    from targets.native.int8_kernels import Int8Mlp
+    from targets.native.vnni_mlp import VnniMlp, shape_missing, vnni_missing
+
+    target = get_target("torch-fast-int8")
+    assert target.precision == "int8-dense"
+    _, runner = lower_and_load(target, model, tmp_path)
+    for mlp, net in ((model.bottom, runner.net.bottom8), (model.top, runner.net.top8)):
+        assert type(net) is (VnniMlp if vnni_missing() is None and shape_missing(mlp) is None else Int8Mlp)
+        if isa_tier in ("avx2", "generic"):
+            assert type(net) is Int8Mlp and "above the forced ISA tier" in vnni_missing()
+    assert assert_matches_eager(runner, model, "int8-dense") > 0
+    assert max(b for b, _, _ in BATCHES) >= INT8_MIN_BATCH     # the int8 form really ran

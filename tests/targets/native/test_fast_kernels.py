@@ -1,0 +1,157 @@
+"""``kernels/dlrm_fast.cpp`` against torch on ragged / empty / largest-id batches."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rewrite.core.errors import RewriteError
+from rewrite.core.model import DotInteraction, interaction_pairs, mlp, split_bags
+from rewrite.core.synthetic import multi_hot_batch
+from targets.native.fast_kernels import PAIR_ORDERS, OneDnnMlp, bf16_pairs, huge_table, kernels, small_model
+from targets.native.int8_kernels import pad_to
+from tests.targets.checks import ref_quantize
+
+# the first test on a machine builds the extension (~30 s per ISA tier); every tier this host runs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("isa_tier")]
+torch.set_num_threads(1)
+ROWS = [1000, 300, 37, 5]
+
+
+def tables_and_base(dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tables = [torch.randn(r, dim, generator=g) * 0.1 for r in ROWS]
+    base = torch.tensor(np.cumsum([0] + ROWS[:-1]), dtype=torch.int64)
+    return tables, huge_table(tables), base, torch.tensor(ROWS)
+
+
+def reference_bags(tables, batch, mode: str) -> torch.Tensor:
+    """[B, F, d] by one embedding_bag per table."""
+    bags = split_bags(batch.indices, batch.offsets, len(tables))
+    return torch.stack([nn.functional.embedding_bag(bags[2 * f], t, bags[2 * f + 1], mode=mode,
+                                                    include_last_offset=True) for f, t in enumerate(tables)], 1)
+
+
+def test_huge_table_is_the_concatenation_in_2mib_aligned_memory():
+    tables, w, _, _ = tables_and_base(16)
+    assert w.data_ptr() % (2 << 20) == 0
+    torch.testing.assert_close(w, torch.cat(tables), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("dim", [16, 8])
+def test_gather_bags_equals_per_table_embedding_bags(mode, dim):
+    tables, w, base, rows = tables_and_base(dim)
+    for b, mean_len, empty in ((1, 3.0, 0.2), (3, 0.0, 1.0), (700, 3.0, 0.2)):
+        batch = multi_hot_batch(ROWS, b, 13, mean_len, seed=b, empty_fraction=empty)
+        got = kernels().gather_bags(w, batch.indices, batch.offsets, base, rows, mode == "mean")
+        torch.testing.assert_close(got, reference_bags(tables, batch, mode), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("order", list(PAIR_ORDERS))
+@pytest.mark.parametrize("dim,generic", [(16, False), (16, True), (8, False)])
+def test_embed_interact_equals_dot_interaction_rounded_to_bf16(order, dim, generic):
+    tables, w, base, rows = tables_and_base(dim)
+    n_pairs = len(interaction_pairs(len(ROWS) + 1, order))
+    kp = -(-(dim + n_pairs) // 16) * 16 + 16                  # extra padding must come out zero
+    for b in (1, 2, 300):                                      # 300: more than one 256-sample chunk
+        batch = multi_hot_batch(ROWS, b, 13, 3.0, seed=b, empty_fraction=0.2)
+        x = torch.randn(b, dim)
+        z = kernels().embed_interact(w, batch.indices, batch.offsets, base, rows, False, x,
+                                     PAIR_ORDERS[order], kp, generic)
+        assert z.dtype == torch.bfloat16 and z.shape == (b, kp)
+        e = reference_bags(tables, batch, "sum")
+        ref = DotInteraction(len(ROWS) + 1, order)(x, list(e.unbind(1)))
+        torch.testing.assert_close(z[:, :dim + n_pairs].float(), ref.to(torch.bfloat16).float(), atol=1e-3, rtol=8e-3)
+        assert not z[:, dim + n_pairs:].any()
+
+
+@pytest.mark.parametrize("features,dim,order", [(26, 16, "dlrm"), (26, 16, "torchrec"), (26, 16, "dlrm-self"),
+                                                (3, 16, "dlrm"), (5, 8, "dlrm"), (40, 16, "dlrm")])
+def test_embed_interact_q8_is_the_interaction_quantized_per_row(features, dim, order):
+    """26 features: Criteo's shape (the AVX-512 Gram, pairs past column 16, the torchrec order's
+    compressed stores); 40: more vectors than the tile (plain loops); d = 8 likewise."""
+    g = torch.Generator().manual_seed(features)
+    sizes = [1 + 37 * f for f in range(features)]
+    tables = [torch.randn(r, dim, generator=g) * 0.3 for r in sizes]
+    w, base = huge_table(tables), torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.int64)
+    n_pairs = len(interaction_pairs(features + 1, order))
+    kp = pad_to(dim + n_pairs) + 8                             # extra padding must come out zero
+    for b in (1, 33, 300):                                     # 300: more than one 256-sample chunk
+        batch = multi_hot_batch(sizes, b, 13, 2.0, seed=b, empty_fraction=0.2)
+        x = torch.randn(b, dim, generator=g)
+        x[0] = 0                                               # with empty bags: an all-zero row
+        q, s = kernels().embed_interact_q8(w, batch.indices, batch.offsets, base, torch.tensor(sizes), False, x,
+                                           PAIR_ORDERS[order], kp, False)
+        ref = DotInteraction(features + 1, order)(x, list(reference_bags(tables, batch, "sum").unbind(1)))
+        rq, rs = ref_quantize(ref, kp)
+        assert q.dtype == torch.int8 and q.shape == (b, kp) and not q[:, dim + n_pairs:].any()
+        torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+        assert (q.int() - rq.int()).abs().max() <= 1           # f32 FMA order vs torch's: a tie may round apart
+
+
+def test_out_of_range_ids_are_an_error_not_a_read():
+    tables, w, base, rows = tables_and_base(16)
+    batch = multi_hot_batch(ROWS, 5, 13, 2.0, seed=1)
+    for bad_id in (ROWS[0], -1):                               # one past the first table; negative
+        bad = batch.indices.clone()
+        bad[0] = bad_id
+        with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
+            kernels().gather_bags(w, bad, batch.offsets, base, rows, False)
+        with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
+            kernels().embed_interact(w, bad, batch.offsets, base, rows, False, torch.zeros(5, 16), 0, 32 * 3, False)
+        with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
+            kernels().embed_interact_q8(w, bad, batch.offsets, base, rows, False, torch.zeros(5, 16), 0, 32 * 3, False)
+    with pytest.raises(RuntimeError, match="offsets must run from 0 to len"):
+        kernels().gather_bags(w, batch.indices[1:], batch.offsets, base, rows, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_onednn_mlp_matches_fp32_and_keeps_the_logit_fp32(dtype):
+    from targets.native.fast_kernels import bf16_gemm_missing
+
+    if dtype == torch.bfloat16 and bf16_gemm_missing():
+        with pytest.raises(RewriteError, match="oneDNN bfloat16 MLP: .*avx512"):
+            OneDnnMlp(mlp([13, 16], True), dtype=dtype)
+        pytest.skip(f"bf16 MLPs: {bf16_gemm_missing()}")
+    torch.manual_seed(0)
+    for widths, relu_last, k_in in (([13, 512, 256, 64, 16], True, None), ([367, 512, 256, 1], False, 368)):
+        net = mlp(widths, relu_last).eval()
+        x = torch.randn(300, widths[0])
+        fast = OneDnnMlp(net, k_in=k_in, dtype=dtype)
+        assert fast.final == (widths[-1] == 1 and dtype == torch.bfloat16)
+        xin = nn.functional.pad(x, (0, (k_in or widths[0]) - widths[0])).to(dtype)
+        tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(xin).float(), net(x), atol=tol, rtol=tol)
+            if fast.final:                                     # the last layer adds no bf16 rounding
+                y = fast.hidden(xin)
+                torch.testing.assert_close(fast(xin).squeeze(1), y.float() @ fast.w_final + fast.b_final,
+                                           atol=1e-5, rtol=1e-5)
+
+
+def test_small_model_equals_the_model_in_bf16_and_refuses_bad_shapes():
+    from tests.helpers import small_model as trained_like
+
+    model = trained_like(rows=tuple(ROWS))
+    tables = [model.embeddings[t].weight.detach() for t in model.feature_tables]
+    w, base, rows = huge_table(tables), torch.tensor(np.cumsum([0] + ROWS[:-1])), torch.tensor(ROWS)
+    kp = -(-(16 + len(interaction_pairs(len(ROWS) + 1, "dlrm"))) // 16) * 16
+    net = small_model(w, base, rows, False, model.bottom, model.top, model.spec.n_dense, 0, kp)
+    for b in (1, 3, 8):
+        batch = multi_hot_batch(ROWS, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
+        with torch.inference_mode():
+            torch.testing.assert_close(net(batch.dense, batch.indices, batch.offsets), model(*batch.inputs()),
+                                       atol=1e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="layer shapes do not chain"):
+        net(batch.dense[:, :5].contiguous(), batch.indices, batch.offsets)
+
+
+def test_bf16_pairs_layout():
+    w = torch.arange(15, dtype=torch.float32).reshape(3, 5)          # N = 3, K = 5 (odd)
+    p = bf16_pairs(w)
+    assert p.shape == (3, 3, 2)
+    for c in range(3):
+        for j in range(3):
+            for q in range(2):
+                assert p[c, j, q] == (w[j, 2 * c + q] if 2 * c + q < 5 else 0)
