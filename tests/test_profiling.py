@@ -11,7 +11,8 @@ import pytest
 import rewrite
 from rewrite import data
 from rewrite.core.errors import RewriteError
-from rewrite.core.access_profile import AccessProfile, TableProfile, profile
+from rewrite.core.access_profile import AccessProfile, TableProfile
+from rewrite.profiling import profile
 from rewrite.core.synthetic import Synthetic, SyntheticConfig, write_npz
 from rewrite.training import table_dlrm
 

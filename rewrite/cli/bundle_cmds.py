@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rewrite.cli.group import emit, json_option, load_model, load_options, main
+from rewrite.cli.group import emit, json_option, load_options, main
 from rewrite.core.errors import RewriteError
 
 
@@ -35,50 +35,28 @@ from rewrite.core.errors import RewriteError
 def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, profile_path, samples,
                 dense_transform, allow_degraded, force, tune_trials, interaction, qr_op, as_json) -> None:
     """Lower a checkpoint (after -p passes or a --plan) to a verified bundle with a dispatch policy."""
-    from rewrite.bundling import check_output, compile_model, resolve_targets, tune_options
+    from rewrite.api import DEFAULT_TARGETS, compile
     from rewrite.core.errors import VerificationError
-
-    if pass_specs and plan_path:
-        raise RewriteError("-p and --plan: give one or the other (a plan already names its passes)")
-    if (data_path or profile_path or allow_degraded) and not (pass_specs or plan_path):
-        raise RewriteError("--data, --profile and --allow-degraded need -p or --plan")
-    targets = resolve_targets(list(target_names) or ["onnx-cpu"])   # unknown / unavailable: fail first
-    options = tune_options(targets, tune_trials) if tune_trials else None
-    if options and plan_path:
-        raise RewriteError("--tune with --plan is not supported yet: compile the plan, then tune a -p bundle")
-    check_output(output, force)
-    names = list(target_names) or None
-    if not (pass_specs or plan_path):
-        model = load_model(path, interaction, qr_op)
-        manifest = compile_model(model, output, names, source=path, force=force, target_options=options)
-        return _emit_compiled(output, manifest, as_json)
-    from rewrite.rewriting import load_inputs, rewrite_checked, summary
-    from rewrite.plan_bundle import compile_plan, rewrite_summary, warnings
     from rewrite.core.pass_contract import parse_pass
 
-    if plan_path:
-        from rewrite.cost.plan import check_plan_matches, load_plan, plan_paths
+    configured = [parse_pass(s) for s in pass_specs]         # a bad spec: exit 2 before loading
+    overrides = {k: v for k, v in (("interaction", interaction), ("qr_op", qr_op)) if v}
+    try:
+        manifest = compile(path, output, passes=configured, load_overrides=overrides,
+                           plan=plan_path, targets=list(target_names) or DEFAULT_TARGETS, data=data_path,
+                           profile=profile_path, samples=samples, dense_transform=dense_transform,
+                           allow_degraded=allow_degraded, force=force, tune_trials=tune_trials, source=path)
+    except VerificationError as e:
+        if getattr(e, "report", None):
+            from rewrite.rewriting import summary
 
-        plan = load_plan(plan_path)
-        plan_paths(plan)                                     # every pass spec parses: exit 2 first
-        model = load_model(path, interaction, qr_op)
-        check_plan_matches(plan, model, str(plan_path))
-        inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
-        manifest = compile_plan(model, plan, plan_path, output, inputs, names, source=path, force=force,
-                                allow_degraded=allow_degraded)
+            emit(e.report, as_json, summary)
+        raise
+    if plan_path:
+        from rewrite.plan_bundle import warnings
+
         for line in warnings(manifest):
             click.echo(f"warning: {line}", err=True)
-        return _emit_compiled(output, manifest, as_json)
-    configured = [parse_pass(s) for s in pass_specs]
-    model = load_model(path, interaction, qr_op)
-    inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
-    rewritten, report = rewrite_checked(model, path, configured, inputs, allow_degraded)
-    if "failure" in report:
-        emit({**report, "output": str(output), "written": False}, as_json, summary)
-        raise VerificationError(f"{report['failure']}; no bundle written")
-    manifest = compile_model(rewritten, output, names, source=path, force=force, original=model,
-                             extra={"passes": report["passes"], "rewrite": rewrite_summary(report)},
-                             target_options=options)
     _emit_compiled(output, manifest, as_json)
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Generic, Iterator, TypeVar
 from rewrite.core.errors import RewriteError
 
 T = TypeVar("T")
+_MISSING = object()
 
 
 class Registry(Generic[T]):
@@ -44,17 +45,23 @@ class Registry(Generic[T]):
             self._filled = True
         return self._entries
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, default=_MISSING) -> T:
+        """The entry ``name``; RewriteError listing the known names (or ``default``) when absent."""
         entries = self._fill()
         if name not in entries:
+            if default is not _MISSING:
+                return default
             raise RewriteError(f"unknown {self.kind} {name!r} (known: {', '.join(sorted(entries))}{self.hint})")
         return entries[name]
 
     def __getitem__(self, name: str) -> T:
         return self._fill()[name]
 
+    def __setitem__(self, name: str, entry: T) -> None:
+        """Set an entry directly (tests that register a throwaway one; ``register`` otherwise)."""
+        self._fill()[name] = entry
+
     def __delitem__(self, name: str) -> None:
-        """Remove an entry (tests that register a throwaway one)."""
         del self._entries[name]
 
     def names(self) -> list[str]:

@@ -14,7 +14,7 @@ from targets.base import get_target
 from rewrite.core.batch import split_bags_np
 from targets.tvm.common import LIBRARY, PARAMS
 from targets.tvm.cuda import CUBIN, _PREBUILT, _serve_prebuilt, gpu_arch
-from tvm_models import ATOL, BATCHES, RTOL, batch, composite_model
+from tests.targets.tvm.models import ATOL, BATCHES, RTOL, batch, composite_model
 
 EM_CUDA = 190           # ELF e_machine of NVIDIA cubins (elf.h)
 HAS_GPU = gpu_arch() is not None

@@ -14,7 +14,7 @@ from targets.base import CompiledPath, get_target
 from rewrite.core.batch import split_bags_np
 from targets.tvm.common import LIBRARY, PARAMS, aligned_copies
 from targets.tvm.llvm import host_cpu
-from tvm_models import ATOL, BATCHES, RTOL, batch, composite_model
+from tests.targets.tvm.models import ATOL, BATCHES, RTOL, batch, composite_model
 
 pytestmark = pytest.mark.slow   # one Relax compile (~15-40 s on 2 shared cores)
 

@@ -22,7 +22,7 @@ from targets.base import CompiledPath, get_target
 from rewrite.core.batch import split_bags_np
 from targets.tvm.common import LIBRARY, PARAMS
 from targets.tvm.tuning import TUNE_EXTRA, check_options, tuned_library
-from tvm_models import ATOL, RTOL
+from tests.targets.tvm.models import ATOL, RTOL
 
 TUNED_B, TRIALS = 64, 2
 ROWS = (300, 50)
