@@ -41,7 +41,7 @@ from rewrite.cost import microbench as mb
 from rewrite.cost.calibrate import estimator_for, runner
 from rewrite.cost.estimate import TableStats, coverage_curve, dense_facts
 from rewrite.cost.hardware import load_hardware
-from rewrite.cost.solve import Constraints, Problem, solve
+from rewrite.cost.ilp import Constraints, Problem, solve
 from rewrite.cost.variants import variant_of
 from rewrite.core.embedding import TableBag
 from rewrite.formats import native

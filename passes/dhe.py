@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
-from passes.rowfit import (budget_bytes, check_fit_options, fit_rows, fp32_table, not_smaller, rms,
-                           table_rows, weighted_rel_error)
+from passes.rowfit import (FitOptions, budget_bytes, fit_rows, fp32_table, not_smaller, rms, table_rows,
+                           weighted_rel_error)
 from rewrite.core.embedding import Representation, pool, register_representation
-from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
 MAX_BUCKETS = 1 << 24          # bucket numbers must be exact in float32 (24-bit mantissa)
@@ -178,20 +178,15 @@ class DHEBag(Representation):
 
 
 @dataclass(frozen=True)
-class DHEConfig(Selection):
+class DHEConfig(FitOptions):
     compression: float | None = option(None, "size the decoder to table bytes / compression (k = 2h)")
     k: int = option(1024, "hashes (used when compression is None)")
     hidden: tuple[int, ...] = option((512, 256), "decoder hidden widths")
     buckets: int = option(1_000_000, "m: hash range (paper: 10^6)")
     transform: Literal["uniform", "gaussian"] = option("uniform", "hash code -> real code: uniform in [-1, 1] or Gaussian (Box-Muller)")
-    steps: int = option(3000, "Adam steps of the fit")
-    batch_size: int = option(2048, "ids per fitting step (sampled by access frequency)")
-    lr: float = option(3e-3, "Adam learning rate of the fit")
-    max_error: float = option(0.9, "relative embedding error accepted (passes.rowfit explains 0.9)")
-    seed: int = option(0, "seed of the hash coefficients and the fit")
 
     def __post_init__(self):
-        check_fit_options(self)
+        super().__post_init__()
         if self.k < 1 or any(h < 1 for h in self.hidden):
             raise ValueError("k and hidden widths must be >= 1")
         if self.transform == "gaussian" and self.k % 2 and self.compression is None:

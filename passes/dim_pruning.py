@@ -34,10 +34,9 @@ import torch
 from torch import nn
 
 from rewrite.core.embedding import Representation, pool, register_representation
-from rewrite.core.errors import RewriteError
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
-from rewrite.core.units import parse_bytes
+from rewrite.core.units import check_bytes_option, parse_bytes
 
 DEFAULT_KEEP = 0.5          # share of the table's values kept when neither keep nor budget is given
 BISECTION_STEPS = 100       # λ bisection steps (float64; more changes nothing)
@@ -151,11 +150,7 @@ class PruneDimsConfig(Selection):
             raise ValueError("give keep or budget, not both")
         if self.keep is not None and not 0 < self.keep < 1:
             raise ValueError(f"keep must be in (0, 1), got {self.keep}")
-        if self.budget is not None:
-            try:
-                parse_bytes(self.budget)
-            except RewriteError as e:
-                raise ValueError(f"budget: {e}") from None
+        check_bytes_option("budget", self.budget)
         if any(a <= b for a, b in zip(self.levels, self.levels[1:])) or any(l < 0 for l in self.levels):
             raise ValueError(f"levels must be distinct non-negative dims, descending (got {self.levels})")
         if len(self.levels) == 1:

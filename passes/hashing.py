@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from passes.bucketing import BucketOptions
 from passes.universal_hash import PRIME, universal_hash
 from rewrite.core.embedding import Representation, gather_pool, register_representation
-from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.pass_contract import PassContext, Rewrite, Skip, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
 MERSENNE_31 = PRIME           # the hash family's prime p = 2^31 - 1
-DLRM_THRESHOLD = 200          # rows; as dlrm's qr/md thresholds: only larger tables
 
 
 @register_representation("hash")
@@ -77,18 +77,8 @@ def fit_hash(weight: torch.Tensor, w: np.ndarray, buckets: int, seed, pooling: s
 
 
 @dataclass(frozen=True)
-class HashConfig(Selection):
-    min_rows: int = option(DLRM_THRESHOLD + 1, "leave tables with fewer rows alone (as dlrm's qr/md: "
-                           "only tables with more than 200 rows)")
-    collisions: int = option(4, "rows per bucket on average: ceil(rows / collisions) buckets")
-    max_error: float = option(0.9, "fail when ||Δe|| / ||e|| over the sample bags exceeds this "
-                                   "(1 = no better than zeros)")
-
-    def __post_init__(self):
-        if self.collisions < 2:
-            raise ValueError(f"collisions must be >= 2, got {self.collisions}")
-        if not self.max_error > 0:
-            raise ValueError(f"max_error must be > 0, got {self.max_error}")
+class HashConfig(BucketOptions):
+    """Hashing trick: ``collisions`` ids per bucket on average."""
 
 
 @register_pass("hash", HashConfig)

@@ -34,7 +34,7 @@ from rewrite.core.errors import RewriteError
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, parse_pass, plain_fp32_table, register_pass
 from rewrite.core.access_profile import AccessProfile, TableProfile
 from rewrite.core.tracing import EmbeddingSite, capture
-from rewrite.core.units import parse_bytes
+from rewrite.core.units import check_bytes_option, parse_bytes
 
 DEFAULT_COVERAGE = 0.9     # share of lookups the hot set covers (the profile CLI's default)
 PLAIN_COLD = {"fp32": ("float32", 0.0), "fp16": ("float16", 2.0 ** -11), "bf16": ("bfloat16", 2.0 ** -8)}
@@ -104,11 +104,7 @@ class HotColdConfig(Selection):
             raise ValueError("give coverage or hot_bytes, not both")
         if self.coverage is not None and not 0 < self.coverage <= 1:
             raise ValueError(f"coverage must be in (0, 1], got {self.coverage}")
-        if self.hot_bytes is not None:
-            try:
-                parse_bytes(self.hot_bytes)
-            except RewriteError as e:
-                raise ValueError(f"hot_bytes: {e}") from None
+        check_bytes_option("hot_bytes", self.hot_bytes)
         if not self.hot_memory or not self.cold_memory:
             raise ValueError("hot_memory and cold_memory must be non-empty names")
         if self.cold not in PLAIN_COLD:

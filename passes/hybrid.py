@@ -25,10 +25,9 @@ from torch import nn
 
 from passes.dhe import MAX_BUCKETS, DeepHashDecoder, fit_decoder, plan_decoder
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
-from passes.rowfit import (budget_bytes, check_fit_options, fp32_table, not_smaller, table_rows,
-                           weighted_rel_error)
+from passes.rowfit import FitOptions, budget_bytes, fp32_table, not_smaller, table_rows, weighted_rel_error
 from rewrite.core.embedding import Representation, pool, register_representation
-from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
 
@@ -84,7 +83,7 @@ def fit_slot_table(rep: HybridBag, target: torch.Tensor, weights: np.ndarray) ->
 
 
 @dataclass(frozen=True)
-class HybridConfig(Selection):
+class HybridConfig(FitOptions):
     compression: float | None = option(None, "total budget = table bytes / compression")
     table_share: float = option(0.5, "share of the budget for the table part (rest: DHE)")
     slots: int = option(4096, "table-part rows (when compression is None)")
@@ -92,14 +91,9 @@ class HybridConfig(Selection):
     hidden: tuple[int, ...] = option((32, 16), "decoder hidden widths")
     buckets: int = option(1_000_000, "m: hash range (paper: 10^6)")
     transform: Literal["uniform", "gaussian"] = option("uniform", "hash code -> real code: uniform in [-1, 1] or Gaussian (Box-Muller)")
-    steps: int = option(3000, "Adam steps of the fit")
-    batch_size: int = option(2048, "ids per fitting step (sampled by access frequency)")
-    lr: float = option(3e-3, "Adam learning rate of the fit")
-    max_error: float = option(0.9, "relative embedding error accepted (passes.rowfit explains 0.9)")
-    seed: int = option(0, "seed of the hash coefficients and the fit")
 
     def __post_init__(self):
-        check_fit_options(self)
+        super().__post_init__()
         if not 0 < self.table_share < 1:
             raise ValueError(f"table_share must be in (0, 1), got {self.table_share}")
         if self.slots < 1 or self.k < 1 or any(h < 1 for h in self.hidden):

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
-from passes.rowfit import (budget_bytes, check_fit_options, fit_rows, fp32_table, not_smaller, rms,
-                           table_rows, weighted_rel_error)
+from passes.rowfit import (FitOptions, budget_bytes, fit_rows, fp32_table, not_smaller, rms, table_rows,
+                           weighted_rel_error)
 from rewrite.core.embedding import Representation, pool, register_representation
-from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
+from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
 
@@ -78,7 +78,7 @@ def memrec_bytes(dim: int, tokens: int, k: int, weight_rows: int, kw: int, per_t
 
 
 @dataclass(frozen=True)
-class MemRecConfig(Selection):
+class MemRecConfig(FitOptions):
     compression: float | None = option(None, "size D (and dw) to table bytes / compression")
     tokens: int = option(4096, "D (when compression is None)")
     k: int = option(2, "K token hashes")
@@ -86,14 +86,9 @@ class MemRecConfig(Selection):
     kw: int = option(2, "weight hashes")
     weight_share: float = option(0.1, "share of the budget for the weight table (compression set)")
     per_token_weights: bool = option(True, "V [dw, K] (False: V [dw, 1])")
-    steps: int = option(3000, "Adam steps of the fit")
-    batch_size: int = option(2048, "ids per fitting step (sampled by access frequency)")
-    lr: float = option(3e-3, "Adam learning rate of the fit")
-    max_error: float = option(0.9, "relative embedding error accepted (passes.rowfit explains 0.9)")
-    seed: int = option(0, "seed of the hash coefficients and the fit")
 
     def __post_init__(self):
-        check_fit_options(self)
+        super().__post_init__()
         if min(self.tokens, self.k, self.weight_rows, self.kw) < 1:
             raise ValueError("tokens, k, weight_rows and kw must be >= 1")
         if not 0 < self.weight_share < 1:

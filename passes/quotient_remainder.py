@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from passes.bucketing import BucketOptions
 from rewrite.core.embedding import Representation, pool, register_representation
-from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
-DLRM_QR_THRESHOLD = 200       # rows; dlrm_s_pytorch.py --qr-threshold default: only larger tables
 ALS_MAX_ITERATIONS = 200
 ALS_TOLERANCE = 1e-9          # stop when the objective improves by less than this fraction
 
@@ -149,19 +149,8 @@ def qr_bytes(rows: int, dim: int, c: int, op: str) -> int:
 
 
 @dataclass(frozen=True)
-class QRConfig(Selection):
-    min_rows: int = option(DLRM_QR_THRESHOLD + 1, "leave tables with fewer rows alone (dlrm's "
-                           "--qr-threshold: only tables with more than 200 rows)")
-    collisions: int = option(4, "c: W_r has c rows, W_q ceil(rows / c) (dlrm --qr-collisions)")
+class QRConfig(BucketOptions):
     op: Literal["mult", "add", "concat"] = option("mult", "how the two parts combine (dlrm --qr-operation)")
-    max_error: float = option(0.9, "fail when ||Δe|| / ||e|| over the sample bags exceeds this "
-                                   "(1 = no better than zeros)")
-
-    def __post_init__(self):
-        if self.collisions < 2:
-            raise ValueError(f"collisions must be >= 2, got {self.collisions}")
-        if not self.max_error > 0:
-            raise ValueError(f"max_error must be > 0, got {self.max_error}")
 
 
 @register_pass("qr", QRConfig)

@@ -16,6 +16,7 @@ fit is barely better than dropping it, and accepts the lossy fits these passes e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from rewrite.core.embedding import TableBag
-from rewrite.core.pass_contract import PassContext, Skip, plain_fp32_table
+from rewrite.core.pass_contract import PassContext, Selection, Skip, option, plain_fp32_table
 from rewrite.core.tracing import EmbeddingSite
 
 
@@ -100,6 +101,21 @@ def check_fit_options(cfg) -> None:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if cfg.max_error is not None and cfg.max_error < 0:
         raise ValueError(f"max_error must be >= 0, got {cfg.max_error}")
+
+
+@dataclass(frozen=True)
+class FitOptions(Selection):
+    """The gradient fit's knobs (``fit_rows``), one definition for every pass fitted by Adam
+    (dhe, hybrid, memrec); a config inherits it and adds its own shape options."""
+
+    steps: int = option(3000, "Adam steps of the fit")
+    batch_size: int = option(2048, "ids per fitting step (sampled by access frequency)")
+    lr: float = option(3e-3, "Adam learning rate of the fit")
+    max_error: float = option(0.9, "relative embedding error accepted (passes.rowfit explains 0.9)")
+    seed: int = option(0, "seed of the hash coefficients and the fit")
+
+    def __post_init__(self):
+        check_fit_options(self)
 
 
 def fp32_table(site: EmbeddingSite, ctx: PassContext, name: str) -> TableBag | Skip:

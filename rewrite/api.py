@@ -62,7 +62,7 @@ def compile(model: RecModel | str | Path, out: str | Path, *, passes: Iterable[C
     check_output(out, force)
     plan_file = None
     if plan is not None:
-        from rewrite.cost.plan import load_plan, plan_paths
+        from rewrite.cost.plan_file import load_plan, plan_paths
 
         plan_file = Path(plan) if not isinstance(plan, dict) else Path(source or "plan")
         plan = load_plan(plan) if not isinstance(plan, dict) else plan
@@ -78,7 +78,7 @@ def compile(model: RecModel | str | Path, out: str | Path, *, passes: Iterable[C
     inputs = load_inputs(model, Path(data) if data else None, Path(profile) if profile else None, samples,
                          dense_transform)
     if plan is not None:
-        from rewrite.cost.plan import check_plan_matches
+        from rewrite.cost.plan_file import check_plan_matches
 
         check_plan_matches(plan, model, str(plan_file))
         return compile_plan(model, plan, plan_file, out, inputs, names, source=source, force=force,
@@ -100,7 +100,7 @@ def plan(model: RecModel | str | Path, data: str | Path, *, hardware: str = "cpu
          calibrate: bool = True, explain: bool = False, plot: str | Path | None = None,
          output: str | Path | None = None) -> dict[str, Any]:
     """Choose a representation per table and a path per batch size under the constraints; the
-    plan/1 dict (``rewrite.cost.plan``), also written to ``output`` when given."""
+    plan/1 dict (``rewrite.cost.plan_file``), also written to ``output`` when given."""
     from rewrite.cost.commands import run_plan
 
     model, path = _model(model)

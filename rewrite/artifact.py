@@ -79,10 +79,9 @@ class Bundle:
 
     def path_for_batch(self, batch: int) -> str:
         """The path the dispatch policy picks for a batch of ``batch`` samples."""
-        for r in self.manifest["dispatch"]["ranges"]:
-            if r["min_batch"] <= batch and (r["max_batch"] is None or batch <= r["max_batch"]):
-                return r["path"]
-        return self.default_path
+        from rewrite.dispatch import route
+
+        return route(self.manifest["dispatch"]["ranges"], batch, self.default_path)
 
     def path_dir(self, name: str) -> Path:
         return self.root / self.paths[name]["folder"]
@@ -151,27 +150,3 @@ def _well_formed(manifest: dict[str, Any]) -> bool:
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
-
-
-def dispatch_policy(latency_ms: dict[str, dict[int, float]], default: str | None) -> dict[str, Any]:
-    """Per batch-size range, the path with the lowest measured latency.
-
-    latency_ms[path][batch] was measured at a few batch sizes s_0 < s_1 < ...; size s_i owns the
-    batches up to the geometric mean of s_i and s_{i+1} (latency grows ~linearly in the batch, so
-    the crossover between two measured sizes is taken halfway on a log scale).  Adjacent ranges
-    with the same winner merge.  Default path: the winner at the largest measured size.
-    """
-    sizes = sorted({b for per in latency_ms.values() for b in per})
-    if not sizes:
-        return {"measured_batch_sizes": [], "ranges": [], "default_path": default}
-    winners = [min(latency_ms, key=lambda p: latency_ms[p].get(b, float("inf"))) for b in sizes]
-    ranges: list[dict[str, Any]] = []
-    lo = 1
-    for i, (size, path) in enumerate(zip(sizes, winners)):
-        hi = None if i == len(sizes) - 1 else int((size * sizes[i + 1]) ** 0.5)
-        if ranges and ranges[-1]["path"] == path:
-            ranges[-1]["max_batch"] = hi
-        else:
-            ranges.append({"min_batch": lo, "max_batch": hi, "path": path})
-        lo = (hi or 0) + 1
-    return {"measured_batch_sizes": sizes, "ranges": ranges, "default_path": winners[-1]}

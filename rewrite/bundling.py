@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from rewrite.core import isa
-from rewrite.artifact import (FORMAT, FORMAT_VERSION, REFERENCE_FILE, dispatch_policy, file_entry,
+from rewrite.dispatch import measured_ranges
+from rewrite.artifact import (FORMAT, FORMAT_VERSION, REFERENCE_FILE, file_entry,
                               sha256_file, write_manifest)
 from rewrite.core.atomic import atomic_path
 from rewrite.core.errors import RewriteError, VerificationError
@@ -181,7 +182,7 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
             **manifest_head(model, source, tmp),
             **({"rewritten": file_entry(tmp, REWRITTEN_FILE)} if lowered_from == REWRITTEN_FILE else {}),
             "paths": paths,
-            "dispatch": {**dispatch_policy(latency, next(iter(paths))),
+            "dispatch": {**measured_ranges(latency, next(iter(paths))),
                          "threads": 1, "measured": "compile time, one process, 1 thread"},
             **(extra or {}),
         }

@@ -7,7 +7,7 @@ original and verified against it (same gate), stored as ``rewritten/pK.safetenso
 compile time) -> a dispatch policy that follows the plan's batch-size ranges:
 
 * plan range [lo, hi] -> plan path pK: within it, the fastest (compile-time measurement) verified
-  ``pK-<target>``; the target choice uses ``artifact.dispatch_policy`` clipped to [lo, hi];
+  ``pK-<target>``; the target choice uses ``dispatch.measured_ranges`` clipped to [lo, hi];
 * when no ``pK-<target>`` verified (the rewrite exceeded its tolerance, or every lowering
   failed), the range falls back to the fastest verified path of any plan path, recorded in
   ``dispatch.fallbacks``;
@@ -29,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 from rewrite.rewriting import Inputs, rewrite_checked
-from rewrite.artifact import REFERENCE_FILE, dispatch_policy, file_entry, sha256_file, write_manifest
+from rewrite.artifact import REFERENCE_FILE, file_entry, sha256_file, write_manifest
+from rewrite.dispatch import plan_ranges
 from rewrite.core.atomic import atomic_path
 from rewrite.bundling import (DEFAULT_TARGETS, LATENCY_BATCH_SIZES, check_output, lower_path,
                               manifest_head, measure_latency, resolve_targets, verification_inputs)
-from rewrite.cost.plan import check_plan_matches, plan_paths
+from rewrite.cost.plan_file import check_plan_matches, plan_paths
 from rewrite.core.errors import VerificationError
 from rewrite.core.model_file import save
 from rewrite.core.model import RecModel
@@ -57,52 +58,6 @@ def resident_bytes(models: list[RecModel]) -> int:
     representation) once: counted from the tensors of the models as stored."""
     distinct = {(t, rep.describe()): rep.num_bytes() for m in models for t, rep in m.embeddings.items()}
     return models[0].dense_bytes() + sum(distinct.values())
-
-
-def clip_ranges(ranges: list[dict[str, Any]], lo: int, hi: int | None) -> list[dict[str, Any]]:
-    """``ranges`` (covering 1..inf) restricted to [lo, hi] (hi None: unbounded)."""
-    out = []
-    for r in ranges:
-        a = max(lo, r["min_batch"])
-        b = r["max_batch"] if hi is None else (hi if r["max_batch"] is None else min(hi, r["max_batch"]))
-        if b is None or a <= b:
-            out.append({"min_batch": a, "max_batch": b, "path": r["path"]})
-    return out
-
-
-def plan_dispatch(plan: dict[str, Any], served: dict[str, list[str]],
-                  latency: dict[str, dict[int, float]]) -> dict[str, Any]:
-    """The bundle's dispatch from the plan's ranges (module docstring); ``served[pK]``: the
-    verified bundle paths of plan path pK."""
-    everyone = [n for names in served.values() for n in names]
-    ranges: list[dict[str, Any]] = []
-    fallbacks = []
-    for r in plan["dispatch"]["ranges"]:
-        lo, hi, want = r["min_batch"], r.get("max_batch"), r["path"]
-        candidates = served.get(want) or everyone
-        if not served.get(want):
-            fallbacks.append({"min_batch": lo, "max_batch": hi, "plan_path": want,
-                              "reason": f"plan path {want} has no verified bundle path; "
-                                        "served by the fastest verified path (compile-time latency)"})
-        fastest = dispatch_policy({n: latency[n] for n in candidates}, candidates[0])["ranges"]
-        for c in clip_ranges(fastest, lo, hi):
-            if ranges and ranges[-1]["path"] == c["path"] and ranges[-1]["max_batch"] == c["min_batch"] - 1:
-                ranges[-1]["max_batch"] = c["max_batch"]
-            else:
-                ranges.append(c)
-    ref = int(plan.get("batch") or 1)
-    default = next((r["path"] for r in ranges if r["min_batch"] <= ref
-                    and (r["max_batch"] is None or ref <= r["max_batch"])), ranges[-1]["path"])
-    policy = {"rule": "plan ranges; within a range the fastest verified target of the plan's path "
-                      "(compile-time latency); a plan path with no verified bundle path falls back "
-                      "to the fastest verified path",
-              "plan_rule": plan["dispatch"].get("rule"),
-              "measured_batch_sizes": sorted({b for per in latency.values() for b in per}),
-              "ranges": ranges, "default_path": default, "fallbacks": fallbacks}
-    for key in ("latency_target_s", "max_batch_within_target"):
-        if key in plan["dispatch"]:
-            policy[key] = plan["dispatch"][key]
-    return policy
 
 
 def compile_plan(model: RecModel, plan: dict[str, Any], plan_file: Path, out: Path, inputs: Inputs,
@@ -172,7 +127,7 @@ def compile_plan(model: RecModel, plan: dict[str, Any], plan_file: Path, out: Pa
         manifest = {
             **manifest_head(model, source, tmp),
             "paths": paths,
-            "dispatch": {**plan_dispatch(plan, served, latency),
+            "dispatch": {**plan_ranges(plan, served, latency),
                          "threads": 1, "measured": "compile time, one process, 1 thread"},
             "plan": {"file": str(plan_file), "sha256": sha256_file(plan_file), "primary": plan.get("primary", "p0"),
                      "hardware": plan.get("hardware", {}).get("name"), "target": plan.get("target"),

@@ -1,4 +1,4 @@
-"""Helpers for the passes-I tests: the fp16 tolerance, small models, ragged batches, export checks."""
+"""Helpers for the passes tests: small models, ragged batches, access profiles, export checks."""
 
 from __future__ import annotations
 
@@ -14,22 +14,7 @@ from rewrite.core.synthetic import multi_hot_batch
 from rewrite.training import table_dlrm
 from targets.base import ExportedBags
 from rewrite.core.batch import split_bags_np
-
-# One table of tolerances by representation, shared by every test (relative to the largest
-# |value| compared).  Lossy forms with a derived bound (intN, fitted passes) are checked against
-# that bound instead.
-TOLERANCES = {
-    "exact": 1e-5,      # fp32 rewrites that only change summation order
-    "fp16": 1e-3,       # fp16 storage: 2^-11 relative rounding per element
-}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str) -> None:
-    actual, expected = actual.detach(), expected.detach()
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
-    diff = float((actual - expected).abs().max()) if expected.numel() else 0.0
-    assert diff <= TOLERANCES[kind] * scale, f"max |Δ| {diff:.3g} > {kind} tolerance {TOLERANCES[kind]} × {scale:.3g}"
-
+from tests.tolerances import assert_close
 
 def small_model(rows=(3, 40, 257, 1000), dim: int = 8, seed: int = 0, spread: float = 0.3) -> RecModel:
     """A random dot-interaction DLRM; tables scaled to ``spread`` so values look trained."""
@@ -69,7 +54,7 @@ def assert_exports(model: RecModel, example: Batch, check: Batch) -> None:
     with torch.no_grad():
         got = ep.module()(*bag_inputs(model, check))
         want = model(*check.inputs())
-    assert_close(got, want, "exact")
+    assert_close(got, want, "float32", "exported program vs eager")
 
 
 def profile_of(model: RecModel, counts: dict[str, "np.ndarray"], samples: int) -> AccessProfile:

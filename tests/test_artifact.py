@@ -4,7 +4,8 @@ import shutil
 import pytest
 import torch
 
-from rewrite.artifact import FORMAT_VERSION, dispatch_policy, open_bundle, sha256_file
+from rewrite.artifact import FORMAT_VERSION, open_bundle, sha256_file
+from rewrite.dispatch import measured_ranges
 from rewrite.bundling import compile_model
 from rewrite.core.errors import RewriteError
 from rewrite.core.model_file import load
@@ -60,13 +61,13 @@ def test_reference_is_the_original_model_in_native_format(built):
 
 def test_dispatch_policy_picks_the_fastest_per_range():
     lat = {"a": {1: 0.1, 64: 1.0, 512: 9.0, 2048: 30.0}, "b": {1: 0.3, 64: 0.8, 512: 5.0, 2048: 31.0}}
-    d = dispatch_policy(lat, None)
+    d = measured_ranges(lat, None)
     # crossovers at the geometric means: sqrt(1*64)=8, sqrt(64*512)=181, sqrt(512*2048)=1024
     assert d["ranges"] == [{"min_batch": 1, "max_batch": 8, "path": "a"},
                            {"min_batch": 9, "max_batch": 1024, "path": "b"},
                            {"min_batch": 1025, "max_batch": None, "path": "a"}]
     assert d["default_path"] == "a"
-    assert dispatch_policy({}, "x") == {"measured_batch_sizes": [], "ranges": [], "default_path": "x"}
+    assert measured_ranges({}, "x") == {"measured_batch_sizes": [], "ranges": [], "default_path": "x"}
 
 
 def test_tampered_file_is_refused(copy):

@@ -30,6 +30,8 @@ TOLERANCES: dict[str, Tolerance] = {
     # the summation order differs (the storage rounding itself is not a tolerance)
     "float16": Tolerance(1e-5, 1e-5, "fp16 storage, fp32 accumulation"),
     "bfloat16": Tolerance(1e-5, 1e-5, "bf16 storage, fp32 accumulation"),
+    # an fp16 table against the fp32 table it was made from: storage rounding is the error
+    "fp16-rounded": Tolerance(1e-3, 1e-3, "fp16 storage of fp32 rows: 2^-11 relative rounding per element"),
     # representations loaded from dlrm checkpoints, vs dlrm's own modules
     "table": Tolerance(1e-5, 1e-5, "plain table vs nn.EmbeddingBag"),
     "qr": Tolerance(1e-5, 1e-5, "QR vs dlrm's QREmbeddingBag"),

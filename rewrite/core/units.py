@@ -17,6 +17,16 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _BYTES[m.group(2).lower()])
 
 
+def check_bytes_option(name: str, text: str | None) -> None:
+    """ValueError naming the option when ``text`` (None: unset) is not a byte size: what a pass
+    config's ``__post_init__`` raises (the pass manager turns it into the one-line error)."""
+    if text is not None:
+        try:
+            parse_bytes(text)
+        except RewriteError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
 _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 

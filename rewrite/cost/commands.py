@@ -48,7 +48,7 @@ def human_hardware(d: dict[str, Any]) -> str:
 
 
 def _constraints(memory_budget, max_auc_drop, latency_target, batch):
-    from rewrite.cost.solve import Constraints
+    from rewrite.cost.ilp import Constraints
     from rewrite.core.units import parse_bytes, parse_seconds
 
     if batch < 1:
@@ -91,7 +91,7 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     from rewrite.cost.calibrate import estimator_for
     from rewrite.cost.hardware import load_hardware
     from rewrite.cost.pareto import frontier, plot as plot_frontier
-    from rewrite.cost.plan import save_plan
+    from rewrite.cost.plan_file import save_plan
     from rewrite.cost.planner import build_problem, make_plan
     from rewrite.cost.select import explain as explain_plan
     from rewrite.core.access_profile import AccessProfile

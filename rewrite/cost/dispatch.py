@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from rewrite.dispatch import route
 from rewrite.cost.select import Measure, Selected
-from rewrite.cost.solve import Constraints, Infeasible, Problem, solve
+from rewrite.cost.ilp import Constraints, Infeasible, Problem, solve
 from rewrite.cost.types import Variant
 
 LADDER = (1, 8, 64, 256, 1024, 4096, 16384)    # batch sizes the policy is solved at
@@ -52,7 +53,7 @@ def _crossing(f: Callable[[int], float], g: Callable[[int], float], lo: int, hi:
     return hi
 
 
-def dispatch_policy(p: Problem, primary: Selected, max_auc_drop: float | None = None,
+def design_dispatch(p: Problem, primary: Selected, max_auc_drop: float | None = None,
                     measure: Measure | None = None, ladder: tuple[int, ...] = LADDER
                     ) -> tuple[dict[str, dict[str, Variant]], dict]:
     """(paths by name, the policy JSON) following the rule in the module docstring.
@@ -101,14 +102,6 @@ def dispatch_policy(p: Problem, primary: Selected, max_auc_drop: float | None = 
         policy["max_batch_within_target"] = max_batch_within(lambda b: fns[route(ranges, b)](b),
                                                              c.latency_target[0])
     return paths, policy
-
-
-def route(ranges: list[dict], batch: int) -> str:
-    """The path a request of ``batch`` rows runs on (what the runtime does with the policy)."""
-    for r in ranges:
-        if r["min_batch"] <= batch and (r["max_batch"] is None or batch <= r["max_batch"]):
-            return r["path"]
-    raise ValueError(f"batch {batch} is not covered by the dispatch ranges")
 
 
 def max_batch_within(latency: Callable[[int], float], target: float) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rewrite.core.atomic import atomic_path
-from rewrite.cost.solve import Constraints, Infeasible, Problem, solve
+from rewrite.cost.ilp import Constraints, Infeasible, Problem, solve
 from rewrite.cost.types import Variant
 
 MEMORY_POINTS = 8

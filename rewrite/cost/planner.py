@@ -1,7 +1,7 @@
 """The planning loop, short: enumerate -> estimate -> select (measure, revise) -> dispatch -> report.
 
 Before: a model, sample data (labelled or not), an access profile, a hardware spec with its
-estimator, constraints.  After: a ``plan/1`` dict (see ``plan.py``) and the problem it was solved
+estimator, constraints.  After: a ``plan/1`` dict (see ``plan_file.py``) and the problem it was solved
 on (for ``--explain`` and the Pareto frontier).
 """
 
@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from rewrite.core.batch import Batch
-from rewrite.cost.dispatch import LADDER, dispatch_policy
+from rewrite.cost.dispatch import LADDER, design_dispatch
 from rewrite.cost.estimate import Estimator, dense_facts
-from rewrite.cost.plan import PLAN_SCHEMA
+from rewrite.cost.plan_file import PLAN_SCHEMA
 from rewrite.cost.select import Selected, select
-from rewrite.cost.solve import Constraints, Problem
+from rewrite.cost.ilp import Constraints, Problem
 from rewrite.cost.types import Variant
 from rewrite.cost.variants import Enumeration, enumerate_variants, restrict, table_stats
 from rewrite.core.errors import RewriteError
@@ -84,7 +84,7 @@ def make_plan(model: RecModel, model_path: str, problem: Problem, enum: Enumerat
                            "(use --max-rel-error to bound the per-table embedding error instead)")
     measure = make_measure(model, enum, sample) if enum.labelled else None
     sel = select(problem, constraints, batch, measure)
-    paths, policy = dispatch_policy(problem, sel, constraints.max_auc_drop, measure)
+    paths, policy = design_dispatch(problem, sel, constraints.max_auc_drop, measure)
     hw = problem.estimator.hw
     lt = constraints.latency_target
     plan = {

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rewrite.cost.solve import Constraints, Infeasible, Problem, Solution, solve
+from rewrite.cost.ilp import Constraints, Infeasible, Problem, Solution, solve
 from rewrite.cost.types import Variant
 from rewrite.core.errors import RewriteError
 from rewrite.inspection import human_bytes

@@ -2,10 +2,11 @@
 
 import pytest
 
-from rewrite.cost.dispatch import dispatch_policy, max_batch_within, route
+from rewrite.cost.dispatch import design_dispatch, max_batch_within
+from rewrite.dispatch import route
 from rewrite.cost.estimate import DenseFacts, Estimator, TableStats
 from rewrite.cost.select import select
-from rewrite.cost.solve import Constraints, Problem
+from rewrite.cost.ilp import Constraints, Problem
 from tests.cost.conftest import synthetic_hw
 from tests.cost.test_solve import variant
 
@@ -21,7 +22,7 @@ def test_two_paths_switch_where_their_latencies_cross():
     p = problem()
     sel = select(p, Constraints(), 512)
     assert sel.solution.choice["t0"].pass_spec is None        # keep wins at 512
-    paths, policy = dispatch_policy(p, sel)
+    paths, policy = design_dispatch(p, sel)
     assert [paths[n]["t0"].pass_spec for n in ("p0", "p1")] == [None, "gemmish"]
     keep, gem = p.variants["t0"]
     cross = next(b for b in range(1, 16385)
@@ -35,7 +36,7 @@ def test_two_paths_switch_where_their_latencies_cross():
 def test_no_extra_path_when_all_paths_would_not_fit_the_budget():
     p = problem()
     sel = select(p, Constraints(memory_budget=403_999), 512)
-    paths, policy = dispatch_policy(p, sel)
+    paths, policy = design_dispatch(p, sel)
     assert list(paths) == ["p0"]
     assert policy["ranges"] == [{"min_batch": 1, "max_batch": None, "path": "p0"}]
 
@@ -43,14 +44,14 @@ def test_no_extra_path_when_all_paths_would_not_fit_the_budget():
 def test_no_extra_path_when_its_measured_auc_breaks_the_limit():
     p = problem()
     sel = select(p, Constraints(max_auc_drop=0.001), 512, measure=lambda ch: 0.0)
-    paths, _ = dispatch_policy(p, sel, 0.001, measure=lambda ch: 0.0 if ch["t0"].pass_spec is None else 0.002)
+    paths, _ = design_dispatch(p, sel, 0.001, measure=lambda ch: 0.0 if ch["t0"].pass_spec is None else 0.002)
     assert list(paths) == ["p0"]
 
 
 def test_latency_target_sets_the_largest_batch_served_in_time():
     p = problem()
     sel = select(p, Constraints(latency_target=(100e-6, 64)), 512)
-    paths, policy = dispatch_policy(p, sel)
+    paths, policy = design_dispatch(p, sel)
     n = policy["max_batch_within_target"]
     lat = lambda b: p.plan_cost(paths[route(policy["ranges"], b)], b).total  # noqa: E731
     assert lat(n) <= 100e-6 < lat(n + 1)

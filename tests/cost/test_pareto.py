@@ -3,7 +3,7 @@
 import itertools
 
 from rewrite.cost.pareto import dominated, frontier, plot
-from rewrite.cost.solve import Constraints, solve
+from rewrite.cost.ilp import Constraints, solve
 from tests.cost.test_select import problem
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from rewrite.cost.estimate import Estimator
 from rewrite.cost.planner import build_problem, make_plan
-from rewrite.cost.solve import Constraints
+from rewrite.cost.ilp import Constraints
 from rewrite.core.errors import RewriteError
 from tests.cost.conftest import sample_of, synthetic_hw
 

@@ -4,7 +4,7 @@ import pytest
 
 from rewrite.cost.estimate import DenseFacts, Estimator, TableStats
 from rewrite.cost.select import explain, select
-from rewrite.cost.solve import Constraints, Problem, solve
+from rewrite.cost.ilp import Constraints, Problem, solve
 from rewrite.core.errors import RewriteError
 from tests.cost.conftest import synthetic_hw
 from tests.cost.test_solve import variant

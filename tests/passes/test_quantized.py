@@ -13,7 +13,8 @@ from rewrite.core.embedding import TableBag
 from rewrite.core.errors import RewriteError
 from rewrite.core.pass_contract import parse_pass
 from rewrite.pass_manager import apply, table_bags
-from tests.pass_helpers import assert_close, assert_exports, batches, small_model
+from tests.pass_helpers import assert_exports, batches, small_model
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 
@@ -92,7 +93,7 @@ def test_lookup_matches_fbgemm_embedding_bag(bits):
     for b in batches(model, n=2, batch=128, mean_len=3.0):
         idx, off = b.indices, b.offsets
         ref = LOOKUP[bits](rep.packed, idx, off, include_last_offset=True)
-        assert_close(rep(idx, off), ref, "exact")
+        assert_close(rep(idx, off), ref, "float32")
 
 
 @pytest.mark.parametrize("bits,dim", [(8, 16), (4, 16), (4, 7), (2, 16), (2, 5)])
@@ -137,7 +138,7 @@ def test_pass_through_pipeline_within_tolerance(bits):
         assert rw.embeddings["t3"].weight.dtype == torch.float16
         for name in done:
             for idx, off in table_bags(model, sample, name):
-                assert_close(rw.embeddings[name](idx, off), model.embeddings[name](idx, off), "fp16")
+                assert_close(rw.embeddings[name](idx, off), model.embeddings[name](idx, off), "fp16-rounded")
     assert report.max_abs_logit_diff > 0
     assert isinstance(model.embeddings["t3"], TableBag) and model.embeddings["t3"].weight.dtype == torch.float32
 

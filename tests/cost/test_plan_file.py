@@ -7,9 +7,9 @@ import struct
 import pytest
 
 from rewrite.cost.estimate import Estimator
-from rewrite.cost.plan import check_plan_matches, load_plan, plan_paths, plan_to_passes, save_plan
+from rewrite.cost.plan_file import check_plan_matches, load_plan, plan_paths, plan_to_passes, save_plan
 from rewrite.cost.planner import build_problem, make_plan
-from rewrite.cost.solve import Constraints
+from rewrite.cost.ilp import Constraints
 from rewrite.core.errors import RewriteError
 from rewrite.formats import native
 from rewrite.pass_manager import apply

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rewrite.cost.estimate import DenseFacts, Estimator, TableStats
-from rewrite.cost.solve import Constraints, Infeasible, Problem, brute_force, solve
+from rewrite.cost.ilp import Constraints, Infeasible, Problem, brute_force, solve
 from rewrite.cost.types import RepFacts, Variant
 from tests.cost.conftest import synthetic_hw
 
