@@ -7,7 +7,7 @@ from scipy.stats import mannwhitneyu
 
 from rewrite.cost.variants import enumerate_variants, grid_passes, restrict, table_stats
 from rewrite.pass_manager import table_bags
-from tests.cost.conftest import sample_of, synthetic_hw
+from tests.rewrite.cost.conftest import sample_of, synthetic_hw
 
 
 def reference_auc(y, scores):

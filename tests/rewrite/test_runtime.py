@@ -16,7 +16,7 @@ from tests.representations import composite_model
 from tests.tolerances import path_tolerance
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

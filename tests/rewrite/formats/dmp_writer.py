@@ -1,6 +1,6 @@
 """Writes DistributedModelParallel-style checkpoints with real torch.distributed APIs (gloo, CPU).
 
-Run as ``python -m tests.formats.dmp_writer OUT WORLD``: WORLD processes build the same
+Run as ``python -m tests.rewrite.formats.dmp_writer OUT WORLD``: WORLD processes build the same
 reference DLRM (same seed) and hold its tables as ``ShardedTensor``s the way TorchRec shards
 them: table-wise (table i on rank i % WORLD) except ``t_cat_0``, which is row-wise split
 across all ranks.  Dense parameters are plain replicated tensors, as DDP holds them.  Every
@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
-from tests.formats.torchrec_ref import DLRMTrain, RefDLRM
+from tests.rewrite.formats.torchrec_ref import DLRMTrain, RefDLRM
 
 N_TABLES = 12  # > 10, so t_cat_10 sorts after t_cat_9 only when numbers compare as numbers
 TABLE_KEY = "model.sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"

@@ -15,7 +15,7 @@ from rewrite import data
 from rewrite.cli import main
 from rewrite.formats import dlrm
 from rewrite.training import table_dlrm
-from tests.data_formats.criteo_ref import (N_CAT, expected_rows, log1p, log3, parse_line,
+from tests.rewrite.data_formats.criteo_ref import (N_CAT, expected_rows, log1p, log3, parse_line,
                                            torchrec_checkpoint, tsv_lines)
 
 torch.set_num_threads(1)

@@ -19,7 +19,7 @@ from rewrite.cli import main
 from rewrite.core.access_profile import AccessProfile
 from tests.reference_dlrm import DLRM_Net, save_like_dlrm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def run(*args):

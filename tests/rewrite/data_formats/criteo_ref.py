@@ -77,7 +77,7 @@ def torchrec_checkpoint(path: Path) -> list[int]:
     """A TorchRec DLRM state dict with 26 Criteo tables (t_cat_0..25) at ``path``; its rows."""
     import torch
 
-    from tests.formats.torchrec_ref import RefDLRM
+    from tests.rewrite.formats.torchrec_ref import RefDLRM
 
     rows = [int(r) for r in np.random.default_rng(5).integers(2, 400, N_CAT)]
     ref = RefDLRM({f"t_cat_{i}": r for i, r in enumerate(rows)}, dim=4, n_dense=N_INT,

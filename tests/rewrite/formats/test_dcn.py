@@ -11,8 +11,8 @@ from click.testing import CliRunner
 import rewrite
 from rewrite.cli import main
 from rewrite.core.synthetic import multi_hot_batch
-from tests.formats.test_torchrec import assert_same, rows_of
-from tests.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
+from tests.rewrite.formats.test_torchrec import assert_same, rows_of
+from tests.rewrite.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import pytest
 from rewrite.cost.calibrate import calibrate, estimator_for, fit_theta, stored_fit
 from rewrite.cost.hardware import load_hardware
 from rewrite.core.errors import RewriteError
-from tests.cost.conftest import synthetic_hw
+from tests.rewrite.cost.conftest import synthetic_hw
 
 THETA = np.array([1.3, 2.5, 0.7, 12.0, 1.8])
 

@@ -7,8 +7,8 @@ from rewrite.dispatch import route
 from rewrite.cost.estimate import DenseFacts, Estimator, TableStats
 from rewrite.cost.select import select
 from rewrite.cost.ilp import Constraints, Problem
-from tests.cost.conftest import synthetic_hw
-from tests.cost.test_solve import variant
+from tests.rewrite.cost.conftest import synthetic_hw
+from tests.rewrite.cost.test_ilp import variant
 
 
 def problem():

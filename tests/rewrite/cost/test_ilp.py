@@ -6,7 +6,7 @@ import pytest
 from rewrite.cost.estimate import DenseFacts, Estimator, TableStats
 from rewrite.cost.ilp import Constraints, Infeasible, Problem, brute_force, solve
 from rewrite.cost.types import RepFacts, Variant
-from tests.cost.conftest import synthetic_hw
+from tests.rewrite.cost.conftest import synthetic_hw
 
 
 def variant(table, name, nbytes, ops, rows_bytes=64.0, drop=0.0, tier="dram", flops=16.0):

@@ -6,7 +6,7 @@ import pytest
 
 from rewrite.cost.types import Cost, Footprint, HardwareSpec, MemoryTier
 from rewrite.core.errors import RewriteError
-from tests.cost.conftest import synthetic_hw
+from tests.rewrite.cost.conftest import synthetic_hw
 
 
 def test_row_time_is_latency_or_bandwidth_bound():

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 import rewrite
 from rewrite import data
 from rewrite.cli import main
-from tests.data_formats.criteo_ref import (N_CAT, expected_rows, log1p, parse_line, torchrec_checkpoint,
+from tests.rewrite.data_formats.criteo_ref import (N_CAT, expected_rows, log1p, parse_line, torchrec_checkpoint,
                                            tsv_lines, write_torchrec_npys)
-from tests.data_formats.test_criteo_tsv import read_all, reference_columns
+from tests.rewrite.data_formats.test_criteo_tsv import read_all, reference_columns
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ from rewrite.cost import microbench as mb
 from rewrite.cost.hardware import PRESETS, cache_dir, cpu_local, load_hardware
 from rewrite.cost.types import HardwareSpec
 from rewrite.core.errors import RewriteError
-from tests.cost.conftest import synthetic_hw
+from tests.rewrite.cost.conftest import synthetic_hw
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -19,12 +19,12 @@ from click.testing import CliRunner
 
 import rewrite
 from rewrite.cli import main
-from tests.formats import dmp_writer
-from tests.formats.test_torchrec import assert_same, rows_of
-from tests.formats.torchrec_ref import DLRMTrain, RefDLRM
+from tests.rewrite.formats import dmp_writer
+from tests.rewrite.formats.test_torchrec import assert_same, rows_of
+from tests.rewrite.formats.torchrec_ref import DLRMTrain, RefDLRM
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TABLES = [f"t_cat_{i}" for i in range(dmp_writer.N_TABLES)]
 
 
@@ -42,7 +42,7 @@ def world2(tmp_path_factory) -> Path:
     """Two spawned ranks: tables split table-wise, t_cat_0 row-wise across both."""
     out = tmp_path_factory.mktemp("world2")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "tests.formats.dmp_writer", str(out), "2"], cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "tests.rewrite.formats.dmp_writer", str(out), "2"], cwd=ROOT,
                    env=env, check=True, capture_output=True, timeout=300)
     return out
 

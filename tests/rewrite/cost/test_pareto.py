@@ -4,7 +4,7 @@ import itertools
 
 from rewrite.cost.pareto import dominated, frontier, plot
 from rewrite.cost.ilp import Constraints, solve
-from tests.cost.test_select import problem
+from tests.rewrite.cost.test_select import problem
 
 
 def test_frontier_is_exactly_the_non_dominated_set_of_all_plans():

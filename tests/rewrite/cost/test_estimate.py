@@ -9,7 +9,7 @@ from rewrite.cost.estimate import Estimator, TableStats, coverage_curve, dense_f
 from rewrite.cost.types import MemoryTier
 from rewrite.core.embedding import Representation, TableBag
 from rewrite.core.model import ModelSpec, RecModel
-from tests.cost.conftest import synthetic_hw
+from tests.rewrite.cost.conftest import synthetic_hw
 
 
 class Doubled(Representation):

@@ -6,7 +6,7 @@ from rewrite.cost.estimate import Estimator
 from rewrite.cost.planner import build_problem, make_plan
 from rewrite.cost.ilp import Constraints
 from rewrite.core.errors import RewriteError
-from tests.cost.conftest import sample_of, synthetic_hw
+from tests.rewrite.cost.conftest import sample_of, synthetic_hw
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import rewrite
 from rewrite.cli import main
 from rewrite.core.model import interaction_pairs
 from rewrite.core.synthetic import multi_hot_batch
-from tests.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
+from tests.rewrite.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
 
 torch.set_num_threads(1)
 ATOL = 1e-5  # fp32, same ops in a different order

@@ -13,7 +13,7 @@ from rewrite.cost.ilp import Constraints
 from rewrite.core.errors import RewriteError
 from rewrite.formats import native
 from rewrite.pass_manager import apply
-from tests.cost.conftest import sample_of, synthetic_hw
+from tests.rewrite.cost.conftest import sample_of, synthetic_hw
 
 
 @pytest.fixture

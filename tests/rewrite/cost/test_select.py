@@ -6,8 +6,8 @@ from rewrite.cost.estimate import DenseFacts, Estimator, TableStats
 from rewrite.cost.select import explain, select
 from rewrite.cost.ilp import Constraints, Problem, solve
 from rewrite.core.errors import RewriteError
-from tests.cost.conftest import synthetic_hw
-from tests.cost.test_solve import variant
+from tests.rewrite.cost.conftest import synthetic_hw
+from tests.rewrite.cost.test_ilp import variant
 
 
 def problem():
