@@ -21,7 +21,7 @@ from rewrite.core.errors import RewriteError, VerificationError
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, parse_pass
 
-DEFAULT_TARGETS = ("onnx-cpu",)
+DEFAULT_TARGETS = ("auto",)      # every target usable here that accepts the model
 
 
 def _model(model: RecModel | str | Path, overrides: dict[str, Any] | None = None) -> tuple[RecModel, Path | None]:

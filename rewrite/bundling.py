@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -31,10 +32,11 @@ from rewrite.core.model import RecModel
 from rewrite.core.synthetic import multi_hot_batch
 from rewrite.core.timing import serving_batches, time_calls
 from rewrite.verification import compare, reference_logits, synthetic_checks, table_rows
-from targets.base import Target, get_target, require_available
+from targets.base import TARGETS, Target, get_target, require_available
 from rewrite.core.batch import split_bags_np
 
-DEFAULT_TARGETS = ("onnx-cpu",)
+AUTO = "auto"                  # every target usable here that accepts the model
+DEFAULT_TARGETS = (AUTO,)
 LATENCY_BATCH_SIZES = (1, 64, 512, 2048)   # samples; where the compile-time latency is measured
 LATENCY_ROUNDS = 3                         # alternating rounds; each times every fresh batch once
 LATENCY_BATCHES = 4                        # fresh batches per round and size
@@ -44,10 +46,20 @@ LIBRARIES = ("dlrm-rewrite", "torch", "numpy", "onnx", "onnxruntime", "onnxscrip
 
 
 def resolve_targets(names: list[str]) -> list[Target]:
-    """Targets by name, each available here (RewriteError naming the first that is not)."""
+    """Targets by name, each available here (RewriteError naming the first that is not);
+    ``["auto"]``: every registered target that can run here (``unavailable_here`` says why not)."""
+    if names == [AUTO]:
+        return [get_target(n) for n in TARGETS.names() if get_target(n).unavailable() is None]
+    if AUTO in names:
+        raise RewriteError("--target auto stands alone: it already means every target usable here")
     if len(set(names)) != len(names):
         raise RewriteError(f"--target: each target once, got {', '.join(names)}")
     return [require_available(get_target(n)) for n in names]
+
+
+def unavailable_here() -> dict[str, str]:
+    """Every registered target that cannot run on this host, with the reason."""
+    return {n: why for n in TARGETS.names() if (why := get_target(n).unavailable())}
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -153,7 +165,10 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
     ``out`` without ``force``; VerificationError (after writing) if a path failed verification.
     """
     out = Path(out)
-    targets = resolve_targets(list(target_names or DEFAULT_TARGETS))
+    names = list(target_names or DEFAULT_TARGETS)
+    targets = resolve_targets(names)
+    auto = names == [AUTO]
+    skipped = unavailable_here() if auto else {}
     check_output(out, force)
     model = model.eval()
     torch.set_num_threads(1)
@@ -167,11 +182,20 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
             save(model, tmp / REWRITTEN_FILE)
             lowered_from = REWRITTEN_FILE
         for target in tqdm(targets, desc="lowering", unit="path", file=sys.stderr, leave=False):
-            paths[target.name], runner = lower_path(target, model, tmp, target.name, lowered_from,
-                                                    (example, checks, expected),
-                                                    (target_options or {}).get(target.name, {}))
+            try:
+                paths[target.name], runner = lower_path(target, model, tmp, target.name, lowered_from,
+                                                        (example, checks, expected),
+                                                        (target_options or {}).get(target.name, {}))
+            except RewriteError as e:                 # the target refuses this model
+                if not auto:
+                    raise
+                skipped[target.name] = str(e)
+                shutil.rmtree(tmp / target.name, ignore_errors=True)
+                continue
             if runner is not None:
                 runners[target.name] = runner
+        if not paths:
+            raise RewriteError("no target accepted the model: " + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
         latency = measure_latency(runners, model, latency_sizes) if runners else {}
         for name, per in latency.items():
             paths[name]["latency_ms"] = {str(b): ms for b, ms in per.items()}
@@ -182,6 +206,7 @@ def compile_model(model: RecModel, out: Path, target_names: list[str] | None = N
             **manifest_head(model, source, tmp),
             **({"rewritten": file_entry(tmp, REWRITTEN_FILE)} if lowered_from == REWRITTEN_FILE else {}),
             "paths": paths,
+            **({"skipped_targets": skipped} if auto else {}),
             "dispatch": {**measured_ranges(latency, next(iter(paths))),
                          "threads": 1, "measured": "compile time, one process, 1 thread"},
             **(extra or {}),

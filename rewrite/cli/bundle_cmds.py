@@ -14,7 +14,8 @@ from rewrite.core.errors import RewriteError
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="bundle directory to write")
 @click.option("--target", "target_names", multiple=True, metavar="NAME",
-              help="a target to lower to (repeatable; default onnx-cpu; see `rewrite targets`)")
+              help="a target to lower to (repeatable; default auto: every target usable here that "
+                   "accepts the model, the others skipped with their reason; see `rewrite targets`)")
 @click.option("-p", "--pass", "pass_specs", multiple=True, metavar="NAME[:key=value]...",
               help="apply this pass first, as `rewrite apply` does (repeat)")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
@@ -64,6 +65,7 @@ def _emit_compiled(output: Path, manifest: dict, as_json: bool) -> None:
     emit({"bundle": str(output), "paths": {n: {"latency_ms": p.get("latency_ms"),
                                                "verification": p["verification"]}
                                            for n, p in manifest["paths"].items()},
+          "skipped_targets": manifest.get("skipped_targets", {}),
           "dispatch": manifest["dispatch"]}, as_json, _human_paths)
 
 
@@ -76,6 +78,8 @@ def _human_paths(d) -> str:
         err = v["failure"] if "failure" in v else f"max |dp| {v['max_abs_prob_error']:.2e} (tol {v['tolerance']:g})"
         auc = f", AUC {v['auc']:.5f} vs {v['reference_auc']:.5f}" if "auc" in v else ""
         lines.append(f"  {name:<16} {status:<7} {err}{auc}  {lat}")
+    for name, why in d.get("skipped_targets", {}).items():
+        lines.append(f"  {name:<16} skipped {why}")
     if "dispatch" in d:
         lines.append("  dispatch: " + ", ".join(f"{r['min_batch']}..{r['max_batch'] or ''} -> {r['path']}"
                                                 for r in d["dispatch"]["ranges"]))

@@ -7,6 +7,9 @@ object with ``--json``); progress bars and logs go to stderr.  ``--debug`` shows
 from __future__ import annotations
 
 import json
+import logging
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,8 +33,37 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) as null, so the text parses with a
+    strict JSON parser (Python's json writes a bare ``NaN`` otherwise)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
-    click.echo(json.dumps(result, indent=1, default=str) if as_json else human(result))
+    if as_json:
+        text = json.dumps(strict_json(json.loads(json.dumps(result, default=str))), indent=1, allow_nan=False)
+        click.echo(text)
+    else:
+        click.echo(human(result))
+
+
+# Third-party messages that say nothing to a user of this tool (kept with --debug): torch's ONNX
+# exporter lists the torchvision ops it skips, torch.export warns about its own pytree API.
+QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",)
+QUIET_WARNINGS = (r".*LeafSpec.*", r".*TreeSpec.*")
+
+
+def quiet_third_party() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
@@ -44,6 +76,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print one JS
 def main(ctx: click.Context, debug: bool) -> None:
     """Rewrite a trained DLRM's embedding tables, compile the result, pick a path."""
     ctx.meta["debug"] = debug
+    if not debug:
+        quiet_third_party()
 
 
 def load_options(f):

@@ -43,11 +43,28 @@ def test_compile_verify_inspect(tmp_path):
     assert run("inspect", src).exit_code == 0          # checkpoints still inspect as before
 
 
-def test_default_target_is_onnx_cpu(built):
-    assert list(built[2]["paths"]) == ["onnx-cpu", "torch"]   # make_bundle asks for both
-    from rewrite.bundling import DEFAULT_TARGETS
+@pytest.mark.slow
+def test_default_target_auto_compiles_every_usable_target_and_skips_the_rest_by_name(tmp_path):
+    """No --target: every target that runs here and accepts the model; a refusal (the composite
+    model's QR / MD tables in torch-fast) or a missing device is recorded, never fatal."""
+    from rewrite.bundling import unavailable_here
+    from targets.base import TARGETS
 
-    assert DEFAULT_TARGETS == ("onnx-cpu",)
+    src = tmp_path / "m.safetensors"
+    save(composite_model(), src)
+    r = run("compile", src, "-o", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    skipped = out["skipped_targets"]
+    assert set(out["paths"]) | set(skipped) == set(TARGETS.names())
+    assert all(skipped[name] == why for name, why in unavailable_here().items())
+    assert "cannot fuse table" in skipped["torch-fast"] and "cannot fuse table" in skipped["torch-fast-int8"]
+    assert {"torch", "onnx-cpu"} <= set(out["paths"])        # tvm-llvm refuses its bf16 table: skipped by name
+    assert all(p["verification"]["passed"] for p in out["paths"].values())
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["skipped_targets"] == skipped and not (tmp_path / "b" / "torch-fast").exists()
+    r = run("compile", src, "-o", tmp_path / "c", "--target", "auto", "--target", "torch")
+    assert r.exit_code == 2 and "--target auto stands alone" in r.output
 
 
 def test_verify_on_data_reports_auc(built, tmp_path):
