@@ -32,6 +32,12 @@ TOLERANCES: dict[str, Tolerance] = {
     "bfloat16": Tolerance(1e-5, 1e-5, "bf16 storage, fp32 accumulation"),
     # an fp16 table against the fp32 table it was made from: storage rounding is the error
     "fp16-rounded": Tolerance(1e-3, 1e-3, "fp16 storage of fp32 rows: 2^-11 relative rounding per element"),
+    # a table of exactly the fitted TT rank against its TT-SVD / TTBag: float64 SVD round-off, then
+    # fp32 cores and the fp32 product of 3 cores (each a few ulp of |W| ~ 1-10)
+    "tt-exact": Tolerance(1e-5, 1e-5, "exact TT rank: SVD round-off, fp32 cores and products"),
+    # ALS: each core update is the exact weighted least-squares minimiser given the others, so the
+    # error cannot rise; only the float64 solve's round-off (ridge 1e-12 of the Gram diagonal) can
+    "als-monotone": Tolerance(0.0, 1e-9, "exact minimiser per update, float64 solve round-off"),
     # representations loaded from dlrm checkpoints, vs dlrm's own modules
     "table": Tolerance(1e-5, 1e-5, "plain table vs nn.EmbeddingBag"),
     "qr": Tolerance(1e-5, 1e-5, "QR vs dlrm's QREmbeddingBag"),
