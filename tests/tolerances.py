@@ -32,6 +32,30 @@ TOLERANCES: dict[str, Tolerance] = {
     "bfloat16": Tolerance(1e-5, 1e-5, "bf16 storage, fp32 accumulation"),
     # an fp16 table against the fp32 table it was made from: storage rounding is the error
     "fp16-rounded": Tolerance(1e-3, 1e-3, "fp16 storage of fp32 rows: 2^-11 relative rounding per element"),
+    # a table of exactly the fitted TT rank against its TT-SVD / TTBag: float64 SVD round-off, then
+    # fp32 cores and the fp32 product of 3 cores (each a few ulp of |W| ~ 1-10)
+    "tt-exact": Tolerance(1e-5, 1e-5, "exact TT rank: SVD round-off, fp32 cores and products"),
+    # ALS: each core update is the exact weighted least-squares minimiser given the others, so the
+    # error cannot rise; only the float64 solve's round-off (ridge 1e-12 of the Gram diagonal) can
+    "als-monotone": Tolerance(0.0, 1e-9, "exact minimiser per update, float64 solve round-off"),
+    # a fit's reported weighted error (computed from its float64 cores, or the dequantized int8
+    # ones) against the same error measured on the representation's fp32 lookups
+    "fit-error-report": Tolerance(1e-6, 1e-4, "float64 fit error vs fp32 lookups"),
+    # int8 kernels vs the tests' reference quantization (tests.targets.checks)
+    "int8-row-scale": Tolerance(0.0, 1e-6, "max|x| / 127 per row: the kernel's fp32 ops vs torch's"),
+    "int8-code": Tolerance(1.0, 0.0, "x * (1/s) vs x / s: at a .5 tie one ulp moves the code one step"),
+    "int8-dequant": Tolerance(1e-6, 1e-6, "acc * sa * sw + b in fp32, another association / FMA"),
+    # a whole int8 MLP vs its exact-integer reference: float64 vs fp32 dequantization, and a hidden
+    # activation at a rounding tie may requantize one int8 step apart
+    "int8-mlp-reference": Tolerance(1e-5, 1e-4, "fp32 epilogue vs float64, ties in requantization"),
+    # the VNNI MLP vs its exact-integer reference, outputs divided by max |fp32 output|: one
+    # activation step flipped at a tie moves an output by about scale / 127 of one input's share
+    # (measured worst 5e-6 on the test's shapes, where no tie flipped)
+    "vnni-mlp-reference": Tolerance(1e-3, 0.0, "relative to max |output|: a tie may flip one step"),
+    # an int8 MLP vs the fp32 MLP, outputs divided by max |fp32 output|: int8 per-channel weights,
+    # int8/uint8 per-row activations through 2-4 layers (measured worst 0.020: Int8Mlp on the top
+    # MLP of test_int8_kernels; the VNNI shapes 0.009-0.015)
+    "int8-mlp-vs-fp32": Tolerance(3e-2, 0.0, "int8 weights and activations, relative to max |output|"),
     # representations loaded from dlrm checkpoints, vs dlrm's own modules
     "table": Tolerance(1e-5, 1e-5, "plain table vs nn.EmbeddingBag"),
     "qr": Tolerance(1e-5, 1e-5, "QR vs dlrm's QREmbeddingBag"),

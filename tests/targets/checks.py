@@ -27,6 +27,19 @@ def ref_quantize(x: torch.Tensor, kp: int):
     return torch.nn.functional.pad(q, (0, kp - x.shape[1])), s
 
 
+def ref_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8 of W [N, K], written for the tests: scale = max|W row| / 127
+    (an all-zero row: the smallest normal float, any positive scale gives codes 0), codes
+    round(W / scale) half to even (torch.round) clamped to ±127, K zero-padded to a multiple of 8.
+    Returns (codes int8 [N, Kp], scale fp32 [N])."""
+    w = w.detach().to(torch.float32)
+    n, k = w.shape
+    scale = w.abs().amax(1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(torch.float32).tiny))
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return torch.nn.functional.pad(codes, (0, -(-k // 8) * 8 - k)), scale
+
+
 def test_batches(model: RecModel, seed: int = 0):
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     return [multi_hot_batch(rows, b, model.spec.n_dense, mean, seed + i, empty_fraction=empty)
