@@ -93,8 +93,9 @@ def table_rows(rep: torch.nn.Module, rows: int, chunk: int = 65536) -> torch.Ten
 
 def check_fit_options(cfg) -> None:
     """Validation shared by the fitted passes (compression, steps, batch_size, lr, max_error)."""
-    if cfg.compression is not None and not cfg.compression >= 1:
-        raise ValueError(f"compression must be >= 1, got {cfg.compression}")
+    compression = getattr(cfg, "compression", None)
+    if compression is not None and not compression >= 1:
+        raise ValueError(f"compression must be >= 1, got {compression}")
     if getattr(cfg, "steps", 0) < 0 or getattr(cfg, "batch_size", 1) < 1:
         raise ValueError("steps must be >= 0 and batch_size >= 1")
     if getattr(cfg, "lr", 1.0) <= 0:
