@@ -217,6 +217,7 @@ def plan(path, data_path, hw_name, target, memory_budget, max_auc_drop, max_rel_
 
 # the other commands live beside this module and register themselves on ``main``
 from rewrite import cli_bundles, cli_passes  # noqa: E402,F401
+from rewrite import cli_serve  # noqa: E402,F401
 
 if __name__ == "__main__":
     # ``python -m rewrite.cli`` runs this file as __main__; the commands registered on the
