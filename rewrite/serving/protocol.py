@@ -87,7 +87,7 @@ def _tensor(spec: dict[str, Any], raw: memoryview | None) -> np.ndarray:
     return arr.astype(dtype).reshape(shape)
 
 
-def decode_infer(body: bytes, header_length: str | None) -> InferRequest:
+def decode_infer(body: bytes | bytearray, header_length: str | None) -> InferRequest:
     """Body (+ the ``Inference-Header-Content-Length`` header if any) -> InferRequest, or ProtocolError."""
     view = memoryview(body)
     if header_length is not None:

@@ -20,6 +20,7 @@ Kubernetes client and pandas: see docs/serving.md.  The protocol surface follows
 Errors are ``{"error": "..."}``: 400 malformed (protocol, shapes, offsets, ids, more samples
 than ``max_batch``), 413 a body over ``max_request_bytes``, 404 an unknown model, 503 a request
 that timed out in the queue or arrived during shutdown, 500 a failure inside ``predict``.
+A successful answer's ``parameters`` name the path that computed it and its merged batch's size.
 The event loop only parses and validates; ``predict`` runs on the scheduler's worker threads.
 """
 
@@ -162,7 +163,7 @@ class App:
         return Response(self.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     # -- inference ------------------------------------------------------------------------
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request) -> bytearray:
         limit = self.cfg.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -173,7 +174,7 @@ class App:
             if size > limit:
                 raise ProtocolError(413, f"request body exceeds --max-request-bytes {limit}")
             chunks.append(chunk)
-        return b"".join(chunks)
+        return bytearray().join(chunks)        # writable: the tensors are views of it, handed to torch
 
     async def infer(self, request: Request) -> Response:
         t0 = time.monotonic()
@@ -206,7 +207,8 @@ class App:
         except Exception as e:                 # a failure inside predict: answer, stay up
             self.metrics.request("error")
             return _error(500, f"inference failed: {type(e).__name__}: {e}")
-        body, headers = encode_infer(self.cfg.model_name, req.id, probs, req.binary_output)
+        extra = {"path": info["path"], "batch_samples": info["batch"]} if info else None
+        body, headers = encode_infer(self.cfg.model_name, req.id, probs, req.binary_output, extra)
         self.metrics.request("ok", time.monotonic() - t0)
         return Response(body, headers=headers)
 
