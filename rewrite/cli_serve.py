@@ -57,8 +57,9 @@ def _loopback_or_told(host: str) -> None:
               help="labelled data: measure each path's AUC at start-up where the manifest has none")
 @click.option("--auc-samples", default=16384, show_default=True, type=click.IntRange(min=1))
 @click.option("--log-interval", default="60s", show_default=True, help="period of the info log line")
+@click.option("--no-batching", is_flag=True, help="one request per predict (a baseline)")
 def serve(bundle, host, port, model_name, max_batch, max_delay, p99_target, policy, path, workers, threads,
-          queue_timeout, max_request_bytes, data_path, auc_samples, log_interval) -> None:
+          queue_timeout, max_request_bytes, data_path, auc_samples, log_interval, no_batching) -> None:
     """Serve BUNDLE over the KServe v2 / Open Inference HTTP protocol, with dynamic batching."""
     from rewrite.serving.listen import serve_forever
     from rewrite.serving.server import ServeConfig, build
@@ -71,7 +72,8 @@ def serve(bundle, host, port, model_name, max_batch, max_delay, p99_target, poli
         raise RewriteError(f"--data {data_path}: no such file")
     cfg = ServeConfig(model_name or Path(bundle).resolve().name, max_batch,
                       _seconds(max_delay, "--max-delay", 1e-6), _seconds(queue_timeout, "--queue-timeout", 1.0),
-                      parse_bytes(max_request_bytes), _seconds(log_interval, "--log-interval", 1.0))
+                      parse_bytes(max_request_bytes), _seconds(log_interval, "--log-interval", 1.0),
+                      not no_batching)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     app = build(bundle, cfg, policy, _seconds(p99_target, "--p99-target", 1e-3), path, workers, threads,

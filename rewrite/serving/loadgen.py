@@ -8,8 +8,8 @@ the latencies means the generator, not the server, was the limit.  Each run is b
 ``duration_s`` and ``max_requests``; requests still unanswered ``timeout_s`` after the last
 send count as errors (``timeout``).
 
-``find_max`` searches the highest offered QPS whose run meets: p99 <= target, no errors, and
-achieved >= 0.95 x offered.  It doubles from ``start_qps`` until a run fails, then bisects
+``find_max`` searches the highest offered QPS whose run meets: p99 <= target and every request
+answered without error.  It doubles from ``start_qps`` until a run fails, then bisects
 ``refine`` times between the last pass and the first failure; every run is a point of the
 latency-vs-load curve (``plot``).
 """
@@ -112,8 +112,10 @@ def run_load(url: str, model: str, pool: RequestPool, qps: float, duration_s: fl
 
 
 def passes(point: dict[str, Any], p99_target_ms: float) -> bool:
-    return (point["errors"] == 0 and point["p99_ms"] is not None and point["p99_ms"] <= p99_target_ms
-            and point["achieved_qps"] >= 0.95 * point["offered_qps"])
+    # open loop: a server that cannot keep up shows it in the latencies (measured from the due
+    # times), so every request answered and p99 within the target is the whole criterion
+    return (point["errors"] == 0 and point["ok"] == point["requests"] and point["p99_ms"] is not None
+            and point["p99_ms"] <= p99_target_ms)
 
 
 def find_max(url: str, model: str, pool: RequestPool, p99_target_ms: float, start_qps: float = 50.0,

@@ -54,9 +54,11 @@ class _Pending:
 
 class Scheduler:
     def __init__(self, predictors: list, policy: Policy, metrics: Metrics, n_features: int,
-                 max_batch: int = 2048, max_delay_s: float = 0.0005, queue_timeout_s: float = 1.0):
+                 max_batch: int = 2048, max_delay_s: float = 0.0005, queue_timeout_s: float = 1.0,
+                 batching: bool = True):
         self.policy, self.metrics, self.n_features = policy, metrics, n_features
         self.max_batch, self.max_delay_s, self.queue_timeout_s = max_batch, max_delay_s, queue_timeout_s
+        self.batching = batching             # False: one request per predict (the no-batching baseline)
         self._idle = list(predictors)
         self._executor = ThreadPoolExecutor(len(predictors), thread_name_prefix="rewrite-worker")
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -120,7 +122,7 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             deadline = self._queue[0].arrival + self.max_delay_s
-            while self._queued_samples < self.max_batch and not self._closing:
+            while self.batching and self._queued_samples < self.max_batch and not self._closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -141,7 +143,7 @@ class Scheduler:
                 self._queue.popleft()
                 self._queued_samples -= p.samples
                 continue
-            if items and total + p.samples > self.max_batch:
+            if items and (total + p.samples > self.max_batch or not self.batching):
                 break
             self._queue.popleft()
             self._queued_samples -= p.samples

@@ -51,6 +51,7 @@ class ServeConfig:
     queue_timeout_s: float = 1.0
     max_request_bytes: int = 16 << 20
     log_interval_s: float = 60.0
+    batching: bool = True
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -246,7 +247,7 @@ def build(bundle_dir, cfg: ServeConfig, policy_name: str = "load-aware", p99_tar
                 pred.predict(d, i, o, path=name, validate=False)
     metrics = Metrics(cfg.model_name)
     sched = Scheduler(predictors, policy, metrics, bundle.n_features, cfg.max_batch, cfg.max_delay_s,
-                      cfg.queue_timeout_s)
+                      cfg.queue_timeout_s, cfg.batching)
     return App(bundle, sched, metrics, cfg)
 
 
