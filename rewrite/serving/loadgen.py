@@ -11,7 +11,7 @@ send count as errors (``timeout``).
 ``find_max`` searches the highest offered QPS whose run meets: p99 <= target and every request
 answered without error.  It doubles from ``start_qps`` until a run fails, then bisects
 ``refine`` times between the last pass and the first failure; every run is a point of the
-latency-vs-load curve (``plot``).
+latency-vs-load curve (``plot``).  A 2-second run at ``start_qps`` first warms server and client.
 """
 
 from __future__ import annotations
@@ -133,6 +133,10 @@ def find_max(url: str, model: str, pool: RequestPool, p99_target_ms: float, star
         time.sleep(settle_s)
         return p["passed"]
 
+    # warm-up, not recorded: the server's first batches of new sizes and the client's first
+    # connections are slow, and the first step would otherwise pay for them
+    run_load(url, model, pool, start_qps, min(duration_s, 2.0), max_requests, timeout_s, seed - 1)
+    time.sleep(settle_s)
     good, bad, q = None, None, start_qps
     while q <= max_qps:
         if trial(q):
