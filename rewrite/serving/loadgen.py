@@ -135,7 +135,7 @@ def find_max(url: str, model: str, pool: RequestPool, p99_target_ms: float, star
 
     # warm-up, not recorded: the server's first batches of new sizes and the client's first
     # connections are slow, and the first step would otherwise pay for them
-    run_load(url, model, pool, start_qps, min(duration_s, 2.0), max_requests, timeout_s, seed - 1)
+    run_load(url, model, pool, start_qps, min(duration_s, 2.0), max_requests, timeout_s, seed + 10_000)
     time.sleep(settle_s)
     good, bad, q = None, None, start_qps
     while q <= max_qps:
