@@ -15,6 +15,7 @@ never the exporters, quantizers, checkpoint readers or the compiler.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +72,36 @@ def chunk_bags(bags: list[np.ndarray], lo: int, hi: int) -> list[np.ndarray]:
     return out
 
 
+class _Serialized:
+    """A runner whose calls hold a lock: a TVM relax VM is not reentrant (4 threads calling one
+    VM segfaulted in ``StorageObj::AllocTensor``), and no target promises otherwise.  Callers
+    that want parallel calls load one ``Predictor`` per thread (``rewrite serve --workers``)."""
+
+    def __init__(self, run: Runner):
+        self._run, self._lock = run, threading.Lock()
+        if hasattr(run, "canonical"):
+            self.canonical = self._canonical
+
+    def __call__(self, dense, bags):
+        with self._lock:
+            return self._run(dense, bags)
+
+    def _canonical(self, dense, indices, offsets):
+        with self._lock:
+            return self._run.canonical(dense, indices, offsets)
+
+
 class Predictor:
-    """A loaded bundle that answers ``predict``; not thread-safe across paths' first loads."""
+    """A loaded bundle that answers ``predict``.  Thread-safe: each path loads once under a lock
+    and its runner's calls are serialized (``_Serialized``); concurrent callers of one Predictor
+    therefore take turns per path."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None):
         self.bundle = bundle
         self.threads = threads
         self._runners: dict[str, Runner] = {}
         self._rows = bundle.table_rows()
+        self._load_lock = threading.Lock()
 
     @property
     def paths(self) -> list[str]:
@@ -91,11 +114,13 @@ class Predictor:
         if not entry["verification"]["passed"]:
             raise RewriteError(f"{self.bundle.root}: path {path!r} failed verification at compile time "
                                f"({entry['verification'].get('failure', 'see manifest')}); not served")
-        if path not in self._runners:
-            target = require_available(get_target(entry["target"]))
-            compiled = CompiledPath(entry["target"], [f["path"] for f in entry["files"]], entry["options"])
-            require_tier(target, compiled)
-            self._runners[path] = target.load(self.bundle.path_dir(path), compiled, threads=self.threads)
+        with self._load_lock:
+            if path not in self._runners:
+                target = require_available(get_target(entry["target"]))
+                compiled = CompiledPath(entry["target"], [f["path"] for f in entry["files"]], entry["options"])
+                require_tier(target, compiled)
+                self._runners[path] = _Serialized(
+                    target.load(self.bundle.path_dir(path), compiled, threads=self.threads))
         return self._runners[path]
 
     def logits(self, dense, indices, offsets, path: str | None = None, validate: bool = True) -> np.ndarray:

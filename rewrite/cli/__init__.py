@@ -5,6 +5,6 @@ object with ``--json``); progress bars and logs go to stderr.  ``--debug`` shows
 """
 
 from rewrite.cli.group import main
-from rewrite.cli import bundle_cmds, model_cmds, pass_cmds  # noqa: F401  (register their commands on main)
+from rewrite.cli import bundle_cmds, model_cmds, pass_cmds, serve_cmds  # noqa: F401  (register their commands on main)
 
 __all__ = ["main"]
