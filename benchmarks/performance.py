@@ -40,17 +40,29 @@ STAGE_ROUNDS = 5
 
 
 def fused_embedding_bag(t, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """One ``embedding_bag`` over the fused huge-page W (``FusedTables``): [B * F, d], feature-major."""
-    n_features = t.base.numel()
+    """One ``embedding_bag`` over the fused huge-page buffer of f32 tables (``FusedTables``) seen
+    as W [Σ rows, d]: [B * F, d], feature-major."""
+    w, base, _, fmt, d = t.store.args()
+    assert not fmt.any() and not (base % (4 * d)).any(), "f32 tables, rows aligned"
+    n_features = base.numel()
     counts = offsets[::(offsets.numel() - 1) // n_features].diff()     # lookups per feature [F]
-    shifted = indices + torch.repeat_interleave(t.base, counts, output_size=indices.numel())
-    return torch.nn.functional.embedding_bag(shifted, t.weight, offsets, mode=t.pooling, include_last_offset=True)
+    shifted = indices + torch.repeat_interleave(base // (4 * d), counts, output_size=indices.numel())
+    weight = w[:w.numel() // (4 * d) * 4 * d].view(torch.float32).reshape(-1, d)
+    return torch.nn.functional.embedding_bag(shifted, weight, offsets, mode=t.pooling, include_last_offset=True)
 
 
-def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callable]]:
-    """stage -> {variant: f(batch tensors) -> output}; eager first in each stage."""
+def gather(t):
+    """``gather_bags`` over the tables of ``t`` (``FusedTables``), any row formats."""
+    from targets.native.fast_kernels import kernels
+
+    w, base, rows, fmt, d = t.store.args()
+    return lambda b: kernels().gather_bags(w, b["indices"], b["offsets"], base, rows, fmt, d, t.pooling == "mean")
+
+
+def stage_functions(model, fast, fast8, tbe, compressed) -> dict[str, dict[str, Callable]]:
+    """stage -> {variant: f(batch tensors) -> output}; eager first in each stage.  ``compressed``:
+    label -> the fused tables of the model after that ``quantize`` (``compressed_tables``)."""
     from rewrite.core.model import split_bags
-    from targets.native.fast_kernels import kernels as fast_kernels
 
     n_features = len(model.spec.features)
     t = fast.tables
@@ -65,10 +77,8 @@ def stage_functions(model, fast, fast8, tbe, half) -> dict[str, dict[str, Callab
         "embedding": {"eager fp32 (26 calls)": eager_embed,
                       "fused embedding_bag (1 call, huge pages)": lambda b: fused_embedding_bag(
                           t, b["indices"], b["offsets"]),
-                      "C++ gather_bags (huge pages)": lambda b: fast_kernels().gather_bags(
-                          t.weight, b["indices"], b["offsets"], t.base, t.rows, False),
-                      "C++ gather_bags, fp16 table (quantize bits=16)": lambda b: fast_kernels().gather_bags(
-                          half.weight, b["indices"], b["offsets"], half.base, half.rows, False)},
+                      "C++ gather_bags (huge pages)": gather(t),
+                      **{f"C++ gather_bags, {label} rows (quantize)": gather(c) for label, c in compressed.items()}},
         "bottom MLP": {"eager fp32": lambda b: model.bottom(b["dense"]),
                        f"torch-fast ({mlp_kind})": lambda b: fast.bottom16(b["dense"]),
                        "torch-fast-int8": lambda b: fast8.bottom8(b["dense"])},
@@ -104,14 +114,14 @@ def runs_at(stage: str, variant: str, batch: int) -> bool:
 
 
 @torch.inference_mode()
-def time_stages(model, fast, fast8, tbe, half, sizes=SIZES, seed: int = 1) -> list[dict[str, Any]]:
+def time_stages(model, fast, fast8, tbe, compressed, sizes=SIZES, seed: int = 1) -> list[dict[str, Any]]:
     """Medians per (batch size, stage, variant).  Every variant gets batches of its own: a batch's
     rows stay in this CPU's large L3 after one call, so a variant timed on a batch another just
     used would look faster than it is."""
     from rewrite.core.timing import serving_batches
 
     rows = [model.embeddings[t].rows for t in model.feature_tables]
-    stages = stage_functions(model, fast, fast8, tbe, half)
+    stages = stage_functions(model, fast, fast8, tbe, compressed)
     out = []
     for b in sizes:
         def fresh(k: int) -> list[dict[str, torch.Tensor]]:
@@ -150,14 +160,18 @@ def time_stages(model, fast, fast8, tbe, half, sizes=SIZES, seed: int = 1) -> li
     return out
 
 
-def fp16_tables(model):
-    """torch-fast's fused tables of the model after ``quantize`` bits=16 (1.1 GB)."""
+def compressed_tables(model, bits=(16, 8, 4)) -> dict:
+    """torch-fast's fused tables of the model after ``quantize`` at each of ``bits`` (Kaggle-shaped:
+    fp16 1.1 GB, int8 0.6 GB, int4 0.35 GB): label -> FusedTables."""
     import passes
     from rewrite.pass_manager import apply
     from targets.native.engine import FusedTables
 
-    half, _ = apply(model, [passes.quantize(bits=16)])
-    return FusedTables(half)
+    out = {}
+    for b in bits:
+        rewritten, _ = apply(model, [passes.quantize(bits=b)])
+        out["fp16" if b == 16 else f"int{b}"] = FusedTables(rewritten)
+    return out
 
 
 def fbgemm_tbe(model):
@@ -253,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load(args.model).eval()
     fast = FastDLRM(model).eval()
     fast8 = FastInt8DLRM(model).eval()             # its own fused copy (2.2 GB), C++ lookup
-    result["stages"] = time_stages(model, fast, fast8, fbgemm_tbe(model), fp16_tables(model))
+    result["stages"] = time_stages(model, fast, fast8, fbgemm_tbe(model), compressed_tables(model))
     write_text(args.output, json.dumps(result, indent=1))
     plot(result["stages"], args.output.with_suffix(".png"))
     print(table(result if "whole" in result else {**result, "whole": {"results": []}}))

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite.core.embedding import Representation, TableBag, pool, register_representation
+from rewrite.core.embedding import Representation, RowStorage, TableBag, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
@@ -128,6 +128,9 @@ class RowwiseQuantizedBag(Representation):
 
     def params(self):
         return {"rows": self.rows, "dim": self.dim, "bits": self.bits, "pooling": self.pooling}
+
+    def row_storage(self) -> RowStorage:
+        return RowStorage(f"int{self.bits}-rowwise", self.packed)
 
     def num_bytes(self):
         return self.packed.numel() + self.exp_table.numel() * 4

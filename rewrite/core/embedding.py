@@ -12,6 +12,7 @@ fills it, which is how the native format round-trips bit-exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -106,6 +107,21 @@ def _mean_if(summed: torch.Tensor, offsets: torch.Tensor, mode: str) -> torch.Te
     return summed / lengths.unsqueeze(1)
 
 
+ROW_FORMATS = ("f32", "f16", "int8-rowwise", "int4-rowwise", "int2-rowwise")
+
+
+@dataclass(frozen=True)
+class RowStorage:
+    """A representation that stores one row per id in a standard layout, as bytes: what an engine
+    needs to look rows up itself (``Representation.row_storage``).  ``format``: one of
+    ROW_FORMATS: plain f32 / fp16 values, or FBGEMM's fused row-wise layouts (``intN-rowwise``:
+    the codes, then the scale and bias, f32 for int8 and fp16 below; value = scale q + bias).
+    ``rows``: uint8 [rows, bytes per row], a view of the representation's own storage."""
+
+    format: str
+    rows: torch.Tensor
+
+
 class Representation(nn.Module):
     """Base of every table replacement.  Subclasses set ``rows``, ``dim`` and ``pooling``."""
 
@@ -148,6 +164,10 @@ class Representation(nn.Module):
         offsets = torch.arange(ids.numel() + 1, dtype=torch.int64)
         return self(ids.to(torch.int64), offsets)
 
+    def row_storage(self) -> RowStorage | None:
+        """The stored rows in a standard layout, or None when this form stores no row per id."""
+        return None
+
 
 @register_representation("table")
 class TableBag(Representation):
@@ -178,3 +198,10 @@ class TableBag(Representation):
 
     def describe(self):
         return f"table {self.rows}x{self.dim} {self.params()['dtype']}"
+
+    def row_storage(self) -> RowStorage | None:
+        fmt = {torch.float32: "f32", torch.float16: "f16"}.get(self.weight.dtype)
+        if fmt is None:
+            return None
+        w = self.weight.detach().contiguous()
+        return RowStorage(fmt, w.view(torch.uint8).reshape(self.rows, self.dim * w.element_size()))

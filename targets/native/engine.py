@@ -3,8 +3,9 @@
 Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 MLPs (MKL),
 ``DotInteraction`` over a list of [B, d] tensors (stack, bmm, gather, concat).
 After, same weights, same math:
-* tables: every plain table concatenated into one W [Σ rows, d] (fp32 or fp16) in huge pages; feature f's ids
-  index rows base_f + i (``targets.native.fast_kernels.huge_table``);
+* tables: every table's stored rows (fp32, fp16, or FBGEMM's row-wise int8 / int4 / int2: each
+  table in the format ``quantize`` left it) in one huge-page buffer, decoded in registers inside
+  the gather, never as a gathered fp32 copy (``targets.native.fast_kernels.TableStore``);
 * memory: glibc malloc told to keep freed buffers below ``KEEP_FREED_BYTES`` (process-wide), so
   each call's activations reuse pages instead of page-faulting fresh ones in;
 * up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
@@ -18,8 +19,8 @@ After, same weights, same math:
 ``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples, the fused lookup +
 interaction then writing z quantized per row (``embed_interact_q8``).
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
-Only plain fp32 or fp16 tables (``quantize`` bits=16) of one dim, dtype and pooling mode, and
-the dot interaction, are accepted; anything else is refused by name.
+Tables that store one row per id in a standard layout (``Representation.row_storage``) of one
+dim and pooling mode, and the dot interaction, are accepted; anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch
 from torch import nn
 
 from rewrite.core.batch import Batch
-from rewrite.core.embedding import TableBag
 from rewrite.core.errors import RewriteError
 from rewrite.core.model import RecModel
 from targets.base import CompiledPath, register_target
@@ -43,44 +43,43 @@ INT8_MIN_BATCH = 64      # samples; torch-fast-int8's int8 GEMMs from here
 KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers below it are reused, not faulted in
 
 
-FUSABLE_DTYPES = (torch.float32, torch.float16)
-
-
 def fusable(model: RecModel) -> None:
-    """RewriteError unless every table is a plain fp32 or fp16 ``TableBag``, all of one dim,
-    dtype and pooling."""
-    dims, dtypes, poolings = set(), set(), set()
+    """RewriteError unless every table stores its rows in a standard layout (f32, fp16, row-wise
+    int8 / int4 / int2: ``Representation.row_storage``), all of one dim and pooling."""
+    dims, poolings = set(), set()
     for name, rep in model.embeddings.items():
-        if type(rep) is not TableBag or rep.weight.dtype not in FUSABLE_DTYPES:
-            raise RewriteError(f"torch-fast cannot fuse table {name!r}: it is a {rep.describe()!r}; "
-                               f"this target fuses only plain fp32 or fp16 tables")
+        if rep.row_storage() is None:
+            raise RewriteError(f"torch-fast cannot fuse table {name!r}: it is a {rep.describe()!r}; this target "
+                               f"fuses tables stored as f32, fp16 or row-wise int8/int4/int2 rows")
         dims.add(rep.dim)
-        dtypes.add(str(rep.weight.dtype).removeprefix("torch."))
         poolings.add(rep.pooling)
-    if len(dims) != 1 or len(dtypes) != 1 or len(poolings) != 1:
-        raise RewriteError(f"torch-fast fuses tables of one dim, dtype and pooling mode, found dims "
-                           f"{sorted(dims)}, dtypes {sorted(dtypes)} and poolings {sorted(poolings)}")
+    if len(dims) != 1 or len(poolings) != 1:
+        raise RewriteError(f"torch-fast fuses tables of one dim and pooling mode, found dims {sorted(dims)} "
+                           f"and poolings {sorted(poolings)}")
 
 
 class FusedTables(nn.Module):
-    """Every table's rows in one huge-page W [Σ rows, d] (fp32 or fp16); feature f's id i is row
-    ``base[f] + i`` and must be below ``rows[f]`` (the C++ kernels check it)."""
+    """Every table's stored rows in one huge-page buffer (``TableStore``); feature f's id i must be
+    below ``rows[f]`` (the C++ kernels check it)."""
 
     def __init__(self, model: RecModel):
         super().__init__()
         fusable(model)
-        from targets.native.fast_kernels import huge_table
+        from targets.native.fast_kernels import store_tables
 
         names = list(model.embeddings)
-        starts = np.cumsum([0] + [model.embeddings[t].rows for t in names])
-        self.register_buffer("weight", huge_table([model.embeddings[t].weight.detach() for t in names]),
-                             persistent=False)
-        base = [int(starts[names.index(t)]) for t in model.feature_tables]
-        self.register_buffer("base", torch.tensor(base, dtype=torch.int64), persistent=False)
-        rows = [model.embeddings[t].rows for t in model.feature_tables]
-        self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
         self.pooling = model.embeddings[names[0]].pooling
         self.dim = model.embeddings[names[0]].dim
+        self.store = store_tables([model.embeddings[t].row_storage() for t in names],
+                                  [names.index(t) for t in model.feature_tables], self.dim)
+
+    @property
+    def formats(self) -> list[str]:
+        """Each feature's row format, as the kernels decode it."""
+        from targets.native.fast_kernels import FORMAT_CODES
+
+        names = {v: k for k, v in FORMAT_CODES.items()}
+        return [names[int(c)] for c in self.store.fmt]
 
 
 class FastDLRM(nn.Module):
@@ -101,8 +100,8 @@ class FastDLRM(nn.Module):
         self.kp = -(-(self.tables.dim + self.pairs.numel()) // 32) * 32
         self.bottom16, self.top16 = fast_mlp(model.bottom), fast_mlp(model.top, k_in=self.kp)
         t = self.tables
-        self.small = small_model(t.weight, t.base, t.rows, t.pooling == "mean", model.bottom, model.top,
-                                 model.spec.n_dense, self.order, self.kp)
+        self.small = small_model(t.store, t.pooling == "mean", model.bottom, model.top, model.spec.n_dense,
+                                 self.order, self.kp)
 
     def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
                         int8_kp: int | None = None):
@@ -112,7 +111,8 @@ class FastDLRM(nn.Module):
 
         t, k = self.tables, kernels()
         fn, kp = (k.embed_interact, self.kp) if int8_kp is None else (k.embed_interact_q8, int8_kp)
-        return fn(t.weight, indices, offsets, t.base, t.rows, t.pooling == "mean", x, self.order, kp, False)
+        w, base, rows, fmt, d = t.store.args()
+        return fn(w, indices, offsets, base, rows, fmt, d, t.pooling == "mean", x, self.order, kp, False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if dense.shape[0] <= SMALL_MAX_BATCH:
@@ -146,7 +146,8 @@ class FastRunner:
 
 @register_target("torch-fast")
 class TorchFast(TorchEager):
-    summary = "huge-page fused tables, C++ lookup + interaction, MLPs on AMX / bf16 / fp32 oneDNN by ISA tier"
+    summary = ("huge-page fused tables (f32, fp16, row-wise int8/int4/int2), C++ lookup + interaction, "
+               "MLPs on AMX / bf16 / fp32 oneDNN by ISA tier")
     precision = "bf16-dense"
 
     def unavailable(self) -> str | None:

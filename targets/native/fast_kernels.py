@@ -1,10 +1,10 @@
 """The pieces of the ``torch-fast`` path: huge-page tables, the fused lookup + interaction kernel,
 and bf16 MLPs on oneDNN with prepacked weights.
 
-* ``huge_table``: every table's rows concatenated into one W [Σ rows, d] (fp32, or fp16 for
-  tables the ``quantize`` pass stored at 16 bits: half the bytes per lookup) allocated in 2 MiB
-  pages (``madvise(MADV_HUGEPAGE)``), so a random lookup into a 2 GB table does not also miss the
-  TLB;
+* ``TableStore``: every table's stored rows (``Representation.row_storage``: f32, fp16, or
+  FBGEMM's row-wise int8 / int4 / int2, each table in its own format) concatenated into one byte
+  buffer allocated in 2 MiB pages (``madvise(MADV_HUGEPAGE)``), so a random lookup into a 2 GB
+  table does not also miss the TLB; the kernels decode each row in registers;
 * ``kernels()``: ``kernels/dlrm_fast.cpp`` (``gather_bags``, ``embed_interact``, ``final_dot``);
 * ``fast_mlp``: the MLP form for the active ISA tier (``rewrite.core.isa``): ``targets.native.amx_mlp.AmxMlp``
   (the whole MLP in one call on AMX tiles) at the amx tier, ``OneDnnMlp`` in bf16 where the CPU
@@ -19,10 +19,13 @@ and bf16 MLPs on oneDNN with prepacked weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from rewrite.core import isa
+from rewrite.core.embedding import RowStorage
 from rewrite.core.errors import RewriteError
 from targets.native.cpp_extension import build
 from targets.native.int8_kernels import linears
@@ -35,15 +38,39 @@ def kernels():
     return build("dlrm_rewrite_fast", "dlrm_fast.cpp")
 
 
-def huge_table(tables: list[torch.Tensor]) -> torch.Tensor:
-    """The row-wise concatenation of tables of one width and dtype (fp32 or fp16), in huge-page memory."""
-    rows = sum(t.shape[0] for t in tables)
-    out = kernels().huge_empty(rows, tables[0].shape[1], tables[0].dtype == torch.float16)
-    start = 0
+FORMAT_CODES = {"f32": 0, "f16": 1, "int8-rowwise": 2, "int4-rowwise": 3, "int2-rowwise": 4}   # the kernels' fmt
+
+
+@dataclass(frozen=True)
+class TableStore:
+    """Tables in one huge-page byte buffer ``w``, as the kernels take them: feature f's table at
+    byte ``base[f]``, ``rows[f]`` rows of ``d`` values in format ``fmt[f]`` (``FORMAT_CODES``)."""
+
+    w: torch.Tensor
+    base: torch.Tensor
+    rows: torch.Tensor
+    fmt: torch.Tensor
+    d: int
+
+    def args(self) -> tuple:
+        """(w, base, rows, fmt, d): the table arguments of every kernel, in their order."""
+        return self.w, self.base, self.rows, self.fmt, self.d
+
+
+def store_tables(tables: list[RowStorage], feature_tables: list[int], d: int) -> TableStore:
+    """One buffer holding every table's rows (each table once, 64-byte aligned), and per feature
+    the byte offset, rows and format of the table it looks up (``feature_tables[f]``)."""
+    starts, total = [], 0
     for t in tables:
-        out[start:start + t.shape[0]].copy_(t)
-        start += t.shape[0]
-    return out
+        starts.append(total)
+        total += -(-t.rows.numel() // 64) * 64
+    w = kernels().huge_empty(total)
+    for t, start in zip(tables, starts):
+        w[start:start + t.rows.numel()].copy_(t.rows.reshape(-1))
+    as_long = lambda v: torch.tensor(v, dtype=torch.int64)   # noqa: E731
+    return TableStore(w, as_long([starts[t] for t in feature_tables]),
+                      as_long([tables[t].rows.shape[0] for t in feature_tables]),
+                      as_long([FORMAT_CODES[tables[t].format] for t in feature_tables]), d)
 
 
 def onednn_missing() -> str | None:
@@ -79,12 +106,12 @@ def bf16_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.t().reshape(-1, 2, n).permute(0, 2, 1).contiguous().to(torch.bfloat16)
 
 
-def small_model(weight: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, mean: bool, bottom: nn.Sequential,
-                top: nn.Sequential, n_dense: int, order: int, kp: int):
+def small_model(store: TableStore, mean: bool, bottom: nn.Sequential, top: nn.Sequential, n_dense: int,
+                order: int, kp: int):
     """The whole model as one C++ object for tiny batches: ``small_model(...)(dense, indices,
     offsets) -> logits``; MLP weights as ``bf16_pairs``, the top's first zero-padded to kp inputs."""
     b, t = padded_layers(bottom, n_dense), padded_layers(top, kp)
-    return kernels().SmallModel(weight, base, rows, mean, [bf16_pairs(w) for w, _, _ in b], [x for _, x, _ in b],
+    return kernels().SmallModel(*store.args(), mean, [bf16_pairs(w) for w, _, _ in b], [x for _, x, _ in b],
                                 [bf16_pairs(w) for w, _, _ in t], [x for _, x, _ in t], [r for _, _, r in b],
                                 [r for _, _, r in t], order, kp)
 

@@ -1,7 +1,7 @@
 import torch
 
 from benchmarks.kaggle_model import TABLE_STD, kaggle_model
-from benchmarks.performance import fp16_tables, table, time_stages
+from benchmarks.performance import compressed_tables, table, time_stages
 from targets.native.engine import FastDLRM, FastInt8DLRM
 
 torch.set_num_threads(1)
@@ -25,13 +25,13 @@ def test_stage_timings_cover_every_stage_and_variant(monkeypatch, tmp_path):
     monkeypatch.setattr(perf, "STAGE_BATCHES", {1: 2, 2048: 1})
     monkeypatch.setattr(perf, "STAGE_ROUNDS", 1)
     model = kaggle_model(ROWS)
-    rows = time_stages(model, FastDLRM(model).eval(), FastInt8DLRM(model).eval(), None, fp16_tables(model))
+    rows = time_stages(model, FastDLRM(model).eval(), FastInt8DLRM(model).eval(), None, compressed_tables(model))
     stages = {(r["batch"], r["stage"]) for r in rows}
     assert stages == {(b, s) for b in (1, 2048) for s in
                       ("embedding", "bottom MLP", "interaction", "embedding + interaction", "top MLP", "whole model")}
     emb = [r for r in rows if r["stage"] == "embedding" and r["batch"] == 2048]
     assert all(r["rows_per_s"] == 2048 * 26 / (r["ms"] / 1e3) for r in emb)
-    assert any("fp16 table" in r["variant"] for r in emb)
+    assert {"fp16", "int8", "int4"} <= {r["variant"].split(", ")[1].split()[0] for r in emb if ", " in r["variant"]}
     assert all(r["ms"] > 0 for r in rows)
     at_one = {(r["stage"], r["variant"]) for r in rows if r["batch"] == 1 and r["variant"].startswith("torch-fast")}
     assert at_one == {("whole model", "torch-fast"), ("whole model", "torch-fast-int8")}   # one C++ call there

@@ -2,11 +2,18 @@
 // and the lookup fused with the dot interaction, writing the top MLP's bf16 input directly.
 // Built at load time by targets/native/fast_kernels.py (torch C++ extension, -O3 -march=native).
 //
-//   huge_empty(rows, d, half)  -> W [rows, d] f32 (fp16 if half) in 2 MiB-aligned memory advised MADV_HUGEPAGE
-//   gather_bags(W, idx, off, base, rows, mean)               -> e [B, F, d] f32
-//       e[b, f] = sum_{p in [off[f*B+b], off[f*B+b+1])} W[base[f] + idx[p]]   (mean: / max(1, len)),
-//       W f32 or fp16, summed in f32
-//   embed_interact(W, idx, off, base, rows, mean, x, order, kp) -> z [B, kp] bf16
+//   huge_empty(bytes)          -> W uint8 [bytes] in 2 MiB-aligned memory advised MADV_HUGEPAGE
+//   Tables (the "table arguments" W, base, rows, fmt, d of every call below): every table's rows
+//   in W, feature f's table at byte base[f], rows[f] rows of d values in format fmt[f]:
+//       0 f32 (4d bytes), 1 fp16 (2d), 2 int8 row-wise (d codes, f32 scale, f32 bias: d + 8),
+//       3 int4 row-wise (ceil(d/2) bytes of codes, low nibble first, fp16 scale, fp16 bias),
+//       4 int2 row-wise (ceil(d/4) bytes, low bits first, fp16 scale, fp16 bias)
+//   (FBGEMM's fused row-wise layouts, as passes/quantized.py writes them): value = scale q + bias.
+//   gather_bags(W, idx, off, base, rows, fmt, d, mean)       -> e [B, F, d] f32
+//       e[b, f] = sum_{p in [off[f*B+b], off[f*B+b+1])} row(f, idx[p])   (mean: / max(1, len)),
+//       decoded in registers and summed in f32 (a quantized bag sums scale q and adds the biases
+//       once: sum_k (s_k q_k + b_k) = sum_k s_k q_k + sum_k b_k)
+//   embed_interact(W, idx, off, base, rows, fmt, d, mean, x, order, kp) -> z [B, kp] bf16
 //       T_b = [x_b; e[b, 0]; ..; e[b, F-1]] (F+1 vectors of d), G = T_b T_bᵀ,
 //       z_b = [x_b, G[i, j] for the kept pairs in `order`, 0 ...]  (order 0: dlrm j < i,
 //       1: dlrm-self j <= i, 2: torchrec j > i; row-major in i), rounded to bf16 once.
@@ -14,7 +21,7 @@
 //       (quantize_row.h): the input of torch-fast-int8's int8 top MLP.
 //   keep_freed_memory(bytes) -> bool   glibc malloc keeps freed buffers below `bytes` for reuse
 //   final_dot(y, w, bias)      -> logits [B] f32 = y w + bias, y bf16 [B, K] (a last layer of width 1)
-//   SmallModel(W, base, rows, mean, bottom weights, bottom b, top weights, top b, bottom relu, top relu,
+//   SmallModel(W, base, rows, fmt, d, mean, bottom weights, bottom b, top weights, top b, bottom relu, top relu,
 //              order, kp)(dense, idx, off) -> logits [B] f32: the whole model in one call (tiny B)
 //
 // Order: chunks of CHUNK samples; inside a chunk each feature's bags are pooled in turn (one
@@ -53,14 +60,13 @@ constexpr int64_t CHUNK = 256;    // samples per tile: [CHUNK, 32, 16] f32 = 512
 constexpr int64_t HUGE_PAGE = int64_t(2) << 20;
 constexpr int64_t MAX_D = 1024;
 
-torch::Tensor huge_empty(int64_t rows, int64_t d, bool half) {
-  TORCH_CHECK(rows >= 0 && d > 0, "rows must be >= 0 and d > 0");
-  const int64_t bytes = std::max<int64_t>(rows * d * (half ? 2 : 4), 4);
-  const int64_t total = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+torch::Tensor huge_empty(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "bytes must be >= 0");
+  const int64_t total = (std::max<int64_t>(bytes, 64) + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
   void* p = std::aligned_alloc(HUGE_PAGE, total);
   TORCH_CHECK(p != nullptr, "could not allocate ", total, " bytes for the tables");
   madvise(p, total, MADV_HUGEPAGE);   // advisory: without THP the table still works, on 4 KiB pages
-  return torch::from_blob(p, {rows, d}, [](void* q) { std::free(q); }, half ? torch::kHalf : torch::kFloat);
+  return torch::from_blob(p, {bytes}, [](void* q) { std::free(q); }, torch::kByte);
 }
 
 // Serve allocations below `bytes` from the heap and keep freed memory there (glibc's mmap and trim
@@ -75,36 +81,172 @@ bool keep_freed_memory(int64_t bytes) {
 #endif
 }
 
+enum Format : int64_t { F32 = 0, F16 = 1, Q8 = 2, Q4 = 3, Q2 = 4 };
+
+inline int64_t row_bytes(int64_t fmt, int64_t d) {
+  switch (fmt) {
+    case F32: return 4 * d;
+    case F16: return 2 * d;
+    case Q8: return d + 8;
+    case Q4: return (d + 1) / 2 + 4;
+    default: return (d + 3) / 4 + 4;
+  }
+}
+
 struct Bags {
-  const char* w;   // rows of d f32, or of d fp16 (half)
-  const int64_t *idx, *off, *base, *rows;
+  const char* w;                                   // the tables' bytes
+  const int64_t *idx, *off, *base, *rows, *fmt;    // base: byte offset of feature f's table
   int64_t nf, batch, d;
-  bool mean, half;
+  bool mean;
 };
 
 Bags check_bags(const torch::Tensor& w, const torch::Tensor& idx, const torch::Tensor& off, const torch::Tensor& base,
-                const torch::Tensor& rows, bool mean) {
-  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kHalf) && w.is_contiguous(),
-              "W must be f32 or fp16 [rows, d]");
-  TORCH_CHECK(w.size(1) <= MAX_D, "d must be <= ", MAX_D);
-  for (const auto* t : {&idx, &off, &base, &rows})
+                const torch::Tensor& rows, const torch::Tensor& fmt, int64_t d, bool mean) {
+  TORCH_CHECK(w.is_contiguous(), "W must be contiguous");
+  TORCH_CHECK(d > 0 && d <= MAX_D, "d must be in [1, ", MAX_D, "]");
+  for (const auto* t : {&idx, &off, &base, &rows, &fmt})
     TORCH_CHECK(t->scalar_type() == torch::kLong && t->is_contiguous() && t->dim() == 1,
-                "indices, offsets, base and rows must be contiguous int64 vectors");
+                "indices, offsets, base, rows and fmt must be contiguous int64 vectors");
   const int64_t nf = base.numel();
-  TORCH_CHECK(nf > 0 && rows.numel() == nf && (off.numel() - 1) % nf == 0, "offsets must have F*B+1 entries");
+  TORCH_CHECK(nf > 0 && rows.numel() == nf && fmt.numel() == nf && (off.numel() - 1) % nf == 0,
+              "one base, rows and fmt per feature; offsets must have F*B+1 entries");
+  const int64_t bytes = w.numel() * static_cast<int64_t>(w.element_size());
+  for (int64_t f = 0; f < nf; ++f) {
+    const int64_t k = fmt.data_ptr<int64_t>()[f], b0 = base.data_ptr<int64_t>()[f], r = rows.data_ptr<int64_t>()[f];
+    TORCH_CHECK(k >= F32 && k <= Q2, "feature ", f, ": format ", k, " is not 0 (f32) .. 4 (int2 row-wise)");
+    TORCH_CHECK(b0 >= 0 && r >= 0 && b0 + r * row_bytes(k, d) <= bytes, "feature ", f, ": its table lies outside W");
+    TORCH_CHECK(k > F16 || b0 % 4 == 0, "feature ", f, ": an f32 / fp16 table must start 4-byte aligned");
+  }
   const int64_t batch = (off.numel() - 1) / nf;
   const int64_t* op = off.data_ptr<int64_t>();
   TORCH_CHECK(op[0] == 0 && op[nf * batch] == idx.numel(), "offsets must run from 0 to len(indices)");
   return {static_cast<const char*>(w.data_ptr()), idx.data_ptr<int64_t>(), op, base.data_ptr<int64_t>(),
-          rows.data_ptr<int64_t>(), nf, batch, w.size(1), mean, w.scalar_type() == torch::kHalf};
+          rows.data_ptr<int64_t>(), fmt.data_ptr<int64_t>(), nf, batch, d, mean};
 }
 
-alignas(64) const float ZERO_ROW[MAX_D] = {};   // where an out-of-range id points (then an error)
+// An out-of-range id points here (then an error): zero codes, and for the quantized formats a zero
+// scale and bias wherever they sit (every byte is 0).
+alignas(64) const float ZERO_ROW[MAX_D + 16] = {};
 
-// Row element c as f32: W stores T (float or at::Half, summed in f32 either way).
-template <typename T>
+inline float half_at(const char* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// A quantized row's scale and bias (after its d codes).
+template <int64_t FMT>
+inline void scale_bias(const char* row, int64_t d, float* s, float* b) {
+  if constexpr (FMT == Q8) {
+    std::memcpy(s, row + d, 4);
+    std::memcpy(b, row + d + 4, 4);
+  } else {
+    const int64_t nc = FMT == Q4 ? (d + 1) / 2 : (d + 3) / 4;
+    *s = half_at(row + nc);
+    *b = half_at(row + nc + 2);
+  }
+}
+
+// Code j of a quantized row.
+template <int64_t FMT>
+inline float code(const uint8_t* c, int64_t j) {
+  if constexpr (FMT == Q8) return static_cast<float>(c[j]);
+  else if constexpr (FMT == Q4) return static_cast<float>((c[j >> 1] >> ((j & 1) * 4)) & 15);
+  else return static_cast<float>((c[j >> 2] >> ((j & 3) * 2)) & 3);
+}
+
+// Row element c as f32 of a plain table.
+template <int64_t FMT>
 inline float element(const char* row, int64_t c) {
-  return static_cast<float>(reinterpret_cast<const T*>(row)[c]);
+  if constexpr (FMT == F32) return reinterpret_cast<const float*>(row)[c];
+  else return static_cast<float>(reinterpret_cast<const at::Half*>(row)[c]);
+}
+
+// Sums the bags of feature f, samples [lo, hi), whose row addresses are q[0 ..] in order; writes
+// o = out + (b - lo) * stride + (first_row + f) * d.  Returns q advanced past them.
+template <int64_t FMT, int64_t D, bool STREAM>
+const char* const* sum_feature(const Bags& g, int64_t f, int64_t lo, int64_t hi, const char* const* q, float* out,
+                               int64_t stride, int64_t first_row) {
+  const int64_t d = D > 0 ? D : g.d;
+  const int64_t* off = g.off + f * g.batch;
+  for (int64_t b = lo; b < hi; ++b) {
+    const int64_t count = off[b + 1] - off[b];
+    const float scale = g.mean && count > 1 ? 1.f / static_cast<float>(count) : 1.f;
+    float* o = out + (b - lo) * stride + (first_row + f) * d;
+#ifdef DLRM_FAST_AVX512
+    if constexpr (D == 16) {
+      __m512 acc = _mm512_setzero_ps();
+      float bias = 0.f;
+      for (int64_t k = 0; k < count; ++k, ++q) {
+        __builtin_prefetch(q[PREFETCH]);
+        const char* row = *q;
+        if constexpr (FMT == F32) {
+          acc = _mm512_add_ps(acc, _mm512_loadu_ps(reinterpret_cast<const float*>(row)));
+        } else if constexpr (FMT == F16) {
+          acc = _mm512_add_ps(acc, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))));
+        } else if constexpr (FMT == Q8 || FMT == Q4) {
+          float s, bb;
+          scale_bias<FMT>(row, 16, &s, &bb);
+          __m128i codes;
+          if constexpr (FMT == Q8) {
+            codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+          } else {   // 8 bytes -> 16 nibbles in order: low nibble of byte j/2 for even j
+            const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
+            const __m128i mask = _mm_set1_epi8(0x0F);
+            codes = _mm_unpacklo_epi8(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask));
+          }
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), acc);
+          bias += bb;
+        } else {
+          float s, bb;
+          scale_bias<FMT>(row, 16, &s, &bb);
+          alignas(64) float v[16];
+          const uint8_t* c = reinterpret_cast<const uint8_t*>(row);
+          for (int64_t j = 0; j < 16; ++j) v[j] = code<FMT>(c, j);
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_load_ps(v), acc);
+          bias += bb;
+        }
+      }
+      acc = _mm512_mul_ps(_mm512_add_ps(acc, _mm512_set1_ps(bias)), _mm512_set1_ps(scale));
+      if constexpr (STREAM) _mm512_stream_ps(o, acc);
+      else _mm512_storeu_ps(o, acc);
+      continue;
+    }
+#endif
+    float acc[D > 0 ? D : MAX_D];
+    float bias = 0.f;
+    for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
+    for (int64_t k = 0; k < count; ++k, ++q) {
+      __builtin_prefetch(q[PREFETCH]);
+      const char* row = *q;
+      if constexpr (FMT == F32 || FMT == F16) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) acc[c] += element<FMT>(row, c);
+      } else {
+        float s, bb;
+        scale_bias<FMT>(row, d, &s, &bb);
+        const uint8_t* cp = reinterpret_cast<const uint8_t*>(row);
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) acc[c] += s * code<FMT>(cp, c);
+        bias += bb;
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) o[c] = (acc[c] + bias) * scale;
+  }
+  return q;
+}
+
+template <int64_t D, bool STREAM>
+const char* const* sum_any(const Bags& g, int64_t f, int64_t lo, int64_t hi, const char* const* q, float* out,
+                           int64_t stride, int64_t first_row) {
+  switch (g.fmt[f]) {
+    case F32: return sum_feature<F32, D, STREAM>(g, f, lo, hi, q, out, stride, first_row);
+    case F16: return sum_feature<F16, D, STREAM>(g, f, lo, hi, q, out, stride, first_row);
+    case Q8: return sum_feature<Q8, D, STREAM>(g, f, lo, hi, q, out, stride, first_row);
+    case Q4: return sum_feature<Q4, D, STREAM>(g, f, lo, hi, q, out, stride, first_row);
+    default: return sum_feature<Q2, D, STREAM>(g, f, lo, hi, q, out, stride, first_row);
+  }
 }
 
 // Pools every bag of samples [lo, hi): bag (f, b) into out[b * stride + (first_row + f) * d ..];
@@ -113,13 +255,12 @@ inline float element(const char* row, int64_t c) {
 // the row PREFETCH lookups ahead prefetched, across feature boundaries, so the stream of misses
 // never drains between tables.  Splitting the passes keeps the summing loop free of per-lookup
 // bookkeeping (B=2048 Kaggle gather_bags: 0.93 -> 0.72 ms, 0.60 -> 0.44 ms with every id 0).
-// T: the table's element type (float, or at::Half: half the bytes per row, converted on load).
+// Each feature's rows are decoded in its own format (the switch is per feature, not per row).
 // Feature-major order matters: 0.51 ms feature-major vs 0.89 ms walking sample by sample across
 // the 26 tables.  STREAM: write each pooled row with a non-temporal store (a [B, F, d] result
 // that the next stage reads much later: no read-for-ownership of its lines).
-template <typename T, int64_t D, bool STREAM>
+template <int64_t D, bool STREAM>
 bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
-  const int64_t d = D > 0 ? D : g.d, row_bytes = d * static_cast<int64_t>(sizeof(T));
   const char* zero = reinterpret_cast<const char*>(ZERO_ROW);
   int64_t total = 0;
   for (int64_t f = 0; f < g.nf; ++f) total += g.off[f * g.batch + hi] - g.off[f * g.batch + lo];
@@ -128,58 +269,26 @@ bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t strid
   int64_t n = 0;
   for (int64_t f = 0; f < g.nf; ++f) {
     const uint64_t rows = static_cast<uint64_t>(g.rows[f]);
-    const char* wf = g.w + g.base[f] * row_bytes;
+    const int64_t rb = row_bytes(g.fmt[f], g.d);
+    const char* wf = g.w + g.base[f];
     const int64_t end = g.off[f * g.batch + hi];
     for (int64_t p = g.off[f * g.batch + lo]; p < end; ++p) {
       const uint64_t i = static_cast<uint64_t>(g.idx[p]);
       const bool inside = i < rows;
       ok &= inside;
-      at[n++] = inside ? wf + static_cast<int64_t>(i) * row_bytes : zero;
+      at[n++] = inside ? wf + static_cast<int64_t>(i) * rb : zero;
     }
   }
   for (int64_t k = 0; k < std::min(PREFETCH, total); ++k) __builtin_prefetch(at[k]);
   const char* const* q = at.data();
-  for (int64_t f = 0; f < g.nf; ++f) {
-    const int64_t* off = g.off + f * g.batch;
-    for (int64_t b = lo; b < hi; ++b) {
-      const int64_t count = off[b + 1] - off[b];
-      const float scale = g.mean && count > 1 ? 1.f / static_cast<float>(count) : 1.f;
-      float* o = out + (b - lo) * stride + (first_row + f) * d;
-#ifdef DLRM_FAST_AVX512
-      if constexpr (D == 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < count; ++k, ++q) {
-          __builtin_prefetch(q[PREFETCH]);
-          if constexpr (std::is_same_v<T, float>) acc = _mm512_add_ps(acc, _mm512_loadu_ps(*q));
-          else acc = _mm512_add_ps(acc, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(*q))));
-        }
-        acc = _mm512_mul_ps(acc, _mm512_set1_ps(scale));
-        if constexpr (STREAM) _mm512_stream_ps(o, acc);
-        else _mm512_storeu_ps(o, acc);
-        continue;
-      }
-#endif
-      float acc[D > 0 ? D : MAX_D];
-      for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
-      for (int64_t k = 0; k < count; ++k, ++q) {
-        __builtin_prefetch(q[PREFETCH]);
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) acc[c] += element<T>(*q, c);
-      }
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * scale;
-    }
-  }
+  for (int64_t f = 0; f < g.nf; ++f) q = sum_any<D, STREAM>(g, f, lo, hi, q, out, stride, first_row);
   return ok;
 }
 
 template <bool STREAM>
 bool pool_features(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t stride, int64_t first_row) {
-  if (g.half)
-    return g.d == 16 ? pool_chunk<at::Half, 16, STREAM>(g, lo, hi, out, stride, first_row)
-                     : pool_chunk<at::Half, 0, false>(g, lo, hi, out, stride, first_row);
-  return g.d == 16 ? pool_chunk<float, 16, STREAM>(g, lo, hi, out, stride, first_row)
-                   : pool_chunk<float, 0, false>(g, lo, hi, out, stride, first_row);
+  return g.d == 16 ? pool_chunk<16, STREAM>(g, lo, hi, out, stride, first_row)
+                   : pool_chunk<0, false>(g, lo, hi, out, stride, first_row);
 }
 
 // fn(lo, hi) over chunks of CHUNK samples, in parallel; an out-of-range id anywhere is an error.
@@ -194,8 +303,8 @@ void for_chunks(const Bags& g, Fn fn) {
 }
 
 torch::Tensor gather_bags(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base,
-                          torch::Tensor rows, bool mean) {
-  const Bags g = check_bags(w, idx, off, base, rows, mean);
+                          torch::Tensor rows, torch::Tensor fmt, int64_t d, bool mean) {
+  const Bags g = check_bags(w, idx, off, base, rows, fmt, d, mean);
   auto out = torch::empty({g.batch, g.nf, g.d}, torch::kFloat);
   float* op = out.data_ptr<float>();
   const bool aligned = reinterpret_cast<uintptr_t>(op) % 64 == 0;   // torch's allocator aligns to 64
@@ -399,9 +508,9 @@ void for_interaction_rows(const Bags& g, torch::Tensor& x, int64_t order, int64_
 }
 
 torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor off, torch::Tensor base,
-                             torch::Tensor rows, bool mean, torch::Tensor x, int64_t order, int64_t kp,
-                             bool generic) {
-  const Bags g = check_bags(w, idx, off, base, rows, mean);
+                             torch::Tensor rows, torch::Tensor fmt, int64_t d, bool mean, torch::Tensor x,
+                             int64_t order, int64_t kp, bool generic) {
+  const Bags g = check_bags(w, idx, off, base, rows, fmt, d, mean);
   auto z = torch::empty({g.batch, kp}, torch::kBFloat16);
   uint16_t* zp = reinterpret_cast<uint16_t*>(z.data_ptr<at::BFloat16>());
   const int64_t width = interaction_width(g.nf, g.d, order);
@@ -416,9 +525,9 @@ torch::Tensor embed_interact(torch::Tensor w, torch::Tensor idx, torch::Tensor o
 // embed_interact for an int8 top MLP: each f32 row z_b quantized on the spot (quantize_row.h),
 // q [B, kp] int8 (zero beyond d + pairs) and s [B] f32 with z_b ≈ s_b q_b.
 std::vector<torch::Tensor> embed_interact_q8(torch::Tensor w, torch::Tensor idx, torch::Tensor off,
-                                             torch::Tensor base, torch::Tensor rows, bool mean, torch::Tensor x,
-                                             int64_t order, int64_t kp, bool generic) {
-  const Bags g = check_bags(w, idx, off, base, rows, mean);
+                                             torch::Tensor base, torch::Tensor rows, torch::Tensor fmt, int64_t d,
+                                             bool mean, torch::Tensor x, int64_t order, int64_t kp, bool generic) {
+  const Bags g = check_bags(w, idx, off, base, rows, fmt, d, mean);
   auto q = torch::empty({g.batch, kp}, torch::kChar);
   auto s = torch::empty({g.batch}, torch::kFloat);
   int8_t* qp = q.data_ptr<int8_t>();
@@ -568,7 +677,8 @@ std::vector<float> mlp_rows(const Layers& l, const uint16_t* x, int64_t m) {
 // than the math): x = bottom(dense), z = embed_interact(.., x, ..), logit = top(z), in the
 // numerics of the large-batch path (bf16 weights and layer inputs, f32 accumulation).
 torch::Tensor small_forward(torch::Tensor dense, torch::Tensor w, torch::Tensor idx, torch::Tensor off,
-                            torch::Tensor base, torch::Tensor rows, bool mean, std::vector<torch::Tensor> bottom_wt,
+                            torch::Tensor base, torch::Tensor rows, torch::Tensor fmt, int64_t d, bool mean,
+                            std::vector<torch::Tensor> bottom_wt,
                             std::vector<torch::Tensor> bottom_b, std::vector<bool> bottom_relu,
                             std::vector<torch::Tensor> top_wt, std::vector<torch::Tensor> top_b,
                             std::vector<bool> top_relu, int64_t order, int64_t kp) {
@@ -576,13 +686,13 @@ torch::Tensor small_forward(torch::Tensor dense, torch::Tensor w, torch::Tensor 
   const Layers bottom = check_layers(bottom_wt, bottom_b, bottom_relu, dense.size(1));
   const Layers top = check_layers(top_wt, top_b, top_relu, kp);
   TORCH_CHECK(top.n.back() == 1, "the top MLP must end in one output");
-  const int64_t batch = dense.size(0), d = w.size(1);
+  const int64_t batch = dense.size(0);
   TORCH_CHECK(bottom.n.back() == d, "the bottom MLP must end in d = ", d, " outputs");
   std::vector<uint16_t> dense16(dense.numel());
   for (int64_t c = 0; c < dense.numel(); ++c) dense16[c] = to_bf16(dense.data_ptr<float>()[c]);
   const std::vector<float> xv = mlp_rows(bottom, dense16.data(), batch);
   const torch::Tensor x = torch::from_blob(const_cast<float*>(xv.data()), {batch, d}, torch::kFloat);
-  const torch::Tensor z = embed_interact(w, idx, off, base, rows, mean, x, order, kp, false);
+  const torch::Tensor z = embed_interact(w, idx, off, base, rows, fmt, d, mean, x, order, kp, false);
   const std::vector<float> logits =
       mlp_rows(top, reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>()), batch);
   auto out = torch::empty({batch}, torch::kFloat);
@@ -593,14 +703,15 @@ torch::Tensor small_forward(torch::Tensor dense, torch::Tensor w, torch::Tensor 
 // small_forward with its weights bound once (a Python call then converts three tensors, not
 // six lists: ~5 us of the ~28 us of a batch-1 call).
 struct SmallModel {
-  torch::Tensor w, base, rows;
+  torch::Tensor w, base, rows, fmt;
+  int64_t d;
   bool mean;
   std::vector<torch::Tensor> bottom_wt, bottom_b, top_wt, top_b;
   std::vector<bool> bottom_relu, top_relu;
   int64_t order, kp;
 
   torch::Tensor forward(torch::Tensor dense, torch::Tensor idx, torch::Tensor off) const {
-    return small_forward(dense, w, idx, off, base, rows, mean, bottom_wt, bottom_b, bottom_relu, top_wt, top_b,
+    return small_forward(dense, w, idx, off, base, rows, fmt, d, mean, bottom_wt, bottom_b, bottom_relu, top_wt, top_b,
                          top_relu, order, kp);
   }
 };
@@ -615,7 +726,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embed_interact_q8", &embed_interact_q8);
   m.def("final_dot", &final_dot);
   pybind11::class_<SmallModel>(m, "SmallModel")
-      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, bool, std::vector<torch::Tensor>,
+      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, bool,
+                          std::vector<torch::Tensor>,
                           std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<bool>, std::vector<bool>, int64_t, int64_t>())
       .def("__call__", &SmallModel::forward);

@@ -16,7 +16,7 @@ from targets.native.fast_kernels import kernels
 from targets.native.engine import INT8_MIN_BATCH, SMALL_MAX_BATCH, FastDLRM, FusedTables
 from tests.helpers import small_model
 from tests.targets.checks import BATCHES, assert_matches_eager, lower_and_load
-from tests.tolerances import path_tolerance
+from tests.tolerances import assert_close, path_tolerance
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("isa_tier")       # every test at every ISA tier this host runs
@@ -61,12 +61,13 @@ def test_fused_tables_lookup_equals_per_table_bags(model):
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     batch = multi_hot_batch(rows, 63, model.spec.n_dense, 3.0, seed=3, empty_fraction=0.2)
     t = FusedTables(model)
-    pooled = kernels().gather_bags(t.weight, batch.indices, batch.offsets, t.base, t.rows, t.pooling == "mean")
+    w, base, rows_, fmt, d = t.store.args()
+    pooled = kernels().gather_bags(w, batch.indices, batch.offsets, base, rows_, fmt, d, t.pooling == "mean")
     pooled = pooled.transpose(0, 1)
     bags = split_bags(batch.indices, batch.offsets, len(rows))
     for f, table in enumerate(model.feature_tables):
         ref = model.embeddings[table](bags[2 * f], bags[2 * f + 1])
-        torch.testing.assert_close(pooled[f], ref, atol=1e-6, rtol=0)
+        assert_close(pooled[f], ref, "float32", f"feature {f}")
 
 
 def test_predictor_uses_the_canonical_batch(model, tmp_path):
@@ -88,20 +89,36 @@ def test_predictor_uses_the_canonical_batch(model, tmp_path):
 def test_fp16_tables_match_eager_of_the_fp16_model(model, tmp_path, name):
     half, _ = apply(model, [passes.quantize(bits=16)])
     _, runner = lower_and_load(get_target(name), half, tmp_path)
-    assert runner.net.tables.weight.dtype == torch.float16          # lookups read 2-byte elements
+    assert runner.net.tables.formats == ["f16"] * 4                 # lookups read 2-byte elements
     assert assert_matches_eager(runner, half, get_target(name).precision) > 0
+
+
+@pytest.mark.parametrize("name", ["torch-fast", "torch-fast-int8"])
+@pytest.mark.parametrize("bits", [8, 4, 2, "mixed"])
+def test_rowwise_quantized_tables_run_fused_and_match_eager_of_the_quantized_model(model, tmp_path, name, bits):
+    """Row-wise int8 / int4 / int2 tables (and a model mixing fp32, fp16, int8 and int4 tables) enter
+    the fused engine: decoded in registers, compared with eager of the same quantized model."""
+    if bits == "mixed":
+        q, _ = apply(model, [passes.quantize(bits=8, tables=("t0",)), passes.quantize(bits=4, tables=("t1",)),
+                             passes.quantize(bits=16, tables=("t2",))])
+    else:
+        q, _ = apply(model, [passes.quantize(bits=bits)])
+    _, runner = lower_and_load(get_target(name), q, tmp_path)
+    formats = runner.net.tables.formats
+    assert formats == (["int8-rowwise", "int4-rowwise", "f16", "f32"] if bits == "mixed" else [f"int{bits}-rowwise"] * 4)
+    assert assert_matches_eager(runner, q, get_target(name).precision) > 0
 
 
 def test_refuses_tables_it_cannot_fuse(model, tmp_path):
     mixed = model.with_tables({"t1": TableBag(300, 8, weight=torch.zeros(300, 8))})
-    with pytest.raises(RewriteError, match=r"one dim, dtype and pooling mode, found dims \[8, 16\]"):
+    with pytest.raises(RewriteError, match=r"one dim and pooling mode, found dims \[8, 16\]"):
         get_target("torch-fast").lower(mixed, None, tmp_path)
-    half = model.with_tables({"t0": TableBag(1000, 16, dtype="float16")})
-    with pytest.raises(RewriteError, match=r"found dims \[16\], dtypes \['float16', 'float32'\]"):
-        get_target("torch-fast").lower(half, None, tmp_path)
-    int8, _ = apply(model, [passes.quantize(bits=8, tables=("t0",))])
-    with pytest.raises(RewriteError, match="cannot fuse table 't0'.*only plain fp32 or fp16 tables"):
-        get_target("torch-fast").lower(int8, None, tmp_path)
+    bf16 = model.with_tables({"t0": TableBag(1000, 16, dtype="bfloat16")})
+    with pytest.raises(RewriteError, match="cannot fuse table 't0'.*f32, fp16 or row-wise int8/int4/int2 rows"):
+        get_target("torch-fast").lower(bf16, None, tmp_path)
+    qr, _ = apply(model, [passes.qr(tables=("t0",))])
+    with pytest.raises(RewriteError, match="cannot fuse table 't0': it is a 'qr"):
+        get_target("torch-fast").lower(qr, None, tmp_path)
     from dataclasses import replace
 
     from rewrite.core.model import RecModel

@@ -1,6 +1,5 @@
 """``kernels/dlrm_fast.cpp`` against torch on ragged / empty / largest-id batches."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -8,7 +7,10 @@ from torch import nn
 from rewrite.core.errors import RewriteError
 from rewrite.core.model import DotInteraction, interaction_pairs, mlp, split_bags
 from rewrite.core.synthetic import multi_hot_batch
-from targets.native.fast_kernels import PAIR_ORDERS, OneDnnMlp, bf16_pairs, huge_table, kernels, small_model
+from passes.quantized import RowwiseQuantizedBag
+from rewrite.core.embedding import TableBag
+from targets.native.fast_kernels import PAIR_ORDERS, OneDnnMlp, TableStore, bf16_pairs, kernels, small_model, store_tables
+from tests.tolerances import assert_close, path_tolerance
 from targets.native.int8_kernels import pad_to
 from tests.targets.checks import ref_quantize
 
@@ -18,49 +20,71 @@ torch.set_num_threads(1)
 ROWS = [1000, 300, 37, 5]
 
 
-def tables_and_base(dim: int, seed: int = 0):
+FORMATS = {"f32": None, "f16": 16, "int8": 8, "int4": 4, "int2": 2}
+MIXED = ("f32", "int8", "int4", "f16")                        # one table in each of four formats
+
+
+def make_tables(dim: int, formats=("f32",) * len(ROWS), sizes=ROWS, mode: str = "sum", seed: int = 0):
+    """One representation per table, each in its format, from N(0, 0.1²) fp32 rows."""
     g = torch.Generator().manual_seed(seed)
-    tables = [torch.randn(r, dim, generator=g) * 0.1 for r in ROWS]
-    base = torch.tensor(np.cumsum([0] + ROWS[:-1]), dtype=torch.int64)
-    return tables, huge_table(tables), base, torch.tensor(ROWS)
+    out = []
+    for rows, fmt in zip(sizes, formats):
+        w = torch.randn(rows, dim, generator=g) * 0.1
+        if FORMATS[fmt] is None or FORMATS[fmt] == 16:
+            out.append(TableBag(rows, dim, mode, "float32" if FORMATS[fmt] is None else "float16", weight=w))
+        else:
+            out.append(RowwiseQuantizedBag.from_table(w, FORMATS[fmt], mode)[0])
+    return out
 
 
-def reference_bags(tables, batch, mode: str) -> torch.Tensor:
-    """[B, F, d] by one embedding_bag per table."""
+def fused(tables) -> TableStore:
+    return store_tables([t.row_storage() for t in tables], list(range(len(tables))), tables[0].dim)
+
+
+def reference_bags(tables, batch) -> torch.Tensor:
+    """[B, F, d]: each table's own eager forward (the reference every engine is held to)."""
     bags = split_bags(batch.indices, batch.offsets, len(tables))
-    return torch.stack([nn.functional.embedding_bag(bags[2 * f], t, bags[2 * f + 1], mode=mode,
-                                                    include_last_offset=True) for f, t in enumerate(tables)], 1)
+    with torch.no_grad():
+        return torch.stack([t(bags[2 * f], bags[2 * f + 1]) for f, t in enumerate(tables)], 1)
 
 
-def test_huge_table_is_the_concatenation_in_2mib_aligned_memory():
-    tables, w, _, _ = tables_and_base(16)
-    assert w.data_ptr() % (2 << 20) == 0
-    torch.testing.assert_close(w, torch.cat(tables), atol=0, rtol=0)
+def test_table_store_holds_every_tables_bytes_in_2mib_aligned_memory():
+    tables = make_tables(16, MIXED)
+    store = fused(tables)
+    assert store.w.data_ptr() % (2 << 20) == 0 and store.fmt.tolist() == [0, 2, 3, 1]
+    for t, base in zip(tables, store.base.tolist()):
+        raw = t.row_storage().rows.reshape(-1)
+        assert base % 64 == 0 and torch.equal(store.w[base:base + raw.numel()], raw)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-@pytest.mark.parametrize("dim", [16, 8])
-def test_gather_bags_equals_per_table_embedding_bags(mode, dim):
-    tables, w, base, rows = tables_and_base(dim)
+@pytest.mark.parametrize("dim", [16, 8, 5])
+@pytest.mark.parametrize("formats", [("f32",) * 4, ("f16",) * 4, ("int8",) * 4, ("int4",) * 4, ("int2",) * 4, MIXED],
+                         ids=["f32", "f16", "int8", "int4", "int2", "mixed"])
+def test_gather_bags_equals_each_tables_eager_bags(mode, dim, formats):
+    tables = make_tables(dim, formats, mode=mode)
+    store = fused(tables)
+    w, base, rows, fmt, d = store.args()
     for b, mean_len, empty in ((1, 3.0, 0.2), (3, 0.0, 1.0), (700, 3.0, 0.2)):
         batch = multi_hot_batch(ROWS, b, 13, mean_len, seed=b, empty_fraction=empty)
-        got = kernels().gather_bags(w, batch.indices, batch.offsets, base, rows, mode == "mean")
-        torch.testing.assert_close(got, reference_bags(tables, batch, mode), atol=1e-6, rtol=1e-6)
+        got = kernels().gather_bags(w, batch.indices, batch.offsets, base, rows, fmt, d, mode == "mean")
+        assert_close(got, reference_bags(tables, batch), "float32", f"gather_bags {formats} d={dim} B={b}")
 
 
 @pytest.mark.parametrize("order", list(PAIR_ORDERS))
 @pytest.mark.parametrize("dim,generic", [(16, False), (16, True), (8, False)])
 def test_embed_interact_equals_dot_interaction_rounded_to_bf16(order, dim, generic):
-    tables, w, base, rows = tables_and_base(dim)
+    tables = make_tables(dim, MIXED)
+    w, base, rows, fmt, d = fused(tables).args()
     n_pairs = len(interaction_pairs(len(ROWS) + 1, order))
     kp = -(-(dim + n_pairs) // 16) * 16 + 16                  # extra padding must come out zero
     for b in (1, 2, 300):                                      # 300: more than one 256-sample chunk
         batch = multi_hot_batch(ROWS, b, 13, 3.0, seed=b, empty_fraction=0.2)
         x = torch.randn(b, dim)
-        z = kernels().embed_interact(w, batch.indices, batch.offsets, base, rows, False, x,
+        z = kernels().embed_interact(w, batch.indices, batch.offsets, base, rows, fmt, d, False, x,
                                      PAIR_ORDERS[order], kp, generic)
         assert z.dtype == torch.bfloat16 and z.shape == (b, kp)
-        e = reference_bags(tables, batch, "sum")
+        e = reference_bags(tables, batch)
         ref = DotInteraction(len(ROWS) + 1, order)(x, list(e.unbind(1)))
         torch.testing.assert_close(z[:, :dim + n_pairs].float(), ref.to(torch.bfloat16).float(), atol=1e-3, rtol=8e-3)
         assert not z[:, dim + n_pairs:].any()
@@ -73,37 +97,44 @@ def test_embed_interact_q8_is_the_interaction_quantized_per_row(features, dim, o
     compressed stores); 40: more vectors than the tile (plain loops); d = 8 likewise."""
     g = torch.Generator().manual_seed(features)
     sizes = [1 + 37 * f for f in range(features)]
-    tables = [torch.randn(r, dim, generator=g) * 0.3 for r in sizes]
-    w, base = huge_table(tables), torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.int64)
+    tables = make_tables(dim, [list(FORMATS)[f % len(FORMATS)] for f in range(features)], sizes, seed=features)
+    w, base, rows, fmt, d = fused(tables).args()
     n_pairs = len(interaction_pairs(features + 1, order))
     kp = pad_to(dim + n_pairs) + 8                             # extra padding must come out zero
     for b in (1, 33, 300):                                     # 300: more than one 256-sample chunk
         batch = multi_hot_batch(sizes, b, 13, 2.0, seed=b, empty_fraction=0.2)
         x = torch.randn(b, dim, generator=g)
         x[0] = 0                                               # with empty bags: an all-zero row
-        q, s = kernels().embed_interact_q8(w, batch.indices, batch.offsets, base, torch.tensor(sizes), False, x,
+        q, s = kernels().embed_interact_q8(w, batch.indices, batch.offsets, base, rows, fmt, d, False, x,
                                            PAIR_ORDERS[order], kp, False)
-        ref = DotInteraction(features + 1, order)(x, list(reference_bags(tables, batch, "sum").unbind(1)))
+        ref = DotInteraction(features + 1, order)(x, list(reference_bags(tables, batch).unbind(1)))
         rq, rs = ref_quantize(ref, kp)
         assert q.dtype == torch.int8 and q.shape == (b, kp) and not q[:, dim + n_pairs:].any()
         torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
         assert (q.int() - rq.int()).abs().max() <= 1           # f32 FMA order vs torch's: a tie may round apart
 
 
-def test_out_of_range_ids_are_an_error_not_a_read():
-    tables, w, base, rows = tables_and_base(16)
+def test_out_of_range_ids_and_bad_tables_are_an_error_not_a_read():
+    w, base, rows, fmt, d = fused(make_tables(16, MIXED)).args()
     batch = multi_hot_batch(ROWS, 5, 13, 2.0, seed=1)
     for bad_id in (ROWS[0], -1):                               # one past the first table; negative
         bad = batch.indices.clone()
         bad[0] = bad_id
         with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
-            kernels().gather_bags(w, bad, batch.offsets, base, rows, False)
+            kernels().gather_bags(w, bad, batch.offsets, base, rows, fmt, d, False)
         with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
-            kernels().embed_interact(w, bad, batch.offsets, base, rows, False, torch.zeros(5, 16), 0, 32 * 3, False)
+            kernels().embed_interact(w, bad, batch.offsets, base, rows, fmt, d, False, torch.zeros(5, 16), 0, 32 * 3,
+                                     False)
         with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
-            kernels().embed_interact_q8(w, bad, batch.offsets, base, rows, False, torch.zeros(5, 16), 0, 32 * 3, False)
+            kernels().embed_interact_q8(w, bad, batch.offsets, base, rows, fmt, d, False, torch.zeros(5, 16), 0,
+                                        32 * 3, False)
     with pytest.raises(RuntimeError, match="offsets must run from 0 to len"):
-        kernels().gather_bags(w, batch.indices[1:], batch.offsets, base, rows, False)
+        kernels().gather_bags(w, batch.indices[1:], batch.offsets, base, rows, fmt, d, False)
+    with pytest.raises(RuntimeError, match="feature 3: its table lies outside W"):
+        kernels().gather_bags(w, batch.indices, batch.offsets, base, rows + torch.tensor([0, 0, 0, 10 ** 6]), fmt, d,
+                              False)
+    with pytest.raises(RuntimeError, match="feature 0: format 7 is not 0"):
+        kernels().gather_bags(w, batch.indices, batch.offsets, base, rows, torch.tensor([7, 2, 3, 1]), d, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -134,15 +165,15 @@ def test_small_model_equals_the_model_in_bf16_and_refuses_bad_shapes():
     from tests.helpers import small_model as trained_like
 
     model = trained_like(rows=tuple(ROWS))
-    tables = [model.embeddings[t].weight.detach() for t in model.feature_tables]
-    w, base, rows = huge_table(tables), torch.tensor(np.cumsum([0] + ROWS[:-1])), torch.tensor(ROWS)
     kp = -(-(16 + len(interaction_pairs(len(ROWS) + 1, "dlrm"))) // 16) * 16
-    net = small_model(w, base, rows, False, model.bottom, model.top, model.spec.n_dense, 0, kp)
+    net = small_model(fused([model.embeddings[t] for t in model.feature_tables]), False, model.bottom, model.top,
+                      model.spec.n_dense, 0, kp)
+    atol, rtol = path_tolerance("bf16-dense")
     for b in (1, 3, 8):
         batch = multi_hot_batch(ROWS, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
         with torch.inference_mode():
             torch.testing.assert_close(net(batch.dense, batch.indices, batch.offsets), model(*batch.inputs()),
-                                       atol=1e-2, rtol=1e-2)
+                                       atol=atol, rtol=rtol)
     with pytest.raises(RuntimeError, match="layer shapes do not chain"):
         net(batch.dense[:, :5].contiguous(), batch.indices, batch.offsets)
 
