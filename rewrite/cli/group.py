@@ -66,6 +66,32 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
+class LazyOptionsCommand(click.Command):
+    """A command some of whose options come from a module that is heavy to import (e.g.
+    ``rewrite.recovery``, which imports torch): ``options`` is a callable returning a decorator
+    that adds them, called the first time the command's parameters are needed (to parse its
+    arguments or show its help), so listing the commands (``rewrite --help``) imports nothing."""
+
+    def __init__(self, *args: Any, options: Callable[[], Callable] | None = None, **kwargs: Any) -> None:
+        self._lazy_options = options
+        super().__init__(*args, **kwargs)
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._lazy_options is not None:
+            add, self._lazy_options = self._lazy_options, None
+
+            def holder() -> None: ...
+
+            add()(holder)
+            self._params.extend(reversed(getattr(holder, "__click_params__", [])))
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = value
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 
 

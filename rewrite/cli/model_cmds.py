@@ -16,11 +16,10 @@ from rewrite.core.errors import RewriteError
 @json_option
 def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
     """What a checkpoint or a bundle holds: tables, representations, bytes, MLPs (and paths)."""
+    from rewrite.formats import is_dcp
     from rewrite.inspection import describe_bundle, describe_model, human_bytes
 
-    from rewrite.formats import dcp
-
-    if path.is_dir() and not dcp.is_dcp(path):     # a bundle (a DCP directory is a checkpoint)
+    if path.is_dir() and not is_dcp(path):     # a bundle (a DCP directory is a checkpoint)
         from rewrite.artifact import open_bundle
 
         info = describe_bundle(open_bundle(path))

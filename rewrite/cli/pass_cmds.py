@@ -6,11 +6,16 @@ from pathlib import Path
 
 import click
 
-from rewrite.cli.group import emit, json_option, load_model, load_options, main
-from rewrite.recovery import add_recovery_options
+from rewrite.cli.group import LazyOptionsCommand, emit, json_option, load_model, load_options, main
 
 
-@main.command("apply")
+def _recovery_options():
+    from rewrite.recovery import add_recovery_options   # imports torch: only when apply runs or shows help
+
+    return add_recovery_options
+
+
+@main.command("apply", cls=LazyOptionsCommand, options=_recovery_options)
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-p", "--pass", "pass_specs", multiple=True, required=True, metavar="NAME[:key=value]...",
               help="a pass and its options, e.g. -p quantize:bits=4 (repeat; `rewrite passes` lists them)")
@@ -25,7 +30,6 @@ from rewrite.recovery import add_recovery_options
 @click.option("--allow-degraded", is_flag=True, help="write the model even if a table exceeds its tolerance")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="the rewritten model (native safetensors), written atomically")
-@add_recovery_options
 @load_options
 @json_option
 def apply_command(path, pass_specs, data_path, profile_path, samples, dense_transform, allow_degraded,
