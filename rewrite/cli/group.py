@@ -93,6 +93,24 @@ class LazyOptionsCommand(click.Command):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+force_option = click.option("--force", is_flag=True, help="replace an existing output (refused otherwise)")
+MAX_AUC_DROP_DEFAULT = 0.005     # rewrite.rewriting.DEFAULT_MAX_AUC_DROP (not imported: it loads numpy)
+
+
+def max_auc_drop_option(f):
+    return click.option("--max-auc-drop", type=click.FloatRange(min=0), default=None,
+                        help=f"exit 1, writing nothing, when the rewrite loses more AUC than this on "
+                             f"labelled --data [default: {MAX_AUC_DROP_DEFAULT}; without labels it is "
+                             f"not measured and does not apply]")(f)
+
+
+def refuse_existing(force: bool, **outputs: Path | None) -> None:
+    """Exit 2 before any work when an output the user named exists and there is no ``--force``;
+    ``outputs``: option text -> path (``o="..."`` is ``-o``)."""
+    from rewrite.core.atomic import check_new_output
+
+    for option, path in outputs.items():
+        check_new_output(path, force, "-o" if option == "o" else "--" + option.replace("_", "-"))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
