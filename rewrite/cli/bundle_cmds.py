@@ -91,7 +91,9 @@ def _human_paths(d) -> str:
     for name, why in d.get("skipped_targets", {}).items():
         lines.append(f"  {name:<16} skipped {why}")
     if "dispatch" in d:
-        lines.append("  dispatch: " + ", ".join(f"{r['min_batch']}..{r['max_batch'] or ''} -> {r['path']}"
+        from rewrite.dispatch import batch_range
+
+        lines.append("  dispatch: " + ", ".join(f"{batch_range(r['min_batch'], r['max_batch'])} -> {r['path']}"
                                                 for r in d["dispatch"]["ranges"]))
     return "\n".join(lines)
 

@@ -132,13 +132,6 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     return plan
 
 
-def batch_range(lo: int, hi: int | None) -> str:
-    """A dispatch range in words: '1-181', '182 and up', 'every batch size'."""
-    if hi is None:
-        return "every batch size" if lo <= 1 else f"{lo} and up"
-    return f"{lo}" if lo == hi else f"{lo}-{hi}"
-
-
 def limits_text(c: dict[str, Any]) -> str:
     """The plan's limits as the user gave them (the memory budget in their unit and in bytes)."""
     from rewrite.cost.ilp import Constraints
@@ -157,6 +150,7 @@ def limits_text(c: dict[str, Any]) -> str:
 
 def human_plan(d: dict[str, Any]) -> str:
     from rewrite.cost.variants import spelled
+    from rewrite.dispatch import batch_range
 
     batch, est = d["batch"], d["estimator"]["source"]
     lines = [f"plan for {d['model']['path']} on {d['hardware']['name']} (target {d['target']}, "

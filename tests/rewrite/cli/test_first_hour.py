@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,7 +229,8 @@ def test_passes_is_a_table_within_100_columns_and_one_pass_in_full():
 # item 10 --------------------------------------------------------------------------------------
 
 def test_plan_words():
-    from rewrite.cost.commands import batch_range, limits_text
+    from rewrite.cost.commands import limits_text
+    from rewrite.dispatch import batch_range
     from rewrite.cost.variants import spelled
 
     assert spelled("quantize") == "quantize:bits=8" and spelled("quantize:bits=4") == "quantize:bits=4"
