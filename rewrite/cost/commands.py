@@ -176,7 +176,7 @@ def human_plan(d: dict[str, Any]) -> str:
             elif ru["pass"] is None:
                 ru_text = f"runner-up: none ({ru['reason']})"
             else:
-                ru_text = f"runner-up {spelled(ru['pass'])} (+{ru['objective_increase_s'] * 1e6:.1f} us)"
+                ru_text = f"runner-up {spelled(ru['pass'])} (+{max(0.0, ru['objective_increase_s']) * 1e6:.1f} us)"
             line += f"\n          {ru_text}; binding: {r['binding']}"
         lines.append(line)
     ranges = ", ".join(f"{batch_range(r['min_batch'], r['max_batch'])} -> {r['path']}"
