@@ -41,11 +41,13 @@ def compile(model: RecModel | str | Path, out: str | Path, *, passes: Iterable[C
             data: str | Path | None = None, profile: str | Path | None = None, samples: int = 8192,
             dense_transform: str = "log1p", allow_degraded: bool = False, force: bool = False,
             tune_trials: int | None = None, source: str | Path | None = None,
-            load_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+            load_overrides: dict[str, Any] | None = None, max_auc_drop: float | None = None) -> dict[str, Any]:
     """Write the bundle ``out`` and return its manifest (module docstring).  ``model``: a RecModel
     or a checkpoint path (read after every argument is checked, with ``load_overrides``, e.g.
     ``{"interaction": "dot"}``, for what a checkpoint cannot say); ``passes``: configured passes or ``-p`` strings; ``plan``: a plan/1 dict
-    or file; ``data`` / ``profile``: the verification data and access profile of the passes."""
+    or file; ``data`` / ``profile``: the verification data and access profile of the passes;
+    ``max_auc_drop``: with ``passes``, the AUC they may lose on labelled ``data`` (default
+    ``rewrite.rewriting.DEFAULT_MAX_AUC_DROP``; a plan carries its own)."""
     from rewrite.bundling import check_output, compile_model, resolve_targets, tune_options
 
     configured = _passes(passes)
@@ -53,6 +55,8 @@ def compile(model: RecModel | str | Path, out: str | Path, *, passes: Iterable[C
         raise RewriteError("-p and --plan: give one or the other (a plan already names its passes)")
     if (data or profile or allow_degraded) and not (configured or plan is not None):
         raise RewriteError("--data, --profile and --allow-degraded need -p or --plan")
+    if max_auc_drop is not None and not configured:
+        raise RewriteError("--max-auc-drop needs -p (a plan carries its own, from `rewrite plan --max-auc-drop`)")
     names = list(targets)
     resolved = resolve_targets(names)                       # unknown / unavailable: fail first
     options = tune_options(resolved, tune_trials) if tune_trials else None
@@ -83,7 +87,10 @@ def compile(model: RecModel | str | Path, out: str | Path, *, passes: Iterable[C
         check_plan_matches(plan, model, str(plan_file))
         return compile_plan(model, plan, plan_file, out, inputs, names, source=source, force=force,
                             allow_degraded=allow_degraded)
-    rewritten, report = rewrite_checked(model, source or Path("<model>"), configured, inputs, allow_degraded)
+    from rewrite.rewriting import DEFAULT_MAX_AUC_DROP
+
+    rewritten, report = rewrite_checked(model, source or Path("<model>"), configured, inputs, allow_degraded,
+                                        DEFAULT_MAX_AUC_DROP if max_auc_drop is None else max_auc_drop)
     if "failure" in report:
         error = VerificationError(f"{report['failure']}; no bundle written")
         error.report = {**report, "output": str(out), "written": False}

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rewrite.core import isa
-from rewrite.core.errors import RewriteError
+from rewrite.core.errors import RewriteError, VerificationError
 
 BASELINE = "torch-eager-fp32"
 CALLS_PER_ROUND = 16384   # samples per contender per round and size, at most (B=1: 256 calls)
@@ -117,9 +117,29 @@ def _fbgemm_contender(bundle, reference_file: Path, tmp: Path) -> tuple[dict[str
         return None, why
     try:
         compile_model(load(reference_file), tmp / "fbgemm", ["fbgemm-int8"], latency_sizes=())
+    except VerificationError as e:     # built, but its outputs differ from the reference's: dropped
+        return None, DROPPED + _failure(tmp / "fbgemm", "fbgemm-int8", e)
     except RewriteError as e:
-        return None, str(e)
+        return None, str(e).replace(f"{tmp / 'fbgemm'}", "fbgemm-int8")   # name the path, not the temp folder
     return {"kind": "built", "bundle": str(tmp / "fbgemm"), "path": "fbgemm-int8"}, None
+
+
+DROPPED = "failed verification against the reference: "
+
+
+def _failure(root: Path, path: str, error: Exception) -> str:
+    """Why ``path`` of the bundle at ``root`` failed verification, from its manifest when written."""
+    try:
+        return _manifest(root)["paths"][path]["verification"]["failure"]
+    except (OSError, KeyError, ValueError):
+        text = str(error).replace(f"{root}: ", "").replace(str(root), path)
+        return text.removeprefix("path(s) failed verification and are not dispatched: ").removeprefix(f"{path}: ")
+
+
+def _manifest(root: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((Path(root) / "manifest.json").read_text())
 
 
 def run_bench(bundle_dir: Path, batch_sizes: list[int], reference: Path | None = None, threads: int = 1,
@@ -135,17 +155,21 @@ def run_bench(bundle_dir: Path, batch_sizes: list[int], reference: Path | None =
     specs = {BASELINE: {"kind": "reference", "file": str(reference_file)}}
     for name in bundle.verified_paths():
         specs[name] = {"kind": "path", "bundle": str(bundle.root), "path": name}
+    dropped = {name: f"{DROPPED}{p['verification'].get('failure', '')} (at compile time)"
+               for name, p in bundle.paths.items() if not p["verification"]["passed"]}
     with tempfile.TemporaryDirectory(prefix="rewrite-bench-") as tmp:
         absent = {}
         if fbgemm:
             spec, why = _fbgemm_contender(bundle, reference_file, Path(tmp))
             if spec:
                 specs["fbgemm-int8"] = spec
+            elif why and why.startswith(DROPPED):
+                dropped["fbgemm-int8"] = why
             elif why:
                 absent["fbgemm-int8"] = why
         timings = _run_workers(specs, threads, bundle.table_rows(), bundle.n_dense, sorted(batch_sizes),
                                pooling, seed, rounds)
-    return _report(bundle, specs, timings, absent, threads, rounds, pooling, reference_file)
+    return _report(bundle, specs, timings, absent, dropped, threads, rounds, pooling, reference_file)
 
 
 def _run_workers(specs, threads, rows, n_dense, sizes, pooling, seed, rounds):
@@ -194,7 +218,7 @@ def _ask(conn, name: str, msg):
     return value
 
 
-def _report(bundle, specs, timings, absent, threads, rounds, pooling, reference_file) -> dict[str, Any]:
+def _report(bundle, specs, timings, absent, dropped, threads, rounds, pooling, reference_file) -> dict[str, Any]:
     samples, probes = timings
     base = probes[BASELINE].astype(np.float64)
     rows = []
@@ -214,4 +238,18 @@ def _report(bundle, specs, timings, absent, threads, rounds, pooling, reference_
     return {"schema": "bench/1", "bundle": str(bundle.root), "baseline": BASELINE,
             "reference": str(reference_file), "host": isa.describe(), "threads": threads, "rounds": rounds,
             "lookups_per_bag": pooling, "throughput": "samples/s = batch / p50 latency",
-            "results": rows, "absent": absent}
+            "results": rows, "absent": absent, "dropped": dropped}
+
+
+def human(d: dict[str, Any]) -> str:
+    """The text form of ``run_bench``'s result."""
+    host = d["host"]
+    lines = [f"{d['bundle']}: {d['threads']} thread(s), {d['rounds']} rounds, baseline {d['baseline']}",
+             f"  host: {host['cpu']} ({host['arch']}), ISA tier {host['tier']} (host's highest: {host['host_tier']})",
+             f"  {'path':<18}{'batch':>6}{'samples/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs eager':>9}"]
+    for r in d["results"]:
+        lines.append(f"  {r['path']:<18}{r['batch']:>6}{r['samples_per_s']:>12,.0f}{r['p50_ms']:>9.3f}"
+                     f"{r['p99_ms']:>9.3f}{r['speedup']:>8.2f}x")
+    lines += [f"  {name}: dropped, {why}" for name, why in d.get("dropped", {}).items()]
+    lines += [f"  {name}: absent ({why})" for name, why in d["absent"].items()]
+    return "\n".join(lines)

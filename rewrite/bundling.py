@@ -25,7 +25,7 @@ from rewrite.core import isa
 from rewrite.dispatch import measured_ranges
 from rewrite.artifact import (FORMAT, FORMAT_VERSION, REFERENCE_FILE, file_entry,
                               sha256_file, write_manifest)
-from rewrite.core.atomic import atomic_path
+from rewrite.core.atomic import atomic_path, check_new_output
 from rewrite.core.errors import RewriteError, VerificationError
 from rewrite.core.model_file import save
 from rewrite.core.model import RecModel
@@ -64,8 +64,7 @@ def unavailable_here() -> dict[str, str]:
 
 def check_output(out: Path, force: bool) -> None:
     """RewriteError unless ``out`` may be written: absent, or a bundle and ``force``."""
-    if out.exists() and not force:
-        raise RewriteError(f"{out}: already exists (use --force to replace it)")
+    check_new_output(out, force)
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise RewriteError(f"{out}: exists and is not a bundle; refusing to replace it even with --force")
 

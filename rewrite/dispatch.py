@@ -92,3 +92,10 @@ def plan_ranges(plan: dict[str, Any], served: dict[str, list[str]],
         if key in plan["dispatch"]:
             policy[key] = plan["dispatch"][key]
     return policy
+
+
+def batch_range(lo: int, hi: int | None) -> str:
+    """A dispatch range in words, for text output: '1-181', '182 and up', 'every batch size'."""
+    if hi is None:
+        return "every batch size" if lo <= 1 else f"{lo} and up"
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"

@@ -41,7 +41,7 @@ from rewrite.core.model import RecModel
 
 REPORT_KEYS = ("verification_data", "samples", "within_tolerance", "max_abs_logit_diff",
                "mean_abs_logit_diff", "embedding_bytes_before", "embedding_bytes_after", "compression",
-               "auc_before", "auc_after", "logloss_before", "logloss_after", "failure")
+               "auc_before", "auc_after", "logloss_before", "logloss_after", "auc_gate", "failure")
 TABLE_KEYS = ("table", "pass_name", "status", "after", "bytes_after", "max_abs_diff", "rel_error",
               "tolerance", "within_tolerance")
 

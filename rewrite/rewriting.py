@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rewrite import data
+from rewrite.core.atomic import check_new_output
 from rewrite.core.batch import Batch
 from rewrite.core.errors import RewriteError, VerificationError
 from rewrite.core.model_file import save
@@ -25,6 +26,10 @@ from rewrite.core.access_profile import AccessProfile
 from rewrite.profiling import profile
 
 SAMPLE_BATCH = 2048   # rows per verification batch
+DEFAULT_MAX_AUC_DROP = 0.005   # apply / compile -p: the AUC a rewrite may lose on labelled --data.  Both
+                               # AUCs come from the same samples, so the drop is far less noisy than either;
+                               # 0.005 passes int8/int4, md 0.8, qr c=4 on the demo and stops issue 22's
+                               # -p tt (0.7168 -> 0.6811)
 
 
 def sample_batches(ds: data.Dataset, n: int, seed: int = 0) -> list[Batch]:
@@ -59,41 +64,80 @@ def load_inputs(model: RecModel, data_path: Path | None, profile_path: Path | No
     return Inputs(data_path, ds, prof, sample_batches(ds, samples) if ds is not None else None)
 
 
+def auc_gate(result: dict[str, Any], max_auc_drop: float | None, data_path: Path | None,
+             allowed_by: str | None) -> dict[str, Any]:
+    """The ``--max-auc-drop`` gate on a rewrite report: ``status`` passed | failed | allowed (failed,
+    kept by ``allowed_by``) | not measured (no labelled data: only the per-table tolerances and the
+    logit differences judge the rewrite) | off (``max_auc_drop`` None)."""
+    gate: dict[str, Any] = {"max_auc_drop": max_auc_drop, "auc_drop": None}
+    if max_auc_drop is None:
+        return {**gate, "status": "off"}
+    if "auc_before" not in result:
+        why = (f"{data_path} has no labels" if data_path is not None
+               else "no --data (verified on random batches)")
+        return {**gate, "status": "not measured", "note": f"{why}: AUC not measured, the gate does not apply"}
+    before, after = result["auc_before"], result["auc_after"]
+    drop = before - after
+    gate["auc_drop"] = drop
+    if not np.isfinite(drop):                     # one class only in the sample
+        return {**gate, "status": "not measured", "note": f"{data_path}: labels of one class only"}
+    if drop <= max_auc_drop:
+        return {**gate, "status": "passed"}
+    note = (f"AUC {before:.4f} -> {after:.4f} on {data_path}: a drop of {drop:.4f} exceeds "
+            f"--max-auc-drop {max_auc_drop:g}")
+    return {**gate, "status": "allowed" if allowed_by else "failed",
+            "note": note + (f" (kept: {allowed_by})" if allowed_by else "; use --allow-degraded to keep it anyway")}
+
+
 def rewrite_checked(model: RecModel, source: Path, configured: list[ConfiguredPass], inputs: Inputs,
-                    allow_degraded: bool) -> tuple[RecModel, dict[str, Any]]:
+                    allow_degraded: bool, max_auc_drop: float | None = None,
+                    allowed_by: str = "--allow-degraded") -> tuple[RecModel, dict[str, Any]]:
     """Apply the passes and verify; the report as JSON, with ``failure`` when a table exceeds its
-    tolerance (unless ``allow_degraded``): the caller then writes nothing."""
+    tolerance or the AUC drops by more than ``max_auc_drop`` on labelled data (unless
+    ``allow_degraded``, which ``allowed_by`` names in the report): the caller then writes nothing."""
     rewritten, report = apply(model, configured, profile=inputs.profile, sample=inputs.sample)
     result = {"model": str(source), "passes": [str(p) for p in configured],
               "profile": None if inputs.profile is None else inputs.profile.source,
               "verification_data": str(inputs.data_path) if inputs.dataset is not None
               else "random ragged batches", **report.to_json()}
+    result["auc_gate"] = auc_gate(result, max_auc_drop, inputs.data_path,
+                                  allowed_by if allow_degraded else None)
+    failures = []
     try:
         if not allow_degraded:
             require_within_tolerance(report)
     except VerificationError as e:
-        result["failure"] = str(e)
+        failures.append(str(e))
+    if result["auc_gate"]["status"] == "failed":
+        failures.append(result["auc_gate"]["note"])
+    if failures:
+        result["failure"] = "; ".join(failures)
     return rewritten, result
 
 
 def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path: Path | None,
               samples: int, dense_transform: str, allow_degraded: bool, output: Path,
               load_model: Callable[[Path], RecModel],
-              recovery: dict[str, Any] | None = None) -> dict[str, Any]:
+              recovery: dict[str, Any] | None = None, max_auc_drop: float | None = DEFAULT_MAX_AUC_DROP,
+              force: bool = False) -> dict[str, Any]:
     """Run the passes; return the report as JSON, with ``written`` and, when not, ``failure``.
 
     ``recovery``: the ``--recover`` options (``rewrite.recovery.run_recovery_from_cli``'s keyword
     arguments).  With ``--recover DATA`` the per-table tolerance is reported but does not gate:
     distillation exists to repair rewrites that miss it, and it moves tables away from the fitted
-    ones on purpose; its own report (AUC / log loss on ``--eval``) is the result to judge."""
+    ones on purpose; its own report (AUC / log loss on ``--eval``) is the result to judge.  The same
+    holds for the ``max_auc_drop`` gate, measured before recovery.  An existing ``output`` is
+    refused (exit 2) unless ``force``."""
     configured = [parse_pass(s) for s in specs]
     output = Path(output)
     if output.is_dir():
         raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
+    check_new_output(output, force)
     model = load_model(Path(path))
     recovering = recovery is not None and recovery.get("recover_path") is not None
     inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
-    rewritten, result = rewrite_checked(model, path, configured, inputs, allow_degraded or recovering)
+    rewritten, result = rewrite_checked(model, path, configured, inputs, allow_degraded or recovering,
+                                        max_auc_drop, "--allow-degraded" if allow_degraded else "--recover")
     result.update(output=str(output), written=False)
     if "failure" in result:
         return result
@@ -105,6 +149,16 @@ def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path
     save(rewritten, output)
     result["written"] = True
     return result
+
+
+def gate_line(gate: dict[str, Any]) -> str:
+    """One line saying what the AUC gate found."""
+    limit = gate["max_auc_drop"]
+    if gate["status"] == "off":
+        return "AUC gate: off"
+    if gate["status"] == "passed":
+        return f"AUC gate: passed (drop {gate['auc_drop']:+.4f} <= --max-auc-drop {limit:g})"
+    return f"AUC gate (--max-auc-drop {limit:g}): {gate['status'].upper()}: {gate['note']}"
 
 
 def summary(d: dict[str, Any]) -> str:
@@ -122,6 +176,9 @@ def summary(d: dict[str, Any]) -> str:
                  f"{human_bytes(d['embedding_bytes_after'])} ({d['compression']:.2f}x smaller)")
     lines.append(f"verification on {d['samples']:,} samples ({d['verification_data']}): "
                  f"max |Δ logit| {d['max_abs_logit_diff']:.4g}, mean {d['mean_abs_logit_diff']:.4g}")
+    gate = d.get("auc_gate")
+    if gate:
+        lines.append(gate_line(gate))
     if "auc_before" in d:
         lines.append(f"AUC {d['auc_before']:.4f} -> {d['auc_after']:.4f} ({d['auc_after'] - d['auc_before']:+.4f}), "
                      f"logloss {d['logloss_before']:.4f} -> {d['logloss_after']:.4f} "

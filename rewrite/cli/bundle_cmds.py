@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rewrite.cli.group import emit, json_option, load_options, main
+from rewrite.cli.group import emit, json_option, load_options, main, max_auc_drop_option
 from rewrite.core.errors import RewriteError
 
 
@@ -27,14 +27,16 @@ from rewrite.core.errors import RewriteError
 @click.option("--samples", default=8192, show_default=True, type=click.IntRange(min=1),
               help="verification samples drawn from --data")
 @click.option("--dense-transform", default="log1p", show_default=True, type=click.Choice(["log1p", "none"]))
-@click.option("--allow-degraded", is_flag=True, help="compile even if a rewritten table exceeds its tolerance")
+@max_auc_drop_option
+@click.option("--allow-degraded", is_flag=True,
+              help="compile even if a rewritten table exceeds its tolerance or the AUC gate fails")
 @click.option("--force", is_flag=True, help="replace an existing bundle")
 @click.option("--tune", "tune_trials", type=click.IntRange(min=1), metavar="N",
               help="meta-schedule N trials per tuned batch size (tvm-llvm; off by default)")
 @load_options
 @json_option
 def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, profile_path, samples,
-                dense_transform, allow_degraded, force, tune_trials, interaction, qr_op, as_json) -> None:
+                dense_transform, max_auc_drop, allow_degraded, force, tune_trials, interaction, qr_op, as_json) -> None:
     """Lower a checkpoint (after -p passes or a --plan) to a verified bundle with a dispatch policy."""
     from rewrite.api import DEFAULT_TARGETS, compile
     from rewrite.core.errors import VerificationError
@@ -46,7 +48,8 @@ def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, pr
         manifest = compile(path, output, passes=configured, load_overrides=overrides,
                            plan=plan_path, targets=list(target_names) or DEFAULT_TARGETS, data=data_path,
                            profile=profile_path, samples=samples, dense_transform=dense_transform,
-                           allow_degraded=allow_degraded, force=force, tune_trials=tune_trials, source=path)
+                           allow_degraded=allow_degraded, force=force, tune_trials=tune_trials, source=path,
+                           max_auc_drop=max_auc_drop)
     except VerificationError as e:
         if getattr(e, "report", None):
             from rewrite.rewriting import summary
@@ -62,15 +65,22 @@ def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, pr
 
 
 def _emit_compiled(output: Path, manifest: dict, as_json: bool) -> None:
-    emit({"bundle": str(output), "paths": {n: {"latency_ms": p.get("latency_ms"),
-                                               "verification": p["verification"]}
-                                           for n, p in manifest["paths"].items()},
-          "skipped_targets": manifest.get("skipped_targets", {}),
-          "dispatch": manifest["dispatch"]}, as_json, _human_paths)
+    result = {"bundle": str(output), "paths": {n: {"latency_ms": p.get("latency_ms"),
+                                                   "verification": p["verification"]}
+                                               for n, p in manifest["paths"].items()},
+              "skipped_targets": manifest.get("skipped_targets", {}),
+              "dispatch": manifest["dispatch"]}
+    if "rewrite" in manifest:                   # -p: the apply gate's result
+        result["rewrite"] = manifest["rewrite"]
+    emit(result, as_json, _human_paths)
 
 
 def _human_paths(d) -> str:
     lines = [f"{d['bundle']}:"]
+    if d.get("rewrite", {}).get("auc_gate"):
+        from rewrite.rewriting import gate_line
+
+        lines.append("  " + gate_line(d["rewrite"]["auc_gate"]))
     for name, p in d["paths"].items():
         v = p["verification"]
         status = "ok" if v["passed"] else "FAILED"
@@ -81,7 +91,9 @@ def _human_paths(d) -> str:
     for name, why in d.get("skipped_targets", {}).items():
         lines.append(f"  {name:<16} skipped {why}")
     if "dispatch" in d:
-        lines.append("  dispatch: " + ", ".join(f"{r['min_batch']}..{r['max_batch'] or ''} -> {r['path']}"
+        from rewrite.dispatch import batch_range
+
+        lines.append("  dispatch: " + ", ".join(f"{batch_range(r['min_batch'], r['max_batch'])} -> {r['path']}"
                                                 for r in d["dispatch"]["ranges"]))
     return "\n".join(lines)
 
@@ -138,28 +150,14 @@ def verify(bundle, data_path, limit, as_json) -> None:
 @json_option
 def bench(bundle, batch_sizes, reference, threads, rounds, pooling, as_json) -> None:
     """Throughput and p50/p99 latency of every path vs torch eager fp32, in one run."""
-    from rewrite.bench import run_bench
+    from rewrite.bench import human, run_bench
 
     try:
         sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
     except ValueError:
         raise RewriteError(f"--batch-sizes: expected comma-separated integers, got {batch_sizes!r}") from None
     result = run_bench(bundle, sizes, reference, threads, rounds, pooling)
-
-    def human(d):
-        host = d["host"]
-        lines = [f"{d['bundle']}: {d['threads']} thread(s), {d['rounds']} rounds, baseline {d['baseline']}",
-                 f"  host: {host['cpu']} ({host['arch']}), ISA tier {host['tier']} (host's highest: {host['host_tier']})",
-                 f"  {'path':<18}{'batch':>6}{'samples/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs eager':>9}"]
-        for r in d["results"]:
-            lines.append(f"  {r['path']:<18}{r['batch']:>6}{r['samples_per_s']:>12,.0f}{r['p50_ms']:>9.3f}"
-                         f"{r['p99_ms']:>9.3f}{r['speedup']:>8.2f}x")
-        lines += [f"  {name}: absent ({why})" for name, why in d["absent"].items()]
-        return "\n".join(lines)
-
     emit(result, as_json, human)
-
-
 
 
 @main.command("targets")

@@ -66,7 +66,51 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
+class LazyOptionsCommand(click.Command):
+    """A command some of whose options come from a module that is heavy to import (e.g.
+    ``rewrite.recovery``, which imports torch): ``options`` is a callable returning a decorator
+    that adds them, called the first time the command's parameters are needed (to parse its
+    arguments or show its help), so listing the commands (``rewrite --help``) imports nothing."""
+
+    def __init__(self, *args: Any, options: Callable[[], Callable] | None = None, **kwargs: Any) -> None:
+        self._lazy_options = options
+        super().__init__(*args, **kwargs)
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._lazy_options is not None:
+            add, self._lazy_options = self._lazy_options, None
+
+            def holder() -> None: ...
+
+            add()(holder)
+            self._params.extend(reversed(getattr(holder, "__click_params__", [])))
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = value
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+force_option = click.option("--force", is_flag=True, help="replace an existing output (refused otherwise)")
+MAX_AUC_DROP_DEFAULT = 0.005     # rewrite.rewriting.DEFAULT_MAX_AUC_DROP (not imported: it loads numpy)
+
+
+def max_auc_drop_option(f):
+    return click.option("--max-auc-drop", type=click.FloatRange(min=0), default=None,
+                        help=f"exit 1, writing nothing, when the rewrite loses more AUC than this on "
+                             f"labelled --data [default: {MAX_AUC_DROP_DEFAULT}; without labels it is "
+                             f"not measured and does not apply]")(f)
+
+
+def refuse_existing(force: bool, **outputs: Path | None) -> None:
+    """Exit 2 before any work when an output the user named exists and there is no ``--force``;
+    ``outputs``: option text -> path (``o="..."`` is ``-o``)."""
+    from rewrite.core.atomic import check_new_output
+
+    for option, path in outputs.items():
+        check_new_output(path, force, "-o" if option == "o" else "--" + option.replace("_", "-"))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rewrite.cli.group import emit, json_option, load_model, load_options, main
+from rewrite.cli.group import emit, force_option, json_option, load_model, load_options, main, refuse_existing
 from rewrite.core.errors import RewriteError
 
 
@@ -16,11 +16,10 @@ from rewrite.core.errors import RewriteError
 @json_option
 def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
     """What a checkpoint or a bundle holds: tables, representations, bytes, MLPs (and paths)."""
+    from rewrite.formats import is_dcp
     from rewrite.inspection import describe_bundle, describe_model, human_bytes
 
-    from rewrite.formats import dcp
-
-    if path.is_dir() and not dcp.is_dcp(path):     # a bundle (a DCP directory is a checkpoint)
+    if path.is_dir() and not is_dcp(path):     # a bundle (a DCP directory is a checkpoint)
         from rewrite.artifact import open_bundle
 
         info = describe_bundle(open_bundle(path))
@@ -69,10 +68,11 @@ def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
                    "[default: none for .npz, else mod]")
 @click.option("--skip-bad-rows", is_flag=True, help="TSV: count and skip rows that do not parse")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="write the profile JSON here")
+@force_option
 @load_options
 @json_option
 def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, hash_mode,
-            skip_bad_rows, output, interaction, qr_op, as_json) -> None:
+            skip_bad_rows, output, force, interaction, qr_op, as_json) -> None:
     """Per-table access statistics (FAE-style) on a sample of the data."""
     from rewrite import data
     from rewrite.inspection import human_bytes
@@ -81,6 +81,7 @@ def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, 
 
     if not 0 < coverage <= 1:
         raise RewriteError(f"--coverage must be in (0, 1], got {coverage}")
+    refuse_existing(force, o=output)
     budget = parse_bytes(hot_bytes) if hot_bytes else None
     model = load_model(path, interaction, qr_op)
     ds = data.open(data_path, dense_transform, model=model, hash_mode=hash_mode,
@@ -148,14 +149,16 @@ def hardware(name, refresh, target, presets, as_json) -> None:
 @click.option("--explain", is_flag=True, help="per table: choice, runner-up, binding constraint")
 @click.option("--plot", type=click.Path(path_type=Path), help="write the Pareto frontier plot here")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="write plan.json here")
+@force_option
 @load_options
 @json_option
 def plan(path, data_path, hw_name, target, memory_budget, max_auc_drop, max_rel_error, latency_target,
-         batch, samples, profile_path, grid_path, no_calibrate, explain, plot, output,
+         batch, samples, profile_path, grid_path, no_calibrate, explain, plot, output, force,
          interaction, qr_op, as_json) -> None:
     """Choose a representation per table and a path per batch size, under constraints."""
     from rewrite.cost.commands import human_plan, run_plan
 
+    refuse_existing(force, o=output, plot=plot)
     model = load_model(path, interaction, qr_op)
     result = run_plan(model, path, data_path, hw_name, target, memory_budget, max_auc_drop,
                       max_rel_error, latency_target, batch, samples, profile_path, grid_path,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from rewrite.cli.group import emit, json_option, main
+from rewrite.cli.group import emit, force_option, json_option, main, refuse_existing, strict_json
 from rewrite.core.errors import RewriteError
 
 
@@ -104,15 +104,17 @@ def serve(bundle, host, port, model_name, max_batch, max_delay, p99_target, poli
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="write the JSON result here")
 @click.option("--plot", type=click.Path(path_type=Path), help="write the latency-vs-load plot here (--find-max)")
+@force_option
 @json_option
 def loadtest(url, model_name, qps, duration, max_requests, sizes, max_batch, data_path, profile_path, pool,
-             timeout, find_max, p99_target, start_qps, seed, output, plot, as_json) -> None:
+             timeout, find_max, p99_target, start_qps, seed, output, plot, force, as_json) -> None:
     """Open-loop load against a v2 server at URL: achieved QPS, p50/p95/p99, errors (bounded)."""
     from rewrite.serving import loadgen
     from rewrite.serving.workload import RequestPool, parse_sizes
 
     if not url.startswith(("http://", "https://")):
         raise RewriteError(f"URL {url!r}: expected http://HOST:PORT")
+    refuse_existing(force, o=output, plot=plot)
     query_sizes = parse_sizes(sizes, max_batch)
     dur, wait = _seconds(duration, "--duration", 1.0), _seconds(timeout, "--timeout", 1.0)
     target_ms = 1e3 * _seconds(p99_target, "--p99-target", 1e-3)
@@ -137,7 +139,7 @@ def loadtest(url, model_name, qps, duration, max_requests, sizes, max_batch, dat
         log(result)
     result["server_paths"] = _get_json(f"{url.rstrip('/')}/v2/models/{name}/paths")
     if output:
-        output.write_text(json.dumps(result, indent=1) + "\n")
+        output.write_text(json.dumps(strict_json(result), indent=1, allow_nan=False) + "\n")
     emit(result, as_json, _human)
 
 

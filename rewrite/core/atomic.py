@@ -15,6 +15,13 @@ from typing import Iterator
 from rewrite.core.errors import RewriteError
 
 
+def check_new_output(path: Path | str | None, force: bool, option: str = "-o") -> None:
+    """The rule of every command that writes a file or folder the user named: an existing one is
+    replaced only with ``--force`` (RewriteError, exit 2, before any work, otherwise)."""
+    if path is not None and Path(path).exists() and not force:
+        raise RewriteError(f"{option} {path}: already exists (use --force to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success move it onto ``target``."""

@@ -17,6 +17,18 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _BYTES[m.group(2).lower()])
 
 
+def bytes_like(value: int | float, written: str | None) -> str:
+    """``value`` bytes in the unit of ``written`` (a size as the user wrote it) and exactly:
+    ``bytes_like(100_000, "100KB")`` -> ``'100KB (100,000 bytes)'``; no unit -> ``'100,000 bytes'``."""
+    value = int(value)
+    m = re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*([a-zA-Z]*)\s*", str(written)) if written else None
+    unit = m.group(1) if m else ""
+    exact = f"{value:,} bytes"
+    if unit.lower() in ("", "b") or unit.lower() not in _BYTES:
+        return exact
+    return f"{value / _BYTES[unit.lower()]:.4g}{unit} ({exact})"
+
+
 def check_bytes_option(name: str, text: str | None) -> None:
     """ValueError naming the option when ``text`` (None: unset) is not a byte size: what a pass
     config's ``__post_init__`` raises (the pass manager turns it into the one-line error)."""

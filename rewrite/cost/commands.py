@@ -64,7 +64,7 @@ def _constraints(memory_budget, max_auc_drop, latency_target, batch):
         if not at or not b.strip().isdigit() or int(b) < 1:
             raise RewriteError(f"--latency-target {latency_target!r}: write TIME@BATCH, e.g. 5ms@512")
         target = (parse_seconds(text), int(b))
-    return Constraints(budget, max_auc_drop, target)
+    return Constraints(budget, max_auc_drop, target, memory_budget_text=memory_budget)
 
 
 def _grid(path: Path | None):
@@ -112,6 +112,8 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     torch.set_num_threads(max(1, hw.threads or threads))
     problem, enum = build_problem(model, estimator, sample, prof, grid, max_rel_error)
     plan, sel = make_plan(model, str(model_path), problem, enum, constraints, batch, target, sample)
+    if memory_budget:
+        plan["constraints"]["memory_budget_given"] = str(memory_budget)    # as written, e.g. 100KB
     if explain:
         plan["explain"] = explain_plan(problem, sel, batch)
     torch.set_num_threads(threads)
@@ -130,10 +132,30 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     return plan
 
 
+def limits_text(c: dict[str, Any]) -> str:
+    """The plan's limits as the user gave them (the memory budget in their unit and in bytes)."""
+    from rewrite.cost.ilp import Constraints
+
+    parts = []
+    if c.get("memory_budget_bytes") is not None:
+        parts.append("memory budget " + Constraints(c["memory_budget_bytes"],
+                                                    memory_budget_text=c.get("memory_budget_given")).budget_text())
+    if c.get("max_auc_drop") is not None:
+        parts.append(f"AUC drop <= {c['max_auc_drop']:g}")
+    if c.get("latency_target"):
+        lt = c["latency_target"]
+        parts.append(f"latency <= {lt['seconds'] * 1e3:g} ms at batch {lt['batch']}")
+    return ", ".join(parts) or "none (the fastest plan)"
+
+
 def human_plan(d: dict[str, Any]) -> str:
+    from rewrite.cost.variants import spelled
+    from rewrite.dispatch import batch_range
+
     batch, est = d["batch"], d["estimator"]["source"]
     lines = [f"plan for {d['model']['path']} on {d['hardware']['name']} (target {d['target']}, "
-             f"latency {est}), optimised for batch {batch}"]
+             f"latency {est}), optimised for batch {batch}",
+             f"  limits: {limits_text(d.get('constraints') or {})}"]
     for name, p in d["paths"].items():
         auc = p["auc_drop"]
         lines.append(f"  {name}: {human_bytes(p['bytes']['value'])} (counted), "
@@ -143,9 +165,10 @@ def human_plan(d: dict[str, Any]) -> str:
     rows = d.get("explain") or [{"table": t, "choice": e["pass"] or "keep", "describe": e["describe"],
                                  "bytes": e["bytes"]["value"], "binding": None, "runner_up": None}
                                 for t, e in p0.items()]
-    lines.append(f"  {'table':<8}{'choice':<22}{'bytes':>12}  representation")
+    choice_w = max([22] + [len(spelled(r["choice"])) + 2 for r in rows])
+    lines.append(f"  {'table':<8}{'choice':<{choice_w}}{'bytes':>12}  representation")
     for r in rows:
-        line = f"  {r['table']:<8}{r['choice']:<22}{human_bytes(r['bytes']):>12}  {r['describe']}"
+        line = f"  {r['table']:<8}{spelled(r['choice']):<{choice_w}}{human_bytes(r['bytes']):>12}  {r['describe']}"
         if r.get("binding"):
             ru = r["runner_up"]
             if ru is None:
@@ -153,10 +176,10 @@ def human_plan(d: dict[str, Any]) -> str:
             elif ru["pass"] is None:
                 ru_text = f"runner-up: none ({ru['reason']})"
             else:
-                ru_text = f"runner-up {ru['pass']} (+{ru['objective_increase_s'] * 1e6:.1f} us)"
+                ru_text = f"runner-up {spelled(ru['pass'])} (+{max(0.0, ru['objective_increase_s']) * 1e6:.1f} us)"
             line += f"\n          {ru_text}; binding: {r['binding']}"
         lines.append(line)
-    ranges = ", ".join(f"{r['min_batch']}-{r['max_batch'] if r['max_batch'] is not None else ''} -> {r['path']}"
+    ranges = ", ".join(f"{batch_range(r['min_batch'], r['max_batch'])} -> {r['path']}"
                        for r in d["dispatch"]["ranges"])
     lines.append(f"  dispatch: {ranges}")
     if "max_batch_within_target" in d["dispatch"]:

@@ -35,6 +35,14 @@ class Constraints:
     memory_budget: int | None = None           # bytes, whole model (tables + MLPs)
     max_auc_drop: float | None = None          # summed per-table measured AUC drops
     latency_target: tuple[float, int] | None = None   # (seconds, batch size)
+    memory_budget_text: str | None = field(default=None, compare=False)   # as the user wrote it
+
+    def budget_text(self, value: int | float | None = None) -> str:
+        """``value`` (default: the memory budget) in the unit the user wrote the budget in, and in
+        exact bytes: '100KB (100,000 bytes)'."""
+        from rewrite.core.units import bytes_like
+
+        return bytes_like(self.memory_budget if value is None else value, self.memory_budget_text)
 
 
 @dataclass

@@ -72,9 +72,9 @@ def _quantity(p: Problem, choice: dict[str, Variant], name: str, c: Constraints)
     return p.plan_cost(choice, c.latency_target[1]).total
 
 
-def _human(name: str, value: float) -> str:
+def _human(name: str, value: float, c: Constraints) -> str:
     if name == "memory budget":
-        return human_bytes(value)
+        return c.budget_text(value)
     if name == "AUC drop":
         return f"{value:.4g}"
     return f"{value * 1e3:.3g} ms"
@@ -105,8 +105,8 @@ def diagnose(p: Problem, c: Constraints, batch: int) -> str:
             continue
         value = _quantity(p, best, name, c)
         if value > bound:
-            parts.append(f"{flag} {_human(name, bound)} cannot be met: the best plan within the "
-                         f"other limits needs {_human(name, value)}")
+            parts.append(f"{flag} {_human(name, bound, c)} cannot be met: the best plan within the "
+                         f"other limits needs {_human(name, value, c)}")
     return "no plan fits: " + ("; ".join(parts) if parts else "the limits conflict only jointly; "
                                "relax any one of them")
 
@@ -114,6 +114,8 @@ def diagnose(p: Problem, c: Constraints, batch: int) -> str:
 def explain(p: Problem, sel: Selected, batch: int) -> list[dict]:
     """Per table: the choice, the runner-up (best plan without that choice) and the constraint
     that keeps the table from its next faster variant."""
+    from rewrite.cost.variants import spelled
+
     choice, c = sel.solution.choice, sel.constraints
     lat = {v.key: p.variant_cost(v, batch).total for v in p.flat}
     rows = []
@@ -132,7 +134,8 @@ def explain(p: Problem, sel: Selected, batch: int) -> list[dict]:
             binding = "none: the fastest variant of this table"
         else:
             broken = p.violations({**choice, t: faster[0]}, c)
-            binding = (", ".join(broken) + f" (the faster {faster[0].pass_spec or 'keep'} would break it)"
+            named = [f"memory budget {c.budget_text()}" if b == "memory budget" else b for b in broken]
+            binding = (", ".join(named) + f" (the faster {spelled(faster[0].pass_spec)} would break it)"
                        if broken else "a whole-plan AUC measurement rejected the faster plan")
         rows.append({"table": t, "choice": chosen.pass_spec or "keep", "describe": chosen.describe,
                      "tier": chosen.tier, "bytes": chosen.num_bytes,

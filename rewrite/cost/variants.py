@@ -54,6 +54,23 @@ GRID: dict[str, tuple[str, ...]] = {
 }
 
 
+def spelled(spec: str | None) -> str:
+    """A pass spec with the options ``GRID`` varies written out even at their defaults, so two
+    settings of one pass never look alike: ``quantize`` -> ``quantize:bits=8`` beside
+    ``quantize:bits=4``; ``None`` (the table as it is) -> ``keep``."""
+    if not spec or spec == "keep":
+        return "keep"
+    try:
+        cp = parse_pass(spec)
+    except RewriteError:
+        return spec
+    parts = str(cp).split(":")
+    given = {part.split("=", 1)[0] for part in parts[1:]}
+    varied = sorted({opt.split("=", 1)[0] for entry in GRID.get(cp.name, ()) for opt in entry.split(":") if "=" in opt})
+    extra = [f"{k}={getattr(cp.config, k)}" for k in varied if k not in given and hasattr(cp.config, k)]
+    return ":".join([parts[0], *extra, *parts[1:]])
+
+
 @dataclass
 class Enumeration:
     """Variants per table, the representation behind each variant key, and what was skipped."""

@@ -13,19 +13,26 @@ from typing import Any
 
 from rewrite.core.errors import RewriteError
 from rewrite.core import model_file as native
-from rewrite.formats import dcp, dlrm, torchrec
+from rewrite.formats import dlrm, torchrec
 from rewrite.formats.safe_pickle import load_pickled
 from rewrite.core.model import RecModel
 
 DLRM_OPTIONS = ("interaction", "qr_op", "qr_rows")
+DCP_METADATA = ".metadata"        # formats.dcp.METADATA_FILE, here so telling the format imports no
+                                  # torch.distributed (formats.dcp is imported only to read one)
 TORCHREC_OPTIONS = ("features", "pooling", "table_order")
+
+
+def is_dcp(path: Path) -> bool:
+    """A torch.distributed.checkpoint directory (one with a ``.metadata`` file)."""
+    return path.is_dir() and (path / DCP_METADATA).is_file()
 
 
 def detect(path: Path) -> str:
     if not path.exists():
         raise RewriteError(f"{path}: no such file or directory")
     if path.is_dir():
-        if dcp.is_dcp(path):
+        if is_dcp(path):
             return "dcp"
         raise RewriteError(f"{path}: is a directory without a .metadata file, so not a "
                            f"torch.distributed.checkpoint directory")
@@ -46,6 +53,8 @@ def load(path: str | Path, **overrides: Any) -> RecModel:
         _check_overrides(path, "native", overrides, ())
         return native.load(path)
     if kind == "dcp":
+        from rewrite.formats import dcp
+
         state, skipped = dcp.load_state_dict(path)
         meta: dict[str, Any] = {"container": "torch.distributed.checkpoint"}
         if skipped:

@@ -25,6 +25,14 @@ from tests.serving.test_server import post
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def strict_json(text: str):
+    """json.loads refusing NaN / Infinity (issue 22 item 5)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def start(bundle_dir, *args):
     cmd = [sys.executable, "-c", "from rewrite.cli import main; main()", "serve", str(bundle_dir), "--port", "0",
            *args]
@@ -78,7 +86,8 @@ def test_a_bounded_load_run_has_no_errors(bundle_dir, tmp_path):
                                       "--sizes", "lognormal:median=4,p99=64", "--max-batch", "256", "--pool", "32",
                                       "-o", str(out), "--json"])
         assert r.exit_code == 0, r.output
-        result = json.loads(out.read_text())
+        result = strict_json(out.read_text())
+        assert strict_json(r.stdout) == result                 # the same object, strict JSON both ways
         assert result["errors"] == 0 and result["ok"] == result["requests"] > 0
         assert result["model"] == MODEL and result["p99_ms"] > 0
         assert sum(p["samples"] for p in result["server_paths"]["paths"].values()) > 0
@@ -88,7 +97,7 @@ def test_a_bounded_load_run_has_no_errors(bundle_dir, tmp_path):
                                       "--pool", "16", "--plot", str(tmp_path / "p.png"), "--json"])
         assert r.exit_code == 0, r.output
         assert (tmp_path / "p.png").stat().st_size > 0
-        assert json.loads(r.stdout)["points"]
+        assert strict_json(r.stdout)["points"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, "".join(lines)

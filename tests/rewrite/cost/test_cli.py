@@ -52,7 +52,11 @@ def test_plan_writes_plan_plot_and_explains(trained, grid_file, tmp_path):
     assert len(plan["explain"]) == 4 and plan["pareto"]["points"]
     assert plan["pareto"]["axes"]["latency_s"] == "estimated"
     assert (tmp_path / "pareto.png").exists()
-    assert "binding:" in r.output and "dispatch: 1-" in r.output and "plan written to" in r.output
+    assert "binding:" in r.output and "plan written to" in r.output
+    # issue 22 item 10: open ranges in words, the budget as written and in bytes
+    assert "- ->" not in r.output and ("dispatch: every batch size -> p0" in r.output or " and up -> p" in r.output)
+    assert "limits: memory budget 70KB (70,000 bytes), AUC drop <= 0.002, latency <= 2 ms at batch 512" in r.output
+    assert plan["constraints"]["memory_budget_given"] == "70KB"
 
 
 def test_plan_json_on_stdout(trained, grid_file):
@@ -65,7 +69,7 @@ def test_plan_json_on_stdout(trained, grid_file):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--memory-budget", "1KB"], "error: no plan fits: --memory-budget 1000 B cannot be met"),
+    (["--memory-budget", "1KB"], "error: no plan fits: --memory-budget 1KB (1,000 bytes) cannot be met"),
     (["--memory-budget", "10XB"], "error: cannot read '10XB' as a byte size"),
     (["--latency-target", "5ms"], "error: --latency-target '5ms': write TIME@BATCH, e.g. 5ms@512"),
     (["--latency-target", "5parsecs@512"], "error: cannot read '5parsecs' as a time"),

@@ -42,6 +42,6 @@ def test_max_auc_drop_without_labels_is_an_error(planned):
 
 def test_impossible_budget_is_a_clear_error(planned):
     model, pt, sample, problem, enum = planned
-    with pytest.raises(RewriteError, match=r"^no plan fits: --memory-budget 1000 B cannot be met: "
+    with pytest.raises(RewriteError, match=r"^no plan fits: --memory-budget 1,000 bytes cannot be met: "
                                            r"the best plan within the other limits needs"):
         make_plan(model, str(pt), problem, enum, Constraints(memory_budget=1000), 512, "torch", sample)

@@ -59,14 +59,18 @@ def test_impossible_memory_budget_names_the_constraint_and_the_best_achievable()
     with pytest.raises(RewriteError) as e:
         select(p, Constraints(memory_budget=5_000), 512)
     # smallest plan: 2 x 10 000 + 1 000 dense = 21 000 B
-    assert str(e.value) == ("no plan fits: --memory-budget 4.88 KiB cannot be met: the best plan "
-                            "within the other limits needs 20.51 KiB")
+    assert str(e.value) == ("no plan fits: --memory-budget 5,000 bytes cannot be met: the best plan "
+                            "within the other limits needs 21,000 bytes")
+    with pytest.raises(RewriteError) as e:                 # echoed in the unit the user wrote, and exactly
+        select(p, Constraints(memory_budget=5_000, memory_budget_text="5KB"), 512)
+    assert str(e.value) == ("no plan fits: --memory-budget 5KB (5,000 bytes) cannot be met: the best plan "
+                            "within the other limits needs 21KB (21,000 bytes)")
 
 
 def test_memory_and_quality_conflict_is_diagnosed_with_the_other_limit_applied():
     p = problem()
-    with pytest.raises(RewriteError, match=r"--memory-budget 48.83 KiB cannot be met: the best plan "
-                                           r"within the other limits needs 196.29 KiB"):
+    with pytest.raises(RewriteError, match=r"--memory-budget 50,000 bytes cannot be met: the best plan "
+                                           r"within the other limits needs 201,000 bytes"):
         select(p, Constraints(memory_budget=50_000, max_auc_drop=0.0), 512)
 
 
@@ -104,7 +108,7 @@ def test_explain_binding_memory():
     rows = {r["table"]: r for r in explain(p, sel, 512)}
     assert sorted(r["choice"] for r in rows.values()) == ["a", "keep"]
     small = next(r for r in rows.values() if r["choice"] == "a")
-    assert small["binding"] == "memory budget (the faster keep would break it)"
+    assert small["binding"] == "memory budget 420,000 bytes (the faster keep would break it)"
     # runner-up: the mirror plan (this table kept, the other one small), equally fast
     assert small["runner_up"]["pass"] == "keep"
     assert small["runner_up"]["objective_increase_s"] == pytest.approx(0.0, abs=1e-12)
