@@ -172,12 +172,12 @@ class TorchFast(TorchEager):
 
 
 class FastInt8DLRM(FastDLRM):
-    """``FastDLRM`` with int8 MLPs (``targets.native.vnni_mlp.int8_mlp``) from INT8_MIN_BATCH samples up; the
+    """``FastDLRM`` with int8 MLPs (``targets.native.int8_kernels.int8_mlp``) from INT8_MIN_BATCH samples up; the
     fused lookup + interaction then writes the top MLP's input quantized per row
     (``embed_interact_q8``); smaller batches take ``FastDLRM``'s forms."""
 
     def __init__(self, model: RecModel):
-        from targets.native.vnni_mlp import int8_mlp
+        from targets.native.int8_kernels import int8_mlp
 
         super().__init__(model)
         self.bottom8, self.top8 = int8_mlp(model.bottom), int8_mlp(model.top)

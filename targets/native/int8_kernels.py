@@ -97,3 +97,28 @@ class Int8Mlp(nn.Module):
             else:
                 y = ops.dequant_act(acc, s, layer.scale, layer.bias, layer.relu)
         return self.rest(y)
+
+
+def split_final(mlp: nn.Sequential) -> tuple[list[tuple[nn.Linear, bool]], nn.Linear | None]:
+    """(the int8 layers, the width-1 last layer without ReLU that runs as an fp32 dot product, or
+    None): ``linears(mlp)`` with that last layer split off when there is one after a hidden layer."""
+    layers = linears(mlp)
+    last, relu_last = layers[-1]
+    if last.out_features == 1 and not relu_last and len(layers) > 1:
+        return layers[:-1], last
+    return layers, None
+
+
+def int8_mlp(mlp: nn.Sequential) -> nn.Module:
+    """torch-fast-int8's MLP for the active ISA tier: ``VnniMlp`` (one AVX512-VNNI call) where the
+    process has VNNI, else ``Avx2Int8Mlp`` (one AVX2 call, the same numerics) at the avx2 tier,
+    else ``Int8Mlp`` (one ``_int_mm`` per layer); a shape a kernel cannot take falls through to
+    the next.  Each: ``forward(x)``, ``from_quant(q, s)``, ``kp``."""
+    from targets.native.avx2_mlp import Avx2Int8Mlp, avx2_int8_missing, shape_missing as avx2_shape_missing
+    from targets.native.vnni_mlp import VnniMlp, shape_missing, vnni_missing
+
+    if vnni_missing() is None and shape_missing(mlp) is None:
+        return VnniMlp(mlp)
+    if avx2_int8_missing() is None and avx2_shape_missing(mlp) is None:
+        return Avx2Int8Mlp(mlp)
+    return Int8Mlp(mlp)

@@ -18,7 +18,7 @@ from torch import nn
 
 from rewrite.core.errors import RewriteError
 from targets.native.cpp_extension import build, usable_or_why
-from targets.native.int8_kernels import Int8Linear, linears
+from targets.native.int8_kernels import Int8Linear, split_final
 
 TILE_N = 16                  # output columns per VNNI vector: every int8 layer's width is a multiple
 
@@ -31,16 +31,6 @@ def kernels():
 def vnni_missing() -> str | None:
     """Why this process cannot run the VNNI kernels, or None when it can."""
     return usable_or_why(lambda: kernels().vnni_usable(), "avx512bw", "avx512_vnni")
-
-
-def split_final(mlp: nn.Sequential) -> tuple[list[tuple[nn.Linear, bool]], nn.Linear | None]:
-    """(the int8 layers, the width-1 last layer without ReLU that runs as an fp32 dot product, or
-    None): ``linears(mlp)`` with that last layer split off when there is one after a hidden layer."""
-    layers = linears(mlp)
-    last, relu_last = layers[-1]
-    if last.out_features == 1 and not relu_last and len(layers) > 1:
-        return layers[:-1], last
-    return layers, None
 
 
 def shape_missing(mlp: nn.Sequential) -> str | None:
@@ -87,13 +77,3 @@ class VnniMlp(nn.Module):
 
     def from_quant(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return self._shape(self.mlp.from_quant(q, s))
-
-
-def int8_mlp(mlp: nn.Sequential) -> nn.Module:
-    """torch-fast-int8's MLP: ``VnniMlp`` where this process has VNNI and the shape fits, else
-    ``Int8Mlp`` (one ``_int_mm`` per layer).  Both: ``forward(x)``, ``from_quant(q, s)``, ``kp``."""
-    from targets.native.int8_kernels import Int8Mlp
-
-    if vnni_missing() is None and shape_missing(mlp) is None:
-        return VnniMlp(mlp)
-    return Int8Mlp(mlp)

@@ -76,3 +76,25 @@ def assert_matches_eager(runner, model: RecModel, precision: str) -> float:
         np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol, err_msg=f"batch {batch.size}")
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
+
+
+def ref_int8_mlp(net: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The int8 MLP kernels' math (VnniMlp, Avx2Int8Mlp) in int64 / f32 torch ops: s8 (+128) for signed inputs, u8 after a ReLU;
+    a width-1 last layer without ReLU is an fp32 dot product."""
+    mods = list(net)
+    layers = [(m, k + 1 < len(mods) and isinstance(mods[k + 1], torch.nn.ReLU))
+              for k, m in enumerate(mods) if isinstance(m, torch.nn.Linear)]
+    last = layers.pop()[0] if layers[-1][0].out_features == 1 and not layers[-1][1] else None
+    h, signed = x, True
+    for lin, relu in layers:
+        codes, scale = ref_quantize_weight(lin.weight)                  # [N, Kp], [N]
+        if signed:
+            a, s = ref_quantize(h, codes.shape[1])
+        else:
+            s = h.amax(1) / 255
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            a = torch.floor(h / s[:, None] + 0.5).clamp(0, 255)
+        acc = a.long() @ codes.long().t()                                # exact, as VPDPBUSD
+        h = acc.float() * (s[:, None] * scale[None]) + lin.bias.detach()
+        h, signed = (h.relu(), False) if relu else (h, True)
+    return h @ last.weight.detach().t() + last.bias.detach() if last is not None else h

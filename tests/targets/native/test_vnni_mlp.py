@@ -8,9 +8,10 @@ import torch
 
 from rewrite.core.errors import RewriteError
 from rewrite.core.model import mlp
-from targets.native.int8_kernels import Int8Mlp, kernels as int8_kernels
-from targets.native.vnni_mlp import VnniMlp, int8_mlp, shape_missing, vnni_missing
-from tests.targets.checks import ref_quantize, ref_quantize_weight
+from targets.native.avx2_mlp import Avx2Int8Mlp
+from targets.native.int8_kernels import int8_mlp, kernels as int8_kernels
+from targets.native.vnni_mlp import VnniMlp, shape_missing, vnni_missing
+from tests.targets.checks import ref_int8_mlp
 from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.slow,
@@ -20,28 +21,6 @@ SHAPES = {"bottom": lambda: mlp([13, 512, 256, 64, 16], relu_last=True),
           # a hidden layer without ReLU: the next layer's input is signed again (s8 + 128)
           "hidden without ReLU": lambda: torch.nn.Sequential(torch.nn.Linear(40, 32), torch.nn.Linear(32, 48),
                                                              torch.nn.ReLU(), torch.nn.Linear(48, 16))}
-
-
-def reference(net: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The kernel's math in int64 / f32 torch ops: s8 (+128) for signed inputs, u8 after a ReLU;
-    a width-1 last layer without ReLU is an fp32 dot product."""
-    mods = list(net)
-    layers = [(m, k + 1 < len(mods) and isinstance(mods[k + 1], torch.nn.ReLU))
-              for k, m in enumerate(mods) if isinstance(m, torch.nn.Linear)]
-    last = layers.pop()[0] if layers[-1][0].out_features == 1 and not layers[-1][1] else None
-    h, signed = x, True
-    for lin, relu in layers:
-        codes, scale = ref_quantize_weight(lin.weight)                  # [N, Kp], [N]
-        if signed:
-            a, s = ref_quantize(h, codes.shape[1])
-        else:
-            s = h.amax(1) / 255
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            a = torch.floor(h / s[:, None] + 0.5).clamp(0, 255)
-        acc = a.long() @ codes.long().t()                                # exact, as VPDPBUSD
-        h = acc.float() * (s[:, None] * scale[None]) + lin.bias.detach()
-        h, signed = (h.relu(), False) if relu else (h, True)
-    return h @ last.weight.detach().t() + last.bias.detach() if last is not None else h
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -54,7 +33,7 @@ def test_vnni_mlp_is_its_integer_math_and_close_to_fp32(shape):
     for b in (1, 5, 47, 48, 49, 300):                                    # partial, whole and several blocks
         x = torch.randn(b, k_in) * torch.logspace(-2, 1, b)[:, None]
         x[0] = 0                                                         # an all-zero row: scale 1, no NaN
-        got, ref, fp32 = v(x), reference(net, x), net(x)
+        got, ref, fp32 = v(x), ref_int8_mlp(net, x), net(x)
         peak = fp32.abs().max()                                          # compare relative to it
         assert_close(got / peak, ref / peak, "vnni-mlp-reference", f"{shape} B={b} vs integer reference")
         assert_close(got / peak, fp32 / peak, "int8-mlp-vs-fp32", f"{shape} B={b} vs fp32")
@@ -67,7 +46,7 @@ def test_int8_mlp_takes_vnni_where_the_shape_fits_and_refuses_by_name():
     assert isinstance(int8_mlp(mlp([13, 512, 256, 64, 16], relu_last=True)), VnniMlp)
     odd = mlp([16, 24, 8], relu_last=True)
     assert shape_missing(odd) == "layer widths [24, 8] are not multiples of 16"
-    assert isinstance(int8_mlp(odd), Int8Mlp)
+    assert isinstance(int8_mlp(odd), Avx2Int8Mlp)               # widths of 8: the AVX2 kernel takes it
     with pytest.raises(RewriteError, match="VNNI MLP: layer widths"):
         VnniMlp(odd)
     v = VnniMlp(mlp([13, 32, 16], relu_last=True))
