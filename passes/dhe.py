@@ -114,8 +114,11 @@ def fit_decoder(dec: DeepHashDecoder, target: torch.Tensor, weights: np.ndarray,
     scale = rms(target, torch.as_tensor(weights, dtype=torch.float32))
     norms = nn.ModuleList(nn.BatchNorm1d(h) for h in dec.hidden)
 
+    all_ids = torch.arange(target.shape[0], dtype=torch.int64)
+    code_all = dec.encode(all_ids) if target.shape[0] <= batch_size else None   # full-batch: hash once
+
     def train_rows(ids: torch.Tensor) -> torch.Tensor:
-        x = dec.encode(ids)
+        x = code_all if code_all is not None and torch.equal(ids, all_ids) else dec.encode(ids)
         for layer, bn in zip(dec.layers[:-1], norms):
             x = mish(bn(layer(x)))
         return dec.layers[-1](x)

@@ -23,6 +23,7 @@ fit is barely better than dropping it, and accepts the lossy fits these passes e
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -90,6 +91,23 @@ def weighted_rel_error(pred: torch.Tensor, target: torch.Tensor, weights: torch.
     return float((num / den).sqrt()) if float(den) > 0 else float(num.sqrt())
 
 
+FIT_THREADS_BELOW = 1 << 20   # elements per step (ids × dim) under which a fit runs on one thread
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Run the block with torch's intra-op thread count at ``n``, restored afterwards.  The fits'
+    tensors are small (a 2,048 × 64 activation is 0.5 MB): splitting each op across threads costs
+    more than it saves, and on a machine whose cores are busy the threads' barriers stall it —
+    measured 6 ms a step on one thread against 200–360 ms on two with another job running."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_rows(rows_of: Callable[[torch.Tensor], torch.Tensor], params: Iterable[torch.nn.Parameter],
              target: torch.Tensor, weights: np.ndarray, steps: int, batch_size: int, lr: float,
              seed: int, desc: str) -> float:
@@ -104,6 +122,12 @@ def fit_rows(rows_of: Callable[[torch.Tensor], torch.Tensor], params: Iterable[t
     full = n <= batch_size
     all_ids = torch.arange(n, dtype=torch.int64)
     w_full = (w / w.sum()).to(torch.float32)
+    small = min(n, batch_size) * target.shape[1] < FIT_THREADS_BELOW
+    with intra_op_threads(1) if small else contextlib.nullcontext():
+        return _adam(rows_of, params, target, w, w_full, all_ids, full, gen, steps, batch_size, lr, desc)
+
+
+def _adam(rows_of, params, target, w, w_full, all_ids, full, gen, steps, batch_size, lr, desc) -> float:
     opt = torch.optim.Adam(params, lr=lr)
     loss_value = float("nan")
     bar = tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=1.0)
