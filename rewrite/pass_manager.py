@@ -185,24 +185,26 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
     work = {site.name: site.rows * site.dim + TABLE_OVERHEAD for site in capture(model)[1]}
     total = sum(work[t] for cp in passes for t in work if not cp.config.tables or t in cp.config.tables)
     bar = tqdm(total=total, desc="rewrite", unit="elem", unit_scale=True, leave=False, mininterval=1.0)
-    for cp in passes:
-        cfg = cp.config
-        _, sites = capture(current)
-        ctx = PassContext(current, profile, sample, seed)
-        new_tables: dict[str, Representation] = {}
-        for site in sites:
-            if cfg.tables and site.name not in cfg.tables:
-                continue
-            bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
-            rep, new = _run_on_site(cp, site, current, ctx, sample)
-            bar.update(work.get(site.name, TABLE_OVERHEAD))
-            reports.append(rep)
-            if new is not None:
-                new_tables[site.name] = new
-        if new_tables:
-            current = current.with_tables(new_tables)
-            capture(current)[0].graph.lint()
-    bar.close()
+    try:
+        for cp in passes:
+            cfg = cp.config
+            _, sites = capture(current)
+            ctx = PassContext(current, profile, sample, seed)
+            new_tables: dict[str, Representation] = {}
+            for site in sites:
+                if cfg.tables and site.name not in cfg.tables:
+                    continue
+                bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
+                rep, new = _run_on_site(cp, site, current, ctx, sample)
+                bar.update(work.get(site.name, TABLE_OVERHEAD))
+                reports.append(rep)
+                if new is not None:
+                    new_tables[site.name] = new
+            if new_tables:
+                current = current.with_tables(new_tables)
+                capture(current)[0].graph.lint()
+    finally:      # a failing pass leaves no half-drawn bar before its error line
+        bar.close()
     base, out = _logits(model, sample), _logits(current, sample)
     diff = np.abs(base - out)
     report = ApplyReport(reports, model.embedding_bytes(), current.embedding_bytes(),
