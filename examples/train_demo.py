@@ -1,6 +1,7 @@
 """Make the demo: synthetic Criteo-shaped days, a table DLRM trained on day 0, saved as dlrm does.
 
     python examples/train_demo.py --out demo/
+    python examples/train_demo.py --out small/ --max-rows 2000     # tables of 3..2,000 rows
 
 writes demo/day_0.npz (training), demo/day_1.npz (held out), demo/model.pt (dlrm
 ``--save-model`` format, with test_auc / test_acc metadata) and demo/train.json.
@@ -20,7 +21,7 @@ import torch
 from rewrite import data
 from rewrite.core.atomic import write_text
 from rewrite.formats import dlrm
-from rewrite.core.synthetic import Synthetic, SyntheticConfig, write_npz
+from rewrite.core.synthetic import Synthetic, SyntheticConfig, demo_rows, write_npz
 from rewrite.training import evaluate, table_dlrm, train
 
 TRAIN_ROWS, EVAL_ROWS = 300_000, 100_000
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("demo"))
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-rows", type=int, default=20_000,
+                    help="cap on a table's rows (Kaggle's counts capped; 2000: a small model)")
     args = ap.parse_args(argv)
     out = args.out
     model_path = out / "model.pt"
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model_path} exists (use --force to retrain)", file=sys.stderr)
         return 0
     torch.set_num_threads(1)
-    gen = Synthetic(SyntheticConfig(seed=args.seed))
+    gen = Synthetic(SyntheticConfig(rows=demo_rows(args.max_rows), seed=args.seed))
     for day, n in ((0, TRAIN_ROWS), (1, EVAL_ROWS)):
         print(f"generating day {day}: {n:,} samples", file=sys.stderr)
         write_npz(out / f"day_{day}.npz", *gen.sample(n, seed=day))

@@ -1,5 +1,6 @@
 """What the passes that share one stored row among several ids (``hash``, ``qr``) have in common:
-the collisions knob, dlrm's 200-row threshold, and the fit's error gate."""
+the collisions knob (or ``compression``, which picks it per table), dlrm's 200-row threshold,
+and the fit's error gate."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ class BucketOptions(Selection):
                            "only tables with more than 200 rows)")
     collisions: int = option(4, "ids per stored row on average (qr: W_r has c rows, W_q ceil(rows / c); "
                              "hash: ceil(rows / c) buckets)")
+    compression: float | None = option(None, "bytes ratio; when given it replaces collisions, chosen per "
+                                             "table (hash: rows / compression buckets; qr: the fewest "
+                                             "collisions whose two tables fit)")
     max_error: float = option(0.9, "fail when ||Δe|| / ||e|| over the sample bags exceeds this "
                                    "(1 = no better than zeros)")
 
     def __post_init__(self):
         if self.collisions < 2:
             raise ValueError(f"collisions must be >= 2, got {self.collisions}")
+        if self.compression is not None and not self.compression > 1:
+            raise ValueError(f"compression must be > 1, got {self.compression}")
         if not self.max_error > 0:
             raise ValueError(f"max_error must be > 0, got {self.max_error}")

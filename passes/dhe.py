@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
-from passes.rowfit import (FitOptions, budget_bytes, fit_rows, fp32_table, not_smaller, rms, table_rows,
-                           weighted_rel_error)
+from passes.rowfit import (FitOptions, budget_bytes, fit_rows, fit_steps, fp32_table, not_smaller, over_budget,
+                           rms, table_rows, target_compression, weighted_rel_error)
 from rewrite.core.embedding import Representation, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -31,6 +31,8 @@ from rewrite.core.tracing import EmbeddingSite
 MAX_BUCKETS = 1 << 24          # bucket numbers must be exact in float32 (24-bit mantissa)
 MISH_FLOPS = 7                 # abs, neg, exp, add, log, add (softplus), tanh, mul: ~7 per unit
 TRANSFORM_FLOPS = {"uniform": 2, "gaussian": 8}   # per code element
+MIN_HIDDEN = 4                 # the smallest planned decoder: k = 8, hidden 4-2
+PAPER_K, PAPER_HIDDEN = 1024, (512, 256)   # Kang et al.'s decoder: the shape when only one of k / hidden is given
 
 
 def mish(z: torch.Tensor) -> torch.Tensor:
@@ -88,13 +90,19 @@ def decoder_bytes(dim: int, k: int, hidden: tuple[int, ...]) -> int:
     return 4 * sum(i * o + o for i, o in zip(widths[:-1], widths[1:])) + 16 * k
 
 
-def plan_decoder(dim: int, budget: int) -> tuple[int, tuple[int, ...]]:
+def plan_decoder(dim: int, budget: int) -> tuple[int, tuple[int, ...]] | None:
     """The largest k-h-h/2-d decoder (k = 2h, the 1024-512-256 proportions) within ``budget``
-    bytes; at least h = 4."""
-    h = 4
+    bytes; None when not even h = MIN_HIDDEN fits."""
+    h = MIN_HIDDEN
+    if decoder_bytes(dim, 2 * h, (h, h // 2)) > budget:
+        return None
     while decoder_bytes(dim, 2 * (h + 2), (h + 2, (h + 2) // 2)) <= budget:
         h += 2
     return 2 * h, (h, h // 2)
+
+
+def smallest_decoder_bytes(dim: int) -> int:
+    return decoder_bytes(dim, 2 * MIN_HIDDEN, (MIN_HIDDEN, MIN_HIDDEN // 2))
 
 
 def fit_decoder(dec: DeepHashDecoder, target: torch.Tensor, weights: np.ndarray, steps: int,
@@ -106,8 +114,11 @@ def fit_decoder(dec: DeepHashDecoder, target: torch.Tensor, weights: np.ndarray,
     scale = rms(target, torch.as_tensor(weights, dtype=torch.float32))
     norms = nn.ModuleList(nn.BatchNorm1d(h) for h in dec.hidden)
 
+    all_ids = torch.arange(target.shape[0], dtype=torch.int64)
+    code_all = dec.encode(all_ids) if target.shape[0] <= batch_size else None   # full-batch: hash once
+
     def train_rows(ids: torch.Tensor) -> torch.Tensor:
-        x = dec.encode(ids)
+        x = code_all if code_all is not None and torch.equal(ids, all_ids) else dec.encode(ids)
         for layer, bn in zip(dec.layers[:-1], norms):
             x = mish(bn(layer(x)))
         return dec.layers[-1](x)
@@ -179,20 +190,28 @@ class DHEBag(Representation):
 
 @dataclass(frozen=True)
 class DHEConfig(FitOptions):
-    compression: float | None = option(None, "size the decoder to table bytes / compression (k = 2h)")
-    k: int = option(1024, "hashes (used when compression is None)")
-    hidden: tuple[int, ...] = option((512, 256), "decoder hidden widths")
+    compression: float | None = option(None, "size the decoder to table bytes / compression (k = 2h, "
+                                             "hidden h-h/2); default 8 unless k or hidden is given")
+    k: int | None = option(None, "hashes: an explicit shape instead of compression (paper: 1024)")
+    hidden: tuple[int, ...] = option((), "decoder hidden widths: an explicit shape instead of compression "
+                                         "(paper: 512,256)")
     buckets: int = option(1_000_000, "m: hash range (paper: 10^6)")
     transform: Literal["uniform", "gaussian"] = option("uniform", "hash code -> real code: uniform in [-1, 1] or Gaussian (Box-Muller)")
 
     def __post_init__(self):
         super().__post_init__()
-        if self.k < 1 or any(h < 1 for h in self.hidden):
+        if (self.k is not None and self.k < 1) or any(h < 1 for h in self.hidden):
             raise ValueError("k and hidden widths must be >= 1")
-        if self.transform == "gaussian" and self.k % 2 and self.compression is None:
+        if self.compression is not None and self.shape_given:
+            raise ValueError("give compression or an explicit shape (k, hidden), not both")
+        if self.transform == "gaussian" and self.k is not None and self.k % 2:
             raise ValueError(f"the gaussian transform pairs hashes: k must be even, got {self.k}")
         if not 2 <= self.buckets <= MAX_BUCKETS:
             raise ValueError(f"buckets must be in [2, {MAX_BUCKETS}], got {self.buckets}")
+
+    @property
+    def shape_given(self) -> bool:
+        return self.k is not None or bool(self.hidden)
 
 
 @register_pass("dhe", DHEConfig)
@@ -201,9 +220,15 @@ def dhe(site: EmbeddingSite, cfg: DHEConfig, ctx: PassContext) -> Rewrite | Skip
     table = fp32_table(site, ctx, "dhe")
     if isinstance(table, Skip):
         return table
-    k, hidden = cfg.k, cfg.hidden
-    if cfg.compression is not None:
-        k, hidden = plan_decoder(site.dim, budget_bytes(site.rows, site.dim, cfg.compression))
+    ratio = target_compression(cfg, cfg.shape_given)
+    if ratio is None:
+        k, hidden = cfg.k or PAPER_K, cfg.hidden or PAPER_HIDDEN
+    else:
+        planned = plan_decoder(site.dim, budget_bytes(site.rows, site.dim, ratio))
+        if planned is None:
+            return over_budget("dhe", smallest_decoder_bytes(site.dim), ratio, table,
+                               f"k={2 * MIN_HIDDEN}, hidden {MIN_HIDDEN}-{MIN_HIDDEN // 2}")
+        k, hidden = planned
     rep = DHEBag(site.rows, site.dim, k, hidden, cfg.buckets, cfg.transform, cfg.seed, site.pooling)
     skip = not_smaller("dhe", rep.num_bytes(), table)
     if skip:
@@ -211,8 +236,9 @@ def dhe(site: EmbeddingSite, cfg: DHEConfig, ctx: PassContext) -> Rewrite | Skip
     weights = ctx.row_weights(site.name, site.rows)
     target = table.weight.detach()
     rep.train()
-    fit_decoder(rep.decoder, target, weights, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed,
+    steps = fit_steps(cfg, site.rows)
+    fit_decoder(rep.decoder, target, weights, steps, cfg.batch_size, cfg.lr, cfg.seed,
                 desc=f"dhe {site.name}")
     rep.eval()
     err = weighted_rel_error(table_rows(rep, site.rows), target, torch.as_tensor(weights, dtype=torch.float32))
-    return Rewrite(rep, notes={"k": k, "hidden": list(hidden), "fit_weighted_rel_error": err})
+    return Rewrite(rep, notes={"k": k, "hidden": list(hidden), "steps": steps, "fit_weighted_rel_error": err})

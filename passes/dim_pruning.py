@@ -140,14 +140,18 @@ def allocate(cost: np.ndarray, level_bytes: np.ndarray, budget: float) -> np.nda
 class PruneDimsConfig(Selection):
     keep: float | None = option(None, "share of the table's values kept (Σ d_i / rows·d)")
     budget: str | None = option(None, "bytes of the whole representation, per table, e.g. 48KB")
+    compression: float | None = option(None, "bytes ratio: budget = table bytes / compression, per table")
     levels: tuple[int, ...] = option((), "kept dims per level, descending; default d, d/2, d/4, 0")
     beta: float = option(1.0, "utility exponent of the access frequency")
     rotate: bool = option(True, "frequency-weighted PCA rotation first (d×d fp32, counted)")
     max_error: float | None = option(None, "verification bound: relative error on the sample bags")
 
     def __post_init__(self):
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("give keep or budget, not both")
+        given = [n for n in ("keep", "budget", "compression") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of keep, budget, compression (got {', '.join(given)})")
+        if self.compression is not None and not self.compression > 1:
+            raise ValueError(f"compression must be > 1, got {self.compression}")
         if self.keep is not None and not 0 < self.keep < 1:
             raise ValueError(f"keep must be in (0, 1), got {self.keep}")
         check_bytes_option("budget", self.budget)
@@ -173,10 +177,12 @@ def prune_dims(site: EmbeddingSite, cfg: PruneDimsConfig, ctx: PassContext) -> R
     rows, d = site.rows, site.dim
     worst_remap = remap_layout([rows], len(levels))[0]
     overhead = rows * (2 if worst_remap == "int16" else 4) + (4 * d * d if cfg.rotate else 0)
-    if cfg.budget is not None:
-        values_budget = parse_bytes(cfg.budget) - overhead
+    if cfg.budget is not None or cfg.compression is not None:
+        total = parse_bytes(cfg.budget) if cfg.budget is not None else int(table.num_bytes() / cfg.compression)
+        values_budget = total - overhead
         if values_budget < 0:
-            return Skip(f"budget={cfg.budget} is below the remap + rotation ({overhead} bytes)")
+            given = f"budget={cfg.budget}" if cfg.budget is not None else f"compression={cfg.compression:g} ({total} bytes)"
+            return Skip(f"{given} is below the remap + rotation ({overhead} bytes)")
     else:
         values_budget = (cfg.keep if cfg.keep is not None else DEFAULT_KEEP) * rows * d * 4
     weight = table.weight.detach().to(torch.float64).numpy()

@@ -87,7 +87,12 @@ def hash_rows(site: EmbeddingSite, cfg: HashConfig, ctx: PassContext) -> Rewrite
     table = plain_fp32_table(site, ctx, "hash")
     if isinstance(table, Skip):
         return table
-    buckets = -(-site.rows // cfg.collisions)
+    if cfg.compression is not None:
+        buckets = int(site.rows / cfg.compression)          # buckets · d · 4 <= table bytes / compression
+        if buckets < 1:
+            return Skip(f"compression={cfg.compression:g} of {site.rows} rows leaves less than one bucket")
+    else:
+        buckets = -(-site.rows // cfg.collisions)
     seed = [ctx.seed, zlib.crc32(site.name.encode())]     # stable, distinct per table
     rep = fit_hash(table.weight, ctx.row_weights(site.name, site.rows), buckets, seed, site.pooling)
     used = int(torch.unique(rep.bucket(torch.arange(site.rows))).numel())

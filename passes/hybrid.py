@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes.dhe import MAX_BUCKETS, DeepHashDecoder, fit_decoder, plan_decoder
+from passes.dhe import MAX_BUCKETS, MIN_HIDDEN, DeepHashDecoder, fit_decoder, plan_decoder, smallest_decoder_bytes
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
-from passes.rowfit import FitOptions, budget_bytes, fp32_table, not_smaller, table_rows, weighted_rel_error
+from passes.rowfit import (FitOptions, budget_bytes, fit_steps, fp32_table, not_smaller, over_budget, table_rows,
+                           target_compression, weighted_rel_error)
 from rewrite.core.embedding import Representation, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -84,11 +85,12 @@ def fit_slot_table(rep: HybridBag, target: torch.Tensor, weights: np.ndarray) ->
 
 @dataclass(frozen=True)
 class HybridConfig(FitOptions):
-    compression: float | None = option(None, "total budget = table bytes / compression")
+    compression: float | None = option(None, "total budget = table bytes / compression; default 8 unless "
+                                             "slots, k or hidden is given")
     table_share: float = option(0.5, "share of the budget for the table part (rest: DHE)")
-    slots: int = option(4096, "table-part rows (when compression is None)")
-    k: int = option(64, "DHE part (when compression is None)")
-    hidden: tuple[int, ...] = option((32, 16), "decoder hidden widths")
+    slots: int | None = option(None, "table-part rows: an explicit shape instead of compression (4096)")
+    k: int | None = option(None, "DHE part's hashes: an explicit shape (64)")
+    hidden: tuple[int, ...] = option((), "DHE part's hidden widths: an explicit shape (32,16)")
     buckets: int = option(1_000_000, "m: hash range (paper: 10^6)")
     transform: Literal["uniform", "gaussian"] = option("uniform", "hash code -> real code: uniform in [-1, 1] or Gaussian (Box-Muller)")
 
@@ -96,20 +98,41 @@ class HybridConfig(FitOptions):
         super().__post_init__()
         if not 0 < self.table_share < 1:
             raise ValueError(f"table_share must be in (0, 1), got {self.table_share}")
-        if self.slots < 1 or self.k < 1 or any(h < 1 for h in self.hidden):
+        if any(v is not None and v < 1 for v in (self.slots, self.k)) or any(h < 1 for h in self.hidden):
             raise ValueError("slots, k and hidden widths must be >= 1")
+        if self.compression is not None and self.shape_given:
+            raise ValueError("give compression or an explicit shape (slots, k, hidden), not both")
         if not 2 <= self.buckets <= MAX_BUCKETS:
             raise ValueError(f"buckets must be in [2, {MAX_BUCKETS}], got {self.buckets}")
 
+    @property
+    def shape_given(self) -> bool:
+        return self.slots is not None or self.k is not None or bool(self.hidden)
 
-def plan_hybrid(rows: int, dim: int, cfg: HybridConfig) -> tuple[int, int, tuple[int, ...]]:
-    """(slots, k, hidden) from the config, or from the byte budget when compression is set."""
-    if cfg.compression is None:
-        return cfg.slots, cfg.k, cfg.hidden
-    budget = budget_bytes(rows, dim, cfg.compression)
+
+EXPLICIT_DEFAULTS = (4096, 64, (32, 16))   # slots, k, hidden when only part of a shape is given
+
+
+def plan_hybrid(rows: int, dim: int, cfg: HybridConfig) -> tuple[int, int, tuple[int, ...]] | None:
+    """(slots, k, hidden) from the config's shape, or from the byte budget (``compression``, by
+    default 8); None when the budget cannot hold one slot and the smallest decoder."""
+    ratio = target_compression(cfg, cfg.shape_given)
+    if ratio is None:
+        slots, k, hidden = EXPLICIT_DEFAULTS
+        return cfg.slots or slots, cfg.k or k, cfg.hidden or hidden
+    budget = budget_bytes(rows, dim, ratio)
     slots = max(1, int(budget * cfg.table_share) // (dim * 4))
-    k, hidden = plan_decoder(dim, budget - slots * dim * 4 - 16)
-    return slots, k, hidden
+    planned = plan_decoder(dim, budget - slots * dim * 4 - 16)
+    if planned is None:      # give the decoder its smallest form, the slots what is left
+        slots = (budget - 16 - smallest_decoder_bytes(dim)) // (dim * 4)
+        planned = plan_decoder(dim, budget - slots * dim * 4 - 16) if slots >= 1 else None
+    if planned is None:
+        return None
+    return slots, planned[0], planned[1]
+
+
+def smallest_hybrid_bytes(dim: int) -> int:
+    return dim * 4 + 16 + smallest_decoder_bytes(dim)
 
 
 @register_pass("hybrid", HybridConfig)
@@ -118,7 +141,11 @@ def hybrid(site: EmbeddingSite, cfg: HybridConfig, ctx: PassContext) -> Rewrite 
     table = fp32_table(site, ctx, "hybrid")
     if isinstance(table, Skip):
         return table
-    slots, k, hidden = plan_hybrid(site.rows, site.dim, cfg)
+    planned = plan_hybrid(site.rows, site.dim, cfg)
+    if planned is None:
+        return over_budget("hybrid", smallest_hybrid_bytes(site.dim), target_compression(cfg, False),
+                           table, f"1 slot + dhe k={2 * MIN_HIDDEN}, hidden {MIN_HIDDEN}-{MIN_HIDDEN // 2}")
+    slots, k, hidden = planned
     rep = HybridBag(site.rows, site.dim, slots, k, hidden, cfg.buckets, cfg.transform, cfg.seed,
                     site.pooling)
     skip = not_smaller("hybrid", rep.num_bytes(), table)
@@ -129,11 +156,12 @@ def hybrid(site: EmbeddingSite, cfg: HybridConfig, ctx: PassContext) -> Rewrite 
     fit_slot_table(rep, target, weights)
     residual = target - rep.weight.detach().index_select(0, rep.slot(torch.arange(site.rows)))
     rep.train()
-    fit_decoder(rep.decoder, residual, weights, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed,
+    steps = fit_steps(cfg, site.rows)
+    fit_decoder(rep.decoder, residual, weights, steps, cfg.batch_size, cfg.lr, cfg.seed,
                 desc=f"hybrid {site.name}")
     rep.eval()
     w = torch.as_tensor(weights, dtype=torch.float32)
-    return Rewrite(rep, notes={"slots": slots, "k": k, "hidden": list(hidden),
+    return Rewrite(rep, notes={"slots": slots, "k": k, "hidden": list(hidden), "steps": steps,
                                "table_part_rel_error": weighted_rel_error(target - residual, target, w),
                                "fit_weighted_rel_error": weighted_rel_error(table_rows(rep, site.rows), target, w)})
 

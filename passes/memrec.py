@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
-from passes.rowfit import (FitOptions, budget_bytes, fit_rows, fp32_table, not_smaller, rms, table_rows,
-                           weighted_rel_error)
+from passes.rowfit import (FitOptions, budget_bytes, fit_rows, fit_steps, fp32_table, not_smaller, over_budget,
+                           rms, table_rows, target_compression, weighted_rel_error)
 from rewrite.core.embedding import Representation, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -79,30 +79,44 @@ def memrec_bytes(dim: int, tokens: int, k: int, weight_rows: int, kw: int, per_t
 
 @dataclass(frozen=True)
 class MemRecConfig(FitOptions):
-    compression: float | None = option(None, "size D (and dw) to table bytes / compression")
-    tokens: int = option(4096, "D (when compression is None)")
+    compression: float | None = option(None, "size D (and dw) to table bytes / compression; default 8 "
+                                             "unless tokens or weight_rows is given")
+    tokens: int | None = option(None, "D: an explicit shape instead of compression (4096)")
     k: int = option(2, "K token hashes")
-    weight_rows: int = option(1024, "dw (when compression is None)")
+    weight_rows: int | None = option(None, "dw: an explicit shape instead of compression (1024)")
     kw: int = option(2, "weight hashes")
     weight_share: float = option(0.1, "share of the budget for the weight table (compression set)")
     per_token_weights: bool = option(True, "V [dw, K] (False: V [dw, 1])")
 
     def __post_init__(self):
         super().__post_init__()
-        if min(self.tokens, self.k, self.weight_rows, self.kw) < 1:
+        if min(self.tokens or 1, self.k, self.weight_rows or 1, self.kw) < 1:
             raise ValueError("tokens, k, weight_rows and kw must be >= 1")
+        if self.compression is not None and self.shape_given:
+            raise ValueError("give compression or an explicit shape (tokens, weight_rows), not both")
         if not 0 < self.weight_share < 1:
             raise ValueError(f"weight_share must be in (0, 1), got {self.weight_share}")
 
+    @property
+    def shape_given(self) -> bool:
+        return self.tokens is not None or self.weight_rows is not None
 
-def plan_memrec(rows: int, dim: int, cfg: MemRecConfig) -> tuple[int, int]:
-    """(D, dw): from the config, or splitting the byte budget weight_share : 1 − weight_share."""
-    if cfg.compression is None:
-        return cfg.tokens, cfg.weight_rows
-    budget = budget_bytes(rows, dim, cfg.compression) - 16 * (cfg.k + cfg.kw)
+
+EXPLICIT_DEFAULTS = (4096, 1024)   # D, dw when only one of them is given
+
+
+def plan_memrec(rows: int, dim: int, cfg: MemRecConfig) -> tuple[int, int] | None:
+    """(D, dw): the config's shape, or the byte budget (``compression``, by default 8) split
+    weight_share : 1 − weight_share; None when it cannot hold one token row and one weight row."""
+    ratio = target_compression(cfg, cfg.shape_given)
+    if ratio is None:
+        return cfg.tokens or EXPLICIT_DEFAULTS[0], cfg.weight_rows or EXPLICIT_DEFAULTS[1]
+    budget = budget_bytes(rows, dim, ratio) - 16 * (cfg.k + cfg.kw)
     width = cfg.k if cfg.per_token_weights else 1
     weight_rows = max(1, int(budget * cfg.weight_share) // (4 * width))
-    tokens = max(1, (budget - 4 * width * weight_rows) // (4 * dim))
+    tokens = (budget - 4 * width * weight_rows) // (4 * dim)
+    if tokens < 1:
+        return None
     return int(tokens), int(weight_rows)
 
 
@@ -126,7 +140,11 @@ def memrec(site: EmbeddingSite, cfg: MemRecConfig, ctx: PassContext) -> Rewrite 
     table = fp32_table(site, ctx, "memrec")
     if isinstance(table, Skip):
         return table
-    tokens, weight_rows = plan_memrec(site.rows, site.dim, cfg)
+    planned = plan_memrec(site.rows, site.dim, cfg)
+    if planned is None:
+        return over_budget("memrec", memrec_bytes(site.dim, 1, cfg.k, 1, cfg.kw, cfg.per_token_weights),
+                           target_compression(cfg, False), table, "1 token row, 1 weight row")
+    tokens, weight_rows = planned
     rep = MemRecBag(site.rows, site.dim, tokens, cfg.k, weight_rows, cfg.kw, cfg.per_token_weights,
                     cfg.seed, site.pooling)
     skip = not_smaller("memrec", rep.num_bytes(), table)
@@ -138,9 +156,10 @@ def memrec(site: EmbeddingSite, cfg: MemRecConfig, ctx: PassContext) -> Rewrite 
     scale = rms(target, w)               # fit target / scale: one lr suits every table
     init_memrec(rep, target / scale, weights)
     start = weighted_rel_error(table_rows(rep, site.rows), target / scale, w)
-    fit_rows(rep.embed, rep.parameters(), target / scale, weights, cfg.steps, cfg.batch_size,
+    steps = fit_steps(cfg, site.rows)
+    fit_rows(rep.embed, rep.parameters(), target / scale, weights, steps, cfg.batch_size,
              cfg.lr, cfg.seed, desc=f"memrec {site.name}")
     with torch.no_grad():
         rep.token_table.mul_(scale)
-    return Rewrite(rep, notes={"tokens": tokens, "weight_rows": weight_rows, "init_rel_error": start,
+    return Rewrite(rep, notes={"tokens": tokens, "weight_rows": weight_rows, "steps": steps, "init_rel_error": start,
                                "fit_weighted_rel_error": weighted_rel_error(table_rows(rep, site.rows), target, w)})

@@ -119,6 +119,8 @@ class MDConfig(Selection):
     alpha: float = option(0.3, "rule=popularity: temperature (dlrm --md-temperature)")
     budget: str | None = option(None, "rule=popularity: total bytes of the selected tables (e.g. 1MiB); "
                                       "default: the model's smallest table keeps the full dim")
+    compression: float | None = option(None, "bytes ratio: d_i = the largest inner dim whose E and P fit "
+                                             "table bytes / compression (replaces rule)")
     round_pow2: bool = option(False, "rule=popularity: round d_i to a power of two (dlrm --md-round-dims)")
     max_error: float = option(0.5, "fail when ||Δe|| / ||e|| over the sample bags exceeds this")
 
@@ -129,6 +131,11 @@ class MDConfig(Selection):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.max_error > 0:
             raise ValueError(f"max_error must be > 0, got {self.max_error}")
+        if self.compression is not None:
+            if not self.compression > 1:
+                raise ValueError(f"compression must be > 1, got {self.compression}")
+            if self.rule != "energy" or self.budget is not None:
+                raise ValueError("compression sizes d_i itself: give it without rule=popularity / budget")
         if self.budget is not None:
             if self.rule != "popularity":
                 raise ValueError("budget applies to rule=popularity (add rule=popularity)")
@@ -180,7 +187,13 @@ def md(site: EmbeddingSite, cfg: MDConfig, ctx: PassContext) -> Rewrite | Skip:
         return table
     w = ctx.row_weights(site.name, site.rows)
     vals, _ = weighted_spectrum(table.weight, w)
-    if cfg.rule == "energy":
+    if cfg.compression is not None:
+        budget = int(table.num_bytes() / cfg.compression)
+        inner, why = budget // (4 * (site.rows + site.dim)), f"compression {cfg.compression:g}"
+        if inner < 1:
+            return Skip(f"md's smallest form (d_i = 1) takes {md_bytes(site.rows, site.dim, 1)} bytes; "
+                        f"compression={cfg.compression:g} of this {table.num_bytes()}-byte table allows {budget}")
+    elif cfg.rule == "energy":
         inner, why = energy_dim(vals, cfg.energy), f"energy {cfg.energy:g}"
     else:
         inner, why = popularity_dim(site, cfg, ctx), f"popularity rule, alpha {cfg.alpha:g}"

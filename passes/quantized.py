@@ -28,6 +28,7 @@ powers of two (the ``exp_table`` buffer, 128 B, counted in ``num_bytes``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -208,10 +209,25 @@ def _row_bounds(lo, hi, scale, bias, levels: int, bits: int) -> float:
 class QuantizeConfig(Selection):
     bits: Literal[16, 8, 4, 2] = option(8, "16: fp16 table; 8: int8 codes + fp32 scale/bias per row; "
                                            "4, 2: packed codes + fp16 scale/bias per row (FBGEMM)")
+    compression: float | None = option(None, "bytes ratio; when given it replaces bits: the most bits "
+                                             "(16, 8, 4, 2) whose form is that much smaller, per table")
 
     def __post_init__(self):
         if self.bits not in (16, 8, 4, 2):
             raise ValueError(f"bits must be one of 16, 8, 4, 2 (got {self.bits})")
+        if self.compression is not None and not self.compression > 1:
+            raise ValueError(f"compression must be > 1, got {self.compression}")
+
+
+def quantized_bytes(rows: int, dim: int, bits: int) -> int:
+    """Stored bytes of the fp16 table (bits 16) or the packed row-wise form (8, 4, 2)."""
+    return rows * dim * 2 if bits == 16 else rows * row_width(dim, bits) + _EXP_TABLE_ENTRIES * 4
+
+
+def bits_for_compression(rows: int, dim: int, compression: float) -> int | None:
+    """The most bits whose form takes at most fp32 bytes / ``compression`` (None: not even 2)."""
+    budget = rows * dim * 4 / compression
+    return next((b for b in (16, 8, 4, 2) if quantized_bytes(rows, dim, b) <= budget), None)
 
 
 @register_pass("quantize", QuantizeConfig)
@@ -224,13 +240,21 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
     if not bool(torch.isfinite(w).all()):
         return Skip("the table holds inf or nan values")
     peak = float(w.abs().max()) if w.numel() else 0.0
+    bits = cfg.bits
+    if cfg.compression is not None:
+        bits = bits_for_compression(site.rows, site.dim, cfg.compression)
+        if bits is None:
+            return Skip(f"int2, the smallest form, takes {quantized_bytes(site.rows, site.dim, 2)} bytes; "
+                        f"compression={cfg.compression:g} of this {table.num_bytes()}-byte table allows "
+                        f"{int(table.num_bytes() / cfg.compression)}")
+        cfg = dataclasses.replace(cfg, bits=bits, compression=None)
     if cfg.bits == 16:
         if peak > FP16_MAX:
             return Skip(f"values up to {peak:.6g} exceed fp16's range ({FP16_MAX:g})")
         rep = TableBag(site.rows, site.dim, site.pooling, dtype="float16", weight=w)
         bound = max(peak * FP16_UNIT_ROUNDOFF, FP16_SUBNORMAL_STEP / 2)
         return Rewrite(rep, error_bound=bound, notes={"dtype": "float16"})
-    new_bytes = site.rows * row_width(site.dim, cfg.bits) + _EXP_TABLE_ENTRIES * 4
+    new_bytes = quantized_bytes(site.rows, site.dim, cfg.bits)
     if new_bytes >= table.num_bytes():
         return Skip(f"the int{cfg.bits} form ({new_bytes} B) is not smaller than the table "
                     f"({table.num_bytes()} B)")

@@ -20,6 +20,8 @@ starting (mult) from each element's leading eigenvector of the c × c weighted G
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -161,10 +163,31 @@ def qr(site: EmbeddingSite, cfg: QRConfig, ctx: PassContext) -> Rewrite | Skip:
         return table
     if cfg.op == "concat" and site.dim % 2:
         return Skip(f"op=concat splits the dimension in halves; dim {site.dim} is odd")
-    new = qr_bytes(site.rows, site.dim, cfg.collisions, cfg.op)
+    c = cfg.collisions
+    if cfg.compression is not None:
+        budget = int(table.num_bytes() / cfg.compression)
+        c = collisions_for_budget(site.rows, site.dim, cfg.op, budget)
+        if c is None:
+            best = qr_bytes(site.rows, site.dim, _sqrt_collisions(site.rows), cfg.op)
+            return Skip(f"qr's smallest form ({_sqrt_collisions(site.rows)} collisions) takes {best} bytes; "
+                        f"compression={cfg.compression:g} of this {table.num_bytes()}-byte table allows {budget}")
+    new = qr_bytes(site.rows, site.dim, c, cfg.op)
     if new >= table.num_bytes():
-        return Skip(f"the qr form with {cfg.collisions} collisions ({new} B) is not smaller than "
+        return Skip(f"the qr form with {c} collisions ({new} B) is not smaller than "
                     f"the table ({table.num_bytes()} B)")
-    rep, sweeps = fit_qr(table.weight, ctx.row_weights(site.name, site.rows), cfg.collisions,
-                         cfg.op, site.pooling)
-    return Rewrite(rep, notes={"collisions": cfg.collisions, "op": cfg.op, "sweeps": sweeps})
+    rep, sweeps = fit_qr(table.weight, ctx.row_weights(site.name, site.rows), c, cfg.op, site.pooling)
+    return Rewrite(rep, notes={"collisions": c, "op": cfg.op, "sweeps": sweeps})
+
+
+def _sqrt_collisions(rows: int) -> int:
+    """The c of qr's smallest form: ceil(rows / c) + c is least near c = sqrt(rows)."""
+    return min((max(2, math.isqrt(rows)), max(2, math.isqrt(rows) + 1)), key=lambda c: -(-rows // c) + c)
+
+
+def collisions_for_budget(rows: int, dim: int, op: str, budget: int) -> int | None:
+    """The fewest collisions c >= 2 whose W_q + W_r fit ``budget`` bytes (the bytes fall with c up
+    to sqrt(rows)); None if not even the smallest form fits."""
+    for c in range(2, _sqrt_collisions(rows) + 1):
+        if qr_bytes(rows, dim, c, op) <= budget:
+            return c
+    return None

@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from passes.universal_hash import hash_coefficients, hash_ops, universal_hash
-from passes.rowfit import budget_bytes, check_fit_options, fp32_table, not_smaller, table_rows, weighted_rel_error
+from passes.rowfit import (budget_bytes, check_fit_options, fp32_table, not_smaller, over_budget, table_rows,
+                           target_compression, weighted_rel_error)
 from rewrite.core.embedding import Representation, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -109,8 +110,9 @@ def robe_bytes(size: int, dim: int, block: int, signed: bool) -> int:
 
 @dataclass(frozen=True)
 class RobeConfig(Selection):
-    compression: float | None = option(None, "array bytes ≈ table bytes / compression")
-    size: int = option(1 << 20, "array floats (when compression is None)")
+    compression: float | None = option(None, "array bytes ≈ table bytes / compression; default 8 unless "
+                                             "size is given")
+    size: int | None = option(None, "array floats: an explicit shape instead of compression")
     block: int = option(8, "Z: consecutive slots per block (divides the dim)")
     signed: bool = option(True, "hashed ±1 per block (unbiased collisions)")
     max_error: float = option(0.9, "relative embedding error accepted (passes.rowfit explains 0.9)")
@@ -118,8 +120,10 @@ class RobeConfig(Selection):
 
     def __post_init__(self):
         check_fit_options(self)
-        if self.size < 1 or self.block < 1:
+        if (self.size is not None and self.size < 1) or self.block < 1:
             raise ValueError("size and block must be >= 1")
+        if self.compression is not None and self.size is not None:
+            raise ValueError("give compression or size, not both")
 
 
 @register_pass("robe", RobeConfig)
@@ -130,10 +134,14 @@ def robe(site: EmbeddingSite, cfg: RobeConfig, ctx: PassContext) -> Rewrite | Sk
         return table
     if site.dim % cfg.block:
         return Skip(f"block={cfg.block} does not divide the dimension {site.dim}")
+    ratio = target_compression(cfg, cfg.size is not None)
     size = cfg.size
-    if cfg.compression is not None:
+    if ratio is not None:
         overhead = robe_bytes(0, site.dim, cfg.block, cfg.signed)
-        size = max(cfg.block, (budget_bytes(site.rows, site.dim, cfg.compression) - overhead) // 4)
+        size = (budget_bytes(site.rows, site.dim, ratio) - overhead) // 4
+        if size < cfg.block:
+            return over_budget("robe", robe_bytes(cfg.block, site.dim, cfg.block, cfg.signed), ratio, table,
+                               f"an array of one block, {cfg.block} floats")
     rep = RobeBag(site.rows, site.dim, size, cfg.block, cfg.signed, cfg.seed, site.pooling)
     skip = not_smaller("robe", rep.num_bytes(), table)
     if skip:

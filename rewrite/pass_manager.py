@@ -10,6 +10,12 @@ the representation it replaced on the sample bags:
 
 At the end the whole model is compared with the original on the sample batches (max / mean
 |Δ logit|; with labels AUC and log loss of both).  The original model is never modified.
+
+Progress: one tqdm bar on stderr across every (pass, table) of the run, advanced by each table's
+fp32 elements plus ``TABLE_OVERHEAD`` (a fit's fixed cost: the fitted passes run at least a few
+hundred steps however small the table), so its ETA covers the whole run, not one table.  A run
+in which no table is rewritten is a result, not an error: ``ApplyReport.rewritten`` is 0 and the
+report says why for each table.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from rewrite.core.batch import Batch, validate
 from rewrite.core.embedding import Representation
@@ -33,6 +40,7 @@ from rewrite.core.tracing import capture
 
 FP32_SLACK = 1e-5   # relative, for fp32 accumulation-order differences
 SHOWN_FAILURES = 3  # tables named in a tolerance failure's one-line message
+TABLE_OVERHEAD = 32_768   # progress units (fp32 elements) a table costs besides its size
 
 
 @dataclass
@@ -67,6 +75,11 @@ class ApplyReport:
     def ok(self) -> bool:
         return all(t.within_tolerance for t in self.tables)
 
+    @property
+    def rewritten(self) -> int:
+        """Tables rewritten by some pass (0: every table was skipped, the model is unchanged)."""
+        return len({t.table for t in self.tables if t.status == "rewritten"})
+
     def to_json(self) -> dict[str, Any]:
         return {"embedding_bytes_before": self.embedding_bytes_before,
                 "embedding_bytes_after": self.embedding_bytes_after,
@@ -74,6 +87,7 @@ class ApplyReport:
                 "max_abs_logit_diff": self.max_abs_logit_diff,
                 "mean_abs_logit_diff": self.mean_abs_logit_diff,
                 "samples": self.samples, **self.quality, "within_tolerance": self.ok,
+                "tables_rewritten": self.rewritten,
                 "tables": [vars(t) for t in self.tables]}
 
 
@@ -132,6 +146,29 @@ def _logits(model: RecModel, batches: list[Batch]) -> np.ndarray:
     return np.concatenate([model(*b.inputs()).numpy() for b in batches]) if batches else np.zeros(0)
 
 
+def _run_on_site(cp: ConfiguredPass, site, current: RecModel, ctx: PassContext,
+                 sample: list[Batch]) -> tuple[TableReport, Representation | None]:
+    """One pass on one selected table: its report, and the verified new representation or None."""
+    cfg, info = cp.config, cp.info
+    old = current.embeddings[site.name]
+    rep = TableReport(site.name, cp.name, "skipped", before=old.describe(), bytes_before=old.num_bytes())
+    if site.rows < cfg.min_rows:
+        rep.reason = f"{site.rows} rows < min_rows={cfg.min_rows}"
+        return rep, None
+    t0 = time.perf_counter()
+    result = info.run(site, cfg, ctx)
+    rep.fit_seconds = time.perf_counter() - t0
+    if isinstance(result, Skip):
+        rep.reason = result.reason
+        return rep, None
+    new = result.representation.eval()
+    per_id, worst, rel = compare_tables(old, new, table_bags(current, sample, site.name))
+    rep.tolerance, rep.within_tolerance = _check(result, cfg, old, per_id, rel)
+    rep.status, rep.after, rep.bytes_after = "rewritten", new.describe(), new.num_bytes()
+    rep.max_abs_diff, rep.rel_error, rep.notes = worst, rel, dict(result.notes)
+    return rep, new
+
+
 def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProfile | None = None,
           sample: list[Batch] | None = None, seed: int = 0) -> tuple[RecModel, ApplyReport]:
     """Run ``passes`` in order; return the rewritten model and the verification report."""
@@ -145,37 +182,29 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
             raise RewriteError(f"pass {cp.name}: unknown table(s) {', '.join(unknown)} "
                                f"(tables: {', '.join(model.embeddings)})")
     current, reports = model, []
-    for cp in passes:
-        cfg, info = cp.config, cp.info
-        _, sites = capture(current)
-        ctx = PassContext(current, profile, sample, seed)
-        new_tables: dict[str, Representation] = {}
-        for site in sites:
-            old = current.embeddings[site.name]
-            rep = TableReport(site.name, cp.name, "skipped", before=old.describe(), bytes_before=old.num_bytes())
-            if cfg.tables and site.name not in cfg.tables:
-                continue
-            if site.rows < cfg.min_rows:
-                rep.reason = f"{site.rows} rows < min_rows={cfg.min_rows}"
+    work = {site.name: site.rows * site.dim + TABLE_OVERHEAD for site in capture(model)[1]}
+    total = sum(work[t] for cp in passes for t in work if not cp.config.tables or t in cp.config.tables)
+    bar = tqdm(total=total, desc="rewrite", unit="elem", unit_scale=True, leave=False, mininterval=1.0)
+    try:
+        for cp in passes:
+            cfg = cp.config
+            _, sites = capture(current)
+            ctx = PassContext(current, profile, sample, seed)
+            new_tables: dict[str, Representation] = {}
+            for site in sites:
+                if cfg.tables and site.name not in cfg.tables:
+                    continue
+                bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
+                rep, new = _run_on_site(cp, site, current, ctx, sample)
+                bar.update(work.get(site.name, TABLE_OVERHEAD))
                 reports.append(rep)
-                continue
-            t0 = time.perf_counter()
-            result = info.run(site, cfg, ctx)
-            rep.fit_seconds = time.perf_counter() - t0
-            if isinstance(result, Skip):
-                rep.reason = result.reason
-                reports.append(rep)
-                continue
-            new = result.representation.eval()
-            per_id, worst, rel = compare_tables(old, new, table_bags(current, sample, site.name))
-            rep.tolerance, rep.within_tolerance = _check(result, cfg, old, per_id, rel)
-            rep.status, rep.after, rep.bytes_after = "rewritten", new.describe(), new.num_bytes()
-            rep.max_abs_diff, rep.rel_error, rep.notes = worst, rel, dict(result.notes)
-            new_tables[site.name] = new
-            reports.append(rep)
-        if new_tables:
-            current = current.with_tables(new_tables)
-            capture(current)[0].graph.lint()
+                if new is not None:
+                    new_tables[site.name] = new
+            if new_tables:
+                current = current.with_tables(new_tables)
+                capture(current)[0].graph.lint()
+    finally:      # a failing pass leaves no half-drawn bar before its error line
+        bar.close()
     base, out = _logits(model, sample), _logits(current, sample)
     diff = np.abs(base - out)
     report = ApplyReport(reports, model.embedding_bytes(), current.embedding_bytes(),

@@ -40,6 +40,7 @@ from rewrite.core.errors import RewriteError
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 
+NOTHING_TO_TRAIN = "no rewritten table differs from the original and train_top is off: nothing to train"
 MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
 DEFAULT_LR = 5e-3             # Adam; the demo's table DLRM trains at 5e-3 (examples/train_demo.py)
 WARMUP_DIVISOR = 5             # the learning rate ramps up linearly over the first 1/5 of the steps
@@ -61,6 +62,7 @@ class RecoveryReport:
     seconds: float
     history: list[tuple[int, float]] = field(default_factory=list)   # (step, holdout loss)
     eval: dict[str, float] = field(default_factory=dict)            # on --eval data
+    skipped: str = ""                      # why nothing was trained (the model is returned as it was)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -114,7 +116,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     """Train the rewritten model's new representations to match ``original`` on ``data``.
 
     ``steps`` or ``epochs`` (passes over the training part; default 1 epoch).  Returns a new
-    model (inputs untouched) and the report.  ``tables`` defaults to ``changed_tables``.
+    model (inputs untouched) and the report.  ``tables`` defaults to ``changed_tables``; when
+    there is nothing to train (no table and not ``train_top``) it returns ``rewritten`` itself
+    with ``report.skipped`` saying so.
     """
     if steps is not None and epochs is not None:
         raise RewriteError("recovery: give steps or epochs, not both")
@@ -127,9 +131,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     unknown = [t for t in tables if t not in rewritten.embeddings]
     if unknown:
         raise RewriteError(f"recovery: unknown table(s) {', '.join(unknown)}")
-    if not tables and not train_top:
-        raise RewriteError("recovery: no rewritten table differs from the original and train_top is off: "
-                           "nothing to train")
+    if not tables and not train_top:     # a result, not an error: every pass skipped every table
+        return rewritten, RecoveryReport([], False, [], 0, 0, False, 0, None, None, 0.0, skipped=NOTHING_TO_TRAIN)
     n_hold = min(MAX_HOLDOUT, max(1, int(data.n_samples * holdout)))
     n_train = data.n_samples - n_hold
     if n_train < 1:

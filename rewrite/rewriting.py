@@ -172,6 +172,8 @@ def summary(d: dict[str, Any]) -> str:
         verdict = "ok" if t["within_tolerance"] else "EXCEEDED"
         lines.append(f"{head}{t['after']}  {human_bytes(t['bytes_before'])} -> {human_bytes(t['bytes_after'])}"
                      f"  max |Δ| {t['max_abs_diff']:.3g}, rel {t['rel_error']:.3g}  [{t['tolerance']}: {verdict}]")
+    if not d.get("tables_rewritten", 1):
+        lines.append("no table rewritten: every selected table was skipped (reasons above); the model is unchanged")
     lines.append(f"embeddings {human_bytes(d['embedding_bytes_before'])} -> "
                  f"{human_bytes(d['embedding_bytes_after'])} ({d['compression']:.2f}x smaller)")
     lines.append(f"verification on {d['samples']:,} samples ({d['verification_data']}): "
@@ -184,7 +186,9 @@ def summary(d: dict[str, Any]) -> str:
                      f"logloss {d['logloss_before']:.4f} -> {d['logloss_after']:.4f} "
                      f"({d['logloss_after'] - d['logloss_before']:+.4f})")
     rec = d.get("recovery")
-    if rec:
+    if rec and rec.get("skipped"):
+        lines.append(f"recovery on {rec['data']}: skipped: {rec['skipped']}")
+    elif rec:
         lines.append(f"recovery on {rec['data']}: {rec['steps']} steps in {rec['seconds']:.0f} s "
                      f"(kept step {rec['best_step']}), held-out loss {rec['holdout_loss_before']:.4g} -> "
                      f"{rec['holdout_loss_after']:.4g}")

@@ -124,6 +124,19 @@ def test_fit_is_seeded():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_default_sizes_every_table_by_compression_8_with_steps_by_rows(model):
+    """2, 80 and 700 rows at the defaults: the two small tables cannot hold a decoder in 1/8 of
+    their bytes (skipped with the reason), the 700-row one gets the largest decoder in 2800 bytes
+    and auto_steps(700, 2048) = 300 steps."""
+    rw, report = rewrite.apply(model, [passes.dhe(batch_size=256)])
+    status = {t.table: t.status for t in report.tables}
+    assert status == {"t0": "skipped", "t1": "rewritten", "t2": "skipped"}
+    t1 = next(t for t in report.tables if t.table == "t1")
+    assert t1.bytes_after <= 700 * 8 * 4 // 8
+    assert (t1.notes["k"], t1.notes["hidden"]) == (plan_decoder(8, 2800)[0], list(plan_decoder(8, 2800)[1]))
+    assert t1.notes["steps"] == 300   # 6 · 700 / 256 = 16.4 steps: the floor, MIN_STEPS
+
+
 def test_plan_fits_the_budget():
     for budget in (2_000, 20_000, 200_000):
         k, hidden = plan_decoder(16, budget)
@@ -131,6 +144,7 @@ def test_plan_fits_the_budget():
         assert decoder_bytes(16, k, hidden) <= budget
         h = hidden[0] + 2
         assert decoder_bytes(16, 2 * h, (h, h // 2)) > budget
+    assert plan_decoder(16, decoder_bytes(16, 8, (4, 2)) - 1) is None
 
 
 def test_bytes_by_hand_and_counts(rewritten):
@@ -152,10 +166,14 @@ def test_compression_knob_sizes_the_decoder(model):
 
 
 def test_skip_reasons(model):
-    _, rep = rewrite.apply(model, [passes.dhe(steps=1, tables=("t0",))])   # k=1024 default: huge
+    _, rep = rewrite.apply(model, [passes.dhe(k=1024, steps=1, tables=("t0",))])   # an explicit, huge shape
     assert rep.tables[0].reason.startswith("dhe would take") and "not fewer than the table's 2560" in rep.tables[0].reason
+    # the default (compression 8): 2560 / 8 = 320 bytes < the smallest decoder, 4·(8·4+4 + 4·2+2 + 2·8+8) + 16·8
+    _, rep = rewrite.apply(model, [passes.dhe(tables=("t0",))])
+    assert rep.tables[0].reason == ("dhe's smallest form (k=8, hidden 4-2) takes 408 bytes; "
+                                    "compression=8 of this 2560-byte table allows 320")
     _, rep = rewrite.apply(model, [passes.dhe(steps=1, compression=2, tables=("t2",))])
-    assert rep.tables[0].reason.endswith("not fewer than the table's 64")
+    assert rep.tables[0].reason.endswith("compression=2 of this 64-byte table allows 32")
     half = model.with_tables({"t0": TableBag(80, 8, dtype="float16", weight=model.embeddings["t0"].weight.detach())})
     _, rep = rewrite.apply(half, [passes.dhe(compression=2, tables=("t0",))])
     assert rep.tables[0].reason == "dhe fits fp32 plain tables, this is table 80x8 float16"
@@ -173,6 +191,7 @@ def test_skip_reasons(model):
     ({"k": 7, "transform": "gaussian"}, "the gaussian transform pairs hashes: k must be even, got 7"),
     ({"buckets": 2**25}, "buckets must be in \\[2, 16777216\\], got 33554432"),
     ({"transform": "laplace"}, "option transform='laplace': must be one of uniform, gaussian"),
+    ({"compression": 4, "k": 16}, "give compression or an explicit shape \\(k, hidden\\), not both"),
 ])
 def test_config_errors(opts, message):
     with pytest.raises(RewriteError, match=f"pass dhe: {message}"):

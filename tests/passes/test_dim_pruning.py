@@ -126,7 +126,7 @@ def test_skip_reasons(model, profile):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("prune-dims:keep=0.5:budget=1MB", "give keep or budget, not both"),
+    ("prune-dims:keep=0.5:budget=1MB", "give one of keep, budget, compression (got keep, budget)"),
     ("prune-dims:keep=1.5", "keep must be in (0, 1), got 1.5"),
     ("prune-dims:budget=lots", "budget: cannot read 'lots' as a byte size (e.g. 512MB, 1.5GiB, 4096)"),
     ("prune-dims:levels=8,16", "levels must be distinct non-negative dims, descending (got (8, 16))"),

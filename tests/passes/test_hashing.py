@@ -96,7 +96,7 @@ def test_skip_reasons():
     ("hash:collisions=1", "pass hash: collisions must be >= 2, got 1"),
     ("hash:collisions=many", "pass hash: option collisions='many': must be a whole number"),
     ("hash:max_error=0", "pass hash: max_error must be > 0, got 0.0"),
-    ("hash:buckets=8", "pass hash: unknown option 'buckets' (options: collisions, max_error, min_rows, tables)"),
+    ("hash:buckets=8", "pass hash: unknown option 'buckets' (options: collisions, compression, max_error, min_rows, tables)"),
 ])
 def test_config_validation(spec, message):
     with pytest.raises(RewriteError) as e:

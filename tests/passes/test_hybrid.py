@@ -89,8 +89,12 @@ def test_bytes_by_hand(rewritten):
 
 
 def test_skip_reasons(model):
-    _, rep = rewrite.apply(model, [passes.hybrid(steps=1, tables=("t2",))])
+    _, rep = rewrite.apply(model, [passes.hybrid(steps=1, slots=4096, tables=("t2",))])   # an explicit shape
     assert rep.tables[0].reason.startswith("hybrid would take") and rep.tables[0].reason.endswith("table's 96")
+    # the default, compression 8: one slot (8·4 + 16 hash bytes) + the smallest decoder (408 bytes)
+    _, rep = rewrite.apply(model, [passes.hybrid(tables=("t2",))])
+    assert rep.tables[0].reason == ("hybrid's smallest form (1 slot + dhe k=8, hidden 4-2) takes 456 bytes; "
+                                    "compression=8 of this 96-byte table allows 12")
     half = model.with_tables({"t0": TableBag(90, 8, dtype="bfloat16", weight=model.embeddings["t0"].weight.detach())})
     _, rep = rewrite.apply(half, [passes.hybrid(compression=2, tables=("t0",))])
     assert rep.tables[0].reason == "hybrid fits fp32 plain tables, this is table 90x8 bfloat16"

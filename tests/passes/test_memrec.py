@@ -94,8 +94,12 @@ def test_bytes_by_hand(rewritten):
 
 
 def test_skip_reasons(model):
-    _, rep = rewrite.apply(model, [passes.memrec(steps=1, tables=("t2",))])
+    _, rep = rewrite.apply(model, [passes.memrec(steps=1, tokens=4096, tables=("t2",))])   # an explicit shape
     assert rep.tables[0].reason.startswith("memrec would take") and rep.tables[0].reason.endswith("table's 128")
+    # the default, compression 8: 4·(8 + 2) + 16·(2 + 2) bytes for one token row and one weight row
+    _, rep = rewrite.apply(model, [passes.memrec(tables=("t2",))])
+    assert rep.tables[0].reason == ("memrec's smallest form (1 token row, 1 weight row) takes 104 bytes; "
+                                    "compression=8 of this 128-byte table allows 16")
     half = model.with_tables({"t0": TableBag(120, 8, dtype="float16", weight=model.embeddings["t0"].weight.detach())})
     _, rep = rewrite.apply(half, [passes.memrec(compression=2, tables=("t0",))])
     assert rep.tables[0].reason == "memrec fits fp32 plain tables, this is table 120x8 float16"

@@ -121,7 +121,11 @@ def test_skip_reasons(model, rewritten):
     _, report = rewritten
     by = {t.table: t for t in report.tables}
     assert by["t2"].status == "skipped"
-    assert by["t2"].reason.startswith("robe would take") and "not fewer than the table's 96" in by["t2"].reason
+    # compression=4: 24 bytes; one block of 4 floats + 2·2 hashes + the 4-lane vector take 16 + 64 + 32
+    assert by["t2"].reason == ("robe's smallest form (an array of one block, 4 floats) takes 112 bytes; "
+                               "compression=4 of this 96-byte table allows 24")
+    _, rep = rewrite.apply(model, [passes.robe(size=1 << 20, tables=("t2",))])      # an explicit shape
+    assert rep.tables[0].reason.startswith("robe would take") and "not fewer than the table's 96" in rep.tables[0].reason
     _, rep = rewrite.apply(model, [passes.robe(block=3)])
     assert rep.tables[0].reason == "block=3 does not divide the dimension 8"
     half = model.with_tables({"t0": TableBag(60, 8, dtype="float16", weight=model.embeddings["t0"].weight.detach())})

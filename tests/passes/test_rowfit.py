@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import passes
-from passes.rowfit import (FitOptions, budget_bytes, check_fit_options, fit_rows, not_smaller, rms,
-                           table_rows, weighted_rel_error)
+from passes.rowfit import (DEFAULT_COMPRESSION, FIT_EPOCHS, MAX_STEPS, MIN_STEPS, FitOptions, auto_steps,
+                           budget_bytes, check_fit_options, fit_rows, fit_steps, not_smaller, rms, table_rows,
+                           target_compression, weighted_rel_error)
 from rewrite.core.embedding import TableBag
 from rewrite.core.pass_contract import Skip
 from rewrite.pass_manager import apply
@@ -104,12 +105,12 @@ class Fitted(FitOptions):           # as dhe / memrec / hybrid use it: with thei
 
 def test_fit_options_defaults():
     cfg = Fitted()
-    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.max_error, cfg.seed) == (3000, 2048, 3e-3, 0.9, 0)
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.max_error, cfg.seed) == (None, 2048, 3e-3, 0.9, 0)
 
 
 def test_fit_options_alone_are_the_documented_defaults():
     opts = FitOptions()
-    assert (opts.steps, opts.batch_size, opts.lr, opts.max_error, opts.seed) == (3000, 2048, 3e-3, 0.9, 0)
+    assert (opts.steps, opts.batch_size, opts.lr, opts.max_error, opts.seed) == (None, 2048, 3e-3, 0.9, 0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -131,6 +132,20 @@ def test_refusals_name_the_value(kwargs, message):
     check_fit_options(SimpleNamespace(**ok))
 
 
+def test_auto_steps_scale_with_rows_between_the_floor_and_the_cap():
+    assert auto_steps(2, 2048) == auto_steps(2048, 2048) == MIN_STEPS          # full-batch tables
+    assert auto_steps(10_000_000, 2048) == MAX_STEPS
+    rows = 200_000                                                              # in between: 6 passes
+    assert auto_steps(rows, 2048) == math.ceil(FIT_EPOCHS * rows / 2048)
+    assert fit_steps(Fitted(steps=7), 10) == 7 and fit_steps(Fitted(), 10) == MIN_STEPS
+
+
+def test_target_compression_defaults_unless_a_shape_is_given():
+    assert target_compression(Fitted(), shape_given=False) == DEFAULT_COMPRESSION
+    assert target_compression(Fitted(), shape_given=True) is None
+    assert target_compression(Fitted(compression=3), shape_given=False) == 3.0
+
+
 def test_not_smaller_skips_at_the_tables_bytes():
     table = TableBag(10, 4, weight=torch.zeros(10, 4))          # 160 bytes
     assert not_smaller("dhe", 160, table) == Skip("dhe would take 160 bytes, not fewer than the table's 160")
@@ -143,7 +158,7 @@ def test_fitted_pass_skips():
     _, report = apply(model, [passes.dhe(steps=0)])
     assert [t.reason for t in report.tables] == [
         "dhe needs at least 2 rows, the table has 1", "dhe fits fp32 plain tables, this is table 40x8 float16"]
-    _, report = apply(small_model(rows=(40,)), [passes.dhe(steps=0)])    # k=1024 hashes + MLP: far larger
+    _, report = apply(small_model(rows=(40,)), [passes.dhe(k=1024, steps=0)])    # 1024 hashes + MLP: far larger
     dhe_bytes = int(report.tables[0].reason.split()[3])
     assert report.tables[0].reason == f"dhe would take {dhe_bytes} bytes, not fewer than the table's 1280"
     assert dhe_bytes >= 1280

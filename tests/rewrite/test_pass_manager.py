@@ -109,3 +109,27 @@ def test_analytic_bound_is_enforced():
         assert t.max_abs_diff >= 0.01 * (1 - 1e-5)
     finally:
         del PASSES["_overclaiming"]
+
+
+def test_a_run_that_skips_every_table_is_a_result_with_recovery_too(tmp_path):
+    """dhe at its default (compression 8) cannot fit a decoder in 1/8 of a 2- or 3-row table: every
+    table skipped, exit 0, a summary line that says so, and --recover reports nothing to train."""
+    from click.testing import CliRunner
+
+    from rewrite.cli import main
+    from rewrite.core.model_file import save
+    from rewrite.core.synthetic import Synthetic, SyntheticConfig, write_npz
+
+    save(small_model(rows=(2, 3)), tmp_path / "m.safetensors")
+    write_npz(tmp_path / "day.npz", *Synthetic(SyntheticConfig(rows=(2, 3), n_pairs=1)).sample(200, seed=0))
+    out = tmp_path / "out.safetensors"
+    res = CliRunner().invoke(main, ["apply", str(tmp_path / "m.safetensors"), "-p", "dhe", "--recover",
+                                    str(tmp_path / "day.npz"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "no table rewritten: every selected table was skipped (reasons above); the model is unchanged" in res.output
+    assert ("skipped: no rewritten table differs from the original and train_top is off: nothing to train"
+            in res.output)
+    assert "t0      dhe       skipped: dhe's smallest form" in res.output and out.exists()
+    res = CliRunner().invoke(main, ["apply", str(tmp_path / "m.safetensors"), "-p", "dhe", "--json",
+                                    "-o", str(tmp_path / "out2.safetensors")])
+    assert res.exit_code == 0 and '"tables_rewritten": 0' in res.output
