@@ -21,9 +21,9 @@ demo: $(VENV)/.installed
 	$(PY) examples/train_demo.py --out $(DEMO)
 	$(RW) inspect $(DEMO)/model.pt
 	$(RW) profile $(DEMO)/model.pt --data $(DEMO)/day_0.npz --sample-rate 0.05 \
-	    --hot-bytes 256KiB -o $(DEMO)/profile.json
+	    --hot-bytes 256KiB -o $(DEMO)/profile.json --force
 	$(RW) apply $(DEMO)/model.pt -p md:energy=0.8 -p quantize:bits=8 --profile $(DEMO)/profile.json \
-	    --data $(DEMO)/day_1.npz -o $(DEMO)/small.safetensors
+	    --data $(DEMO)/day_1.npz -o $(DEMO)/small.safetensors --force
 	$(RW) inspect $(DEMO)/small.safetensors
 	$(RW) compile $(DEMO)/small.safetensors --target onnx-cpu --target torch --target tvm-llvm \
 	    -o $(DEMO)/bundle --force
