@@ -3,13 +3,18 @@
 Keyed by what is compared: the storage dtype of a table, or a representation whose math differs
 from the reference only in summation order.  ``assert_close`` passes when
 |actual - expected| <= atol + rtol * |expected| elementwise (torch.testing semantics) and reports
-the worst difference otherwise.  Pass and target tests add their own rows here, never inline.
+the worst difference otherwise (tensors or numpy arrays; ``allclose`` is the same test as a
+bool).  Pass and target tests add their own rows here, never inline; a new row's comment says
+what error it allows and why, the arithmetic or the worst value measured with
+``TOLERANCE_LOG=<file>`` (each comparison's worst error, appended) and the factor.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -69,14 +74,45 @@ def tolerance(key: str) -> Tolerance:
     return TOLERANCES[key]
 
 
-def max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def _tensor(x) -> torch.Tensor:
+    return x.detach() if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x))
+
+
+def max_abs_diff(actual, expected) -> float:
+    actual, expected = _tensor(actual), _tensor(expected)
     return float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, key: str, what: str = "") -> None:
-    """Compare with the row ``key`` of the table; the message names the row and the worst error."""
+def _log(actual: torch.Tensor, expected: torch.Tensor, key: str, what: str) -> None:
+    """With TOLERANCE_LOG=<file>, append the worst |diff|, |diff| / |expected| and share of the
+    row's bound used: the measurements the rows' comments quote."""
+    path = os.environ.get("TOLERANCE_LOG")
+    if not path or not actual.numel():
+        return
+    tol, a, e = TOLERANCES[key], actual.double(), expected.double()
+    d = (a - e).abs()
+    rel = float((d / e.abs().clamp_min(1e-30)).max())
+    bound = tol.atol + tol.rtol * e.abs()
+    used = float(torch.where(bound > 0, d / bound, torch.where(d > 0, torch.inf, 0.0)).max())
+    with open(path, "a") as f:
+        f.write(f"{key}\t{what}\tmax_abs={float(d.max()):.3g}\tmax_rel={rel:.3g}\tused={used:.3g}\n")
+
+
+def allclose(actual, expected, key: str) -> bool:
+    """``assert_close``'s test as a bool, for checks that collect failures (threads)."""
+    actual, expected = _tensor(actual), _tensor(expected)
     tol = TOLERANCES[key]
+    return actual.shape == expected.shape and torch.allclose(
+        actual.double(), expected.double(), atol=tol.atol, rtol=tol.rtol)
+
+
+def assert_close(actual, expected, key: str, what: str = "") -> None:
+    """Compare with the row ``key`` of the table; the message names the row and the worst error.
+    Tensors or numpy arrays."""
+    tol = TOLERANCES[key]
+    actual, expected = _tensor(actual), _tensor(expected)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    _log(actual, expected, key, what)
     torch.testing.assert_close(
         actual.to(torch.float64), expected.to(torch.float64), atol=tol.atol, rtol=tol.rtol,
         msg=lambda m: f"{what} [{key}: {tol.why}] max |diff| {max_abs_diff(actual, expected):.3g}\n{m}")
