@@ -15,6 +15,7 @@ from rewrite.core.synthetic import multi_hot_batch
 from rewrite.training import table_dlrm
 from targets.base import ExportedBags
 from rewrite.core.batch import split_bags_np
+from tests.tolerances import assert_close
 
 
 def small_model(rows: tuple[int, ...] = (1000, 300, 37), dim: int = 16, seed: int = 0) -> RecModel:
@@ -72,7 +73,7 @@ def assert_exports(model: RecModel, batch: Batch) -> None:
     ep = torch.export.export(ExportedBags(model).eval(), (batch.dense, *bags), dynamic_shapes=(shapes[0], tuple(shapes[1:])))
     with torch.no_grad():
         want = model(*batch.inputs())
-    torch.testing.assert_close(ep.module()(batch.dense, *bags), want, rtol=1e-5, atol=1e-5)
+    assert_close(ep.module()(batch.dense, *bags), want, "float32", "exported program vs eager")
 
 
 def assert_roundtrip(model: RecModel, tmp_path: Path, batch: Batch) -> RecModel:

@@ -105,49 +105,40 @@ def _pool(T, args, out, b, start: int, s: Segment) -> None:
 
 
 def cuda_kernel(dim: int, dtype: str, gather: bool):
-    """PrimFunc(W, idx, off, out) / (V, off, out) with one thread per output element (b, d)."""
-    from tvm.script import tirx as T
+    """PrimFunc(W, idx, off, out) / (V, off, out) with one thread per output element (b, d).
+    One definition for both: like ``cpu_kernel`` it is built with the IR builder, so ``gather``
+    decides at build time whether there is an idx argument and the row is ``idx[p]`` or ``p``."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as T
 
     threads = CUDA_THREADS
 
-    @T.prim_func(private=True)
-    def kernel(var_w: T.handle, var_idx: T.handle, var_off: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        rows, n, b1 = T.int64(), T.int64(), T.int64()
-        w = T.match_buffer(var_w, (rows, dim), dtype)
-        idx = T.match_buffer(var_idx, (n,), "int64")
-        off = T.match_buffer(var_off, (b1,), "int64")
-        out = T.match_buffer(var_out, (b1 - 1, dim), "float32")
-        for bx in T.thread_binding((b1 - 1) * dim // threads + 1, thread="blockIdx.x"):
-            for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                if bx * threads + tx < (b1 - 1) * dim:
-                    acc = T.alloc_buffer((1,), "float32", scope="local")
-                    b: T.let[T.int64] = (bx * threads + tx) // dim
-                    d: T.let[T.int64] = (bx * threads + tx) % dim
-                    acc[0] = T.float32(0)
-                    for p in T.serial(off[b + 1] - off[b]):
-                        acc[0] = acc[0] + T.cast(w[idx[off[b] + p], d], "float32")
-                    out[b, d] = acc[0]
+    def buffer(name: str, shape, buffer_dtype: str):      # named as the TVMScript version was
+        return IRBuilder.name(name, T.match_buffer(T.arg(f"var_{name}", T.handle()), shape, buffer_dtype))
 
-    @T.prim_func(private=True)
-    def rows_kernel(var_v: T.handle, var_off: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        n, b1 = T.int64(), T.int64()
-        v = T.match_buffer(var_v, (n, dim), dtype)
-        off = T.match_buffer(var_off, (b1,), "int64")
-        out = T.match_buffer(var_out, (b1 - 1, dim), "float32")
-        for bx in T.thread_binding((b1 - 1) * dim // threads + 1, thread="blockIdx.x"):
-            for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                if bx * threads + tx < (b1 - 1) * dim:
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            b1 = IRBuilder.name("b1", T.int64())
+            if gather:
+                source = buffer("w", (IRBuilder.name("rows", T.int64()), dim), dtype)
+                idx = buffer("idx", (IRBuilder.name("n", T.int64()),), "int64")
+            else:
+                source = buffer("v", (IRBuilder.name("n", T.int64()), dim), dtype)
+            off = buffer("off", (b1,), "int64")
+            out = buffer("out", (b1 - 1, dim), "float32")
+            with T.thread_binding((b1 - 1) * dim // threads + 1, thread="blockIdx.x") as bx, \
+                    T.thread_binding(threads, thread="threadIdx.x") as tx:
+                with T.If(bx * threads + tx < (b1 - 1) * dim), T.Then():
                     acc = T.alloc_buffer((1,), "float32", scope="local")
-                    b: T.let[T.int64] = (bx * threads + tx) // dim
-                    d: T.let[T.int64] = (bx * threads + tx) % dim
-                    acc[0] = T.float32(0)
-                    for p in T.serial(off[b + 1] - off[b]):
-                        acc[0] = acc[0] + T.cast(v[off[b] + p, d], "float32")
-                    out[b, d] = acc[0]
-
-    return kernel if gather else rows_kernel
+                    b = IRBuilder.name("b", T.bind((bx * threads + tx) // dim))
+                    d = IRBuilder.name("d", T.bind((bx * threads + tx) % dim))
+                    T.buffer_store(acc, T.float32(0), [0])
+                    with T.serial(off[b + 1] - off[b]) as p:
+                        row = idx[off[b] + p] if gather else off[b] + p
+                        T.buffer_store(acc, acc[0] + T.cast(source[row, d], "float32"), [0])
+                    T.buffer_store(out, acc[0], [b, d])
+    return ib.get()
 
 
 def _kernel_var(bb, name: str, build):

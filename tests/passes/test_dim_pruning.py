@@ -13,6 +13,7 @@ from rewrite.core.pass_contract import parse_pass
 from rewrite.core.tracing import capture
 from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags,
                            small_model, table_bags)
+from tests.tolerances import assert_close
 
 def levels_of(rep: PrunedDimBag) -> np.ndarray:
     packed = rep.remap.to(torch.int64).numpy()
@@ -42,11 +43,11 @@ def test_pass_numerics_rows_and_bytes_by_hand(model, profile):
     for l, d in enumerate(rep.levels):
         rows = torch.from_numpy(np.flatnonzero(level == l))
         proj = v[:, :d] @ v[:, :d].T                                # kept rows = W projected
-        torch.testing.assert_close(dense[rows], w[rows] @ proj, rtol=0, atol=1e-6)
+        assert_close(dense[rows], w[rows] @ proj, "projected-rows", f"level {l} (d={d})")
     for batch in ragged_batches(model):                             # gather/mask/pad/pool path
         idx, off = table_bags(batch, model, "t0")
-        torch.testing.assert_close(rw.embeddings["t0"](idx, off).double(),
-                                   reference_bags(dense, idx, off), rtol=0, atol=1e-5)
+        assert_close(rw.embeddings["t0"](idx, off), reference_bags(dense, idx, off), "pooled-fp32",
+                     "pruned t0 lookups")
     capture(rw)[0].graph.lint()
 
 
@@ -101,8 +102,7 @@ def test_roundtrip_export_without_rotation_and_mean_pooling(model, profile, tmp_
     dense = rep.dense_rows(torch.arange(300)).detach().double()
     batch = ragged_batches(mean, n=1)[0]
     idx, off = table_bags(batch, mean, "t1")
-    torch.testing.assert_close(rep(idx, off).double(), reference_bags(dense, idx, off, "mean"),
-                               rtol=0, atol=1e-6)
+    assert_close(rep(idx, off), reference_bags(dense, idx, off, "mean"), "pooled-fp32", "pruned t1, mean")
     assert_roundtrip(rw, tmp_path, batch)
     assert_exports(rw, batch)
 

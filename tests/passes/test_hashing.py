@@ -39,7 +39,7 @@ def test_fit_is_the_weighted_mean_of_each_bucket():
     for bucket in range(125):
         ids = np.flatnonzero(h == bucket)
         expected = np.average(x[ids], axis=0, weights=weights[ids]) if len(ids) else np.zeros(6)
-        np.testing.assert_allclose(rep.weight.detach().numpy()[bucket], expected, atol=1e-6)
+        assert_close(rep.weight[bucket], expected, "weighted-mean-fit", f"bucket {bucket}")
 
 
 def test_bags_sum_the_hashed_rows():

@@ -12,6 +12,7 @@ from rewrite.core.pass_contract import parse_pass
 from rewrite.core.access_profile import AccessProfile, TableProfile
 from rewrite.core.tracing import capture
 from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags, table_bags)
+from tests.tolerances import assert_close
 
 def hot_ids(rep: HotColdBag) -> np.ndarray:
     slots = rep.remap.to(torch.int64).numpy()
@@ -35,7 +36,7 @@ def test_exact_on_hot_rows_fp16_cold_within_bound(model, profile):
         ref = w.clone()
         cold = torch.from_numpy(np.setdiff1d(np.arange(1000), hot))
         ref[cold] = w[cold].half().float()
-        torch.testing.assert_close(rep(idx, off).double(), reference_bags(ref, idx, off), rtol=0, atol=1e-6)
+        assert_close(rep(idx, off), reference_bags(ref, idx, off), "pooled-fp32", "hot fp32 / cold fp16")
     t = report.tables[0]
     assert t.status == "rewritten" and t.within_tolerance and t.tolerance.startswith("max |Δ| per id <= ")
     h, c = len(hot), 1000 - len(hot)
@@ -66,8 +67,8 @@ def test_nested_pass_runs_on_the_cold_table(model, profile):
     assert report.tables[0].notes["cold_notes"]["ranks"] == [4, 4]
     assert torch.equal(rep.dense_rows(torch.from_numpy(hot)), w[torch.from_numpy(hot)])
     cold = np.setdiff1d(np.arange(1000), hot)
-    torch.testing.assert_close(rep.dense_rows(torch.from_numpy(cold)),
-                               rep.cold.dense_rows(torch.arange(len(cold))), rtol=0, atol=0)
+    assert_close(rep.dense_rows(torch.from_numpy(cold)), rep.cold.dense_rows(torch.arange(len(cold))), "exact",
+                 "cold rows through the split vs the tt table")
 
 
 def test_cold_sample_remaps_only_this_table(model):
@@ -90,8 +91,7 @@ def test_mean_pooling_roundtrip_and_export(model, profile, tmp_path):
     batch = ragged_batches(mean, n=1)[0]
     idx, off = table_bags(batch, mean, "t1")
     dense = rep.dense_rows(torch.arange(300)).detach().double()
-    torch.testing.assert_close(rep(idx, off).double(), reference_bags(dense, idx, off, "mean"),
-                               rtol=0, atol=1e-6)
+    assert_close(rep(idx, off), reference_bags(dense, idx, off, "mean"), "pooled-fp32", "pruned cold, mean")
     loaded = assert_roundtrip(rw, tmp_path, batch)
     assert loaded.embeddings["t0"].describe() == rw.embeddings["t0"].describe()
     assert_exports(rw, batch)

@@ -18,6 +18,7 @@ from rewrite.training import table_dlrm
 from rewrite.core.tracing import capture
 from tests.hashed_helpers import export_bags, pooled_reference, ragged_batches, roundtrip, zipf_profile
 from tests.passes.test_dhe import reference_rows as dhe_reference
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 ROWS = [90, 900, 3]
@@ -48,7 +49,7 @@ def test_matches_reference_on_ragged_empty_and_largest_index(model):
     m = model.with_tables({"t1": rep})
     for idx, off in table_bags(m, ragged_batches(m), "t1"):
         want = pooled_reference(lambda ids: reference_rows(rep, ids), idx, off)
-        np.testing.assert_allclose(rep(idx, off).detach().numpy(), want, rtol=2e-4, atol=2e-5)
+        assert_close(rep(idx, off), want, "decoder-mlp", "hybrid")
 
 
 def test_table_part_is_the_weighted_mean_per_slot(model):
@@ -63,7 +64,7 @@ def test_table_part_is_the_weighted_mean_per_slot(model):
         num[s] += weights[x] * target[x].double().numpy()
         den[s] += weights[x]
     want = np.where(den[:, None] > 0, num / np.maximum(den, 1e-30)[:, None], 0.0)
-    np.testing.assert_allclose(rep.weight.detach().numpy(), want, rtol=1e-5, atol=1e-7)
+    assert_close(rep.weight, want, "weighted-mean-fit", "hybrid slots vs per-slot weighted means")
 
 
 def test_dhe_part_reduces_the_table_part_error(rewritten):

@@ -16,6 +16,7 @@ from rewrite.pass_manager import table_bags
 from rewrite.training import table_dlrm
 from rewrite.core.tracing import capture
 from tests.hashed_helpers import export_bags, pooled_reference, ragged_batches, roundtrip, zipf_profile
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 ROWS = [120, 1500, 4]
@@ -54,7 +55,7 @@ def test_matches_reference_on_ragged_empty_and_largest_index(model, per_token):
     m = model.with_tables({"t1": rep})
     for idx, off in table_bags(m, ragged_batches(m), "t1"):
         want = pooled_reference(lambda ids: reference_rows(rep, ids), idx, off)
-        np.testing.assert_allclose(rep(idx, off).detach().numpy(), want, rtol=1e-5, atol=1e-5)
+        assert_close(rep(idx, off), want, "float32", f"memrec per_token={per_token}")
 
 
 def test_initial_state_is_the_weighted_mean_over_k(model):
@@ -70,7 +71,7 @@ def test_initial_state_is_the_weighted_mean_over_k(model):
             num[s] += weights[x] * target[x].double().numpy()
             den[s] += weights[x]
     want = np.where(den[:, None] > 0, num / np.maximum(den, 1e-30)[:, None], 0.0) / 2
-    np.testing.assert_allclose(rep.token_table.detach().numpy(), want, rtol=1e-5, atol=1e-7)
+    assert_close(rep.token_table, want, "weighted-mean-fit", "memrec tokens vs per-token weighted means")
 
 
 def test_fit_improves_on_the_closed_form_start(rewritten):

@@ -48,7 +48,7 @@ def test_weighted_fit_matches_weighted_svd_reference():
     u, sv, vt = np.linalg.svd(s * w.numpy().astype(np.float64), full_matrices=False)
     ref = (u[:, :3] * sv[:3]) @ vt[:3] / s
     got = rep.dense_rows(torch.arange(500)).detach().numpy().astype(np.float64)
-    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert_close(got, ref, "low-rank-fit", "weighted rank-3 fit vs float64 SVD")
     # the weighted residual is the discarded share of the weighted spectrum
     resid = float((weights[:, None] * (w.numpy() - got) ** 2).sum())
     assert math.isclose(resid, float((sv[3:] ** 2).sum()), rel_tol=1e-4)

@@ -38,7 +38,7 @@ def test_exact_on_a_qr_structured_table(op):
     truth.weight_q.data, truth.weight_r.data = wq, wr
     w = truth.dense_rows(torch.arange(rows)).detach()
     rep, _ = fit_qr(w, np.random.default_rng(1).pareto(1.0, rows) + 0.1, c, op)
-    np.testing.assert_allclose(fitted(rep, rows), w.numpy(), atol=1e-4)
+    assert_close(fitted(rep, rows), w.numpy(), "qr-fit", f"{op}: a table of exact QR form")
 
 
 def test_add_matches_a_least_squares_solver():
@@ -72,7 +72,7 @@ def test_mult_matches_rank_one_svd_per_column():
     for k in range(d):
         u, s, vt = np.linalg.svd(m[:, :, k])
         ref[:, :, k] = s[0] * np.outer(u[:, 0], vt[0])
-    np.testing.assert_allclose(fitted(rep, rows), ref.reshape(rows, d), atol=1e-4)
+    assert_close(fitted(rep, rows), ref.reshape(rows, d), "qr-fit", "mult vs per-column rank-1 SVD")
 
 
 def test_concat_is_the_weighted_mean_of_each_half():
@@ -84,12 +84,12 @@ def test_concat_is_the_weighted_mean_of_each_half():
     x = w.numpy().astype(np.float64)
     for q in range(-(-rows // c)):
         ids = np.arange(q * c, min(rows, (q + 1) * c))
-        np.testing.assert_allclose(rep.weight_q.detach().numpy()[q],
-                                   np.average(x[ids, :3], axis=0, weights=weights[ids]), atol=1e-6)
+        assert_close(rep.weight_q[q], np.average(x[ids, :3], axis=0, weights=weights[ids]), "weighted-mean-fit",
+                     f"q {q}")
     for r in range(c):
         ids = np.arange(r, rows, c)
-        np.testing.assert_allclose(rep.weight_r.detach().numpy()[r],
-                                   np.average(x[ids, 3:], axis=0, weights=weights[ids]), atol=1e-6)
+        assert_close(rep.weight_r[r], np.average(x[ids, 3:], axis=0, weights=weights[ids]), "weighted-mean-fit",
+                     f"r {r}")
 
 
 def test_frequency_weighting_favours_hot_rows():

@@ -15,6 +15,7 @@ from rewrite.pass_manager import table_bags
 from rewrite.training import table_dlrm
 from rewrite.core.tracing import capture
 from tests.hashed_helpers import export_bags, pooled_reference, ragged_batches, roundtrip, zipf_profile
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 ROWS = [60, 500, 3, 1000]
@@ -53,7 +54,7 @@ def test_matches_reference_on_ragged_empty_and_largest_index(model, rewritten):
         assert isinstance(rep, RobeBag)
         for idx, off in table_bags(rw, batches, name):
             want = pooled_reference(lambda ids: reference_rows(rep, ids), idx, off)
-            np.testing.assert_allclose(rep(idx, off).detach().numpy(), want, rtol=1e-5, atol=1e-6)
+            assert_close(rep(idx, off), want, "pooled-fp32", f"robe {name}")
 
 
 def test_blocks_wrap_around_the_array_end():
@@ -82,7 +83,7 @@ def test_fit_is_the_weighted_least_squares_optimum():
             num[s] += weights[x] * e[i] * float(target[x, i])
             den[s] += weights[x]
     want = np.where(den > 0, num / np.maximum(den, 1e-30), 0.0)
-    np.testing.assert_allclose(rep.array.detach().numpy(), want, rtol=1e-5, atol=1e-6)
+    assert_close(rep.array, want, "weighted-mean-fit", "robe array vs per-slot weighted means")
     # and it is a stationary point of the weighted objective
     arr = rep.array.detach().clone().requires_grad_(True)
     rep.array = torch.nn.Parameter(arr)

@@ -17,6 +17,7 @@ from rewrite.formats import dlrm
 from rewrite.core.model_file import load
 from rewrite.core.synthetic import multi_hot_batch, write_npz
 from tests.pass_helpers import small_model
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 ROWS = (3, 40, 257, 1000)
@@ -67,7 +68,7 @@ def test_passes_then_compile(files, bundle):
     with torch.no_grad():
         want = rewritten(*batch.inputs()).numpy()
     got = rewrite.runtime.load(out).logits(*batch.inputs(), path="onnx-cpu")
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert_close(got, want, "compiled-fp32-logits", "onnx-cpu")
 
 
 def test_format_1_bundle_still_loads(bundle, tmp_path):

@@ -10,6 +10,7 @@ import torch
 from rewrite import data
 from rewrite.core.errors import RewriteError
 from rewrite.core.synthetic import write_npz
+from tests.tolerances import assert_close
 
 
 def arrays(n=50, f=3, seed=0):
@@ -48,7 +49,7 @@ def test_dense_transform(tmp_path):
     b = data.open(tmp_path / "d.npz").batch(slice(0, 10))
     expected = np.log(np.maximum(x_int[:10], 0) + 1).astype(np.float32)     # dlrm's transform
     assert b.dense.dtype == torch.float32
-    assert np.allclose(b.dense.numpy(), expected, rtol=1e-6, atol=0)
+    assert_close(b.dense, expected, "dense-transform", "log(x + 1)")
     assert b.dense[0, :3].tolist() == pytest.approx([0.0, 0.0, np.log(8.0)])
     raw = data.open(tmp_path / "d.npz", dense_transform="none").batch(slice(0, 10))
     assert np.array_equal(raw.dense.numpy(), x_int[:10].astype(np.float32))

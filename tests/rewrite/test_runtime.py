@@ -13,7 +13,7 @@ from rewrite.core.errors import RewriteError
 from rewrite.core.synthetic import multi_hot_batch
 from tests.bundles import make_bundle
 from tests.representations import composite_model
-from tests.tolerances import path_tolerance
+from tests.tolerances import assert_close, path_tolerance
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_predict_is_sigmoid_of_the_reference(pred, model, path, size):
 def test_torch_tensors_and_int32_ids_are_accepted(pred, model):
     b = multi_hot_batch(rows(model), 3, 5, 2.0, 0)
     got = pred.predict(b.dense, b.indices.to(torch.int32), b.offsets.to(torch.int32))
-    np.testing.assert_allclose(got, torch.sigmoid(model(*b.inputs())).detach().numpy(), atol=1e-5)
+    assert_close(got, torch.sigmoid(model(*b.inputs())), "probability", "int32 ids")
 
 
 def test_dispatch_follows_the_policy(pred, monkeypatch):

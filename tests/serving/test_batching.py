@@ -8,6 +8,7 @@ import pytest
 from rewrite.runtime import check_batch, load
 from rewrite.serving.batching import merge, split
 from tests.serving.conftest import N_DENSE, ROWS, ragged
+from tests.tolerances import assert_close
 
 F = len(ROWS)
 
@@ -48,4 +49,4 @@ def test_predict_on_merged_equals_each_request(bundle_dir):
     for path in pred.paths:
         parts = split(pred.predict(*merged, path=path), sizes)
         for batch, part in zip(batches, parts):
-            np.testing.assert_allclose(part, pred.predict(*batch, path=path), rtol=0, atol=1e-6)
+            assert_close(part, pred.predict(*batch, path=path), "probability-rebatched", f"{path} B={len(part)}")

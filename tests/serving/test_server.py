@@ -18,6 +18,7 @@ from rewrite.serving.listen import ServerThread
 from rewrite.serving.protocol import encode_request
 from rewrite.serving.server import ServeConfig, build
 from tests.serving.conftest import MODEL, N_DENSE, ROWS, ragged
+from tests.tolerances import assert_close
 
 MAX_BATCH = 64
 
@@ -45,8 +46,7 @@ def inputs(batch, binary: bool):
 
 def check_answer(result, batch, reference):
     path = result.get_response()["parameters"]["path"]
-    np.testing.assert_allclose(result.as_numpy("probabilities"), reference.predict(*batch, path=path),
-                               rtol=0, atol=1e-6)
+    assert_close(result.as_numpy("probabilities"), reference.predict(*batch, path=path), "probability-rebatched", path)
 
 
 def test_metadata_and_health(server):

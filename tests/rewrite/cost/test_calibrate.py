@@ -7,6 +7,7 @@ from rewrite.cost.calibrate import calibrate, estimator_for, fit_theta, stored_f
 from rewrite.cost.hardware import load_hardware
 from rewrite.core.errors import RewriteError
 from tests.rewrite.cost.conftest import synthetic_hw
+from tests.tolerances import assert_close
 
 THETA = np.array([1.3, 2.5, 0.7, 12.0, 1.8])
 
@@ -19,7 +20,7 @@ def synthetic_terms(n=30, seed=0):
 def test_fit_recovers_known_constants_exactly():
     terms = synthetic_terms()
     fit = fit_theta(terms, terms @ THETA)
-    assert np.allclose(fit.theta, THETA, rtol=1e-6)
+    assert_close(fit.theta, THETA, "least-squares-exact", "noiseless")
     assert fit.points == 30 and fit.median_rel_error < 1e-9
 
 
@@ -27,7 +28,7 @@ def test_fit_with_noise_stays_close():
     terms = synthetic_terms(200, seed=1)
     noise = np.random.default_rng(2).normal(1.0, 0.03, 200)
     fit = fit_theta(terms, terms @ THETA * noise)
-    assert np.allclose(fit.theta, THETA, rtol=0.1)
+    assert_close(fit.theta, THETA, "least-squares-3pct-noise", "3% noise")
     assert 0.005 < fit.median_rel_error < 0.05
 
 

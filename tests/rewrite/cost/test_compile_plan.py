@@ -21,6 +21,7 @@ from rewrite.cli import main
 from rewrite.core.model_file import load
 from rewrite.core.synthetic import multi_hot_batch
 from rewrite.verification import table_rows
+from tests.tolerances import assert_close
 
 BUDGET = 70_000          # bytes, tables + MLPs (the plan's --memory-budget 70KB)
 TARGETS = ("--target", "onnx-cpu", "--target", "torch")
@@ -100,14 +101,14 @@ def test_runtime_dispatches_across_plan_paths(planned, tmp_path):
     for size, want in ((8, "p1"), (80, "p0")):
         batch = multi_hot_batch(rows, size, n_dense, 2.0, seed=size)
         got = pred.logits(*batch.inputs())
-        np.testing.assert_allclose(got, eager(variants[want], batch), rtol=1e-4, atol=1e-5)
+        assert_close(got, eager(variants[want], batch), "compiled-fp32-logits", f"B={size} on {want}")
         other = eager(variants["p0" if want == "p1" else "p1"], batch)
         assert np.abs(got - other).max() > 1e-4          # the two paths really differ
     # 250 rows > max_batch_within_target 100: chunks 0-99, 100-199 on p0, 200-249 (50 < 64) on p1
     batch = multi_hot_batch(rows, 250, n_dense, 2.0, seed=7)
     want = eager(variants["p0"], batch)
     want[200:] = eager(variants["p1"], batch)[200:]
-    np.testing.assert_allclose(pred.logits(*batch.inputs()), want, rtol=1e-4, atol=1e-5)
+    assert_close(pred.logits(*batch.inputs()), want, "compiled-fp32-logits", "B=250 in chunks")
 
     r = run("inspect", tmp_path / "b", "--json")
     assert r.exit_code == 0, r.output

@@ -17,6 +17,7 @@ from rewrite.formats import dlrm
 from rewrite.training import table_dlrm
 from tests.rewrite.data_formats.criteo_ref import (N_CAT, expected_rows, log1p, log3, parse_line,
                                            torchrec_checkpoint, tsv_lines)
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 
@@ -56,7 +57,7 @@ def test_batches_match_reference(tmp_path, model_and_rows, mode):
     ds = data.open(tmp_path / "day_0", model=model, hash_mode=mode)
     dense, ids, labels = read_all(ds)
     want_dense, want_ids, want_labels = reference_columns(lines, rows, mode, log3)  # TorchRec model
-    np.testing.assert_allclose(dense, want_dense, rtol=1e-6)
+    assert_close(dense, want_dense, "dense-transform", mode)
     assert np.array_equal(ids, want_ids) and np.array_equal(labels, want_labels)
     assert (ids == np.array(rows) - 1).any(axis=0).all()  # every table's largest row is used
     if mode == "torchrec":
@@ -73,7 +74,7 @@ def test_dlrm_model_defaults_to_log1p_and_gzip_unlabeled(tmp_path):
         f.write("".join(lines))
     dense, ids, labels = read_all(data.open(tmp_path / "test.txt.gz", model=model), batch_size=4)
     want_dense, want_ids, _ = reference_columns(lines, rows, "mod", log1p, labeled=False)
-    np.testing.assert_allclose(dense, want_dense, rtol=1e-6)
+    assert_close(dense, want_dense, "dense-transform", "gzip, unlabeled")
     assert np.array_equal(ids, want_ids) and labels is None
 
 

@@ -15,6 +15,7 @@ from rewrite.cli import main
 from tests.rewrite.data_formats.criteo_ref import (N_CAT, expected_rows, log1p, parse_line, torchrec_checkpoint,
                                            tsv_lines, write_torchrec_npys)
 from tests.rewrite.data_formats.test_criteo_tsv import read_all, reference_columns
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 
@@ -38,7 +39,7 @@ def test_triplet_matches_the_tsv_it_came_from(setup, name):
     got = read_all(ds, batch_size=8)
     # the same rows through TorchRec's conventions: TSV with int32 wrap and log(x + 3)
     tsv = read_all(data.open(tmp / "day_0.tsv", model=model, hash_mode="torchrec"), batch_size=8)
-    np.testing.assert_allclose(got[0], tsv[0], rtol=1e-6)
+    assert_close(got[0], tsv[0], "dense-transform", name)
     assert np.array_equal(got[1], tsv[1]) and np.array_equal(got[2], tsv[2])
     assert (got[1] == np.array(rows) - 1).any(axis=0).all()
 
@@ -47,7 +48,7 @@ def test_dlrm_transform_of_torchrec_dense(setup):
     tmp, model, rows, lines = setup
     dense, _, _ = read_all(data.open(tmp / "day_0", "log1p", model=model))
     want = reference_columns(lines, rows, "torchrec", log1p)[0]
-    np.testing.assert_allclose(dense, want, rtol=2e-5, atol=2e-6)  # via exp of a float32 log
+    assert_close(dense, want, "dense-log3-as-log1p", "torchrec dense read as dlrm's")
 
 
 def test_model_runs_on_npy_batches(setup):

@@ -13,6 +13,7 @@ from rewrite.cli import main
 from rewrite.core.synthetic import multi_hot_batch
 from tests.rewrite.formats.test_torchrec import assert_same, rows_of
 from tests.rewrite.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,7 @@ def test_capture_runs_the_cross_net(tmp_path):
     assert ops.count(torch.matmul) == 6  # V then W in each of 3 layers
     b = multi_hot_batch(rows_of(ref), 32, 13, 2.0, seed=7)
     with torch.no_grad():
-        torch.testing.assert_close(gm(*b.inputs()), ref(*b.inputs()), atol=1e-5, rtol=0)
+        assert_close(gm(*b.inputs()), ref(*b.inputs()), "checkpoint-logits", "captured DCN vs the reference")
 
 
 def test_native_round_trip_and_with_tables(tmp_path):

@@ -13,9 +13,9 @@ from rewrite.cli import main
 from rewrite.core.model import interaction_pairs
 from rewrite.core.synthetic import multi_hot_batch
 from tests.rewrite.formats.torchrec_ref import DLRMTrain, RefDLRM, criteo_like
+from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
-ATOL = 1e-5  # fp32, same ops in a different order
 
 
 def batches(rows: list[int], n_dense: int):
@@ -29,7 +29,7 @@ def assert_same(ref: RefDLRM, model: rewrite.RecModel, rows: list[int], n_dense:
         for b in batches(rows, n_dense):
             want, got = ref(*b.inputs()), model(*b.inputs())
             assert got.shape == want.shape
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            assert_close(got, want, "checkpoint-logits", f"B={b.size}")
 
 
 def small(**kw) -> RefDLRM:

@@ -7,6 +7,7 @@ from torch import nn
 from rewrite.core.model import mlp
 from targets.native.amx_mlp import amx_missing, pack
 from targets.native.fast_kernels import padded_layers
+from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(amx_missing() is not None, reason=f"AMX: {amx_missing()}")
 
@@ -54,11 +55,11 @@ def test_amx_mlp_matches_emulated_bf16_and_fp32(batch, widths, relu_last, k_in):
                 assert y.dtype == torch.float32
                 hidden = emulated(layers[:-1], x)       # the logit: an fp32 dot of bf16 activations
                 ref = hidden @ layers[-1][0].reshape(-1) + layers[-1][1]
-                torch.testing.assert_close(y.squeeze(1), ref, atol=2e-3, rtol=2e-3)
+                assert_close(y.squeeze(1), ref, "amx-logit-vs-emulated", f"{widths} B={batch} {xin.dtype}")
             else:
                 assert y.dtype == torch.bfloat16
-                torch.testing.assert_close(y.float(), emulated(layers, x), atol=1e-2, rtol=1e-2)
-            torch.testing.assert_close(y.float(), net(x[:, :widths[0]]), atol=3e-2, rtol=3e-2)
+                assert_close(y.float(), emulated(layers, x), "bf16-vs-emulated", f"{widths} B={batch} {xin.dtype}")
+            assert_close(y.float(), net(x[:, :widths[0]]), "bf16-mlp-vs-fp32", f"{widths} B={batch} {xin.dtype}")
 
 
 def test_amx_mlp_refuses_bad_input():

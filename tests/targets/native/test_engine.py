@@ -82,7 +82,7 @@ def test_predictor_uses_the_canonical_batch(model, tmp_path):
     atol, rtol = path_tolerance("bf16-dense")          # on logits: the table's row for bf16 MLPs
     np.testing.assert_allclose(pred.logits(*batch.inputs(), path="torch-fast"), model(*batch.inputs()).detach().numpy(),
                                atol=atol, rtol=rtol)
-    np.testing.assert_allclose(got, 1 / (1 + np.exp(-pred.logits(*batch.inputs(), path="torch-fast"))), rtol=1e-6)
+    assert_close(got, 1 / (1 + np.exp(-pred.logits(*batch.inputs(), path="torch-fast"))), "sigmoid", "predict vs logits")
 
 
 @pytest.mark.parametrize("name", ["torch-fast", "torch-fast-int8"])

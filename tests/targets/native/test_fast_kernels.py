@@ -86,7 +86,8 @@ def test_embed_interact_equals_dot_interaction_rounded_to_bf16(order, dim, gener
         assert z.dtype == torch.bfloat16 and z.shape == (b, kp)
         e = reference_bags(tables, batch)
         ref = DotInteraction(len(ROWS) + 1, order)(x, list(e.unbind(1)))
-        torch.testing.assert_close(z[:, :dim + n_pairs].float(), ref.to(torch.bfloat16).float(), atol=1e-3, rtol=8e-3)
+        assert_close(z[:, :dim + n_pairs].float(), ref.to(torch.bfloat16).float(), "bf16-rounded",
+                     f"embed_interact {order} d={dim} generic={generic} B={b}")
         assert not z[:, dim + n_pairs:].any()
 
 
@@ -110,7 +111,7 @@ def test_embed_interact_q8_is_the_interaction_quantized_per_row(features, dim, o
         ref = DotInteraction(features + 1, order)(x, list(reference_bags(tables, batch).unbind(1)))
         rq, rs = ref_quantize(ref, kp)
         assert q.dtype == torch.int8 and q.shape == (b, kp) and not q[:, dim + n_pairs:].any()
-        torch.testing.assert_close(s, rs, rtol=1e-5, atol=0)
+        assert_close(s, rs, "interaction-row-scale", f"{features} features d={dim} {order} B={b}")
         assert (q.int() - rq.int()).abs().max() <= 1           # f32 FMA order vs torch's: a tie may round apart
 
 
@@ -152,13 +153,13 @@ def test_onednn_mlp_matches_fp32_and_keeps_the_logit_fp32(dtype):
         fast = OneDnnMlp(net, k_in=k_in, dtype=dtype)
         assert fast.final == (widths[-1] == 1 and dtype == torch.bfloat16)
         xin = nn.functional.pad(x, (0, (k_in or widths[0]) - widths[0])).to(dtype)
-        tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+        key = "bf16-mlp-vs-fp32" if dtype == torch.bfloat16 else "float32"
         with torch.inference_mode():
-            torch.testing.assert_close(fast(xin).float(), net(x), atol=tol, rtol=tol)
+            assert_close(fast(xin).float(), net(x), key, f"OneDnnMlp {widths} {dtype}")
             if fast.final:                                     # the last layer adds no bf16 rounding
                 y = fast.hidden(xin)
-                torch.testing.assert_close(fast(xin).squeeze(1), y.float() @ fast.w_final + fast.b_final,
-                                           atol=1e-5, rtol=1e-5)
+                assert_close(fast(xin).squeeze(1), y.float() @ fast.w_final + fast.b_final, "float32",
+                             f"OneDnnMlp {widths}: the fp32 last layer")
 
 
 def test_small_model_equals_the_model_in_bf16_and_refuses_bad_shapes():

@@ -14,7 +14,8 @@ from targets.base import get_target
 from rewrite.core.batch import split_bags_np
 from targets.tvm.common import LIBRARY, PARAMS
 from targets.tvm.cuda import CUBIN, _PREBUILT, _serve_prebuilt, gpu_arch
-from tests.targets.tvm.models import ATOL, BATCHES, RTOL, batch, composite_model
+from tests.targets.tvm.models import BATCHES, batch, composite_model
+from tests.tolerances import assert_close
 
 EM_CUDA = 190           # ELF e_machine of NVIDIA cubins (elf.h)
 HAS_GPU = gpu_arch() is not None
@@ -83,4 +84,4 @@ def test_matches_torch_on_the_gpu(model, compiled, name):
         ref = model(*b.inputs()).numpy()
     got = run(b.dense.numpy(), split_bags_np(b.indices.numpy(), b.offsets.numpy(),
                                              len(model.spec.features)))
-    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+    assert_close(got, ref, "compiled-fp32-logits", name)

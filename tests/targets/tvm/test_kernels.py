@@ -16,6 +16,7 @@ from rewrite.core.batch import split_bags_np
 from targets.tvm.dense import kernel_shape, pack_weight
 from targets.tvm.interaction import pair_runs
 from targets.tvm import relax as tvm_relax
+from tests.tolerances import assert_close
 
 ROWS = (50, 7, 300) + (20,) * 23          # 26 features, small tables
 
@@ -66,7 +67,7 @@ def test_kaggle_shaped_model_matches_eager(tmp_path):
         b = multi_hot_batch(list(ROWS), size, model.spec.n_dense, 2, seed=size)
         with torch.no_grad():
             ref = model(*b.inputs()).numpy()
-        np.testing.assert_allclose(run(b.dense.numpy(), _bags(model, b)), ref, rtol=1e-5, atol=2e-6)
+        assert_close(run(b.dense.numpy(), _bags(model, b)), ref, "compiled-fp32-logits", f"B={size}")
 
 
 @pytest.mark.slow
@@ -88,4 +89,4 @@ def test_other_pair_orders_and_widths_match_eager(tmp_path, order):
         b = multi_hot_batch([30 + i for i in range(5)], size, 4, 2, seed=size)
         with torch.no_grad():
             ref = model(*b.inputs()).numpy()
-        np.testing.assert_allclose(run(b.dense.numpy(), _bags(model, b)), ref, rtol=1e-5, atol=2e-6)
+        assert_close(run(b.dense.numpy(), _bags(model, b)), ref, "compiled-fp32-logits", f"B={size}")

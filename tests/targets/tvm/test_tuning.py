@@ -22,7 +22,7 @@ from targets.base import CompiledPath, get_target
 from rewrite.core.batch import split_bags_np
 from targets.tvm.common import LIBRARY, PARAMS
 from targets.tvm.tuning import TUNE_EXTRA, check_options, tuned_library
-from tests.targets.tvm.models import ATOL, RTOL
+from tests.tolerances import assert_close
 
 TUNED_B, TRIALS = 64, 2
 ROWS = (300, 50)
@@ -71,7 +71,7 @@ def test_tuned_path_matches_torch(model, tuned, size, empty):
     assert empty == 1.0 or int(b.indices.max()) == ROWS[0] - 1
     with torch.no_grad():
         ref = model(*b.inputs()).numpy()
-    np.testing.assert_allclose(run(runner, b), ref, rtol=RTOL, atol=ATOL)
+    assert_close(run(runner, b), ref, "compiled-fp32-logits", f"B={size} empty={empty}")
 
 
 @pytest.mark.slow
