@@ -1,0 +1,106 @@
+"""A/B of torch-fast's fused lookup against an earlier revision of ``dlrm_fast.cpp``, same tables.
+
+    PYTHONPATH=. python benchmarks/kernel_ab.py /tmp/kaggle/model.safetensors --rev cfb8b05 \
+        [-o benchmarks/results/kernel_ab.json]
+
+Builds the old kernel (at ``--rev``, where W was an f32 [rows, d] matrix and ``base`` a row index)
+beside today's (a byte buffer with per-feature formats), checks both give bit-identical results
+on fp32 tables, then times ``gather_bags`` and ``embed_interact`` at batch 2048, one thread, each
+variant on fresh batches of its own (L3 would keep a batch's rows for whoever runs second),
+alternating call by call; medians.  Needs the revision in this git checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OLD_PATHS = ("targets/kernels", "targets/native/kernels")      # where the kernels lived, newest last
+
+
+def old_kernels(rev: str, out: Path):
+    from torch.utils.cpp_extension import load
+
+    for folder in OLD_PATHS:
+        try:
+            for name in ("dlrm_fast.cpp", "quantize_row.h"):
+                text = subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], cwd=ROOT, check=True,
+                                      capture_output=True).stdout
+                (out / name).write_bytes(text)
+            break
+        except subprocess.CalledProcessError:
+            continue
+    return load(name=f"dlrm_fast_ab_{rev}", sources=[str(out / "dlrm_fast.cpp")],
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--rev", default="cfb8b05")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("-o", "--output", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from rewrite.core.timing import serving_batches
+    from rewrite.formats import load
+    from targets.native.engine import FusedTables
+    from targets.native.fast_kernels import kernels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old = old_kernels(args.rev, Path(tmp))
+    model = load(args.model).eval()
+    t = FusedTables(model)
+    w, base, rows, fmt, d = t.store.args()
+    assert not fmt.any(), "fp32 tables only (the old kernel reads nothing else)"
+    weight = w[:w.numel() // (4 * d) * 4 * d].view(torch.float32).reshape(-1, d)
+    old_w = old.huge_empty(weight.shape[0], d, False)
+    old_w.copy_(weight)
+    row_base = base // (4 * d)
+    table_rows = [model.embeddings[n].rows for n in model.feature_tables]
+
+    def fresh(seed):
+        return [(torch.from_numpy(i), torch.from_numpy(o)) for _, i, o in serving_batches(table_rows, 13, 2048, 8, seed)]
+
+    x = torch.randn(2048, d)
+    kp = -(-(d + (len(table_rows) + 1) * len(table_rows) // 2) // 32) * 32
+    fns = {"old gather_bags": lambda i, o: old.gather_bags(old_w, i, o, row_base, rows, False),
+           "new gather_bags": lambda i, o: kernels().gather_bags(w, i, o, base, rows, fmt, d, False),
+           "old embed_interact": lambda i, o: old.embed_interact(old_w, i, o, row_base, rows, False, x, 0, kp, False),
+           "new embed_interact": lambda i, o: kernels().embed_interact(w, i, o, base, rows, fmt, d, False, x, 0, kp,
+                                                                       False)}
+    check = fresh(3)[0]
+    for op in ("gather_bags", "embed_interact"):
+        assert torch.equal(fns[f"old {op}"](*check).float(), fns[f"new {op}"](*check).float()), op
+    own = {k: fresh(10 + n) for n, k in enumerate(fns)}
+    secs: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.rounds):
+        for j in range(8):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f(*own[k][j])
+                secs[k].append(time.perf_counter() - t0)
+    result = {"schema": "kernel_ab/1", "rev": args.rev, "batch": 2048, "threads": 1,
+              "ms": {k: float(np.median(v)) * 1e3 for k, v in secs.items()}}
+    for k, ms in result["ms"].items():
+        print(f"{k:22s} {ms:.3f} ms")
+    if args.output:
+        from rewrite.core.atomic import write_text
+
+        write_text(args.output, json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
