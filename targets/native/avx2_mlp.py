@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewrite.core.errors import RewriteError
 from targets.native.cpp_extension import build, usable_or_why
-from targets.native.int8_kernels import Int8Linear, split_final
+from targets.native.int8_kernels import OneCallInt8Mlp, split_final
 
 TILE_N = 8                   # output columns per AVX2 vector: every int8 layer's width is a multiple
 
@@ -43,32 +42,16 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return q.reshape(n // TILE_N, TILE_N, kp // 2, 2).permute(0, 2, 1, 3).contiguous().to(torch.int16)
 
 
-class Avx2Int8Mlp(nn.Module):
-    """An MLP as one AVX2 call: ``forward(x f32 [B, K])`` or ``from_quant(q s8 [B, kp], s [B])`` ->
-    f32 [B, N_last] ([B, 1] after a width-1 last layer): ``Int8Mlp``'s contract."""
+class Avx2Int8Mlp(OneCallInt8Mlp):
+    """An MLP as one AVX2 call (``OneCallInt8Mlp``'s contract)."""
 
-    def __init__(self, mlp: nn.Sequential):
-        super().__init__()
-        why = avx2_int8_missing() or shape_missing(mlp)
-        if why:
-            raise RewriteError(f"AVX2 int8 MLP: {why}")
-        layers, last = split_final(mlp)
-        self.final = last is not None
-        final_w, final_b = torch.empty(0), 0.0
-        if self.final:
-            final_w, final_b = last.weight.detach().float().reshape(-1).contiguous(), float(last.bias.detach())
-        int8 = [Int8Linear(lin, relu) for lin, relu in layers]
-        self.kp = int8[0].kp
-        self.mlp = kernels().Avx2Int8Mlp([pack(layer.qweight_t.t().contiguous()) for layer in int8],
-                                         [layer.scale for layer in int8], [layer.bias for layer in int8],
-                                         [layer.relu for layer in int8], [layer.n for layer in int8],
-                                         int8[0].k, self.kp, final_w, final_b)
+    name = "AVX2 int8 MLP"
 
-    def _shape(self, y: torch.Tensor) -> torch.Tensor:
-        return y.unsqueeze(1) if self.final else y
+    def missing(self, mlp: nn.Sequential) -> str | None:
+        return avx2_int8_missing() or shape_missing(mlp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._shape(self.mlp.forward(x.float().contiguous()))
-
-    def from_quant(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return self._shape(self.mlp.from_quant(q, s))
+    def build(self, int8, final_w, final_b):
+        return kernels().Avx2Int8Mlp([pack(layer.qweight_t.t().contiguous()) for layer in int8],
+                                     [layer.scale for layer in int8], [layer.bias for layer in int8],
+                                     [layer.relu for layer in int8], [layer.n for layer in int8],
+                                     int8[0].k, self.kp, final_w, final_b)

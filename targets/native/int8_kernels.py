@@ -109,6 +109,45 @@ def split_final(mlp: nn.Sequential) -> tuple[list[tuple[nn.Linear, bool]], nn.Li
     return layers, None
 
 
+class OneCallInt8Mlp(nn.Module):
+    """An int8 MLP run as one C++ call (``VnniMlp``, ``Avx2Int8Mlp``): the layers before a width-1
+    last layer in int8 (``Int8Linear`` weights), that last layer an fp32 dot product.  A subclass
+    names its kernel family (``name``), says why it cannot run (``missing``) and builds the C++
+    object from the int8 layers (``build``).  ``forward(x f32 [B, K])``, ``from_quant(q s8 [B, kp],
+    s [B])`` -> f32 [B, N_last] ([B, 1] after a width-1 last layer): ``Int8Mlp``'s contract."""
+
+    name = "int8 MLP"
+
+    def __init__(self, mlp: nn.Sequential):
+        super().__init__()
+        why = self.missing(mlp)
+        if why:
+            raise RewriteError(f"{self.name}: {why}")
+        layers, last = split_final(mlp)
+        self.final = last is not None
+        final_w, final_b = torch.empty(0), 0.0
+        if self.final:
+            final_w, final_b = last.weight.detach().float().reshape(-1).contiguous(), float(last.bias.detach())
+        int8 = [Int8Linear(lin, relu) for lin, relu in layers]
+        self.kp = int8[0].kp
+        self.mlp = self.build(int8, final_w, final_b)
+
+    def missing(self, mlp: nn.Sequential) -> str | None:
+        raise NotImplementedError
+
+    def build(self, int8: list[Int8Linear], final_w: torch.Tensor, final_b: float):
+        raise NotImplementedError
+
+    def _shape(self, y: torch.Tensor) -> torch.Tensor:
+        return y.unsqueeze(1) if self.final else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shape(self.mlp.forward(x.float().contiguous()))
+
+    def from_quant(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return self._shape(self.mlp.from_quant(q, s))
+
+
 def int8_mlp(mlp: nn.Sequential) -> nn.Module:
     """torch-fast-int8's MLP for the active ISA tier: ``VnniMlp`` (one AVX512-VNNI call) where the
     process has VNNI, else ``Avx2Int8Mlp`` (one AVX2 call, the same numerics) at the avx2 tier,

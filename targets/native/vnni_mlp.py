@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewrite.core.errors import RewriteError
 from targets.native.cpp_extension import build, usable_or_why
-from targets.native.int8_kernels import Int8Linear, split_final
+from targets.native.int8_kernels import OneCallInt8Mlp, split_final
 
 TILE_N = 16                  # output columns per VNNI vector: every int8 layer's width is a multiple
 
@@ -46,34 +45,18 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return q.reshape(n // TILE_N, TILE_N, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
 
 
-class VnniMlp(nn.Module):
-    """An MLP as one VNNI call: ``forward(x f32 [B, K])`` or ``from_quant(q s8 [B, kp], s [B])``
-    -> f32 [B, N_last] ([B, 1] after a width-1 last layer): ``Int8Mlp``'s contract."""
+class VnniMlp(OneCallInt8Mlp):
+    """An MLP as one AVX512-VNNI call (``OneCallInt8Mlp``'s contract)."""
 
-    def __init__(self, mlp: nn.Sequential):
-        super().__init__()
-        why = vnni_missing() or shape_missing(mlp)
-        if why:
-            raise RewriteError(f"VNNI MLP: {why}")
-        layers, last = split_final(mlp)
-        self.final = last is not None
-        final_w, final_b = torch.empty(0), 0.0
-        if self.final:
-            final_w, final_b = last.weight.detach().float().reshape(-1).contiguous(), float(last.bias.detach())
-        int8 = [Int8Linear(lin, relu) for lin, relu in layers]
+    name = "VNNI MLP"
+
+    def missing(self, mlp: nn.Sequential) -> str | None:
+        return vnni_missing() or shape_missing(mlp)
+
+    def build(self, int8, final_w, final_b):
         qs = [layer.qweight_t.t().contiguous() for layer in int8]             # [N, Kp]
-        self.kp = int8[0].kp
-        self.mlp = kernels().VnniMlp([pack(q) for q in qs], [layer.scale for layer in int8],
-                                     [layer.bias for layer in int8],
-                                     [(128 * q.to(torch.int32).sum(1)).to(torch.int32) for q in qs],
-                                     [layer.relu for layer in int8], [layer.n for layer in int8],
-                                     int8[0].k, self.kp, final_w, final_b)
-
-    def _shape(self, y: torch.Tensor) -> torch.Tensor:
-        return y.unsqueeze(1) if self.final else y
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._shape(self.mlp.forward(x.float().contiguous()))
-
-    def from_quant(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return self._shape(self.mlp.from_quant(q, s))
+        return kernels().VnniMlp([pack(q) for q in qs], [layer.scale for layer in int8],
+                                 [layer.bias for layer in int8],
+                                 [(128 * q.to(torch.int32).sum(1)).to(torch.int32) for q in qs],
+                                 [layer.relu for layer in int8], [layer.n for layer in int8],
+                                 int8[0].k, self.kp, final_w, final_b)
