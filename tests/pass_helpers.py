@@ -64,3 +64,17 @@ def profile_of(model: RecModel, counts: dict[str, "np.ndarray"], samples: int) -
         c = counts.get(name, np.zeros(rep.rows, dtype=np.int64))
         tables[name] = TableProfile(name, rep.rows, rep.dim, np.asarray(c, dtype=np.int64))
     return AccessProfile(tables, samples, 1.0, "test")
+
+
+def model_and_day(d, rows, n: int = 3000):
+    """``d/model.pt`` (a small table DLRM in dlrm's format) and ``d/day.npz`` (n labelled samples
+    with Zipf ids, the largest ids clipped to each table): the files a CLI test runs on."""
+    from rewrite.core.synthetic import write_npz
+    from rewrite.formats import dlrm
+
+    dlrm.write(small_model(rows=rows), d / "model.pt")
+    rng = np.random.default_rng(0)
+    x_cat = np.stack([np.minimum(rng.zipf(1.3, n) - 1, r - 1) for r in rows], axis=1).astype(np.int32)
+    x_int = rng.integers(0, 100, (n, 13)).astype(np.int32)
+    write_npz(d / "day.npz", x_int, x_cat, (rng.random(n) < 0.3).astype(np.int32))
+    return d

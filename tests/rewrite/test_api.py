@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,10 +12,9 @@ from click.testing import CliRunner
 import rewrite.runtime
 from rewrite.artifact import MANIFEST, open_bundle
 from rewrite.cli import main
-from rewrite.formats import dlrm
 from rewrite.core.model_file import load
-from rewrite.core.synthetic import multi_hot_batch, write_npz
-from tests.pass_helpers import small_model
+from rewrite.core.synthetic import multi_hot_batch
+from tests.pass_helpers import model_and_day
 from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
@@ -25,15 +23,7 @@ ROWS = (3, 40, 257, 1000)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("compile-p")
-    model = small_model(rows=ROWS)
-    dlrm.write(model, d / "model.pt")
-    rng = np.random.default_rng(0)
-    n = 3000
-    x_cat = np.stack([np.minimum(rng.zipf(1.3, n) - 1, r - 1) for r in ROWS], axis=1).astype(np.int32)
-    x_int = rng.integers(0, 100, (n, 13)).astype(np.int32)
-    write_npz(d / "day.npz", x_int, x_cat, (rng.random(n) < 0.3).astype(np.int32))
-    return d
+    return model_and_day(tmp_path_factory.mktemp("compile-p"), ROWS)
 
 
 def run(*args):
