@@ -34,6 +34,10 @@ def isa_tier(request, monkeypatch) -> str:
         isa.check_tier(request.param)
     except Exception as e:
         pytest.skip(str(e))
+    cap = isa.process_cap()
+    if cap and isa.rank(request.param) > isa.rank(cap):
+        pytest.skip(f"ISA tier {request.param!r}: this process started with {isa.ENV}={cap}, which caps "
+                    f"torch's and oneDNN's kernels for its whole life")
     monkeypatch.setenv(isa.ENV, request.param)
     return request.param
 

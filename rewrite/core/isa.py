@@ -156,10 +156,21 @@ def describe() -> dict[str, str]:
     return {"cpu": cpu_model(), "arch": platform.machine(), "host_tier": host_tier(), "tier": active_tier()}
 
 
+_process_cap: str | None = None
+
+
 def cap_third_party_kernels() -> None:
     """With ``$REWRITE_ISA`` set, cap torch's and oneDNN's own dispatch at the same tier (their
     documented switches; read once, when each library first picks a kernel)."""
+    global _process_cap
     forced = os.environ.get(ENV, "").strip().lower()
     if forced in TIERS:
+        _process_cap = forced
         os.environ.setdefault("ATEN_CPU_CAPABILITY", ATEN_CAPABILITY[forced])
         os.environ.setdefault("ONEDNN_MAX_CPU_ISA", ONEDNN_ISA[forced])
+
+
+def process_cap() -> str | None:
+    """The tier ``$REWRITE_ISA`` named when this process started (torch and oneDNN are capped
+    there for the life of the process: a higher tier set later cannot lift them), or None."""
+    return _process_cap

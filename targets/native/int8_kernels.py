@@ -14,6 +14,8 @@ cached by torch under TORCH_EXTENSIONS_DIR); ``unavailable()`` says why when the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -25,6 +27,20 @@ ALIGN = 8                      # _int_mm needs K and N multiples of 8
 
 def pad_to(k: int, align: int = ALIGN) -> int:
     return -(-k // align) * align
+
+
+@functools.lru_cache(maxsize=None)
+def int_mm_inexact() -> str | None:
+    """Why ``torch._int_mm`` is not exact s8 x s8 -> s32 in this process, or None when it is: with
+    oneDNN capped at AVX2 (``REWRITE_ISA=avx2`` on this AMD host) its int8 path sums u8 x s8 pairs
+    in saturating s16 and drifts from the integer result.  A probe on random int8 operands."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (256, 64), dtype=torch.int8, generator=g)
+    got = torch._int_mm(a, b)
+    if torch.equal(got, (a.long() @ b.long()).int()):
+        return None
+    return "torch._int_mm is not exact integer arithmetic in this process (a saturating int8 path)"
 
 
 def kernels():

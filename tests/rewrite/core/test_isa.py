@@ -66,3 +66,10 @@ def test_forcing_caps_torch_and_onednn_in_a_fresh_process():
     assert (aten, onednn) == ("avx2", "AVX2")
     if isa.rank(isa.host_tier()) >= isa.rank("avx2"):
         assert torch_cap == "AVX2"
+
+
+def test_the_process_cap_is_the_tier_named_at_start_only():
+    env = dict(os.environ, REWRITE_ISA="avx2")
+    code = "import os, rewrite; from rewrite.core import isa; os.environ['REWRITE_ISA'] = 'generic'; print(isa.process_cap())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "avx2"

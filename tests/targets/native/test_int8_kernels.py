@@ -60,6 +60,10 @@ def test_dequant_kernels_match_reference():
 
 
 def test_int8_mlp_is_exact_integer_math_and_close_to_fp32():
+    from targets.native.int8_kernels import int_mm_inexact
+
+    if int_mm_inexact():
+        pytest.skip(int_mm_inexact())
     torch.manual_seed(0)
     top = mlp([367, 512, 256, 1], relu_last=False)
     first, second, last = (m for m in top if isinstance(m, nn.Linear))
