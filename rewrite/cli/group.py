@@ -47,8 +47,7 @@ def strict_json(value: Any) -> Any:
 
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
     if as_json:
-        text = json.dumps(strict_json(json.loads(json.dumps(result, default=str))), indent=1, allow_nan=False)
-        click.echo(text)
+        click.echo(json.dumps(strict_json(result), indent=1, default=str, allow_nan=False))
     else:
         click.echo(human(result))
 

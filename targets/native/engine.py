@@ -91,7 +91,8 @@ class FastDLRM(nn.Module):
         super().__init__()
         if model.spec.interaction != "dot":
             raise RewriteError(f"torch-fast supports the dot interaction, not {model.spec.interaction!r}")
-        kernels().keep_freed_memory(KEEP_FREED_BYTES)
+        self.kernels = kernels()            # bound once: kernels() resolves the ISA tier on every call
+        self.kernels.keep_freed_memory(KEEP_FREED_BYTES)
         self.tables = FusedTables(model)
         self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
         self.order = PAIR_ORDERS[model.spec.pairs]
@@ -107,9 +108,7 @@ class FastDLRM(nn.Module):
                         int8_kp: int | None = None):
         """z bf16 [B, kp] = [x, <t_i, t_j> kept pairs, 0 ...] straight from the canonical batch; with
         ``int8_kp``, z quantized per row instead: (q int8 [B, int8_kp], s [B])."""
-        from targets.native.fast_kernels import kernels
-
-        t, k = self.tables, kernels()
+        t, k = self.tables, self.kernels
         fn, kp = (k.embed_interact, self.kp) if int8_kp is None else (k.embed_interact_q8, int8_kp)
         w, base, rows, fmt, d = t.store.args()
         return fn(w, indices, offsets, base, rows, fmt, d, t.pooling == "mean", x, self.order, kp, False)

@@ -150,6 +150,7 @@ class OneDnnMlp(nn.Module):
             layers = layers[:-1]
             self.w_final = w_last.reshape(-1).contiguous()
             self.b_final = float(b_last)
+            self.final_dot = kernels().final_dot        # bound once, off the per-call path
         self.packed = [torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), None) for w, _, _ in layers]
         self.bias = [b.to(dtype) for _, b, _ in layers]
         self.attr = ["relu" if relu else "none" for _, _, relu in layers]
@@ -165,5 +166,5 @@ class OneDnnMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.hidden(x)
         if self.final:
-            return kernels().final_dot(y.contiguous(), self.w_final, self.b_final).unsqueeze(1)
+            return self.final_dot(y.contiguous(), self.w_final, self.b_final).unsqueeze(1)
         return y.to(torch.float32)
