@@ -37,8 +37,10 @@ def human_hardware(d: dict[str, Any]) -> str:
         lines.append(f"  {t['name']:<6}{human_bytes(t['capacity']):>12}{t['bandwidth'] / 1e9:>10.1f} GB/s"
                      f"{t['latency'] * 1e9:>9.1f}ns{t['parallelism']:>11g}  "
                      f"{'no (cache)' if t['managed'] else 'yes'}")
+    kernels = (d.get("measurements") or {}).get("gemm_kernels", {})
     for dtype, pts in d["gemm"].items():
-        lines.append(f"  gemm {dtype:<5} " + ", ".join(f"{r / 1e9:.0f} GFLOP/s @ {f / 1e6:.2g} MFLOP"
+        by = f" [{kernels[dtype]}]" if dtype in kernels else ""
+        lines.append(f"  gemm {dtype:<5}{by} " + ", ".join(f"{r / 1e9:.0f} GFLOP/s @ {f / 1e6:.2g} MFLOP"
                                                    if f else f"{r / 1e12:.1f} TFLOP/s peak" for f, r in pts))
     lines.append(f"  per-call overhead {d['call_overhead'] * 1e6:.2f} us")
     for target, fit in (d.get("calibration") or {}).items():
