@@ -12,19 +12,26 @@ representation differs from the original's (kind or params), so scales / biases 
 tables are refitted too.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
-as they are and are listed in the report.  Early stopping: the last ``holdout`` share of DATA
-(at most ``MAX_HOLDOUT`` rows) is never trained on; L is measured on it every ``eval_every``
-steps and the best state is kept.  Adam, with a linear learning-rate warm-up over the first
-fifth of the steps (Adam's first steps are lr-sized whatever the gradient, which knocks a good
-student off its fit) and two rates: ``lr`` for gathered tensors (tables, hashed arrays, token
-tables) and ``lr · DENSE_LR_SCALE`` for weights of ``nn.Linear`` layers (the top MLP, DHE
-decoders), which every sample updates.  Inputs are never modified: the result shares nothing
-trainable with ``original`` or ``rewritten``.
+as they are and are listed in the report.
+
+Length and early stopping: by default up to ``MAX_EPOCHS`` passes over the training part, which
+early stopping cuts short.  The last ``holdout`` share of DATA (at most ``MAX_HOLDOUT`` rows;
+the end of a time-ordered file, so the latest samples) is never trained on; L is measured on it
+``EVALS_PER_EPOCH`` times per epoch (``eval_every`` steps), the best state is kept, and training
+stops after ``patience`` evaluations in a row without a new best (default 4: two epochs).
+Schedule (Adam): the rate ramps up linearly over the first ``warmup`` steps (a fifth of the run,
+at most one epoch: Adam's first steps are lr-sized whatever the gradient, which knocks a good
+student off its fit), then decays along a cosine to ``MIN_LR_FRACTION`` of the peak at the
+last step, so late epochs refine instead of oscillating around the fit.  Two rates: ``lr`` for
+gathered tensors (tables, hashed arrays, token tables) and ``lr · DENSE_LR_SCALE`` for weights of
+``nn.Linear`` layers (the top MLP, DHE decoders), which every sample updates.  Inputs are never
+modified: the result shares nothing trainable with ``original`` or ``rewritten``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +51,10 @@ NOTHING_TO_TRAIN = "no rewritten table differs from the original and train_top i
 MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
 DEFAULT_LR = 5e-3             # Adam; the demo's table DLRM trains at 5e-3 (examples/train_demo.py)
 WARMUP_DIVISOR = 5             # the learning rate ramps up linearly over the first 1/5 of the steps
+MAX_EPOCHS = 10                # default length: early stopping usually ends it sooner
+EVALS_PER_EPOCH = 2            # held-out evaluations per epoch (early-stopping granularity)
+MIN_EVAL_STEPS = 10            # never evaluate more often than every 10 steps
+MIN_LR_FRACTION = 0.05         # the cosine decay ends at 5% of the peak rate
 DENSE_LR_SCALE = 0.2           # Linear weights: measured on the demo, DHE at 100x recovers at 1e-3
                                # and loses AUC at 5e-3, while ROBE arrays want 5e-3 (benchmarks/quality.py)
 
@@ -108,6 +119,16 @@ def _loss(student_logits, teacher_logits, labels, label_weight: float) -> torch.
     return loss
 
 
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak rate at optimiser step ``step`` (0-based): linear warm-up, cosine decay.
+
+        f = min(1, (step + 1) / warmup) · (m + (1 − m) · (1 + cos(π · p)) / 2),  p = step / total
+    with m = MIN_LR_FRACTION.
+    """
+    p = min(1.0, step / max(1, total))
+    return min(1.0, (step + 1) / warmup) * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
 def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int | None = None,
             epochs: float | None = None, lr: float = DEFAULT_LR, eval_data: Dataset | None = None,
             train_top: bool = False, seed: int = 0, batch_size: int = 1024, label_weight: float = 0.5,
@@ -115,7 +136,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             tables: list[str] | None = None) -> tuple[RecModel, RecoveryReport]:
     """Train the rewritten model's new representations to match ``original`` on ``data``.
 
-    ``steps`` or ``epochs`` (passes over the training part; default 1 epoch).  Returns a new
+    ``steps`` or ``epochs`` (passes over the training part; default ``MAX_EPOCHS``, cut short by
+    early stopping after ``patience`` evaluations without a new best).  Returns a new
     model (inputs untouched) and the report.  ``tables`` defaults to ``changed_tables``; when
     there is nothing to train (no table and not ``train_top``) it returns ``rewritten`` itself
     with ``report.skipped`` saying so.
@@ -149,9 +171,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
               {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     per_epoch = -(-n_train // batch_size)
-    total = steps if steps is not None else max(1, int(round((epochs or 1.0) * per_epoch)))
-    every = eval_every or max(25, min(per_epoch, total // 10 or 1))
-    warmup = max(1, total // WARMUP_DIVISOR)
+    total = steps if steps is not None else max(1, int(round((epochs or MAX_EPOCHS) * per_epoch)))
+    every = eval_every or max(MIN_EVAL_STEPS, min(per_epoch // EVALS_PER_EPOCH, total // 10 or 1))
+    warmup = max(1, min(total // WARMUP_DIVISOR, per_epoch))
     hold = [data.batch(slice(n_train + lo, min(data.n_samples, n_train + lo + 8192)))
             for lo in range(0, n_hold, 8192)]
     hold_teacher = [_teacher(original, b) for b in hold]
@@ -170,12 +192,12 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     t0 = time.perf_counter()
     best = start = holdout_loss()
     best_state, best_step, history, bad, step = _snapshot(masters), 0, [(0, start)], 0, 0
-    bar = tqdm(total=total, desc="recover", unit="step", leave=False)
+    bar = tqdm(total=total, desc="recover", unit="step", leave=False)      # stderr, with its ETA
     epoch = 0
     while step < total and bad < patience:
         for b in data.batches(batch_size, limit=n_train, shuffle_seed=seed + epoch):
-            for group in opt.param_groups:      # linear warm-up: Adam's first steps are lr-sized
-                group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
+            for group in opt.param_groups:      # warm-up, then cosine decay (lr_factor)
+                group["lr"] = lr * group["scale"] * lr_factor(step, total, warmup)
             z_t = _teacher(original, b)
             loss = _loss(functional_call(student, values(), b.inputs()), z_t, b.labels, label_weight)
             opt.zero_grad(set_to_none=True)
@@ -246,7 +268,8 @@ def add_recovery_options(command):
                      help="distil the rewritten model towards the original on this .npz (day of data)"),
         click.option("--steps", "recover_steps", type=int, default=None, help="recovery: optimiser steps"),
         click.option("--epochs", "recover_epochs", type=float, default=None,
-                     help="recovery: passes over DATA (default 1; not with --steps)"),
+                     help=f"recovery: at most this many passes over DATA (default {MAX_EPOCHS}, "
+                          f"early stopping ends sooner; not with --steps)"),
         click.option("--lr", "recover_lr", type=float, default=DEFAULT_LR, show_default=True,
                      help="recovery: Adam learning rate"),
         click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,

@@ -160,3 +160,13 @@ def test_cli_option_errors(world, extra, message):
     args = [a.replace("DAY0", str(d / "day_0.npz")) for a in extra]
     res = CliRunner().invoke(apply_like, [str(d / "teacher.safetensors"), *args])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine():
+    from rewrite.recovery import MIN_LR_FRACTION, lr_factor
+
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1 * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + np.cos(0))))
+    assert max(f) == f[9] and all(a >= b for a, b in zip(f[9:], f[10:]))        # peak after warm-up
+    assert f[50] == pytest.approx(MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5)
+    assert lr_factor(100, 100, 10) == pytest.approx(MIN_LR_FRACTION)
