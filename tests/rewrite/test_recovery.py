@@ -170,3 +170,4 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine():
     assert max(f) == f[9] and all(a >= b for a, b in zip(f[9:], f[10:]))        # peak after warm-up
     assert f[50] == pytest.approx(MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5)
     assert lr_factor(100, 100, 10) == pytest.approx(MIN_LR_FRACTION)
+
