@@ -171,3 +171,16 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine():
     assert f[50] == pytest.approx(MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5)
     assert lr_factor(100, 100, 10) == pytest.approx(MIN_LR_FRACTION)
 
+
+
+def test_derived_constant_buffers_are_not_trained(world):
+    """A row-wise int4 table keeps its fp16 decode table (a non-persistent float buffer) as it
+    is: trained, it once blew the held-out loss up and recovery kept its start."""
+    _, teacher, _, day0, day1 = world
+    student, _ = rewrite.apply(teacher, [passes.robe(compression=8, block=4, tables=("t1",)),
+                                         passes.quantize(bits=4, tables=("t0", "t2"))])
+    table = student.embeddings["t0"].exp_table.clone()
+    rec, report = recover(teacher, student, day0, steps=80, lr=1e-2, eval_data=day1)
+    assert torch.equal(rec.embeddings["t0"].exp_table, table)
+    assert "embeddings.t0.packed" in report.frozen and report.best_step > 0
+    assert report.eval["logit_rmse_recovered"] < report.eval["logit_rmse_rewritten"]
