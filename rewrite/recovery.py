@@ -50,6 +50,8 @@ from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 
 NOTHING_TO_TRAIN = "no rewritten table differs from the original and train_top is off: nothing to train"
+NO_FLOAT_TENSORS = ("the rewritten tables hold no float tensor to train (integer codes only) and "
+                    "train_top is off: nothing to train")
 MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
 DEFAULT_LR = 5e-3             # Adam; the demo's table DLRM trains at 5e-3 (examples/train_demo.py)
 WARMUP_DIVISOR = 5             # the learning rate ramps up linearly over the first 1/5 of the steps
@@ -167,6 +169,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     original.eval()
     student = _student(original, rewritten, tables, train_top).eval()
     named, frozen = _trainable(student, tables, train_top)
+    if not named:                        # e.g. only row-wise quantized tables: codes and scales are bytes
+        return rewritten, RecoveryReport(tables, False, frozen, 0, 0, False, 0, None, None, 0.0,
+                                         skipped=NO_FLOAT_TENSORS)
     masters = {n: t.detach().to(torch.float32).clone().requires_grad_(True) for n, t in named.items()}
     # everything else enters the forward detached: no gradient reaches shared (original) tensors
     fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]

@@ -184,3 +184,12 @@ def test_derived_constant_buffers_are_not_trained(world):
     assert torch.equal(rec.embeddings["t0"].exp_table, table)
     assert "embeddings.t0.packed" in report.frozen and report.best_step > 0
     assert report.eval["logit_rmse_recovered"] < report.eval["logit_rmse_rewritten"]
+
+
+def test_integer_only_tables_are_a_result_not_an_error(world):
+    _, teacher, _, day0, _ = world
+    student, _ = rewrite.apply(teacher, [passes.quantize(bits=4, tables=("t0", "t2"))])
+    same, report = recover(teacher, student, day0)
+    assert same is student and report.steps == 0 and report.tables == ["t0", "t2"]
+    assert report.frozen == ["embeddings.t0.packed", "embeddings.t2.packed"]
+    assert report.skipped.startswith("the rewritten tables hold no float tensor to train")
