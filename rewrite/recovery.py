@@ -17,8 +17,9 @@ rounding) and written back rounded.  Integer tensors (quantized codes, hash coef
 as they are and are listed in the report.
 
 Length and early stopping: by default up to ``MAX_EPOCHS`` passes over the training part, which
-early stopping cuts short.  The last ``holdout`` share of DATA (at most ``MAX_HOLDOUT`` rows;
-the end of a time-ordered file, so the latest samples) is never trained on; L is measured on it
+early stopping cuts short.  A seeded random ``holdout`` share of DATA's rows (at most
+``MAX_HOLDOUT``) is never trained on (random, not the file's tail: in a log ordered by time
+the tail holds the users who arrived last, whose ids recovery would then never see); L is measured on it
 ``EVALS_PER_EPOCH`` times per epoch (``eval_every`` steps), the best state is kept, and training
 stops after ``patience`` evaluations in a row without a new best (default 4: two epochs).
 Schedule (Adam): the rate ramps up linearly over the first ``warmup`` steps (a fifth of the run,
@@ -184,8 +185,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     total = steps if steps is not None else max(1, int(round((epochs or MAX_EPOCHS) * per_epoch)))
     every = eval_every or max(MIN_EVAL_STEPS, min(per_epoch // EVALS_PER_EPOCH, total // 10 or 1))
     warmup = max(1, min(total // WARMUP_DIVISOR, per_epoch))
-    hold = [data.batch(slice(n_train + lo, min(data.n_samples, n_train + lo + 8192)))
-            for lo in range(0, n_hold, 8192)]
+    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4,))).permutation(data.n_samples)
+    hold_rows, train_rows = np.sort(order[:n_hold]), order[n_hold:]
+    hold = [data.batch(hold_rows[lo:lo + 8192]) for lo in range(0, n_hold, 8192)]
     hold_teacher = [_teacher(original, b) for b in hold]
 
     def values() -> dict[str, torch.Tensor]:
@@ -205,7 +207,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     bar = tqdm(total=total, desc="recover", unit="step", leave=False)      # stderr, with its ETA
     epoch = 0
     while step < total and bad < patience:
-        for b in data.batches(batch_size, limit=n_train, shuffle_seed=seed + epoch):
+        shuffled = np.random.default_rng(seed + epoch).permutation(train_rows)
+        for b in (data.batch(np.sort(shuffled[lo:lo + batch_size])) for lo in range(0, n_train, batch_size)):
             for group in opt.param_groups:      # warm-up, then cosine decay (lr_factor)
                 group["lr"] = lr * group["scale"] * lr_factor(step, total, warmup)
             z_t = _teacher(original, b)

@@ -25,13 +25,17 @@ def converted():
 @needs_data
 def test_splits_are_time_ordered_labelled_and_within_the_tables(converted):
     splits, rows = converted
-    assert {k: v[2].shape[0] for k, v in splits.items()} == {"train": 80_000, "valid": 10_000, "test": 10_000}
+    assert sum(v[2].shape[0] for v in splits.values()) == 100_000
+    n = {k: v[2].shape[0] for k, v in splits.items()}
+    assert 0.78 < n["train"] / 100_000 < 0.81 and 0.09 < n["test"] / 100_000 < 0.11
+    users = {k: set(v[1][:, 0]) for k, v in splits.items()}
+    assert users["test"] <= users["train"]                    # split per user: every test user trained
     assert rows["user"] == 943 and rows["item"] == 1682 and rows["weekday"] == 7 and rows["hour"] == 24
     for x_int, x_cat, y in splits.values():
         assert x_cat.shape[1] == len(movielens.FEATURES) and x_int.shape[1] == len(movielens.DENSE)
         assert (x_int >= 0).all() and set(np.unique(y)) == {0, 1}
         assert (x_cat >= 0).all() and all(x_cat[:, j].max() < rows[f] for j, f in enumerate(movielens.FEATURES))
-        assert 0.5 < y.mean() < 0.6                              # rating >= 4 is a click
+        assert 0.45 < y.mean() < 0.6                             # rating >= 4 is a click
     # counts of earlier ratings only grow along time: the test split comes after training
     prior = movielens.DENSE.index("user_prior")
     tr, te = splits["train"], splits["test"]
@@ -60,7 +64,7 @@ def test_the_script_trains_a_dlrm_that_beats_chance_on_the_test_split(tmp_path):
 
     assert movielens.main(["--src", str(SRC), "--out", str(tmp_path), "--epochs", "2"]) == 0
     summary = json.loads((tmp_path / "train.json").read_text())
-    assert summary["test_auc"] > 0.69 and len(summary["valid_auc_per_epoch"]) <= 2
+    assert summary["test_auc"] > 0.75 and len(summary["valid_auc_per_epoch"]) <= 2
     model = rewrite.load(tmp_path / "model.pt")
     assert [t.rows for t in model.embeddings.values()] == list(summary["features"].values())
     assert movielens.main(["--src", str(SRC), "--out", str(tmp_path)]) == 0       # reused, not retrained
