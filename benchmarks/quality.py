@@ -64,15 +64,14 @@ def ratio(model, rep, c, target, prof, sample) -> float:
     return rep_.embedding_bytes_before / rep_.embedding_bytes_after
 
 
-def calibrate(model, rep, target, prof, sample, iters: int = 7) -> float:
-    """Smallest per-table compression (log bisection) whose whole-model ratio reaches ``target``."""
-    lo, hi = math.log(target / 2), math.log(target * 8)
-    if ratio(model, rep, math.exp(hi), target, prof, sample) < target:
-        return math.exp(hi)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ratio(model, rep, math.exp(mid), target, prof, sample) < target else (lo, mid)
-    return math.exp(hi)
+def calibrate(model, rep, target, prof, sample, steps: int = 10) -> float:
+    """Smallest per-table compression on a geometric grid [target/2, 8·target] whose whole-model
+    ratio reaches ``target``; else the one reaching the largest ratio (a pass that cannot shrink
+    a table that far skips it, so the ratio is not monotonic in c)."""
+    grid = [target / 2 * 16 ** (i / (steps - 1)) for i in range(steps)]
+    ratios = [ratio(model, rep, c, target, prof, sample) for c in grid]
+    ok = [c for c, r in zip(grid, ratios) if r >= target]
+    return ok[0] if ok else grid[max(range(steps), key=ratios.__getitem__)]
 
 
 def run_point(model, rep, target, world, args) -> dict:

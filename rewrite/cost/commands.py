@@ -129,7 +129,8 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
             else profile(model, ds, sample_rate=min(1.0, 1e6 / max(1, ds.n_samples))))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, hw.threads or threads))
-    problem, enum = build_problem(model, estimator, sample, prof, grid, max_rel_error)
+    problem, enum = build_problem(model, estimator, sample, prof, grid, max_rel_error,
+                                  keep_degraded=recovery is not None)
     plan, sel = make_plan(model, str(model_path), problem, enum, constraints, batch, target, sample, recovery)
     if memory_budget:
         plan["constraints"]["memory_budget_given"] = str(memory_budget)    # as written, e.g. 100KB

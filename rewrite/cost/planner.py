@@ -47,8 +47,9 @@ def make_measure(model: RecModel, enum: Enumeration, sample: list[Batch]):
 
 def build_problem(model: RecModel, estimator: Estimator, sample: list[Batch],
                   profile: AccessProfile | None, grid=None, max_rel_error: float | None = None,
-                  progress: bool = True) -> tuple[Problem, Enumeration]:
-    enum = restrict(enumerate_variants(model, estimator.hw, sample, profile, grid, progress), max_rel_error)
+                  progress: bool = True, keep_degraded: bool = False) -> tuple[Problem, Enumeration]:
+    enum = restrict(enumerate_variants(model, estimator.hw, sample, profile, grid, progress, keep_degraded),
+                    max_rel_error)
     stats = table_stats(model, profile, sample)
     return Problem(enum.variants, estimator, stats, dense_facts(model), model.dense_bytes()), enum
 

@@ -3,6 +3,8 @@
 Per-table AUC drops are measured on the fitted tables, before recovery, which repairs much of
 them: a plan the fitted-only estimate rejects may keep the AUC once recovered.  So:
 
+    variants    every fitted variant, those beyond their per-table tolerance included (recovery
+                repairs them; the tolerance is about the fitted table)
     candidates  the K plans (``candidates``, default 3) with the smallest summed per-table AUC
                 drop (the estimate) that meet every limit except the AUC drop: solve with the
                 objective Σ drop_j x_j, exclude that plan, solve again, ...
