@@ -191,7 +191,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4,))).permutation(data.n_samples)
     hold_rows, train_rows = np.sort(order[:n_hold]), order[n_hold:]
     hold = [data.batch(hold_rows[lo:lo + 8192]) for lo in range(0, n_hold, 8192)]
-    hold_teacher = [_teacher(original, b) for b in hold]
+    teacher = _teacher_logits(original, data)      # once: the teacher is fixed (4 bytes per row)
+    hold_teacher = [torch.from_numpy(teacher[r[lo:lo + 8192]]) for r in (hold_rows,) for lo in range(0, n_hold, 8192)]
 
     def values() -> dict[str, torch.Tensor]:
         return {**fixed, **{n: (m if named[n].dtype == torch.float32 else m.to(named[n].dtype))
@@ -211,10 +212,11 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     epoch = 0
     while step < total and bad < patience:
         shuffled = np.random.default_rng(seed + epoch).permutation(train_rows)
-        for b in (data.batch(np.sort(shuffled[lo:lo + batch_size])) for lo in range(0, n_train, batch_size)):
+        for rows in (np.sort(shuffled[lo:lo + batch_size]) for lo in range(0, n_train, batch_size)):
+            b = data.batch(rows)
             for group in opt.param_groups:      # warm-up, then cosine decay (lr_factor)
                 group["lr"] = lr * group["scale"] * lr_factor(step, total, warmup)
-            z_t = _teacher(original, b)
+            z_t = torch.from_numpy(teacher[rows])
             loss = _loss(functional_call(student, values(), b.inputs()), z_t, b.labels, label_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,8 +246,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
 
 
 @torch.no_grad()
-def _teacher(original: RecModel, batch) -> torch.Tensor:
-    return original(*batch.inputs())
+def _teacher_logits(original: RecModel, data: Dataset, batch_size: int = 8192) -> np.ndarray:
+    """The original's logits on every row of ``data`` (float32 [N])."""
+    return np.concatenate([original(*b.inputs()).numpy() for b in data.batches(batch_size)]).astype(np.float32)
 
 
 def _snapshot(masters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
