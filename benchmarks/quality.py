@@ -42,7 +42,7 @@ from rewrite.training import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_ROWS = 100                     # smaller tables get row-wise quantization instead
-ROWS = {"movielens": ("dhe", "robe", "qr", "tt"), "synthetic": ("tt", "md", "robe")}
+ROWS = {"movielens": ("robe", "qr", "tt"), "synthetic": ("tt", "robe")}     # `--rows` adds dhe, hybrid, ...
 TARGETS = {"movielens": (8, 16, 50), "synthetic": (16, 100)}
 GOALS = {"movielens": ((16, 0.001), (50, 0.005)), "synthetic": ((100, 0.001),)}
 PLAN_GRID = {"robe": ["compression=16", "compression=24", "compression=32"],
@@ -121,7 +121,7 @@ def synthetic_model(work: Path, max_rows: int, n_train: int):
     return out / "model.safetensors", out / "day_0.npz", out / "day_1.npz", None
 
 
-def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Path) -> dict:
+def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Path, candidates: int) -> dict:
     """`rewrite plan --memory-budget (MLPs + embeddings/16) --max-auc-drop 0.001 --recover train`."""
     model = rewrite.load(model_path)
     budget = model.dense_bytes() + model.embedding_bytes() // 16
@@ -131,9 +131,12 @@ def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Pat
     try:
         plan = rewrite.plan(model_path, valid, hardware="cpu-local", memory_budget=budget, max_auc_drop=0.001,
                             grid=work / "grid.json", samples=len(data.open(valid).labels), calibrate=False,
-                            recover=train, output=work / "plan.json")
+                            recover=train, recover_candidates=candidates, output=work / "plan.json")
     except rewrite.RewriteError as e:
         out.update(found=False, error=str(e), seconds=time.perf_counter() - t0)
+        plan_file = work / "plan.json"
+        if plan_file.exists():
+            plan_file.unlink()
         return out
     p0 = plan["paths"]["p0"]
     out.update(found=True, seconds=time.perf_counter() - t0,
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-top", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--plan", action=argparse.BooleanOptionalAction, default=True,
                     help="run the plan --recover check on the MovieLens model")
+    ap.add_argument("--rows", help="representations, comma-separated, for every data set (default: ROWS)")
+    ap.add_argument("--plan-candidates", type=int, default=2, help="plan --recover-candidates")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -220,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         sample = list(train.batches(2048, limit=4096))
         base = evaluate(model, test)
         world = (train, test, prof, sample, base)
-        points = [run_point(model, rep, t, world, args) for rep in ROWS[ds] for t in TARGETS[ds]]
+        reps = args.rows.split(",") if args.rows else ROWS[ds]
+        points = [run_point(model, rep, t, world, args) for rep in reps for t in TARGETS[ds]]
         entry = {"model": str(model_path), "baseline_auc": base.auc, "baseline_logloss": base.logloss,
                  "test_rows": base.n, "embedding_bytes": model.embedding_bytes(), "points": points,
                  "goals": goals(points, ds)}
         if ds == "movielens" and args.plan:
-            entry["plan"] = plan_check(model_path, train_p, test_p, valid_p, args.work)
+            entry["plan"] = plan_check(model_path, train_p, test_p, valid_p, args.work, args.plan_candidates)
             print(json.dumps(entry["plan"], default=str), file=sys.stderr, flush=True)
         result["datasets"][ds] = entry
     result["seconds"] = time.perf_counter() - t_start
