@@ -529,6 +529,31 @@ const char* const* sum_pruned(const Bags& g, int64_t f, int64_t lo, int64_t hi, 
     const int64_t count = off[b + 1] - off[b];
     const float scale = bag_scale(g, f, count);
     std::fill(acc, acc + w, 0.f);
+#ifdef DLRM_FAST_AVX512
+    if (w == 16) {   // one masked load per lookup, not a loop of the level's width
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < count; ++k, q += 2) {
+        __builtin_prefetch(q[PREFETCH]);
+        const __mmask16 m = static_cast<__mmask16>((1u << reinterpret_cast<uintptr_t>(q[1])) - 1);
+        a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, q[0]));
+      }
+      _mm512_storeu_ps(acc, a);
+    } else
+#elif defined(DLRM_FAST_AVX2)
+    if (w == 16) {   // two masked 8-lane loads per lookup
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int64_t k = 0; k < count; ++k, q += 2) {
+        __builtin_prefetch(q[PREFETCH]);
+        const int n = static_cast<int>(reinterpret_cast<uintptr_t>(q[1]));
+        const float* x = reinterpret_cast<const float*>(q[0]);
+        a0 = _mm256_add_ps(a0, _mm256_maskload_ps(x, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane)));
+        a1 = _mm256_add_ps(a1, _mm256_maskload_ps(x + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), lane)));
+      }
+      _mm256_storeu_ps(acc, a0);
+      _mm256_storeu_ps(acc + 8, a1);
+    } else
+#endif
     for (int64_t k = 0; k < count; ++k, q += 2) {
       __builtin_prefetch(q[PREFETCH]);
       const float* x = reinterpret_cast<const float*>(q[0]);
@@ -650,6 +675,17 @@ const char** addresses(const Bags& g, int64_t f, int64_t lo, int64_t hi, const c
   const char* wf = g.w + g.at(f, BASE);
   const int64_t p0 = g.at(f, P0), p1 = g.at(f, P1), p2 = g.at(f, P2), p3 = g.at(f, P3), p4 = g.at(f, P4);
   const int64_t begin = g.off[f * g.batch + lo], end = g.off[f * g.batch + hi];
+  const bool remapped = kind == HOTCOLD || kind == PRUNED;
+  // A remap is a random read per lookup too: read every entry first in a tight loop (independent
+  // loads, many misses in flight), then compute the addresses from them.
+  thread_local std::vector<int64_t> entry;
+  if (remapped) {
+    entry.resize(end - begin);
+    for (int64_t p = begin; p < end; ++p) {
+      const uint64_t i = static_cast<uint64_t>(g.idx[p]);
+      entry[p - begin] = i < rows ? remap_at(g.w + p0, p1, i) : 0;
+    }
+  }
   bool good = true;
   for (int64_t p = begin; p < end; ++p) {
     const uint64_t i = static_cast<uint64_t>(g.idx[p]);
@@ -666,13 +702,13 @@ const char** addresses(const Bags& g, int64_t f, int64_t lo, int64_t hi, const c
       *at++ = in ? wf + static_cast<int64_t>(i / c) * 4 * w : zero;
       *at++ = in ? g.w + p1 + static_cast<int64_t>(i % c) * 4 * w : zero;
     } else if (kind == HOTCOLD) {
-      const int64_t s = in ? remap_at(g.w + p0, p1, i) : 0;
+      const int64_t s = entry[p - begin];
       const bool valid = s >= -p4 && s < p3;
       good &= valid;
       *at++ = in && valid && s >= 0 ? g.w + p2 + s * 4 * w : zero;
       *at++ = in && valid && s < 0 ? wf + (-s - 1) * rb : zero;
     } else {   // PRUNED
-      const int64_t packed = in ? remap_at(g.w + p0, p1, i) : 0;
+      const int64_t packed = entry[p - begin];
       const int64_t level = packed >> p2, o = packed & ((int64_t(1) << p2) - 1);
       const int64_t* lv = reinterpret_cast<const int64_t*>(g.w + p3) + 3 * (level < p4 && level >= 0 ? level : 0);
       const bool valid = packed >= 0 && level < p4 && (lv[1] == 0 || o < lv[2]);   // a 0-wide level reads nothing
@@ -750,7 +786,28 @@ bool pool_chunk(const Bags& g, int64_t lo, int64_t hi, float* out, int64_t strid
       for (int64_t b = lo; b < hi; ++b) {
         const float* p = dst + (b - lo) * w;
         float* ob = o + (b - lo) * stride;
-        float acc[MAX_D] = {};
+#ifdef DLRM_FAST_AVX512
+        if (g.d == 16) {
+          __m512 a = _mm512_setzero_ps();
+          for (int64_t k = 0; k < w; ++k) a = _mm512_fmadd_ps(_mm512_set1_ps(p[k]), _mm512_loadu_ps(m + 16 * k), a);
+          _mm512_storeu_ps(ob, a);
+          continue;
+        }
+#elif defined(DLRM_FAST_AVX2)
+        if (g.d == 16) {
+          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+          for (int64_t k = 0; k < w; ++k) {
+            const __m256 pk = _mm256_set1_ps(p[k]);
+            a0 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(m + 16 * k), a0);
+            a1 = _mm256_fmadd_ps(pk, _mm256_loadu_ps(m + 16 * k + 8), a1);
+          }
+          _mm256_storeu_ps(ob, a0);
+          _mm256_storeu_ps(ob + 8, a1);
+          continue;
+        }
+#endif
+        float acc[MAX_D];   // not `= {}`: zeroing all MAX_D floats per bag cost more than the projection
+        std::fill(acc, acc + g.d, 0.f);
         for (int64_t k = 0; k < w; ++k) {
           const float pk = p[k];
 #pragma omp simd
