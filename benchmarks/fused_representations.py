@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": "fused_representations", "host": isa.cpu_model(),
            "isa_tier": isa.active_tier(), "threads": 1, "command": " ".join(sys.argv),
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": results, "summary": summary}
-    print(f"| batch | model | best path | best ms | vs plain |\n|---|---|---|---|---|")
     stage = {(r["batch"], r["model"]): r["median_ms"] for r in results if r["path"] == STAGE}
     for r in summary:
         r["stage_ms"] = stage[(r["batch"], r["model"])]

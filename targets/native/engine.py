@@ -3,9 +3,12 @@
 Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 MLPs (MKL),
 ``DotInteraction`` over a list of [B, d] tensors (stack, bmm, gather, concat).
 After, same weights, same math:
-* tables: every table's stored rows (fp32, fp16, or FBGEMM's row-wise int8 / int4 / int2: each
-  table in the format ``quantize`` left it) in one huge-page buffer, decoded in registers inside
-  the gather, never as a gathered fp32 copy (``targets.native.fast_kernels.TableStore``);
+* tables: every table's fused lookup (``Representation.fused_lookup``: stored rows in fp32, fp16
+  or FBGEMM's row-wise int8 / int4 / int2, hash / QR index transforms, MD and prune-dims
+  projections, hot-cold and prune-dims remaps, TT cores and cache) in one huge-page buffer,
+  decoded in registers inside the gather, never as a gathered fp32 copy
+  (``targets.native.fast_kernels.TableStore``); a compute representation (DHE, hybrid, MEM-REC,
+  ROBE, bf16 tables) is pooled by its own ``forward`` and read by the same call (``pre``);
 * memory: glibc malloc told to keep freed buffers below ``KEEP_FREED_BYTES`` (process-wide), so
   each call's activations reuse pages instead of page-faulting fresh ones in;
 * up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
@@ -19,8 +22,8 @@ After, same weights, same math:
 ``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples, the fused lookup +
 interaction then writing z quantized per row (``embed_interact_q8``).
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
-Tables that store one row per id in a standard layout (``Representation.row_storage``) of one
-dim and pooling mode, and the dot interaction, are accepted; anything else is refused by name.
+Any representation is accepted, each table pooling by its own mode, as long as every table pools
+into one dim (the dot interaction's); another interaction is refused by name.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ class FastRunner:
 
 @register_target("torch-fast")
 class TorchFast(TorchEager):
-    summary = ("huge-page fused tables (f32, fp16, row-wise int8/int4/int2), C++ lookup + interaction, "
+    summary = ("every representation's lookup fused in one C++ call with the interaction (huge-page tables), "
                "MLPs on AMX / bf16 / fp32 oneDNN by ISA tier")
     precision = "bf16-dense"
 
