@@ -11,7 +11,8 @@ scale: speed does not depend on the values, and fitting 2 GB of tables would tak
 the measurement): MD (inner dim 8), QR (mult, c = 4), hash (4 ids per bucket), prune-dims
 (levels 16/8/4/0, a quarter of the rows each, PCA rotation), hot-cold (the first 1% of rows hot
 in fp32, the rest int8 row-wise: with the uniform ids below 1% of lookups are hot, the
-pessimistic case), TT (rank 16, 3 cores, tables >= 100k rows); the compressing forms leave
+pessimistic case), TT (rank 16, 3 cores, tables >= 100k rows), DHE (a small decoder: k = 64
+hashes, 64-16; compute, pooled by its own torch forward inside the engine); the compressing forms leave
 tables of <= 200 rows plain (dlrm's QR / MD threshold).  Every model runs on the fused engine
 (``FastInt8DLRM``: its bf16/fp32 form and its int8 form, both timed; "best" is the faster; the
 lookup + interaction call alone is timed too, where the representations differ).
@@ -113,9 +114,20 @@ def tt(rows, d, g):
     return rep
 
 
+def dhe(rows, d, g):
+    from passes.dhe import DHEBag
+
+    rep = DHEBag(rows, d, 64, (64,), buckets=1_000_000)
+    for lin in rep.decoder.layers:
+        lin.weight.data = torch.randn(lin.weight.shape, generator=g) / lin.weight.shape[1] ** 0.5
+        lin.bias.data.zero_()
+    return rep
+
+
 VARIANTS = {"md (inner 8)": (md, SMALL_TABLE), "qr (mult, c=4)": (qr, SMALL_TABLE),
             "hash (4 per bucket)": (hashed, SMALL_TABLE), "prune-dims (16/8/4/0)": (pruned, SMALL_TABLE),
-            "hot-cold (1% fp32 + int8)": (hot_cold, SMALL_TABLE), "tt (rank 16)": (tt, TT_MIN_ROWS - 1)}
+            "hot-cold (1% fp32 + int8)": (hot_cold, SMALL_TABLE), "tt (rank 16)": (tt, TT_MIN_ROWS - 1),
+            "dhe (k=64, 64-16; compute, pooled by torch)": (dhe, SMALL_TABLE)}
 
 
 def fast_net(model):
