@@ -172,6 +172,10 @@ class FusedLookup:
     cache: torch.Tensor | None = None
     cache_sorted: bool = False
 
+    def __post_init__(self):
+        if self.kind not in FUSED_KINDS:
+            raise ValueError(f"fused lookup kind must be one of {', '.join(FUSED_KINDS)}, got {self.kind!r}")
+
 
 class Representation(nn.Module):
     """Base of every table replacement.  Subclasses set ``rows``, ``dim`` and ``pooling``."""
