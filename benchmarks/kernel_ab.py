@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         old = old_kernels(args.rev, Path(tmp))
     model = load(args.model).eval()
     t = FusedTables(model)
-    w, base, rows, fmt, d = t.store.args()
-    assert not fmt.any(), "fp32 tables only (the old kernel reads nothing else)"
+    w, feat, d = t.store.args()
+    base, rows = feat[:, 2], feat[:, 3]
+    assert not feat[:, :2].any(), "fp32 row tables only (the old kernel reads nothing else)"
     weight = w[:w.numel() // (4 * d) * 4 * d].view(torch.float32).reshape(-1, d)
     old_w = old.huge_empty(weight.shape[0], d, False)
     old_w.copy_(weight)
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(2048, d)
     kp = -(-(d + (len(table_rows) + 1) * len(table_rows) // 2) // 32) * 32
     fns = {"old gather_bags": lambda i, o: old.gather_bags(old_w, i, o, row_base, rows, False),
-           "new gather_bags": lambda i, o: kernels().gather_bags(w, i, o, base, rows, fmt, d, False),
+           "new gather_bags": lambda i, o: kernels().gather_bags(w, i, o, feat, d, torch.empty(0)),
            "old embed_interact": lambda i, o: old.embed_interact(old_w, i, o, row_base, rows, False, x, 0, kp, False),
-           "new embed_interact": lambda i, o: kernels().embed_interact(w, i, o, base, rows, fmt, d, False, x, 0, kp,
+           "new embed_interact": lambda i, o: kernels().embed_interact(w, i, o, feat, d, torch.empty(0), x, 0, kp,
                                                                        False)}
     check = fresh(3)[0]
     for op in ("gather_bags", "embed_interact"):

@@ -42,21 +42,23 @@ STAGE_ROUNDS = 5
 def fused_embedding_bag(t, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """One ``embedding_bag`` over the fused huge-page buffer of f32 tables (``FusedTables``) seen
     as W [Σ rows, d]: [B * F, d], feature-major."""
-    w, base, _, fmt, d = t.store.args()
-    assert not fmt.any() and not (base % (4 * d)).any(), "f32 tables, rows aligned"
+    w, feat, d = t.store.args()
+    base = feat[:, 2]
+    assert not feat[:, :2].any() and not (base % (4 * d)).any(), "f32 row tables, rows aligned"
     n_features = base.numel()
     counts = offsets[::(offsets.numel() - 1) // n_features].diff()     # lookups per feature [F]
     shifted = indices + torch.repeat_interleave(base // (4 * d), counts, output_size=indices.numel())
     weight = w[:w.numel() // (4 * d) * 4 * d].view(torch.float32).reshape(-1, d)
-    return torch.nn.functional.embedding_bag(shifted, weight, offsets, mode=t.pooling, include_last_offset=True)
+    mode = "mean" if feat[0, 5] else "sum"
+    return torch.nn.functional.embedding_bag(shifted, weight, offsets, mode=mode, include_last_offset=True)
 
 
 def gather(t):
     """``gather_bags`` over the tables of ``t`` (``FusedTables``), any row formats."""
     from targets.native.fast_kernels import kernels
 
-    w, base, rows, fmt, d = t.store.args()
-    return lambda b: kernels().gather_bags(w, b["indices"], b["offsets"], base, rows, fmt, d, t.pooling == "mean")
+    w, feat, d = t.store.args()
+    return lambda b: kernels().gather_bags(w, b["indices"], b["offsets"], feat, d, t.pre(b["indices"], b["offsets"]))
 
 
 def stage_functions(model, fast, fast8, tbe, compressed) -> dict[str, dict[str, Callable]]:

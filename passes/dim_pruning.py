@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.embedding import FusedLookup, Representation, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 from rewrite.core.units import check_bytes_option, parse_bytes
@@ -92,6 +92,13 @@ class PrunedDimBag(Representation):
             rows = got if rows is None else rows + got
         pooled = pool(rows, offsets, self.pooling)
         return pooled @ self.rotation if self.rotate else pooled
+
+    def fused_lookup(self) -> FusedLookup:
+        """Each lookup reads its level's row (zero-padded to dim); the rotation follows pooling."""
+        blocks = tuple(getattr(self, f"block{l}").detach().contiguous() if l in self.stored else None
+                       for l in range(len(self.levels)))
+        return FusedLookup("pruned", self.dim, blocks=blocks, remap=self.remap, offset_bits=self.offset_bits,
+                           project=self.rotation.detach().contiguous() if self.rotate else None)
 
     def params(self):
         return {"rows": self.rows, "dim": self.dim, "levels": list(self.levels),

@@ -22,7 +22,7 @@ from torch import nn
 
 from passes.bucketing import BucketOptions
 from passes.universal_hash import PRIME, universal_hash
-from rewrite.core.embedding import Representation, gather_pool, register_representation
+from rewrite.core.embedding import FusedLookup, Representation, f32_rows, gather_pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Skip, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
@@ -59,6 +59,9 @@ class HashBag(Representation):
 
     def describe(self):
         return f"hash {self.rows} -> {self.buckets}x{self.dim}"
+
+    def fused_lookup(self) -> FusedLookup:
+        return FusedLookup("hash", self.dim, f32_rows(self.weight), hash=(self.a, self.b, self.buckets))
 
 
 def fit_hash(weight: torch.Tensor, w: np.ndarray, buckets: int, seed, pooling: str = "sum") -> HashBag:

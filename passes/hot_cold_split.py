@@ -28,7 +28,7 @@ from torch import nn
 
 from passes.row_index import hottest_rows, narrow_tensor
 from rewrite.core.batch import Batch
-from rewrite.core.embedding import (Representation, TableBag, pool, register_representation,
+from rewrite.core.embedding import (FusedLookup, Representation, TableBag, pool, register_representation,
                                representation_class)
 from rewrite.core.errors import RewriteError
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, parse_pass, plain_fp32_table, register_pass
@@ -85,6 +85,15 @@ class HotColdBag(Representation):
 
     def flops_per_lookup(self):
         return float(3 * self.dim + self.cold.flops_per_lookup())    # mask, hot pool, final add
+
+    def fused_lookup(self) -> FusedLookup | None:
+        """Hot rows (f32) and the cold part's stored rows, one of them per lookup by the remap;
+        None when the cold part stores no rows in a standard layout."""
+        cold = self.cold.fused_lookup()
+        if cold is None or cold.kind != "rows" or cold.project is not None:
+            return None
+        return FusedLookup("hotcold", self.dim, cold.rows, second=self.hot.detach().contiguous(),
+                           remap=self.remap)
 
     def describe(self):
         return (f"hot-cold {self.rows}x{self.dim}: hot {self.hot_rows} fp32 ({self.placement['hot']}) "

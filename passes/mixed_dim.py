@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.core.embedding import Representation, TableBag, gather_pool, register_representation
+from rewrite.core.embedding import FusedLookup, Representation, TableBag, f32_rows, gather_pool, register_representation
 from rewrite.core.errors import RewriteError
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -56,6 +56,11 @@ class MDBag(Representation):
 
     def describe(self):
         return f"md {self.rows}x{self.inner_dim} -> {self.dim}"
+
+    def fused_lookup(self) -> FusedLookup:
+        """Pooled in the inner dim, projected after pooling."""
+        return FusedLookup("rows", self.inner_dim, f32_rows(self.weight),
+                           project=self.proj.detach().t().contiguous())
 
 
 def md_bytes(rows: int, dim: int, inner: int) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rewrite.core.embedding import Representation, register_representation, segment_sum
+from rewrite.core.embedding import FusedLookup, Representation, f32_rows, register_representation, segment_sum
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
@@ -44,6 +44,10 @@ class OneHotBag(Representation):
 
     def describe(self):
         return f"onehot-gemm {self.rows}x{self.dim}"
+
+    def fused_lookup(self) -> FusedLookup:
+        """C W is the bag's sum of W's rows: a gather engine sums them."""
+        return FusedLookup("rows", self.dim, f32_rows(self.weight))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from passes.bucketing import BucketOptions
-from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.embedding import FusedLookup, Representation, f32_rows, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
@@ -88,6 +88,14 @@ class QRBag(Representation):
 
     def describe(self):
         return f"qr {self.op} c={self.collisions}: {tuple(self.weight_q.shape)} + {tuple(self.weight_r.shape)}"
+
+    def fused_lookup(self) -> FusedLookup | None:
+        """Q and S rows combined per lookup; None for dlrm's float32 quotient (eager computes it)."""
+        if self.float_quotient:
+            return None
+        return FusedLookup("qr", self.weight_q.shape[1], f32_rows(self.weight_q),
+                           second=self.weight_r.detach().contiguous(),
+                           qr=(self.collisions, self.op, self.pool_first))
 
 
 def _grid(weight: torch.Tensor, w: np.ndarray, c: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from torch import nn
 from passes import tt_fit
 from passes.row_index import (hottest_rows, narrow_tensor, padded_sorted_ids, sorted_lookup,
                                sorted_lookup_steps)
-from rewrite.core.embedding import Representation, pool, register_representation
+from rewrite.core.embedding import FusedLookup, Representation, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
@@ -114,6 +114,15 @@ class TTBag(Representation):
                 "ranks": list(self.ranks), "pooling": self.pooling, "core_bits": self.core_bits,
                 "cache_rows": self.cache_rows, "cache_index": self.cache_index,
                 "index_dtype": self.index_dtype}
+
+    def fused_lookup(self) -> FusedLookup:
+        """Cores contracted per lookup, the cache (and its index) consulted first."""
+        cores = tuple((getattr(self, f"core{k}").detach(), None) if self.core_bits == 32
+                      else (getattr(self, f"codes{k}"), getattr(self, f"scale_bias{k}")) for k in range(len(self.p)))
+        return FusedLookup("tt", self.dim, cores=cores, tt_shape=(self.p, self.q, self.ranks),
+                           cache=self.cache.detach() if self.cache_rows else None,
+                           remap=self.cache_ids if self.cache_rows else None,
+                           cache_sorted=self.cache_index != "map")
 
     def core_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for n, t in self.state_dict().items()

@@ -122,6 +122,61 @@ class RowStorage:
     rows: torch.Tensor
 
 
+FUSED_KINDS = ("rows", "hash", "qr", "hotcold", "pruned", "tt")
+
+
+def f32_rows(weight: torch.Tensor) -> RowStorage:
+    """An fp32 [n, w] table as ``RowStorage`` (a byte view of it)."""
+    w = weight.detach().to(torch.float32).contiguous()
+    return RowStorage("f32", w.view(torch.uint8).reshape(w.shape[0], -1))
+
+
+@dataclass(frozen=True)
+class FusedLookup:
+    """A representation as row lookups that an engine performs inside its own gather
+    (``Representation.fused_lookup``); the eager ``forward`` stays the reference.  For id i:
+
+    =========  ====================================================================  ==========
+    kind       row(i)                                                                 stored in
+    =========  ====================================================================  ==========
+    rows       R[i]                                                                   rows
+    hash       R[h(i)], h(i) = ((a (i mod p) + b) mod p) mod m, p = 2^31 - 1          rows, hash
+    qr         op(Q[i // c], S[i mod c]), op mult / add / concat                      rows, second, qr
+    hotcold    H[s] if s = remap[i] >= 0, else R[-s - 1]                               rows, second, remap
+    pruned     pad_dim(B_l[o]), l = remap[i] >> bits, o = remap[i] mod 2^bits         blocks, remap
+    tt         C[s] if i is cached at slot s, else vec(G_1[i_1] .. G_K[i_K])          cores, cache
+    =========  ====================================================================  ==========
+
+    then e(bag) = pool(row(i) for i in bag) (the representation's pooling; qr with
+    ``pool_first``: op of the separately pooled Q and S rows), and ``e @ project`` when given.
+    ``rows``: R in a standard layout (qr: Q, f32); ``width``: values per row of R (and of Q, S,
+    H); ``second``: S or H, f32 [n, width]; ``hash``: (a, b, m); ``qr``:
+    (c, op, pool_first); ``remap``: int16 / int32 [rows]; ``blocks``: f32 [n_l, d_l] per level
+    (None for a level that stores nothing); ``project``: f32 [width, dim]; ``cores``: per TT core
+    (f32 [p_k, r_{k-1} q_k r_k], None) or (uint8 codes, f32 [p_k, 2] scale and bias) with
+    ``tt_shape`` = (p, q, ranks); ``cache``: f32 [n, dim] rows, ``remap`` then the id -> slot map
+    (-1: not cached) or, with ``cache_sorted``, the sorted cached ids (int32, padded with 2^31 - 1)."""
+
+    kind: str
+    width: int
+    rows: RowStorage | None = None
+    project: torch.Tensor | None = None
+    second: torch.Tensor | None = None
+    hash: tuple[int, int, int] | None = None
+    qr: tuple[int, str, bool] | None = None
+    remap: torch.Tensor | None = None
+    blocks: tuple[torch.Tensor | None, ...] = ()
+    offset_bits: int = 0
+    cores: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] = ()
+    tt_shape: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+    cache: torch.Tensor | None = None
+    cache_sorted: bool = False
+
+    def __post_init__(self):
+        if self.kind not in FUSED_KINDS:
+            raise ValueError(f"fused lookup kind must be one of {', '.join(FUSED_KINDS)}, got {self.kind!r}")
+
+
 class Representation(nn.Module):
     """Base of every table replacement.  Subclasses set ``rows``, ``dim`` and ``pooling``."""
 
@@ -167,6 +222,13 @@ class Representation(nn.Module):
     def row_storage(self) -> RowStorage | None:
         """The stored rows in a standard layout, or None when this form stores no row per id."""
         return None
+
+    def fused_lookup(self) -> FusedLookup | None:
+        """This representation as row lookups an engine fuses into its gather (``FusedLookup``),
+        or None when it is compute (an engine then pools it with ``forward``).  Default: the
+        ``row_storage`` rows, when there are any."""
+        rows = self.row_storage()
+        return None if rows is None else FusedLookup("rows", self.dim, rows)
 
 
 @register_representation("table")

@@ -3,9 +3,12 @@
 Before (the ``torch`` path): 26 ``embedding_bag`` calls (one per feature), fp32 MLPs (MKL),
 ``DotInteraction`` over a list of [B, d] tensors (stack, bmm, gather, concat).
 After, same weights, same math:
-* tables: every table's stored rows (fp32, fp16, or FBGEMM's row-wise int8 / int4 / int2: each
-  table in the format ``quantize`` left it) in one huge-page buffer, decoded in registers inside
-  the gather, never as a gathered fp32 copy (``targets.native.fast_kernels.TableStore``);
+* tables: every table's fused lookup (``Representation.fused_lookup``: stored rows in fp32, fp16
+  or FBGEMM's row-wise int8 / int4 / int2, hash / QR index transforms, MD and prune-dims
+  projections, hot-cold and prune-dims remaps, TT cores and cache) in one huge-page buffer,
+  decoded in registers inside the gather, never as a gathered fp32 copy
+  (``targets.native.fast_kernels.TableStore``); a compute representation (DHE, hybrid, MEM-REC,
+  ROBE, bf16 tables) is pooled by its own ``forward`` and read by the same call (``pre``);
 * memory: glibc malloc told to keep freed buffers below ``KEEP_FREED_BYTES`` (process-wide), so
   each call's activations reuse pages instead of page-faulting fresh ones in;
 * up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
@@ -19,8 +22,8 @@ After, same weights, same math:
 ``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples, the fused lookup +
 interaction then writing z quantized per row (``embed_interact_q8``).
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
-Tables that store one row per id in a standard layout (``Representation.row_storage``) of one
-dim and pooling mode, and the dot interaction, are accepted; anything else is refused by name.
+Any representation is accepted, each table pooling by its own mode, as long as every table pools
+into one dim (the dot interaction's); another interaction is refused by name.
 """
 
 from __future__ import annotations
@@ -44,42 +47,63 @@ KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers
 
 
 def fusable(model: RecModel) -> None:
-    """RewriteError unless every table stores its rows in a standard layout (f32, fp16, row-wise
-    int8 / int4 / int2: ``Representation.row_storage``), all of one dim and pooling."""
-    dims, poolings = set(), set()
-    for name, rep in model.embeddings.items():
-        if rep.row_storage() is None:
-            raise RewriteError(f"torch-fast cannot fuse table {name!r}: it is a {rep.describe()!r}; this target "
-                               f"fuses tables stored as f32, fp16 or row-wise int8/int4/int2 rows")
-        dims.add(rep.dim)
-        poolings.add(rep.pooling)
-    if len(dims) != 1 or len(poolings) != 1:
-        raise RewriteError(f"torch-fast fuses tables of one dim and pooling mode, found dims {sorted(dims)} "
-                           f"and poolings {sorted(poolings)}")
+    """RewriteError unless every table pools into one dim (the dot interaction's)."""
+    dims = {rep.dim for rep in model.embeddings.values()}
+    if len(dims) != 1:
+        raise RewriteError(f"torch-fast fuses tables of one dim (the dot interaction's), found dims {sorted(dims)}")
 
 
 class FusedTables(nn.Module):
-    """Every table's stored rows in one huge-page buffer (``TableStore``); feature f's id i must be
-    below ``rows[f]`` (the C++ kernels check it)."""
+    """Every table's fused lookup in one huge-page buffer (``TableStore``); feature f's id i must
+    be below its table's rows (the C++ kernels check it).  Tables without a fused lookup (compute
+    representations) are pooled here by their own ``forward`` into ``pre`` [B, P, d], which the
+    kernels read in their place."""
 
     def __init__(self, model: RecModel):
         super().__init__()
         fusable(model)
-        from targets.native.fast_kernels import store_tables
+        from targets.native.fast_kernels import KIND_CODES, store_tables
 
         names = list(model.embeddings)
-        self.pooling = model.embeddings[names[0]].pooling
         self.dim = model.embeddings[names[0]].dim
-        self.store = store_tables([model.embeddings[t].row_storage() for t in names],
+        self.store = store_tables([model.embeddings[t] for t in names],
                                   [names.index(t) for t in model.feature_tables], self.dim)
+        pre = [f for f, row in enumerate(self.store.feat.tolist()) if row[0] == KIND_CODES["pre"]]
+        self.pre_features = pre
+        self.computed = nn.ModuleList([model.embeddings[model.feature_tables[f]] for f in pre])
+        self.no_pre = torch.empty(0)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Each feature's lookup kind (``pre``: pooled by torch before the kernel)."""
+        from targets.native.fast_kernels import KIND_CODES
+
+        names = {v: k for k, v in KIND_CODES.items()}
+        return [names[int(c)] for c in self.store.feat[:, 0]]
 
     @property
     def formats(self) -> list[str]:
-        """Each feature's row format, as the kernels decode it."""
+        """Each feature's row format, as the kernels decode it (``pre`` features: None)."""
         from targets.native.fast_kernels import FORMAT_CODES
 
         names = {v: k for k, v in FORMAT_CODES.items()}
-        return [names[int(c)] for c in self.store.fmt]
+        return [None if k == "pre" else names[int(c)] for k, c in zip(self.kinds, self.store.feat[:, 1])]
+
+    def pre(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """pre [B, P, d]: the bags of the ``pre`` features pooled by their representations (an
+        empty tensor when there are none)."""
+        if not self.pre_features:
+            return self.no_pre
+        nf = self.store.feat.shape[0]
+        batch = (offsets.numel() - 1) // nf
+        out = torch.empty(batch, len(self.pre_features), self.dim)
+        bounds = offsets[[f * batch for f in self.pre_features] + [(f + 1) * batch for f in self.pre_features]].tolist()
+        n = len(self.pre_features)
+        with torch.inference_mode():
+            for k, (f, rep) in enumerate(zip(self.pre_features, self.computed)):
+                lo, hi = bounds[k], bounds[n + k]
+                out[:, k] = rep(indices[lo:hi], offsets[f * batch:(f + 1) * batch + 1] - lo)
+        return out
 
 
 class FastDLRM(nn.Module):
@@ -100,9 +124,7 @@ class FastDLRM(nn.Module):
         # read z in place
         self.kp = -(-(self.tables.dim + self.pairs.numel()) // 32) * 32
         self.bottom16, self.top16 = fast_mlp(model.bottom), fast_mlp(model.top, k_in=self.kp)
-        t = self.tables
-        self.small = small_model(t.store, t.pooling == "mean", model.bottom, model.top, model.spec.n_dense,
-                                 self.order, self.kp)
+        self.small = small_model(self.tables.store, model.bottom, model.top, model.spec.n_dense, self.order, self.kp)
 
     def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
                         int8_kp: int | None = None):
@@ -110,12 +132,12 @@ class FastDLRM(nn.Module):
         ``int8_kp``, z quantized per row instead: (q int8 [B, int8_kp], s [B])."""
         t, k = self.tables, self.kernels
         fn, kp = (k.embed_interact, self.kp) if int8_kp is None else (k.embed_interact_q8, int8_kp)
-        w, base, rows, fmt, d = t.store.args()
-        return fn(w, indices, offsets, base, rows, fmt, d, t.pooling == "mean", x, self.order, kp, False)
+        w, feat, d = t.store.args()
+        return fn(w, indices, offsets, feat, d, t.pre(indices, offsets), x, self.order, kp, False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if dense.shape[0] <= SMALL_MAX_BATCH:
-            return self.small(dense.contiguous(), indices, offsets)
+            return self.small(dense.contiguous(), indices, offsets, self.tables.pre(indices, offsets))
         x = self.bottom16(dense)
         return self.top16(self.lookup_interact(x, indices, offsets)).squeeze(1)
 
@@ -132,7 +154,7 @@ class FastRunner:
         ``predict``, 0.048 -> 0.037 ms here); larger batches through the module."""
         d, i, o = torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(offsets)
         if d.shape[0] <= SMALL_MAX_BATCH:
-            return self.net.small(d.contiguous(), i, o).numpy()
+            return self.net.small(d.contiguous(), i, o, self.net.tables.pre(i, o)).numpy()
         with torch.inference_mode():
             return self.net(d, i, o).numpy()
 
@@ -145,7 +167,7 @@ class FastRunner:
 
 @register_target("torch-fast")
 class TorchFast(TorchEager):
-    summary = ("huge-page fused tables (f32, fp16, row-wise int8/int4/int2), C++ lookup + interaction, "
+    summary = ("every representation's lookup fused in one C++ call with the interaction (huge-page tables), "
                "MLPs on AMX / bf16 / fp32 oneDNN by ISA tier")
     precision = "bf16-dense"
 

@@ -1,10 +1,13 @@
 """The pieces of the ``torch-fast`` path: huge-page tables, the fused lookup + interaction kernel,
 and bf16 MLPs on oneDNN with prepacked weights.
 
-* ``TableStore``: every table's stored rows (``Representation.row_storage``: f32, fp16, or
-  FBGEMM's row-wise int8 / int4 / int2, each table in its own format) concatenated into one byte
-  buffer allocated in 2 MiB pages (``madvise(MADV_HUGEPAGE)``), so a random lookup into a 2 GB
-  table does not also miss the TLB; the kernels decode each row in registers;
+* ``TableStore``: what every table's fused lookup reads (``Representation.fused_lookup``: rows
+  in f32, fp16 or FBGEMM's row-wise int8 / int4 / int2, each table in its own format; hash and
+  QR index transforms, MD's and prune-dims' projections, hot-cold and prune-dims remaps)
+  concatenated into one byte buffer allocated in 2 MiB pages (``madvise(MADV_HUGEPAGE)``), so a
+  random lookup into a 2 GB table does not also miss the TLB; the kernels decode each row in
+  registers.  Tables with no fused lookup (TT, DHE, hybrid, MEM-REC, ROBE, bf16) are ``pre``
+  features: the engine pools them with their own ``forward`` and the kernels read the result;
 * ``kernels()``: ``kernels/dlrm_fast.cpp`` (``gather_bags``, ``embed_interact``, ``final_dot``);
 * ``fast_mlp``: the MLP form for the active ISA tier (``rewrite.core.isa``): ``targets.native.amx_mlp.AmxMlp``
   (the whole MLP in one call on AMX tiles) at the amx tier, ``OneDnnMlp`` in bf16 where the CPU
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from rewrite.core import isa
-from rewrite.core.embedding import RowStorage
+from rewrite.core.embedding import FusedLookup, Representation
 from rewrite.core.errors import RewriteError
 from targets.native.cpp_extension import build
 from targets.native.int8_kernels import linears
@@ -39,38 +42,108 @@ def kernels():
 
 
 FORMAT_CODES = {"f32": 0, "f16": 1, "int8-rowwise": 2, "int4-rowwise": 3, "int2-rowwise": 4}   # the kernels' fmt
+KIND_CODES = {"rows": 0, "hash": 1, "qr": 2, "hotcold": 3, "pruned": 4, "pre": 5, "tt": 6}   # the kernels' kinds
+QR_OPS = {"mult": 0, "add": 1, "concat": 2}
+NCOL = 12      # columns of feat: kind, fmt, base, rows, width, mean, proj, P0 .. P4 (kernels/dlrm_fast.cpp)
 
 
 @dataclass(frozen=True)
 class TableStore:
-    """Tables in one huge-page byte buffer ``w``, as the kernels take them: feature f's table at
-    byte ``base[f]``, ``rows[f]`` rows of ``d`` values in format ``fmt[f]`` (``FORMAT_CODES``)."""
+    """Tables in one huge-page byte buffer ``w``, as the kernels take them: ``feat`` int64
+    [F, NCOL] says where and how feature f's rows lie in ``w`` (kind, format, byte offsets, the
+    kind's parameters); ``d`` is the embedding dim.  A ``pre`` feature's bags come pooled."""
 
     w: torch.Tensor
-    base: torch.Tensor
-    rows: torch.Tensor
-    fmt: torch.Tensor
+    feat: torch.Tensor
     d: int
 
     def args(self) -> tuple:
-        """(w, base, rows, fmt, d): the table arguments of every kernel, in their order."""
-        return self.w, self.base, self.rows, self.fmt, self.d
+        """(w, feat, d): the table arguments of every kernel, in their order (``pre`` follows)."""
+        return self.w, self.feat, self.d
 
 
-def store_tables(tables: list[RowStorage], feature_tables: list[int], d: int) -> TableStore:
-    """One buffer holding every table's rows (each table once, 64-byte aligned), and per feature
-    the byte offset, rows and format of the table it looks up (``feature_tables[f]``)."""
-    starts, total = [], 0
-    for t in tables:
-        starts.append(total)
-        total += -(-t.rows.numel() // 64) * 64
-    w = kernels().huge_empty(total)
-    for t, start in zip(tables, starts):
-        w[start:start + t.rows.numel()].copy_(t.rows.reshape(-1))
-    as_long = lambda v: torch.tensor(v, dtype=torch.int64)   # noqa: E731
-    return TableStore(w, as_long([starts[t] for t in feature_tables]),
-                      as_long([tables[t].rows.shape[0] for t in feature_tables]),
-                      as_long([FORMAT_CODES[tables[t].format] for t in feature_tables]), d)
+class _Buffer:
+    """Byte blobs laid out 64-byte aligned, copied into one huge-page buffer at the end."""
+
+    def __init__(self):
+        self.parts: list[tuple[int, torch.Tensor]] = []
+        self.total = 0
+
+    def add(self, t: torch.Tensor) -> int:
+        """Byte offset of ``t``'s bytes (a contiguous copy) in the buffer."""
+        b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        start = self.total
+        self.parts.append((start, b))
+        self.total += -(-b.numel() // 64) * 64
+        return start
+
+    def finish(self) -> torch.Tensor:
+        w = kernels().huge_empty(self.total)
+        for start, b in self.parts:
+            w[start:start + b.numel()].copy_(b)
+        return w
+
+
+def _feature_row(rep: Representation, lookup: FusedLookup | None, d: int, buf: _Buffer) -> list[int]:
+    """feat's row for a table (``pre``: pooled by torch; its P0, the pre column, set per feature)."""
+    row = [KIND_CODES["pre"], 0, 0, rep.rows, d, 0, -1, 0, 0, 0, 0, 0]
+    if lookup is None:
+        return row
+    row[0] = KIND_CODES[lookup.kind]
+    row[4], row[5] = lookup.width, int(rep.pooling == "mean")
+    if lookup.rows is not None:
+        row[1], row[2] = FORMAT_CODES[lookup.rows.format], buf.add(lookup.rows.rows)
+    if lookup.project is not None:
+        row[6] = buf.add(lookup.project.to(torch.float32))
+    if lookup.kind == "hash":
+        row[7:10] = lookup.hash
+    elif lookup.kind == "qr":
+        c, op, pool_first = lookup.qr
+        row[7:11] = [c, buf.add(lookup.second.to(torch.float32)), QR_OPS[op], int(pool_first)]
+    elif lookup.kind == "hotcold":
+        row[7:12] = [buf.add(lookup.remap), lookup.remap.element_size(), buf.add(lookup.second.to(torch.float32)),
+                     lookup.second.shape[0], lookup.rows.rows.shape[0]]
+    elif lookup.kind == "pruned":
+        levels = [[buf.add(b), b.shape[1], b.shape[0]] if b is not None and b.numel() else [0, 0, 0]
+                  for b in lookup.blocks]
+        row[7:12] = [buf.add(lookup.remap), lookup.remap.element_size(), lookup.offset_bits,
+                     buf.add(torch.tensor(levels, dtype=torch.int64)), len(levels)]
+    elif lookup.kind == "tt":
+        row[7] = buf.add(_tt_table(lookup, buf))
+    return row
+
+
+def _tt_table(lookup: FusedLookup, buf: _Buffer) -> torch.Tensor:
+    """A TT lookup's int64 table (``TtTable`` in kernels/dlrm_fast.cpp): header, then one entry per core."""
+    p, q, ranks = lookup.tt_shape
+    r = (1, *ranks, 1)
+    head = [len(p), 0, 0, 0, 0, 0, 0, 0]
+    if lookup.cache is not None and lookup.cache.shape[0]:
+        index = lookup.remap
+        head[1:6] = [lookup.cache.shape[0], buf.add(lookup.cache.to(torch.float32)), buf.add(index),
+                     0 if lookup.cache_sorted else index.element_size(), index.numel()]
+    cores = []
+    for k, (core, scale_bias) in enumerate(lookup.cores):
+        bits = 32 if scale_bias is None else 8
+        data = core.to(torch.float32) if bits == 32 else core
+        sb = buf.add(scale_bias.to(torch.float32)) if bits == 8 else 0
+        cores += [buf.add(data), p[k], q[k], r[k], r[k + 1], bits, sb, 0]
+    return torch.tensor(head + cores, dtype=torch.int64)
+
+
+def store_tables(tables: list[Representation], feature_tables: list[int], d: int) -> TableStore:
+    """One buffer holding what every table's fused lookup reads (``Representation.fused_lookup``;
+    each table once, 64-byte aligned), and per feature (``feature_tables[f]``: its table) the
+    row of ``feat``; tables without a fused lookup become ``pre`` features, numbered in order."""
+    buf = _Buffer()
+    rows = [_feature_row(t, t.fused_lookup(), d, buf) for t in tables]
+    feat, n_pre = [], 0
+    for t in feature_tables:
+        row = list(rows[t])
+        if row[0] == KIND_CODES["pre"]:
+            row[7], n_pre = n_pre, n_pre + 1
+        feat.append(row)
+    return TableStore(buf.finish(), torch.tensor(feat, dtype=torch.int64), d)
 
 
 def onednn_missing() -> str | None:
@@ -106,12 +179,11 @@ def bf16_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.t().reshape(-1, 2, n).permute(0, 2, 1).contiguous().to(torch.bfloat16)
 
 
-def small_model(store: TableStore, mean: bool, bottom: nn.Sequential, top: nn.Sequential, n_dense: int,
-                order: int, kp: int):
+def small_model(store: TableStore, bottom: nn.Sequential, top: nn.Sequential, n_dense: int, order: int, kp: int):
     """The whole model as one C++ object for tiny batches: ``small_model(...)(dense, indices,
-    offsets) -> logits``; MLP weights as ``bf16_pairs``, the top's first zero-padded to kp inputs."""
+    offsets, pre) -> logits``; MLP weights as ``bf16_pairs``, the top's first zero-padded to kp inputs."""
     b, t = padded_layers(bottom, n_dense), padded_layers(top, kp)
-    return kernels().SmallModel(*store.args(), mean, [bf16_pairs(w) for w, _, _ in b], [x for _, x, _ in b],
+    return kernels().SmallModel(*store.args(), [bf16_pairs(w) for w, _, _ in b], [x for _, x, _ in b],
                                 [bf16_pairs(w) for w, _, _ in t], [x for _, x, _ in t], [r for _, _, r in b],
                                 [r for _, _, r in t], order, kp)
 

@@ -122,3 +122,15 @@ def test_exported_graph_uses_segment_sum_and_matches_eager(pooling):
     ops = {str(node.target) for node in ep.graph.nodes if node.op == "call_function"}
     assert any("scatter_add" in o for o in ops) and not any("embedding_bag" in o for o in ops)
     assert_close(ep.module()(idx, off), table(idx, off), "float32")
+
+
+def test_fused_lookup_names_its_kind_and_defaults_to_the_stored_rows():
+    from rewrite.core.embedding import FusedLookup
+
+    with pytest.raises(ValueError, match="fused lookup kind must be one of rows, hash"):
+        FusedLookup("gather", 4)
+    t = TableBag(3, 4, weight=torch.arange(12.0).reshape(3, 4))
+    look = t.fused_lookup()
+    assert look.kind == "rows" and look.width == 4 and look.rows.format == "f32"
+    assert torch.equal(look.rows.rows.view(torch.float32), t.weight.detach())
+    assert TableBag(3, 4, dtype="bfloat16").fused_lookup() is None      # no standard layout: computed

@@ -61,8 +61,8 @@ def test_fused_tables_lookup_equals_per_table_bags(model):
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     batch = multi_hot_batch(rows, 63, model.spec.n_dense, 3.0, seed=3, empty_fraction=0.2)
     t = FusedTables(model)
-    w, base, rows_, fmt, d = t.store.args()
-    pooled = kernels().gather_bags(w, batch.indices, batch.offsets, base, rows_, fmt, d, t.pooling == "mean")
+    w, feat, d = t.store.args()
+    pooled = kernels().gather_bags(w, batch.indices, batch.offsets, feat, d, t.pre(batch.indices, batch.offsets))
     pooled = pooled.transpose(0, 1)
     bags = split_bags(batch.indices, batch.offsets, len(rows))
     for f, table in enumerate(model.feature_tables):
@@ -111,14 +111,8 @@ def test_rowwise_quantized_tables_run_fused_and_match_eager_of_the_quantized_mod
 
 def test_refuses_tables_it_cannot_fuse(model, tmp_path):
     mixed = model.with_tables({"t1": TableBag(300, 8, weight=torch.zeros(300, 8))})
-    with pytest.raises(RewriteError, match=r"one dim and pooling mode, found dims \[8, 16\]"):
+    with pytest.raises(RewriteError, match=r"one dim \(the dot interaction's\), found dims \[8, 16\]"):
         get_target("torch-fast").lower(mixed, None, tmp_path)
-    bf16 = model.with_tables({"t0": TableBag(1000, 16, dtype="bfloat16")})
-    with pytest.raises(RewriteError, match="cannot fuse table 't0'.*f32, fp16 or row-wise int8/int4/int2 rows"):
-        get_target("torch-fast").lower(bf16, None, tmp_path)
-    qr, _ = apply(model, [passes.qr(tables=("t0",))])
-    with pytest.raises(RewriteError, match="cannot fuse table 't0': it is a 'qr"):
-        get_target("torch-fast").lower(qr, None, tmp_path)
     from dataclasses import replace
 
     from rewrite.core.model import RecModel

@@ -37,8 +37,11 @@ def make_tables(dim: int, formats=("f32",) * len(ROWS), sizes=ROWS, mode: str = 
     return out
 
 
+NO_PRE = torch.empty(0)          # no pre-pooled features
+
+
 def fused(tables) -> TableStore:
-    return store_tables([t.row_storage() for t in tables], list(range(len(tables))), tables[0].dim)
+    return store_tables(tables, list(range(len(tables))), tables[0].dim)
 
 
 def reference_bags(tables, batch) -> torch.Tensor:
@@ -51,8 +54,8 @@ def reference_bags(tables, batch) -> torch.Tensor:
 def test_table_store_holds_every_tables_bytes_in_2mib_aligned_memory():
     tables = make_tables(16, MIXED)
     store = fused(tables)
-    assert store.w.data_ptr() % (2 << 20) == 0 and store.fmt.tolist() == [0, 2, 3, 1]
-    for t, base in zip(tables, store.base.tolist()):
+    assert store.w.data_ptr() % (2 << 20) == 0 and store.feat[:, 1].tolist() == [0, 2, 3, 1]
+    for t, base in zip(tables, store.feat[:, 2].tolist()):
         raw = t.row_storage().rows.reshape(-1)
         assert base % 64 == 0 and torch.equal(store.w[base:base + raw.numel()], raw)
 
@@ -64,10 +67,10 @@ def test_table_store_holds_every_tables_bytes_in_2mib_aligned_memory():
 def test_gather_bags_equals_each_tables_eager_bags(mode, dim, formats):
     tables = make_tables(dim, formats, mode=mode)
     store = fused(tables)
-    w, base, rows, fmt, d = store.args()
+    w, feat, d = store.args()
     for b, mean_len, empty in ((1, 3.0, 0.2), (3, 0.0, 1.0), (700, 3.0, 0.2)):
         batch = multi_hot_batch(ROWS, b, 13, mean_len, seed=b, empty_fraction=empty)
-        got = kernels().gather_bags(w, batch.indices, batch.offsets, base, rows, fmt, d, mode == "mean")
+        got = kernels().gather_bags(w, batch.indices, batch.offsets, feat, d, NO_PRE)
         assert_close(got, reference_bags(tables, batch), "float32", f"gather_bags {formats} d={dim} B={b}")
 
 
@@ -75,13 +78,13 @@ def test_gather_bags_equals_each_tables_eager_bags(mode, dim, formats):
 @pytest.mark.parametrize("dim,generic", [(16, False), (16, True), (8, False)])
 def test_embed_interact_equals_dot_interaction_rounded_to_bf16(order, dim, generic):
     tables = make_tables(dim, MIXED)
-    w, base, rows, fmt, d = fused(tables).args()
+    w, feat, d = fused(tables).args()
     n_pairs = len(interaction_pairs(len(ROWS) + 1, order))
     kp = -(-(dim + n_pairs) // 16) * 16 + 16                  # extra padding must come out zero
     for b in (1, 2, 300):                                      # 300: more than one 256-sample chunk
         batch = multi_hot_batch(ROWS, b, 13, 3.0, seed=b, empty_fraction=0.2)
         x = torch.randn(b, dim)
-        z = kernels().embed_interact(w, batch.indices, batch.offsets, base, rows, fmt, d, False, x,
+        z = kernels().embed_interact(w, batch.indices, batch.offsets, feat, d, NO_PRE, x,
                                      PAIR_ORDERS[order], kp, generic)
         assert z.dtype == torch.bfloat16 and z.shape == (b, kp)
         e = reference_bags(tables, batch)
@@ -99,14 +102,14 @@ def test_embed_interact_q8_is_the_interaction_quantized_per_row(features, dim, o
     g = torch.Generator().manual_seed(features)
     sizes = [1 + 37 * f for f in range(features)]
     tables = make_tables(dim, [list(FORMATS)[f % len(FORMATS)] for f in range(features)], sizes, seed=features)
-    w, base, rows, fmt, d = fused(tables).args()
+    w, feat, d = fused(tables).args()
     n_pairs = len(interaction_pairs(features + 1, order))
     kp = pad_to(dim + n_pairs) + 8                             # extra padding must come out zero
     for b in (1, 33, 300):                                     # 300: more than one 256-sample chunk
         batch = multi_hot_batch(sizes, b, 13, 2.0, seed=b, empty_fraction=0.2)
         x = torch.randn(b, dim, generator=g)
         x[0] = 0                                               # with empty bags: an all-zero row
-        q, s = kernels().embed_interact_q8(w, batch.indices, batch.offsets, base, rows, fmt, d, False, x,
+        q, s = kernels().embed_interact_q8(w, batch.indices, batch.offsets, feat, d, NO_PRE, x,
                                            PAIR_ORDERS[order], kp, False)
         ref = DotInteraction(features + 1, order)(x, list(reference_bags(tables, batch).unbind(1)))
         rq, rs = ref_quantize(ref, kp)
@@ -116,26 +119,29 @@ def test_embed_interact_q8_is_the_interaction_quantized_per_row(features, dim, o
 
 
 def test_out_of_range_ids_and_bad_tables_are_an_error_not_a_read():
-    w, base, rows, fmt, d = fused(make_tables(16, MIXED)).args()
+    w, feat, d = fused(make_tables(16, MIXED)).args()
     batch = multi_hot_batch(ROWS, 5, 13, 2.0, seed=1)
     for bad_id in (ROWS[0], -1):                               # one past the first table; negative
         bad = batch.indices.clone()
         bad[0] = bad_id
         with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
-            kernels().gather_bags(w, bad, batch.offsets, base, rows, fmt, d, False)
+            kernels().gather_bags(w, bad, batch.offsets, feat, d, NO_PRE)
         with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
-            kernels().embed_interact(w, bad, batch.offsets, base, rows, fmt, d, False, torch.zeros(5, 16), 0, 32 * 3,
+            kernels().embed_interact(w, bad, batch.offsets, feat, d, NO_PRE, torch.zeros(5, 16), 0, 32 * 3,
                                      False)
         with pytest.raises(RuntimeError, match="an index is outside its table's rows"):
-            kernels().embed_interact_q8(w, bad, batch.offsets, base, rows, fmt, d, False, torch.zeros(5, 16), 0,
+            kernels().embed_interact_q8(w, bad, batch.offsets, feat, d, NO_PRE, torch.zeros(5, 16), 0,
                                         32 * 3, False)
     with pytest.raises(RuntimeError, match="offsets must run from 0 to len"):
-        kernels().gather_bags(w, batch.indices[1:], batch.offsets, base, rows, fmt, d, False)
+        kernels().gather_bags(w, batch.indices[1:], batch.offsets, feat, d, NO_PRE)
+    grown = feat.clone()
+    grown[3, 3] += 10 ** 6                                     # feature 3's rows
     with pytest.raises(RuntimeError, match="feature 3: its table lies outside W"):
-        kernels().gather_bags(w, batch.indices, batch.offsets, base, rows + torch.tensor([0, 0, 0, 10 ** 6]), fmt, d,
-                              False)
+        kernels().gather_bags(w, batch.indices, batch.offsets, grown, d, NO_PRE)
+    bad_fmt = feat.clone()
+    bad_fmt[0, 1] = 7
     with pytest.raises(RuntimeError, match="feature 0: format 7 is not 0"):
-        kernels().gather_bags(w, batch.indices, batch.offsets, base, rows, torch.tensor([7, 2, 3, 1]), d, False)
+        kernels().gather_bags(w, batch.indices, batch.offsets, bad_fmt, d, NO_PRE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -167,16 +173,16 @@ def test_small_model_equals_the_model_in_bf16_and_refuses_bad_shapes():
 
     model = trained_like(rows=tuple(ROWS))
     kp = -(-(16 + len(interaction_pairs(len(ROWS) + 1, "dlrm"))) // 16) * 16
-    net = small_model(fused([model.embeddings[t] for t in model.feature_tables]), False, model.bottom, model.top,
+    net = small_model(fused([model.embeddings[t] for t in model.feature_tables]), model.bottom, model.top,
                       model.spec.n_dense, 0, kp)
     atol, rtol = path_tolerance("bf16-dense")
     for b in (1, 3, 8):
         batch = multi_hot_batch(ROWS, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
         with torch.inference_mode():
-            torch.testing.assert_close(net(batch.dense, batch.indices, batch.offsets), model(*batch.inputs()),
+            torch.testing.assert_close(net(batch.dense, batch.indices, batch.offsets, NO_PRE), model(*batch.inputs()),
                                        atol=atol, rtol=rtol)
     with pytest.raises(RuntimeError, match="layer shapes do not chain"):
-        net(batch.dense[:, :5].contiguous(), batch.indices, batch.offsets)
+        net(batch.dense[:, :5].contiguous(), batch.indices, batch.offsets, NO_PRE)
 
 
 def test_bf16_pairs_layout():
