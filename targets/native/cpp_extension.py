@@ -5,8 +5,9 @@ The tier is chosen at load from CPUID (``rewrite.core.isa.active_tier``: the hos
 one ``REWRITE_ISA`` forces) and the kernels are compiled for it (``isa.compile_flags``:
 ``-march=native`` at the host's own tier, ``-march=x86-64-v3`` for the AVX2 tier, ...), so the
 bundle never carries instructions chosen on another machine.  Each (kernel, tier) is its own
-module, cached by torch under TORCH_EXTENSIONS_DIR keyed by the source hash and flags: the ~30 s
-build happens on first use per machine and tier.  Without a C++ compiler the targets that need
+module named by the kernel, the tier and a hash of its sources and flags (``source_digest``),
+cached by torch under TORCH_EXTENSIONS_DIR: the ~30 s build happens on first use per machine,
+tier and kernel version.  Without a C++ compiler the targets that need
 these kernels report themselves unavailable (``compiler_missing``).
 """
 
@@ -25,11 +26,16 @@ KERNELS = Path(__file__).parent / "kernels"
 FLAGS = ["-O3", "-fopenmp-simd"]
 
 
-def headers_flag() -> str:
-    """A define carrying the hash of ``kernels/*.h``: torch keys its cache on the sources and the
-    flags, not on included headers, so a header edit must change the flags to rebuild."""
-    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(KERNELS.glob("*.h")))).hexdigest()[:12]
-    return f"-DDLRM_KERNEL_HEADERS=0x{digest}"
+def source_digest(source: str, cflags: list[str]) -> str:
+    """A hash of what a module is built from: its source, ``kernels/*.h`` (torch's cache does not
+    follow includes) and the flags.  It is part of the module's name, so two versions of a kernel
+    (two checkouts, an upgrade) never share a cache directory or a loaded module: torch's own
+    versioning rebuilds in place, and a process could load the other version's binary."""
+    h = hashlib.sha1((KERNELS / source).read_bytes())
+    for header in sorted(KERNELS.glob("*.h")):
+        h.update(header.read_bytes())
+    h.update(" ".join(cflags).encode())
+    return h.hexdigest()[:10]
 
 
 def compiler_missing() -> str | None:
@@ -68,8 +74,9 @@ def _build(name: str, source: str, flags: tuple[str, ...], tier: str):
         raise RewriteError(why)
     from torch.utils.cpp_extension import load
 
-    cflags = FLAGS + isa.compile_flags(tier) + [headers_flag(), *flags]
+    cflags = FLAGS + isa.compile_flags(tier) + list(flags)
+    module = f"{name}_{tier}_{source_digest(source, cflags)}"
     try:
-        return load(name=f"{name}_{tier}", sources=[str(KERNELS / source)], extra_cflags=cflags, verbose=False)
+        return load(name=module, sources=[str(KERNELS / source)], extra_cflags=cflags, verbose=False)
     except Exception as e:  # the build raises RuntimeError / subprocess errors with the compiler log
         raise RewriteError(f"building {source} for ISA tier {tier!r} failed: {str(e).splitlines()[0][:200]}") from None

@@ -1,6 +1,5 @@
-// Per-row symmetric int8 quantization shared by the kernels (included by dlrm_fast.cpp and
-// dlrm_int8.cpp; targets/native/cpp_extension.py hashes this header into their build flags, so an edit
-// here rebuilds both).
+// Per-row symmetric int8 quantization shared by the kernels (targets/native/cpp_extension.py
+// hashes every header into each module's name, so an edit here rebuilds them).
 //   q[c] = round(x[c] / s) (half away from zero), s = max|x| / 127 (1 for an all-zero row),
 //   q[k..kp) = 0.
 // With AVX-512 the row is done 16 floats at a time (abs-max, then scale, round, saturating
