@@ -12,7 +12,10 @@ representation differs from the original's (kind or params), so scales / biases 
 tables are refitted too.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
-as they are and are listed in the report.  Early stopping: the last ``holdout`` share of DATA
+as they are and are listed in the report.  On N ranks (``group``) training is data-parallel: DDP
+(gloo) averages the gradients, each rank taking every N-th row of each (global) batch and
+computing the teacher's logits for its own rows, and each rank its N-th of the held-out rows
+(losses all-reduced), so the steps, the stopping and the result follow one process's.  Early stopping: the last ``holdout`` share of DATA
 (at most ``MAX_HOLDOUT`` rows) is never trained on; L is measured on it every ``eval_every``
 steps and the best state is kept.  Adam, with a linear learning-rate warm-up over the first
 fifth of the steps (Adam's first steps are lr-sized whatever the gradient, which knocks a good
@@ -39,6 +42,7 @@ from rewrite.data import Dataset, check_matches
 from rewrite.core.errors import RewriteError
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
+from rewrite.distributed import SINGLE, Group
 
 NOTHING_TO_TRAIN = "no rewritten table differs from the original and train_top is off: nothing to train"
 MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
@@ -112,7 +116,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             epochs: float | None = None, lr: float = DEFAULT_LR, eval_data: Dataset | None = None,
             train_top: bool = False, seed: int = 0, batch_size: int = 1024, label_weight: float = 0.5,
             holdout: float = 0.1, eval_every: int | None = None, patience: int = 4,
-            tables: list[str] | None = None) -> tuple[RecModel, RecoveryReport]:
+            tables: list[str] | None = None, group: Group = SINGLE) -> tuple[RecModel, RecoveryReport]:
     """Train the rewritten model's new representations to match ``original`` on ``data``.
 
     ``steps`` or ``epochs`` (passes over the training part; default 1 epoch).  Returns a new
@@ -140,7 +144,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     original.eval()
     student = _student(original, rewritten, tables, train_top).eval()
     named, frozen = _trainable(student, tables, train_top)
-    masters = {n: t.detach().to(torch.float32).clone().requires_grad_(True) for n, t in named.items()}
+    masters = {n: torch.nn.Parameter(t.detach().to(torch.float32).clone()) for n, t in named.items()}
     # everything else enters the forward detached: no gradient reaches shared (original) tensors
     fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]
              if n not in masters}
@@ -152,8 +156,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     total = steps if steps is not None else max(1, int(round((epochs or 1.0) * per_epoch)))
     every = eval_every or max(25, min(per_epoch, total // 10 or 1))
     warmup = max(1, total // WARMUP_DIVISOR)
-    hold = [data.batch(slice(n_train + lo, min(data.n_samples, n_train + lo + 8192)))
-            for lo in range(0, n_hold, 8192)]
+    mine = np.arange(n_train, data.n_samples)[group.rank::group.world]   # this rank's held-out rows
+    hold = [data.batch(mine[lo:lo + 8192]) for lo in range(0, len(mine), 8192)]
     hold_teacher = [_teacher(original, b) for b in hold]
 
     def values() -> dict[str, torch.Tensor]:
@@ -165,7 +169,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             v = values()
             tot = sum(float(_loss(functional_call(student, v, b.inputs()), z, b.labels, label_weight)) * b.size
                       for b, z in zip(hold, hold_teacher))
-        return tot / n_hold
+        return float(group.all_reduce_sum(np.array([tot]))[0]) / n_hold
+
+    forward = _data_parallel(student, values, list(masters.values()), group)
 
     t0 = time.perf_counter()
     best = start = holdout_loss()
@@ -173,11 +179,11 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     bar = tqdm(total=total, desc="recover", unit="step", leave=False)
     epoch = 0
     while step < total and bad < patience:
-        for b in data.batches(batch_size, limit=n_train, shuffle_seed=seed + epoch):
+        for b in _train_batches(data, batch_size, n_train, seed + epoch, group):
             for group in opt.param_groups:      # linear warm-up: Adam's first steps are lr-sized
                 group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
             z_t = _teacher(original, b)
-            loss = _loss(functional_call(student, values(), b.inputs()), z_t, b.labels, label_weight)
+            loss = _loss(forward(*b.inputs()), z_t, b.labels, label_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -200,9 +206,48 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             named[n].copy_(m.to(named[n].dtype))
     report = RecoveryReport(tables, train_top, frozen, step, best_step, bad >= patience, n_hold, start, best,
                             time.perf_counter() - t0, history)
-    if eval_data is not None:
+    if eval_data is not None and group.writes:
         report.eval = evaluate_recovery(original, rewritten, student, eval_data)
     return student, report
+
+
+class _Trained(torch.nn.Module):
+    """The trained tensors as parameters, so that DDP all-reduces their gradients; the forward
+    pass is the student's with them in place (``values``)."""
+
+    def __init__(self, student: RecModel, values, masters: list[torch.Tensor]):
+        super().__init__()
+        self.tensors = torch.nn.ParameterList(masters)
+        self._run = lambda *inputs: functional_call(student, values(), inputs)   # not a submodule
+
+    def forward(self, *inputs):
+        return self._run(*inputs)
+
+
+def _data_parallel(student: RecModel, values, masters: list[torch.Tensor], group: Group):
+    """The training forward pass: the student itself on one process, wrapped in DDP on N ranks."""
+    if not group.distributed:
+        return lambda *inputs: functional_call(student, values(), inputs)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(_Trained(student, values, masters))
+
+
+def _train_batches(data: Dataset, batch_size: int, n_train: int, seed: int, group: Group):
+    """One epoch's batches over rows [0, n_train), shuffled by ``seed``; on N ranks every N-th row
+    of each batch (the same global batches, so the same steps; a last batch smaller than N, which
+    would leave a rank without rows, is dropped on every rank)."""
+    if not group.distributed:
+        yield from data.batches(batch_size, limit=n_train, shuffle_seed=seed)
+        return
+    if not hasattr(data, "batch"):
+        raise RewriteError(f"{data.path}: a streamed TSV is read in order; convert it to .npz or TorchRec "
+                           f".npy to recover on several ranks")
+    order = np.random.default_rng(seed).permutation(n_train)
+    for lo in range(0, n_train, batch_size):
+        rows = np.sort(order[lo:lo + batch_size])
+        if len(rows) >= group.world:
+            yield data.batch(rows[group.rank::group.world])
 
 
 @torch.no_grad()
@@ -261,7 +306,7 @@ def add_recovery_options(command):
 def run_recovery_from_cli(original: RecModel, rewritten: RecModel, recover_path: Path | None,
                           recover_steps: int | None, recover_epochs: float | None, recover_lr: float,
                           eval_path: Path | None, recover_top: bool, dense_transform: str = "log1p",
-                          seed: int = 0) -> tuple[RecModel, dict[str, Any] | None]:
+                          seed: int = 0, group: Group = SINGLE) -> tuple[RecModel, dict[str, Any] | None]:
     """What ``apply`` runs after its passes: (model to save, report JSON or None without --recover)."""
     from rewrite import data as data_mod
 
@@ -280,6 +325,6 @@ def run_recovery_from_cli(original: RecModel, rewritten: RecModel, recover_path:
     train = data_mod.open(recover_path, dense_transform)
     held = data_mod.open(eval_path, dense_transform) if eval_path is not None else None
     model, report = recover(original, rewritten, train, steps=recover_steps, epochs=recover_epochs,
-                            lr=recover_lr, eval_data=held, train_top=recover_top, seed=seed)
+                            lr=recover_lr, eval_data=held, train_top=recover_top, seed=seed, group=group)
     return model, {"data": str(recover_path), "eval_data": None if eval_path is None else str(eval_path),
                    "lr": recover_lr, **report.to_json()}
