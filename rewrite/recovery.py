@@ -12,7 +12,7 @@ representation differs from the original's (kind or params), so scales / biases 
 tables are refitted too.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
-as they are and are listed in the report.  On N ranks (``group``) training is data-parallel: DDP
+as they are and are listed in the report.  On N ranks (``ranks``) training is data-parallel: DDP
 (gloo) averages the gradients, each rank taking every N-th row of each (global) batch and
 computing the teacher's logits for its own rows, and each rank its N-th of the held-out rows
 (losses all-reduced), so the steps, the stopping and the result follow one process's.  Early stopping: the last ``holdout`` share of DATA
@@ -116,7 +116,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             epochs: float | None = None, lr: float = DEFAULT_LR, eval_data: Dataset | None = None,
             train_top: bool = False, seed: int = 0, batch_size: int = 1024, label_weight: float = 0.5,
             holdout: float = 0.1, eval_every: int | None = None, patience: int = 4,
-            tables: list[str] | None = None, group: Group = SINGLE) -> tuple[RecModel, RecoveryReport]:
+            tables: list[str] | None = None, ranks: Group = SINGLE) -> tuple[RecModel, RecoveryReport]:
     """Train the rewritten model's new representations to match ``original`` on ``data``.
 
     ``steps`` or ``epochs`` (passes over the training part; default 1 epoch).  Returns a new
@@ -156,7 +156,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     total = steps if steps is not None else max(1, int(round((epochs or 1.0) * per_epoch)))
     every = eval_every or max(25, min(per_epoch, total // 10 or 1))
     warmup = max(1, total // WARMUP_DIVISOR)
-    mine = np.arange(n_train, data.n_samples)[group.rank::group.world]   # this rank's held-out rows
+    mine = np.arange(n_train, data.n_samples)[ranks.rank::ranks.world]   # this rank's held-out rows
     hold = [data.batch(mine[lo:lo + 8192]) for lo in range(0, len(mine), 8192)]
     hold_teacher = [_teacher(original, b) for b in hold]
 
@@ -169,9 +169,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             v = values()
             tot = sum(float(_loss(functional_call(student, v, b.inputs()), z, b.labels, label_weight)) * b.size
                       for b, z in zip(hold, hold_teacher))
-        return float(group.all_reduce_sum(np.array([tot]))[0]) / n_hold
+        return float(ranks.all_reduce_sum(np.array([tot]))[0]) / n_hold
 
-    forward = _data_parallel(student, values, list(masters.values()), group)
+    forward = _data_parallel(student, values, list(masters.values()), ranks)
 
     t0 = time.perf_counter()
     best = start = holdout_loss()
@@ -179,7 +179,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     bar = tqdm(total=total, desc="recover", unit="step", leave=False)
     epoch = 0
     while step < total and bad < patience:
-        for b in _train_batches(data, batch_size, n_train, seed + epoch, group):
+        for b in _train_batches(data, batch_size, n_train, seed + epoch, ranks):
             for group in opt.param_groups:      # linear warm-up: Adam's first steps are lr-sized
                 group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
             z_t = _teacher(original, b)
@@ -206,7 +206,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             named[n].copy_(m.to(named[n].dtype))
     report = RecoveryReport(tables, train_top, frozen, step, best_step, bad >= patience, n_hold, start, best,
                             time.perf_counter() - t0, history)
-    if eval_data is not None and group.writes:
+    if eval_data is not None and ranks.writes:
         report.eval = evaluate_recovery(original, rewritten, student, eval_data)
     return student, report
 
@@ -224,20 +224,20 @@ class _Trained(torch.nn.Module):
         return self._run(*inputs)
 
 
-def _data_parallel(student: RecModel, values, masters: list[torch.Tensor], group: Group):
+def _data_parallel(student: RecModel, values, masters: list[torch.Tensor], ranks: Group):
     """The training forward pass: the student itself on one process, wrapped in DDP on N ranks."""
-    if not group.distributed:
+    if not ranks.distributed:
         return lambda *inputs: functional_call(student, values(), inputs)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(_Trained(student, values, masters))
 
 
-def _train_batches(data: Dataset, batch_size: int, n_train: int, seed: int, group: Group):
+def _train_batches(data: Dataset, batch_size: int, n_train: int, seed: int, ranks: Group):
     """One epoch's batches over rows [0, n_train), shuffled by ``seed``; on N ranks every N-th row
     of each batch (the same global batches, so the same steps; a last batch smaller than N, which
     would leave a rank without rows, is dropped on every rank)."""
-    if not group.distributed:
+    if not ranks.distributed:
         yield from data.batches(batch_size, limit=n_train, shuffle_seed=seed)
         return
     if not hasattr(data, "batch"):
@@ -246,8 +246,8 @@ def _train_batches(data: Dataset, batch_size: int, n_train: int, seed: int, grou
     order = np.random.default_rng(seed).permutation(n_train)
     for lo in range(0, n_train, batch_size):
         rows = np.sort(order[lo:lo + batch_size])
-        if len(rows) >= group.world:
-            yield data.batch(rows[group.rank::group.world])
+        if len(rows) >= ranks.world:
+            yield data.batch(rows[ranks.rank::ranks.world])
 
 
 @torch.no_grad()
@@ -306,7 +306,7 @@ def add_recovery_options(command):
 def run_recovery_from_cli(original: RecModel, rewritten: RecModel, recover_path: Path | None,
                           recover_steps: int | None, recover_epochs: float | None, recover_lr: float,
                           eval_path: Path | None, recover_top: bool, dense_transform: str = "log1p",
-                          seed: int = 0, group: Group = SINGLE) -> tuple[RecModel, dict[str, Any] | None]:
+                          seed: int = 0, ranks: Group = SINGLE) -> tuple[RecModel, dict[str, Any] | None]:
     """What ``apply`` runs after its passes: (model to save, report JSON or None without --recover)."""
     from rewrite import data as data_mod
 
@@ -325,6 +325,6 @@ def run_recovery_from_cli(original: RecModel, rewritten: RecModel, recover_path:
     train = data_mod.open(recover_path, dense_transform)
     held = data_mod.open(eval_path, dense_transform) if eval_path is not None else None
     model, report = recover(original, rewritten, train, steps=recover_steps, epochs=recover_epochs,
-                            lr=recover_lr, eval_data=held, train_top=recover_top, seed=seed, group=group)
+                            lr=recover_lr, eval_data=held, train_top=recover_top, seed=seed, ranks=ranks)
     return model, {"data": str(recover_path), "eval_data": None if eval_path is None else str(eval_path),
                    "lr": recover_lr, **report.to_json()}

@@ -153,7 +153,7 @@ def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path
         from rewrite.recovery import run_recovery_from_cli
 
         rewritten, result["recovery"] = run_recovery_from_cli(model, rewritten, dense_transform=dense_transform,
-                                                              **recovery, group=group)
+                                                              **recovery, ranks=group)
     group.agree()         # every rank finished: only now may rank 0 write
     if not group.writes:
         return result
