@@ -271,23 +271,24 @@ def launch(nproc: int, work: Callable[..., Any], args: tuple, threads: int | Non
         dist.init_process_group("gloo", store=store, rank=0, world_size=nproc, timeout=TIMEOUT)
         with rank_stderr(group):
             result = work(group, *args)
-    except RankError:
-        _finish(ctx, errors, grace=30.0)
-        raise
     except BaseException as e:
-        child = _finish(ctx, errors, grace=10.0)
+        _leave()                  # closes the connections: a child waiting in a collective fails now
+        child = _finish(ctx, errors, grace=30.0)
+        if isinstance(e, RewriteError):     # shared (RankError) or rank 0's own, one line already
+            raise
         if child is not None:     # a child died first; rank 0's error is only the broken connection
             raise RankError(*child) from None
-        if isinstance(e, RewriteError):
-            raise
         raise RankError(0, one_line(e)) from e
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    _leave()
     child = _finish(ctx, errors, grace=None)
     if child is not None:
         raise RankError(*child)
     return result
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _await_children(store, ctx, errors, nproc: int) -> None:

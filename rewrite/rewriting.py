@@ -118,6 +118,15 @@ def rewrite_checked(model: RecModel, source: Path, configured: list[ConfiguredPa
     return rewritten, result
 
 
+def check_output(output: Path, force: bool) -> Path:
+    """``-o``: a file path, new unless ``force`` (RewriteError otherwise)."""
+    output = Path(output)
+    if output.is_dir():
+        raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
+    check_new_output(output, force)
+    return output
+
+
 def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path: Path | None,
               samples: int, dense_transform: str, allow_degraded: bool, output: Path,
               load_model: Callable[[Path], RecModel],
@@ -136,10 +145,7 @@ def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path
     the tables are fitted across the ranks, recovery trains data-parallel, and only rank 0 writes,
     after every rank has finished without error (``Group.agree``)."""
     configured = [parse_pass(s) for s in specs]
-    output = Path(output)
-    if output.is_dir():
-        raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
-    check_new_output(output, force)
+    output = check_output(output, force)
     model = load_model(Path(path))
     recovering = recovery is not None and recovery.get("recover_path") is not None
     inputs = load_inputs(model, data_path, profile_path, samples, dense_transform, group)

@@ -43,7 +43,12 @@ def apply_command(path, pass_specs, data_path, profile_path, samples, dense_tran
     distillation (--recover DATA), write one file.  --nproc N (or torchrun) fits the tables on N
     ranks; rank 0 writes."""
     from rewrite import distributed
-    from rewrite.rewriting import apply_rank, summary
+    from rewrite.core.pass_contract import parse_pass
+    from rewrite.rewriting import apply_rank, check_output, summary
+
+    for spec in pass_specs:         # bad input fails here, before any rank starts
+        parse_pass(spec)
+    check_output(output, force)
 
     options = dict(data_path=data_path, profile_path=profile_path, samples=samples,
                    dense_transform=dense_transform, allow_degraded=allow_degraded, output=output,
