@@ -43,7 +43,8 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 120.0     # s: ranks 1..N-1 of --nproc must connect within this (imports ~5 s)
 POLL = 0.05                 # s: how often rank 0 checks its children while they start
 READY = "rewrite/ready/"   # store key a started rank sets (then rank 0 joins the process group)
-TIMEOUT = datetime.timedelta(minutes=30)   # a collective: gloo's default; a dead peer fails it at once
+TIMEOUT = datetime.timedelta(days=1)   # a collective: a rank may wait while another fits for hours
+                                       # (gloo's default, 30 min, is too short); a dead peer fails it at once
 
 
 class RankError(RewriteError):
@@ -79,24 +80,22 @@ class Group:
         dist.all_gather(sizes, size)
         longest = max(int(s) for s in sizes)
         mine = torch.zeros(longest, dtype=torch.uint8)
-        mine[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else mine[:0]
+        if blob:
+            mine[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         got = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
         dist.all_gather(got, mine)
         return [g[:int(s)].numpy().tobytes() for g, s in zip(got, sizes)]
 
     def agree(self, error: BaseException | None = None) -> None:
-        """Share each rank's outcome of a step; raise the lowest failing rank's error on every
-        rank (its own exception on that rank when it is a RewriteError, with its traceback)."""
+        """Share each rank's outcome of a step (``error`` or None); raise the lowest failing
+        rank's error on every rank as a ``RankError``."""
         mine = {} if error is None else {"message": one_line(error),
                                           "exit_code": getattr(error, "exit_code", 2)}
         outcomes = [json.loads(b) for b in self.exchange(json.dumps(mine).encode())]
         failed = [(r, o) for r, o in enumerate(outcomes) if o]
-        if not failed:
-            return
-        rank, o = failed[0]
-        if not self.distributed and isinstance(error, RewriteError):
-            raise error
-        raise RankError(rank, o["message"], o["exit_code"]) from error
+        if failed:
+            rank, o = failed[0]
+            raise RankError(rank, o["message"], o["exit_code"]) from error
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum of ``values`` over the ranks (int64 / float64 stay exact as given)."""

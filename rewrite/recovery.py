@@ -12,10 +12,10 @@ representation differs from the original's (kind or params), so scales / biases 
 tables are refitted too.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
-as they are and are listed in the report.  On N ranks (``ranks``) training is data-parallel: DDP
-(gloo) averages the gradients, each rank taking every N-th row of each (global) batch and
-computing the teacher's logits for its own rows, and each rank its N-th of the held-out rows
-(losses all-reduced), so the steps, the stopping and the result follow one process's.  Early stopping: the last ``holdout`` share of DATA
+as they are and are listed in the report.  On N ranks (``ranks``): data-parallel, DDP over the
+trained tensors (``rewrite.data_parallel``), each rank its N-th of every batch and of the
+held-out rows, teacher logits per rank, held-out loss all-reduced.  Early stopping: the last
+``holdout`` share of DATA
 (at most ``MAX_HOLDOUT`` rows) is never trained on; L is measured on it every ``eval_every``
 steps and the best state is kept.  Adam, with a linear learning-rate warm-up over the first
 fifth of the steps (Adam's first steps are lr-sized whatever the gradient, which knocks a good
@@ -42,6 +42,7 @@ from rewrite.data import Dataset, check_matches
 from rewrite.core.errors import RewriteError
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
+from rewrite.data_parallel import data_parallel, train_batches
 from rewrite.distributed import SINGLE, Group
 
 NOTHING_TO_TRAIN = "no rewritten table differs from the original and train_top is off: nothing to train"
@@ -171,7 +172,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
                       for b, z in zip(hold, hold_teacher))
         return float(ranks.all_reduce_sum(np.array([tot]))[0]) / n_hold
 
-    forward = _data_parallel(student, values, list(masters.values()), ranks)
+    forward = data_parallel(student, values, list(masters.values()), ranks)
 
     t0 = time.perf_counter()
     best = start = holdout_loss()
@@ -179,7 +180,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     bar = tqdm(total=total, desc="recover", unit="step", leave=False)
     epoch = 0
     while step < total and bad < patience:
-        for b in _train_batches(data, batch_size, n_train, seed + epoch, ranks):
+        for b in train_batches(data, batch_size, n_train, seed + epoch, ranks):
             for group in opt.param_groups:      # linear warm-up: Adam's first steps are lr-sized
                 group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
             z_t = _teacher(original, b)
@@ -209,45 +210,6 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     if eval_data is not None and ranks.writes:
         report.eval = evaluate_recovery(original, rewritten, student, eval_data)
     return student, report
-
-
-class _Trained(torch.nn.Module):
-    """The trained tensors as parameters, so that DDP all-reduces their gradients; the forward
-    pass is the student's with them in place (``values``)."""
-
-    def __init__(self, student: RecModel, values, masters: list[torch.Tensor]):
-        super().__init__()
-        self.tensors = torch.nn.ParameterList(masters)
-        self._run = lambda *inputs: functional_call(student, values(), inputs)   # not a submodule
-
-    def forward(self, *inputs):
-        return self._run(*inputs)
-
-
-def _data_parallel(student: RecModel, values, masters: list[torch.Tensor], ranks: Group):
-    """The training forward pass: the student itself on one process, wrapped in DDP on N ranks."""
-    if not ranks.distributed:
-        return lambda *inputs: functional_call(student, values(), inputs)
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(_Trained(student, values, masters))
-
-
-def _train_batches(data: Dataset, batch_size: int, n_train: int, seed: int, ranks: Group):
-    """One epoch's batches over rows [0, n_train), shuffled by ``seed``; on N ranks every N-th row
-    of each batch (the same global batches, so the same steps; a last batch smaller than N, which
-    would leave a rank without rows, is dropped on every rank)."""
-    if not ranks.distributed:
-        yield from data.batches(batch_size, limit=n_train, shuffle_seed=seed)
-        return
-    if not hasattr(data, "batch"):
-        raise RewriteError(f"{data.path}: a streamed TSV is read in order; convert it to .npz or TorchRec "
-                           f".npy to recover on several ranks")
-    order = np.random.default_rng(seed).permutation(n_train)
-    for lo in range(0, n_train, batch_size):
-        rows = np.sort(order[lo:lo + batch_size])
-        if len(rows) >= ranks.world:
-            yield data.batch(rows[ranks.rank::ranks.world])
 
 
 @torch.no_grad()
