@@ -67,6 +67,7 @@ class TableReport:
     tolerance: str = ""
     within_tolerance: bool = True
     fit_seconds: float = 0.0
+    fit_cpu_seconds: float = 0.0      # CPU time of this process (all its threads) during the fit
     rank: int = 0                     # the rank that fitted it (0 on one process)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -165,9 +166,9 @@ def _run_on_site(cp: ConfiguredPass, site, current: RecModel, ctx: PassContext,
     if site.rows < cfg.min_rows:
         rep.reason = f"{site.rows} rows < min_rows={cfg.min_rows}"
         return rep, None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = info.run(site, cfg, ctx)
-    rep.fit_seconds = time.perf_counter() - t0
+    rep.fit_seconds, rep.fit_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if isinstance(result, Skip):
         rep.reason = result.reason
         return rep, None
