@@ -62,7 +62,8 @@ def apply(args: list[str], nproc: int, out: Path) -> dict:
     wall = time.perf_counter() - t0
     cpu = _child_cpu() - cpu0
     if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+        tail = "\n".join(r.stderr.replace("\r", "\n").strip().splitlines()[-15:])
+        sys.exit(f"{' '.join(cmd)} failed ({r.returncode}):\n{tail}")
     d = json.loads(r.stdout)
     per_rank: dict[int, float] = {}
     cpu_rank: dict[int, float] = {}
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.model.exists():
             sys.exit(f"{args.model}: missing; PYTHONPATH=. python benchmarks/kaggle_model.py {args.model}")
         result["fit"] = fit_bench(args.model, args.tmp)
+        write_text(args.out, json.dumps(result, indent=1) + "\n")     # kept if a later part fails
         print(f"fit: {result['fit']['speedup_wall']:.2f}x wall, {result['fit']['speedup_fit_makespan']:.2f}x "
               f"fitting, byte-identical {result['fit']['byte_identical']}", file=sys.stderr)
     if "recovery" not in args.skip:

@@ -12,7 +12,7 @@ Rank 0 reports and writes; every other rank works and returns.  Errors are share
 raises inside a shared step hands its one-line message to every rank (``Group.agree``), so all
 ranks raise the same ``RankError`` (the failing rank's exit code, ``rank k: message``), and
 nothing is written.  A rank that dies outright breaks the gloo connections of the others; under
-``--nproc`` rank 0 then reports the dead rank's own error (sent back through a queue).
+``--nproc`` rank 0 then reports the dead rank's own error (sent back through the store).
 
 Test hook: ``REWRITE_DIST_FAIL_RANK=k`` makes rank k raise a ``RewriteError`` in its first
 fitting step (``Group.injected_failure``), to prove that a failed rank fails the job.
@@ -43,6 +43,7 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 120.0     # s: ranks 1..N-1 of --nproc must connect within this (imports ~5 s)
 POLL = 0.05                 # s: how often rank 0 checks its children while they start
 READY = "rewrite/ready/"   # store key a started rank sets (then rank 0 joins the process group)
+ERROR = "rewrite/error/"   # store key a failed rank sets: [one-line message, exit code]
 TIMEOUT = datetime.timedelta(days=1)   # a collective: a rank may wait while another fits for hours
                                        # (gloo's default, 30 min, is too short); a dead peer fails it at once
 
@@ -227,10 +228,12 @@ def from_env() -> Group:
     return Group(rank, world)
 
 
-def _child(index: int, port: int, world: int, threads: int | None, errors, work: Callable, args: tuple) -> None:
-    """Rank ``index + 1`` of a ``launch``: join rank 0's store, run ``work``, report a failure."""
+def _child(index: int, port: int, world: int, threads: int | None, work: Callable, args: tuple) -> None:
+    """Rank ``index + 1`` of a ``launch``: join rank 0's store, run ``work``, and report a failure
+    through the store (``ERROR`` key; the ``check`` round trip makes sure rank 0 has it)."""
     rank = index + 1
     group = Group(rank, world)
+    store = None
     try:
         set_threads(threads, world)
         store = dist.TCPStore(HOST, port, world, is_master=False, timeout=TIMEOUT)
@@ -240,8 +243,9 @@ def _child(index: int, port: int, world: int, threads: int | None, errors, work:
             work(group, *args)
     except BaseException as e:   # noqa: BLE001 (the parent reports it; a traceback helps no user)
         code = getattr(e, "exit_code", 2)
-        if not isinstance(e, RankError):        # a shared error: rank 0 already has it
-            errors.put((rank, one_line(e), code))
+        if store is not None and not isinstance(e, RankError):   # a shared error: rank 0 has it
+            store.set(f"{ERROR}{rank}", json.dumps([one_line(e), code]))
+            store.check([f"{ERROR}{rank}"])
         sys.exit(code)
     finally:
         if dist.is_initialized():
@@ -251,7 +255,8 @@ def _child(index: int, port: int, world: int, threads: int | None, errors, work:
 def launch(nproc: int, work: Callable[..., Any], args: tuple, threads: int | None = None) -> Any:
     """Run ``work(group, *args)`` on ``nproc`` ranks, this process being rank 0; return rank 0's
     result.  ``work`` and ``args`` must be picklable (a module-level function, plain values).
-    Any rank's failure raises here as a ``RankError``, after every child has exited."""
+    Any rank's failure before ``work``'s last collective raises here as a ``RankError``, after
+    every child has exited; a child that dies after it (when rank 0 has its result) is a warning."""
     if nproc < 1:
         raise RewriteError(f"--nproc must be >= 1, got {nproc}")
     if nproc == 1:
@@ -261,27 +266,28 @@ def launch(nproc: int, work: Callable[..., Any], args: tuple, threads: int | Non
 
     set_threads(threads, nproc)
     store = dist.TCPStore(HOST, 0, nproc, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-    errors = mp.get_context("spawn").SimpleQueue()
-    ctx = mp.start_processes(_child, args=(store.port, nproc, threads, errors, work, args),
+    ctx = mp.start_processes(_child, args=(store.port, nproc, threads, work, args),
                              nprocs=nproc - 1, join=False, start_method="spawn")
     group = Group(0, nproc)
     try:
-        _await_children(store, ctx, errors, nproc)
+        _await_children(store, ctx, nproc)
         dist.init_process_group("gloo", store=store, rank=0, world_size=nproc, timeout=TIMEOUT)
         with rank_stderr(group):
             result = work(group, *args)
     except BaseException as e:
         _leave()                  # closes the connections: a child waiting in a collective fails now
-        child = _finish(ctx, errors, grace=30.0)
+        child = _finish(ctx, store, grace=30.0)
         if isinstance(e, RewriteError):     # shared (RankError) or rank 0's own, one line already
             raise
         if child is not None:     # a child died first; rank 0's error is only the broken connection
             raise RankError(*child) from None
         raise RankError(0, one_line(e)) from e
     _leave()
-    child = _finish(ctx, errors, grace=None)
-    if child is not None:
-        raise RankError(*child)
+    child = _finish(ctx, store, grace=None)
+    if child is not None:    # every rank passed work's last collective: the result stands (once,
+                             # under load, a finished rank aborted in its teardown: SIGABRT)
+        print(f"warning: rank {child[0]} {child[1]} after the job finished; the result is complete",
+              file=sys.stderr)
     return result
 
 
@@ -290,21 +296,21 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def _await_children(store, ctx, errors, nproc: int) -> None:
+def _await_children(store, ctx, nproc: int) -> None:
     """Wait until ranks 1..N-1 have connected to the store; fail at once if one exits first."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     keys = [f"{READY}{r}" for r in range(1, nproc)]
     while not store.check(keys):
         if any(p.exitcode is not None for p in ctx.processes):
-            child = _finish(ctx, errors, grace=5.0)
+            child = _finish(ctx, store, grace=5.0)
             raise RankError(*child) if child else RewriteError("a rank exited before joining the job")
         if time.monotonic() > deadline:
-            _finish(ctx, errors, grace=0.0)
+            _finish(ctx, store, grace=0.0)
             raise RewriteError(f"ranks did not start within {STARTUP_TIMEOUT:.0f} s")
         time.sleep(POLL)
 
 
-def _finish(ctx, errors, grace: float | None) -> tuple[int, str, int] | None:
+def _finish(ctx, store, grace: float | None) -> tuple[int, str, int] | None:
     """Wait for every child (``grace`` seconds, then terminate it; None: no limit).  Return the
     lowest (rank, message, exit code) a child reported, else one for a child that exited non-zero
     on its own (not one terminated here), else None."""
@@ -316,11 +322,10 @@ def _finish(ctx, errors, grace: float | None) -> tuple[int, str, int] | None:
         if p.exitcode is None:
             p.terminate()
             p.join()
-    reported = []
-    while not errors.empty():
-        reported.append(errors.get())
-    if reported:
-        return min(reported)
+    for rank in range(1, len(ctx.processes) + 1):
+        if store.check([f"{ERROR}{rank}"]):
+            message, code = json.loads(store.get(f"{ERROR}{rank}"))
+            return rank, message, code
     for rank, code in sorted(own.items()):
         return (rank, f"exited with code {code}" if code > 0 else f"killed by signal {-code}", 2)
     return None
