@@ -12,7 +12,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,tune]'
 	touch $@
 
-install: $(VENV)/.installed
+# Real data for tests and benchmarks: MovieLens-100k as RecBole's PyPI wheel ships it (GroupLens'
+# terms, README "Real data"). Set-up may use PyPI; nothing downloads at run time. recbole itself
+# is not installed (it pins colorlog and pulls ray, tensorboard, plotly): only its data are used.
+RECBOLE  ?= recbole==1.2.1
+ML100K    = .cache/data/ml-100k/ml-100k.inter
+$(ML100K): $(VENV)/.installed
+	$(VENV)/bin/pip download --quiet --no-deps $(RECBOLE) -d .cache/wheels
+	$(PY) examples/movielens.py --extract .cache/wheels --src .cache/data/ml-100k
+
+install: $(VENV)/.installed $(ML100K)
 
 # Synthetic data -> trained table DLRM (dlrm's checkpoint format) -> inspect -> profile
 # -> rewrite (MD + int8, verified) -> compile (onnx-cpu, torch, tvm-llvm) -> verify -> bench.
@@ -30,7 +39,7 @@ demo: $(VENV)/.installed
 	$(RW) verify $(DEMO)/bundle --data $(DEMO)/day_1.npz
 	$(RW) bench $(DEMO)/bundle --batch-sizes 1,64,512,2048 --reference $(DEMO)/model.pt --rounds 3
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(ML100K)
 	$(PY) -m pytest -q
 
 clean:

@@ -1,36 +1,35 @@
-"""Quality benchmark: test AUC / log loss of every representation at ~10×, 100×, 1000× smaller
-embeddings, fitted from the trained table and after recovery (distillation).
+"""Quality benchmark: test ΔAUC of each representation at several whole-model compressions, fitted
+from the trained table and after recovery, on real data (MovieLens-100k) and on the realistic
+synthetic generator; and whether ``rewrite plan --recover`` finds a plan within 0.001 AUC at 16×.
 
-    PYTHONPATH=. python benchmarks/quality.py --demo /tmp/demo --out benchmarks/results/quality.json
+    PYTHONPATH=. nice -n 10 python benchmarks/quality.py --out benchmarks/results/quality.json
 
-Data: the demo (``examples/train_demo.py``, made in ``--demo`` if absent): the trained table DLRM
-is the baseline; day 0 is used for the access profile, the pass verification sample and
-recovery, day 1 only for the reported AUC / log loss.
+Models (made in ``--work`` if absent, seeded):
+* ``movielens``: ``examples/movielens.py`` on ``.cache/data/ml-100k`` (``make install``): 11 tables of
+  2–1,682 rows, d = 16; recovery and the profile on train.npz, AUC on test.npz (each user's last
+  10% of ratings), validation unused here.
+* ``synthetic``: ``SyntheticConfig(structure="lowrank")`` (``rewrite/core/synthetic.py``), the 26
+  demo tables capped at ``--synthetic-rows``; a table DLRM trained one epoch on day 0, recovery on
+  day 0, AUC on day 1.
 
-Compression is the whole-model ratio of embedding bytes (``RecModel.embedding_bytes``), exact.
-Allocation rule (fixed, not tuned on the test day): tables with fewer than ``min_rows`` rows stay
-tables, ``min_rows`` the largest of 200 / 100 / 25 / 0 whose untouched tables take at most a
-quarter of the budget; the others get one per-table ``compression`` found by bisection (fits
-disabled) so the whole model lands at the target.  A row is ``label=PASS[+PASS...]`` in the
-``-p`` grammar with ``{c}`` (per-table compression) and ``{steps}`` (fit steps; 0 while
-calibrating) substituted, e.g. ``--row "tt=tt:compression={c}"`` or ``--row "int4=quantize:bits=4"``
-(no ``{c}``: one point at its own ratio).  The "hot rows" reference keeps the top 1/target of
-each table's rows exact and replaces the rest with the weighted mean row: its id map is not
-counted, so it is a reference, not a representation.
+Compression is the exact whole-model ratio of embedding bytes.  A point is ``PASS:compression=c``
+on the tables of at least ``MIN_ROWS`` rows plus row-wise ``quantize`` (int4 below 30×, int2 from
+30×) on the smaller ones, c found by bisection (fits disabled) so the whole model lands at the
+target.  Recovery: ``rewrite.recovery.recover`` at its defaults, top MLP trained (``--recover-top``).
+The plan check runs ``rewrite.plan`` with ``--memory-budget`` = MLPs + embeddings / 16,
+``--max-auc-drop 0.001`` and ``--recover`` train.npz on the MovieLens model, measured on valid.npz,
+then compiles the plan (torch) and measures the bundle's test AUC.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import rewrite
@@ -40,105 +39,123 @@ from rewrite.core.pass_contract import ConfiguredPass, parse_pass
 from rewrite.recovery import recover
 from rewrite.training import evaluate
 
-DEFAULT_ROWS = ("dhe=dhe:compression={c}:steps={steps}:batch_size=1024",
-                "hybrid=hybrid:compression={c}:steps={steps}:batch_size=1024",
-                "memrec=memrec:compression={c}:steps={steps}:batch_size=1024",
-                "robe=robe:compression={c}")
-KEEP_ROWS = (200, 100, 25, 0)          # candidate min_rows, largest first
-KEEP_SHARE = 0.25                      # untouched tables may take this share of the budget
-AUC_GOAL = 0.001                       # the goal: within 0.001 AUC of the table model
+ROOT = Path(__file__).resolve().parents[1]
+MIN_ROWS = 100                     # smaller tables get row-wise quantization instead
+ROWS = {"movielens": ("robe", "qr", "tt"), "synthetic": ("tt", "robe")}     # `--rows` adds dhe, hybrid, ...
+TARGETS = {"movielens": (8, 16, 50), "synthetic": (16, 100)}
+GOALS = {"movielens": ((16, 0.001), (50, 0.005)), "synthetic": ((100, 0.001),)}
+PLAN_GRID = {"robe": ["compression=16", "compression=24", "compression=32"],
+             "qr": ["compression=16", "compression=24"], "tt": ["compression=16", "compression=24"],
+             "quantize": ["bits=4", "bits=2"]}
 
 
-def build(template: str, c: float, steps: int, min_rows: int) -> list[ConfiguredPass]:
-    out = []
-    for text in template.format(c=f"{c:.6g}", steps=steps).split("+"):
-        cp = parse_pass(text)
-        out.append(ConfiguredPass(cp.name, dataclasses.replace(cp.config, min_rows=min_rows)))
-    return out
+def build(rep: str, c: float, target: float) -> list[ConfiguredPass]:
+    main = parse_pass(f"{rep}:compression={c:.6g}")
+    rest = parse_pass(f"quantize:bits={4 if target < 30 else 2}")
+    return [ConfiguredPass(main.name, dataclasses.replace(main.config, min_rows=MIN_ROWS)), rest]
 
 
-def choose_min_rows(model: rewrite.RecModel, target: float) -> int:
-    budget = model.embedding_bytes() / target
-    for keep in KEEP_ROWS:
-        kept = sum(t.num_bytes() for t in model.embeddings.values() if t.rows < keep)
-        if kept <= KEEP_SHARE * budget:
-            return keep
-    return 0
+def ratio(model, rep, c, target, prof, sample) -> float:
+    passes = build(rep, c, target)
+    if rep in ("dhe", "hybrid", "memrec"):          # sizes do not depend on the fit: skip it
+        passes[0] = ConfiguredPass(passes[0].name, dataclasses.replace(passes[0].config, steps=1))
+    _, rep_ = rewrite.apply(model, passes, profile=prof, sample=sample)
+    return rep_.embedding_bytes_before / rep_.embedding_bytes_after
 
 
-def ratio(model, template, c, min_rows, prof, sample) -> float:
-    rw, rep = rewrite.apply(model, build(template, c, 0, min_rows), profile=prof, sample=sample)
-    return rep.embedding_bytes_before / rep.embedding_bytes_after
+def calibrate(model, rep, target, prof, sample, steps: int = 10) -> float:
+    """Smallest per-table compression on a geometric grid [target/2, 8·target] whose whole-model
+    ratio reaches ``target``; else the one reaching the largest ratio (a pass that cannot shrink
+    a table that far skips it, so the ratio is not monotonic in c)."""
+    grid = [target / 2 * 16 ** (i / (steps - 1)) for i in range(steps)]
+    ratios = [ratio(model, rep, c, target, prof, sample) for c in grid]
+    ok = [c for c, r in zip(grid, ratios) if r >= target]
+    return ok[0] if ok else grid[max(range(steps), key=ratios.__getitem__)]
 
 
-def calibrate(model, template, target, min_rows, prof, sample, iters: int = 9) -> float:
-    """Smallest per-table compression (log bisection) whose whole-model ratio reaches ``target``."""
-    lo, hi = math.log(target / 2), math.log(target * 64)
-    if ratio(model, template, math.exp(hi), min_rows, prof, sample) < target:
-        return math.exp(hi)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ratio(model, template, math.exp(mid), min_rows, prof, sample) < target else (lo, mid)
-    return math.exp(hi)
-
-
-def hot_rows_reference(model, prof, d1, target: float) -> dict:
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, t in m.embeddings.items():
-            counts = prof.counts(name)
-            keep = max(1, int(round(t.rows / target)))
-            cold = torch.from_numpy(np.argsort(-counts, kind="stable")[keep:].copy())
-            w = torch.as_tensor(counts, dtype=torch.float32) + 1
-            t.weight[cold] = (t.weight * w[:, None]).sum(0) / w.sum()
-    ev = evaluate(m, d1)
-    return {"label": "hot rows (reference)", "target": target, "compression": target,
-            "auc": ev.auc, "logloss": ev.logloss}
-
-
-def run_point(model, label, template, target, args, prof, sample, d0, d1) -> dict:
-    min_rows = choose_min_rows(model, target) if target else 0
+def run_point(model, rep, target, world, args) -> dict:
+    train, test, prof, sample, base = world
     t0 = time.perf_counter()
-    c = calibrate(model, template, target, min_rows, prof, sample) if "{c}" in template else None
-    calib = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rw, rep = rewrite.apply(model, build(template, c or 0, args.fit_steps, min_rows), profile=prof, sample=sample)
-    fit_seconds = time.perf_counter() - t0
-    fitted = evaluate(rw, d1)
-    point = {"label": label, "passes": [str(p) for p in build(template, c or 0, args.fit_steps, min_rows)],
-             "target": target, "per_table_compression": c, "min_rows": min_rows,
-             "embedding_bytes": rep.embedding_bytes_after,
-             "compression": rep.embedding_bytes_before / rep.embedding_bytes_after,
-             "tables_rewritten": sum(t.status == "rewritten" for t in rep.tables),
-             "calibrate_seconds": calib, "fit_seconds": fit_seconds,
-             "auc": fitted.auc, "logloss": fitted.logloss}
-    if args.recover_epochs > 0:
-        rec, rr = recover(model, rw, d0, epochs=args.recover_epochs, lr=args.recover_lr,
-                          eval_data=d1, train_top=args.recover_top, seed=args.seed)
-        point.update({"auc_recovered": rr.eval["auc_recovered"], "logloss_recovered": rr.eval["logloss_recovered"],
-                      "logit_rmse": rr.eval["logit_rmse_rewritten"],
-                      "logit_rmse_recovered": rr.eval["logit_rmse_recovered"],
-                      "recover_seconds": rr.seconds, "recover_steps": rr.steps, "recover_best_step": rr.best_step})
-    print(json.dumps({k: v for k, v in point.items() if k != "passes"}), file=sys.stderr)
+    c = calibrate(model, rep, target, prof, sample)
+    passes = build(rep, c, target)
+    rw, report = rewrite.apply(model, passes, profile=prof, sample=sample)
+    fit_s = time.perf_counter() - t0
+    fitted = evaluate(rw, test)
+    rec, rr = recover(model, rw, train, train_top=args.recover_top, seed=args.seed)
+    recovered = evaluate(rec, test)
+    point = {"representation": rep, "target": target, "passes": [str(p) for p in passes],
+             "per_table_compression": c, "embedding_bytes": report.embedding_bytes_after,
+             "compression": report.embedding_bytes_before / report.embedding_bytes_after,
+             "auc_fitted": fitted.auc, "auc_recovered": recovered.auc,
+             "delta_auc_fitted": fitted.auc - base.auc, "delta_auc_recovered": recovered.auc - base.auc,
+             "logloss_recovered": recovered.logloss, "fit_seconds": fit_s, "recover_seconds": rr.seconds,
+             "recover_steps": rr.steps, "recover_best_step": rr.best_step, "recover_skipped": rr.skipped}
+    print(json.dumps({k: v for k, v in point.items() if k != "passes"}), file=sys.stderr, flush=True)
     return point
 
 
-def markdown(result: dict) -> str:
-    base = result["baseline"]
-    lines = [f"Baseline table DLRM: AUC {base['auc']:.4f}, log loss {base['logloss']:.4f}, "
-             f"embeddings {base['embedding_bytes']:,} B (test: day 1, {base['rows']:,} rows).", "",
-             "| representation | target | achieved | bytes | AUC fitted | AUC recovered | Δ AUC recovered | "
-             "log loss recovered | fit s | recover s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in result["points"]:
-        rec = p.get("auc_recovered")
-        lines.append(f"| {p['label']} | {p['target']:g}× | {p['compression']:.1f}× | {p['embedding_bytes']:,} | "
-                     f"{p['auc']:.4f} | {rec if rec is None else format(rec, '.4f')} | "
-                     f"{'' if rec is None else format(rec - base['auc'], '+.4f')} | "
-                     f"{p.get('logloss_recovered', float('nan')):.4f} | {p['fit_seconds']:.1f} | "
-                     f"{p.get('recover_seconds', 0.0):.1f} |")
-    for r in result["references"]:
-        lines.append(f"| {r['label']} | {r['target']:g}× | (id map not counted) | | {r['auc']:.4f} | | | | | |")
-    return "\n".join(lines)
+def movielens_model(work: Path):
+    out = work / "ml100k"
+    if not (out / "model.pt").exists():
+        sys.path.insert(0, str(ROOT / "examples"))
+        import movielens
+
+        if movielens.main(["--src", str(ROOT / movielens.DEFAULT_SRC), "--out", str(out)]) != 0:
+            raise SystemExit("MovieLens-100k is missing: run `make install`")
+    return out / "model.pt", out / "train.npz", out / "test.npz", out / "valid.npz"
+
+
+def synthetic_model(work: Path, max_rows: int, n_train: int):
+    from rewrite.core.synthetic import Synthetic, SyntheticConfig, demo_rows, write_npz
+    from rewrite.training import table_dlrm, train
+
+    out = work / f"lowrank{max_rows}"
+    if not (out / "model.safetensors").exists():
+        gen = Synthetic(SyntheticConfig(rows=demo_rows(max_rows), structure="lowrank"))
+        write_npz(out / "day_0.npz", *gen.sample(n_train, seed=0))
+        write_npz(out / "day_1.npz", *gen.sample(n_train // 3, seed=1))
+        model = table_dlrm(list(gen.cfg.rows))
+        train(model, data.open(out / "day_0.npz"), epochs=1, lr=5e-3)
+        rewrite.save(model, out / "model.safetensors")              # atomic: written last
+    return out / "model.safetensors", out / "day_0.npz", out / "day_1.npz", None
+
+
+def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Path, candidates: int) -> dict:
+    """`rewrite plan --memory-budget (MLPs + embeddings/16) --max-auc-drop 0.001 --recover train`."""
+    model = rewrite.load(model_path)
+    budget = model.dense_bytes() + model.embedding_bytes() // 16
+    (work / "grid.json").write_text(json.dumps(PLAN_GRID))
+    t0 = time.perf_counter()
+    out = {"memory_budget_bytes": budget, "max_auc_drop": 0.001, "grid": PLAN_GRID}
+    try:
+        plan = rewrite.plan(model_path, valid, hardware="cpu-local", memory_budget=budget, max_auc_drop=0.001,
+                            grid=work / "grid.json", samples=len(data.open(valid).labels), calibrate=False,
+                            recover=train, recover_candidates=candidates, output=work / "plan.json")
+    except rewrite.RewriteError as e:
+        out.update(found=False, error=str(e), seconds=time.perf_counter() - t0)
+        plan_file = work / "plan.json"
+        if plan_file.exists():
+            plan_file.unlink()
+        return out
+    p0 = plan["paths"]["p0"]
+    out.update(found=True, seconds=time.perf_counter() - t0,
+               embedding_compression=model.embedding_bytes() / (p0["bytes"]["value"] - model.dense_bytes()),
+               auc_drop_valid=p0["auc_drop"]["value"], candidates=plan["recovery"]["candidates_measured"],
+               tables={t: e["pass"] for t, e in p0["tables"].items()})
+    rewrite.compile(model_path, work / "plan_bundle", plan=work / "plan.json", targets=["torch"], force=True)
+    served = rewrite.load(work / "plan_bundle" / "rewritten" / "p0.safetensors")
+    out["bundle_delta_auc_test"] = evaluate(served, data.open(test)).auc - evaluate(model, data.open(test)).auc
+    return out
+
+
+def goals(points: list[dict], ds: str) -> list[dict]:
+    res = []
+    for ratio_goal, drop in GOALS[ds]:
+        within = [p for p in points if p["delta_auc_recovered"] >= -drop]
+        best = max(within, key=lambda p: p["compression"], default=None)
+        res.append({"goal": f">= {ratio_goal}x within {drop} AUC", "best_compression": best and best["compression"],
+                    "by": best and best["representation"], "met": bool(best and best["compression"] >= ratio_goal)})
+    return res
 
 
 def plot(result: dict, path: Path) -> None:
@@ -147,73 +164,108 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    base = result["baseline"]["auc"]
-    ax.axhline(base, color="k", lw=1, label="table DLRM")
-    ax.axhspan(base - AUC_GOAL, base, color="k", alpha=0.1, label=f"within {AUC_GOAL} AUC")
-    labels = sorted({p["label"] for p in result["points"]})
-    for i, label in enumerate(labels):
-        pts = sorted((p for p in result["points"] if p["label"] == label), key=lambda p: p["compression"])
-        x = [p["compression"] for p in pts]
-        color = f"C{i}"
-        ax.plot(x, [p["auc"] for p in pts], "o--", color=color, alpha=0.6, label=f"{label} fitted")
-        if all("auc_recovered" in p for p in pts):
-            ax.plot(x, [p["auc_recovered"] for p in pts], "o-", color=color, label=f"{label} recovered")
-    refs = result["references"]
-    if refs:
-        ax.plot([r["compression"] for r in refs], [r["auc"] for r in refs], "x:", color="gray",
-                label="hot rows + mean (reference)")
-    ax.set_xscale("log")
-    ax.set_xlabel("embedding compression (whole model, ×)")
-    ax.set_ylabel("test AUC (day 1)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    names = list(result["datasets"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, ds in zip(axes[0], names):
+        pts = result["datasets"][ds]["points"]
+        for i, rep in enumerate(sorted({p["representation"] for p in pts})):
+            mine = sorted((p for p in pts if p["representation"] == rep), key=lambda p: p["compression"])
+            x = [p["compression"] for p in mine]
+            ax.plot(x, [p["delta_auc_fitted"] for p in mine], "o--", color=f"C{i}", alpha=0.5, label=f"{rep} fitted")
+            ax.plot(x, [p["delta_auc_recovered"] for p in mine], "o-", color=f"C{i}", label=f"{rep} recovered")
+        best = sorted(pts, key=lambda p: p["compression"])
+        front, top = [], -1.0
+        for p in reversed(best):                       # Pareto: no smaller ratio with a better ΔAUC
+            if p["delta_auc_recovered"] > top:
+                front.append(p)
+                top = p["delta_auc_recovered"]
+        ax.step([p["compression"] for p in reversed(front)], [p["delta_auc_recovered"] for p in reversed(front)],
+                "k-", where="post", lw=2, alpha=0.4, label="Pareto (recovered)")
+        for drop, ls in ((0.001, "-"), (0.005, ":")):
+            ax.axhline(-drop, color="r", ls=ls, lw=1, label=f"−{drop} AUC")
+        ax.set_xscale("log")
+        ax.set_ylim(max(-0.08, min(p["delta_auc_fitted"] for p in pts) - 0.005), 0.005)
+        ax.set_xlabel("embedding bytes ratio (whole model, ×)")
+        ax.set_ylabel("ΔAUC on the test split")
+        ax.set_title(f"{ds}: AUC {result['datasets'][ds]['baseline_auc']:.4f}")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demo", type=Path, default=Path("demo"), help="demo dir (made if absent)")
+    ap.add_argument("--work", type=Path, default=Path("bench-quality"), help="models and data (made if absent)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
-    ap.add_argument("--targets", default="10,100,1000", help="whole-model compression targets")
-    ap.add_argument("--row", action="append", help="label=PASS_SPEC (repeatable; default: this branch's four)")
-    ap.add_argument("--fit-steps", type=int, default=1000)
-    ap.add_argument("--recover-epochs", type=float, default=1.0, help="0: no recovery")
-    ap.add_argument("--recover-lr", type=float, default=5e-3)
-    ap.add_argument("--recover-top", action=argparse.BooleanOptionalAction, default=True,
-                    help="recovery also trains the top MLP (default on)")
+    ap.add_argument("--datasets", default="movielens,synthetic")
+    ap.add_argument("--synthetic-rows", type=int, default=5000, help="cap on the synthetic tables' rows")
+    ap.add_argument("--synthetic-samples", type=int, default=150_000, help="day 0 rows (day 1: a third)")
+    ap.add_argument("--recover-top", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--plan", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the plan --recover check on the MovieLens model")
+    ap.add_argument("--rows", help="representations, comma-separated, for every data set (default: ROWS)")
+    ap.add_argument("--plan-candidates", type=int, default=2, help="plan --recover-candidates")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if not (args.demo / "model.pt").exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-        import train_demo
-
-        train_demo.main(["--out", str(args.demo)])
-    model = rewrite.load(args.demo / "model.pt")
-    d0, d1 = data.open(args.demo / "day_0.npz"), data.open(args.demo / "day_1.npz")
-    prof = rewrite.profile(model, d0)
-    sample = list(d0.batches(2048, limit=4096))
-    base = evaluate(model, d1)
-    targets = [float(t) for t in args.targets.split(",")]
-    rows = [r.split("=", 1) for r in (args.row or DEFAULT_ROWS)]
-    points = [run_point(model, label, template, t, args, prof, sample, d0, d1)
-              for label, template in rows for t in (targets if "{c}" in template else [0.0])]
+    t_start = time.perf_counter()
     result = {"command": " ".join(["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-              "baseline": {"auc": base.auc, "logloss": base.logloss, "rows": base.n,
-                           "embedding_bytes": model.embedding_bytes()},
-              "settings": {k: str(v) for k, v in vars(args).items()},
-              "points": points,
-              "references": [hot_rows_reference(model, prof, d1, t) for t in targets]}
-    write_text(args.out, json.dumps(result, indent=1))
+              "settings": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
+    for ds in args.datasets.split(","):
+        model_path, train_p, test_p, valid_p = (movielens_model(args.work) if ds == "movielens"
+                                                else synthetic_model(args.work, args.synthetic_rows,
+                                                                     args.synthetic_samples))
+        model = rewrite.load(model_path)
+        train, test = data.open(train_p), data.open(test_p)
+        prof = rewrite.profile(model, train)
+        sample = list(train.batches(2048, limit=4096))
+        base = evaluate(model, test)
+        world = (train, test, prof, sample, base)
+        reps = args.rows.split(",") if args.rows else ROWS[ds]
+        points = [run_point(model, rep, t, world, args) for rep in reps for t in TARGETS[ds]]
+        entry = {"model": str(model_path), "baseline_auc": base.auc, "baseline_logloss": base.logloss,
+                 "test_rows": base.n, "embedding_bytes": model.embedding_bytes(), "points": points,
+                 "goals": goals(points, ds)}
+        if ds == "movielens" and args.plan:
+            entry["plan"] = plan_check(model_path, train_p, test_p, valid_p, args.work, args.plan_candidates)
+            print(json.dumps(entry["plan"], default=str), file=sys.stderr, flush=True)
+        result["datasets"][ds] = entry
+    result["seconds"] = time.perf_counter() - t_start
+    write_text(args.out, json.dumps(result, indent=1, default=float))
     plot(result, args.out.with_suffix(".png"))
     table = markdown(result)
     write_text(args.out.with_suffix(".md"), table + "\n")
     print(table)
     return 0
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    for ds, e in result["datasets"].items():
+        lines += [f"**{ds}**: baseline test AUC {e['baseline_auc']:.4f} ({e['test_rows']:,} rows), embeddings "
+                  f"{e['embedding_bytes']:,} B", "",
+                  "| representation | target | achieved | ΔAUC fitted | ΔAUC recovered | recovery steps | fit s | recover s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in e["points"]:
+            lines.append(f"| {p['representation']} | {p['target']}× | {p['compression']:.1f}× | "
+                         f"{p['delta_auc_fitted']:+.4f} | {p['delta_auc_recovered']:+.4f} | "
+                         f"{p['recover_steps']} | {p['fit_seconds']:.1f} | {p['recover_seconds']:.1f} |")
+        lines.append("")
+        for g in e["goals"]:
+            best = "none" if g["best_compression"] is None else f"{g['best_compression']:.1f}× ({g['by']})"
+            lines.append(f"- goal {g['goal']}: best {best}, {'met' if g['met'] else 'not met'}")
+        if "plan" in e:
+            p = e["plan"]
+            lines.append(f"- plan --memory-budget {p['memory_budget_bytes']:,} B --max-auc-drop 0.001 --recover: "
+                         + (f"found, {p['embedding_compression']:.1f}× embeddings, ΔAUC valid "
+                            f"{-p['auc_drop_valid']:+.4f}, bundle ΔAUC test {p['bundle_delta_auc_test']:+.4f}"
+                            if p["found"] else f"not found: {p['error']}") + f" ({p['seconds']:.0f} s)")
+        lines.append("")
+    lines.append(f"total {result['seconds'] / 60:.1f} min")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

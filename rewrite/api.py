@@ -105,9 +105,11 @@ def plan(model: RecModel | str | Path, data: str | Path, *, hardware: str = "cpu
          max_rel_error: float | None = None, latency_target: str | None = None, batch: int = 512,
          samples: int = 16384, profile: str | Path | None = None, grid: str | Path | None = None,
          calibrate: bool = True, explain: bool = False, plot: str | Path | None = None,
-         output: str | Path | None = None) -> dict[str, Any]:
+         output: str | Path | None = None, recover: str | Path | None = None,
+         recover_candidates: int = 3, recover_top: bool = False) -> dict[str, Any]:
     """Choose a representation per table and a path per batch size under the constraints; the
-    plan/1 dict (``rewrite.cost.plan_file``), also written to ``output`` when given."""
+    plan/1 dict (``rewrite.cost.plan_file``), also written to ``output`` when given.
+    ``recover``: measure the best few candidates after recovery on this data (``rewrite.cost.recovered``)."""
     from rewrite.cost.commands import run_plan
 
     model, path = _model(model)
@@ -115,4 +117,5 @@ def plan(model: RecModel | str | Path, data: str | Path, *, hardware: str = "cpu
                     None if memory_budget is None else str(memory_budget), max_auc_drop, max_rel_error,
                     latency_target, batch, samples, Path(profile) if profile else None,
                     Path(grid) if grid else None, calibrate, explain, Path(plot) if plot else None,
-                    Path(output) if output else None)
+                    Path(output) if output else None, Path(recover) if recover else None,
+                    recover_candidates, recover_top)

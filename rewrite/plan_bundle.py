@@ -2,7 +2,9 @@
 
 ``-p``:  model -> passes (the gate of ``rewrite apply``) -> ``compile_model(rewritten, original=model)``.
 ``--plan``: model + plan/1 file -> per distinct plan path pK the plan's passes applied to the
-original and verified against it (same gate), stored as ``rewritten/pK.safetensors`` -> one path
+original and verified against it (same gate; a plan made with ``--recover`` has its primary path
+recovered as the plan's ``recovery`` recipe says, gated afterwards by ``rewrite verify`` as
+``apply --recover`` is), stored as ``rewritten/pK.safetensors`` -> one path
 ``pK-<target>`` per requested target (lowered, verified against pK's eager model, timed at
 compile time) -> a dispatch policy that follows the plan's batch-size ranges:
 
@@ -82,7 +84,15 @@ def compile_plan(model: RecModel, plan: dict[str, Any], plan_file: Path, out: Pa
             variants[name] = {**entry, "same_as": seen[key]}
             continue
         seen[key] = name
-        rewritten, report = rewrite_checked(model, source or plan_file, configured, inputs, allow_degraded)
+        recovering = bool(plan.get("recovery")) and name == plan.get("primary", "p0")
+        # a recovered path is gated after recovery (by verify), as `rewrite apply --recover`
+        rewritten, report = rewrite_checked(model, source or plan_file, configured, inputs,
+                                            allow_degraded or recovering)
+        if recovering and "failure" not in report:
+            from rewrite.cost.recovered import recover_model
+
+            rewritten = recover_model(model, rewritten, plan["recovery"])
+            entry["recovered_on"] = plan["recovery"]["data"]
         entry["rewrite"] = rewrite_summary(report)
         entry["verified"] = "failure" not in report
         if entry["verified"]:

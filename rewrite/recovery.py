@@ -7,27 +7,37 @@ After:  the same representations with their float tensors (and optionally the to
             L = mean (z_s − z_t)²  +  λ · BCE(z_s, y)        (the BCE term only when DATA has labels)
         z_t the original model's logits, z_s the student's.
 
-Which tensors train: every floating-point parameter *and* floating buffer of each table whose
-representation differs from the original's (kind or params), so scales / biases of quantized
-tables are refitted too.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
+Which tensors train: every floating-point parameter *and* persistent floating buffer of each
+table whose representation differs from the original's (kind or params), so float scales /
+biases are refitted too.  Non-persistent buffers are derived constants (e.g. the row-wise int4
+table's fp16 decode table), never trained: training one once sent the held-out loss from 0.34
+to 5e9 and early stopping kept the unrecovered start.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
 as they are and are listed in the report.  On N ranks (``ranks``): data-parallel, DDP over the
-trained tensors (``rewrite.data_parallel``), each rank its N-th of every batch and of the
-held-out rows, teacher logits per rank, held-out loss all-reduced.  Early stopping: the last
-``holdout`` share of DATA
-(at most ``MAX_HOLDOUT`` rows) is never trained on; L is measured on it every ``eval_every``
-steps and the best state is kept.  Adam, with a linear learning-rate warm-up over the first
-fifth of the steps (Adam's first steps are lr-sized whatever the gradient, which knocks a good
-student off its fit) and two rates: ``lr`` for gathered tensors (tables, hashed arrays, token
-tables) and ``lr · DENSE_LR_SCALE`` for weights of ``nn.Linear`` layers (the top MLP, DHE
-decoders), which every sample updates.  Inputs are never modified: the result shares nothing
-trainable with ``original`` or ``rewritten``.
+trained tensors (``rewrite.data_parallel``); each rank computes the teacher's logits for its
+share of the rows (gathered once), trains on every N-th row of each batch and measures its N-th
+of the held-out rows (the loss all-reduced), so steps and stopping are one process's.
+
+Length and early stopping: by default up to ``MAX_EPOCHS`` passes over the training part, which
+early stopping cuts short.  A seeded random ``holdout`` share of DATA's rows (at most
+``MAX_HOLDOUT``) is never trained on (random, not the file's tail: in a log ordered by time
+the tail holds the users who arrived last, whose ids recovery would then never see); L is measured on it
+``EVALS_PER_EPOCH`` times per epoch (``eval_every`` steps), the best state is kept, and training
+stops after ``patience`` evaluations in a row without a new best (default 4: two epochs).
+Schedule (Adam): the rate ramps up linearly over the first ``warmup`` steps (a fifth of the run,
+at most one epoch: Adam's first steps are lr-sized whatever the gradient, which knocks a good
+student off its fit), then decays along a cosine to ``MIN_LR_FRACTION`` of the peak at the
+last step, so late epochs refine instead of oscillating around the fit.  Two rates: ``lr`` for
+gathered tensors (tables, hashed arrays, token tables) and ``lr · DENSE_LR_SCALE`` for weights of
+``nn.Linear`` layers (the top MLP, DHE decoders), which every sample updates.  Inputs are never
+modified: the result shares nothing trainable with ``original`` or ``rewritten``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +52,22 @@ from rewrite.data import Dataset, check_matches
 from rewrite.core.errors import RewriteError
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
-from rewrite.data_parallel import data_parallel, train_batches
+from rewrite.data_parallel import data_parallel, shard_rows
 from rewrite.distributed import SINGLE, Group
 
 NOTHING_TO_TRAIN = "no rewritten table differs from the original and train_top is off: nothing to train"
+NO_FLOAT_TENSORS = ("the rewritten tables hold no float tensor to train (integer codes only) and "
+                    "train_top is off: nothing to train")
 MAX_HOLDOUT = 20_000           # rows: enough for a stable loss estimate, cheap to evaluate
-DEFAULT_LR = 5e-3             # Adam; the demo's table DLRM trains at 5e-3 (examples/train_demo.py)
+DEFAULT_LR = 5e-2             # Adam peak rate (cosine-decayed): measured on the MovieLens model
+                               # (robe / dhe at 16x, top MLP trained): 5e-3 / 2e-2 / 5e-2 gave test
+                               # AUC drops 0.0125 / 0.0102 / 0.0074 (robe, 30 epochs) and - / 0.0128 /
+                               # 0.0080 (dhe, 20 epochs); the held-out loss kept falling at 5e-2
 WARMUP_DIVISOR = 5             # the learning rate ramps up linearly over the first 1/5 of the steps
+MAX_EPOCHS = 20                # default length: early stopping ends it sooner when it stops gaining
+EVALS_PER_EPOCH = 2            # held-out evaluations per epoch (early-stopping granularity)
+MIN_EVAL_STEPS = 10            # never evaluate more often than every 10 steps
+MIN_LR_FRACTION = 0.05         # the cosine decay ends at 5% of the peak rate
 DENSE_LR_SCALE = 0.2           # Linear weights: measured on the demo, DHE at 100x recovers at 1e-3
                                # and loses AUC at 5e-3, while ROBE arrays want 5e-3 (benchmarks/quality.py)
 
@@ -87,11 +106,14 @@ def _student(original: RecModel, rewritten: RecModel, tables: list[str], train_t
 
 
 def _trainable(model: RecModel, tables: list[str], train_top: bool):
-    """(name -> tensor) of float tensors to train, and the names of integer tensors left alone."""
+    """(name -> tensor) of float tensors to train (parameters and persistent buffers), and the
+    names of integer tensors left alone."""
     prefixes = [f"embeddings.{t}." for t in tables] + (["top."] if train_top else [])
+    constants = {f"{m}.{b}" if m else b for m, mod in model.named_modules()
+                 for b in mod._non_persistent_buffers_set}
     train, frozen = {}, []
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if not any(name.startswith(p) for p in prefixes):
+        if not any(name.startswith(p) for p in prefixes) or name in constants:
             continue
         if t.is_floating_point():
             train[name] = t
@@ -113,6 +135,16 @@ def _loss(student_logits, teacher_logits, labels, label_weight: float) -> torch.
     return loss
 
 
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak rate at optimiser step ``step`` (0-based): linear warm-up, cosine decay.
+
+        f = min(1, (step + 1) / warmup) · (m + (1 − m) · (1 + cos(π · p)) / 2),  p = step / total
+    with m = MIN_LR_FRACTION.
+    """
+    p = min(1.0, step / max(1, total))
+    return min(1.0, (step + 1) / warmup) * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
 def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int | None = None,
             epochs: float | None = None, lr: float = DEFAULT_LR, eval_data: Dataset | None = None,
             train_top: bool = False, seed: int = 0, batch_size: int = 1024, label_weight: float = 0.5,
@@ -120,7 +152,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             tables: list[str] | None = None, ranks: Group = SINGLE) -> tuple[RecModel, RecoveryReport]:
     """Train the rewritten model's new representations to match ``original`` on ``data``.
 
-    ``steps`` or ``epochs`` (passes over the training part; default 1 epoch).  Returns a new
+    ``steps`` or ``epochs`` (passes over the training part; default ``MAX_EPOCHS``, cut short by
+    early stopping after ``patience`` evaluations without a new best).  Returns a new
     model (inputs untouched) and the report.  ``tables`` defaults to ``changed_tables``; when
     there is nothing to train (no table and not ``train_top``) it returns ``rewritten`` itself
     with ``report.skipped`` saying so.
@@ -145,6 +178,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     original.eval()
     student = _student(original, rewritten, tables, train_top).eval()
     named, frozen = _trainable(student, tables, train_top)
+    if not named:                        # e.g. only row-wise quantized tables: codes and scales are bytes
+        return rewritten, RecoveryReport(tables, False, frozen, 0, 0, False, 0, None, None, 0.0,
+                                         skipped=NO_FLOAT_TENSORS)
     masters = {n: torch.nn.Parameter(t.detach().to(torch.float32).clone()) for n, t in named.items()}
     # everything else enters the forward detached: no gradient reaches shared (original) tensors
     fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]
@@ -154,12 +190,15 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
               {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     per_epoch = -(-n_train // batch_size)
-    total = steps if steps is not None else max(1, int(round((epochs or 1.0) * per_epoch)))
-    every = eval_every or max(25, min(per_epoch, total // 10 or 1))
-    warmup = max(1, total // WARMUP_DIVISOR)
-    mine = np.arange(n_train, data.n_samples)[ranks.rank::ranks.world]   # this rank's held-out rows
+    total = steps if steps is not None else max(1, int(round((epochs or MAX_EPOCHS) * per_epoch)))
+    every = eval_every or max(MIN_EVAL_STEPS, min(per_epoch // EVALS_PER_EPOCH, total // 10 or 1))
+    warmup = max(1, min(total // WARMUP_DIVISOR, per_epoch))
+    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4,))).permutation(data.n_samples)
+    hold_rows, train_rows = np.sort(order[:n_hold]), order[n_hold:]
+    mine = hold_rows[ranks.rank::ranks.world]      # this rank's share of the held-out rows
     hold = [data.batch(mine[lo:lo + 8192]) for lo in range(0, len(mine), 8192)]
-    hold_teacher = [_teacher(original, b) for b in hold]
+    teacher = _teacher_logits(original, data, ranks)   # once: the teacher is fixed (4 bytes per row)
+    hold_teacher = [torch.from_numpy(teacher[mine[lo:lo + 8192]]) for lo in range(0, len(mine), 8192)]
 
     def values() -> dict[str, torch.Tensor]:
         return {**fixed, **{n: (m if named[n].dtype == torch.float32 else m.to(named[n].dtype))
@@ -177,13 +216,18 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     t0 = time.perf_counter()
     best = start = holdout_loss()
     best_state, best_step, history, bad, step = _snapshot(masters), 0, [(0, start)], 0, 0
-    bar = tqdm(total=total, desc="recover", unit="step", leave=False)
+    bar = tqdm(total=total, desc="recover", unit="step", leave=False)      # stderr, with its ETA
     epoch = 0
     while step < total and bad < patience:
-        for b in train_batches(data, batch_size, n_train, seed + epoch, ranks):
-            for group in opt.param_groups:      # linear warm-up: Adam's first steps are lr-sized
-                group["lr"] = lr * group["scale"] * min(1.0, (step + 1) / warmup)
-            z_t = _teacher(original, b)
+        shuffled = np.random.default_rng(seed + epoch).permutation(train_rows)
+        for rows in (np.sort(shuffled[lo:lo + batch_size]) for lo in range(0, n_train, batch_size)):
+            rows = shard_rows(rows, ranks)
+            if rows is None:
+                continue
+            b = data.batch(rows)
+            for group in opt.param_groups:      # warm-up, then cosine decay (lr_factor)
+                group["lr"] = lr * group["scale"] * lr_factor(step, total, warmup)
+            z_t = torch.from_numpy(teacher[rows])
             loss = _loss(forward(*b.inputs()), z_t, b.labels, label_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -213,8 +257,15 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
 
 
 @torch.no_grad()
-def _teacher(original: RecModel, batch) -> torch.Tensor:
-    return original(*batch.inputs())
+def _teacher_logits(original: RecModel, data: Dataset, ranks: Group = SINGLE, batch_size: int = 8192) -> np.ndarray:
+    """The original's logits on every row of ``data`` (float32 [N]); on N ranks each computes a
+    contiguous N-th of the rows and the parts are gathered."""
+    lo, hi = ranks.rank * data.n_samples // ranks.world, (ranks.rank + 1) * data.n_samples // ranks.world
+    part = [original(*b.inputs()).numpy() for b in data.batches(batch_size, limit=hi - lo, start=lo)]
+    part = np.concatenate(part).astype(np.float32) if part else np.zeros(0, np.float32)
+    if not ranks.distributed:
+        return part
+    return np.concatenate([np.frombuffer(b, np.float32) for b in ranks.exchange(part.tobytes())])
 
 
 def _snapshot(masters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -253,7 +304,8 @@ def add_recovery_options(command):
                      help="distil the rewritten model towards the original on this .npz (day of data)"),
         click.option("--steps", "recover_steps", type=int, default=None, help="recovery: optimiser steps"),
         click.option("--epochs", "recover_epochs", type=float, default=None,
-                     help="recovery: passes over DATA (default 1; not with --steps)"),
+                     help=f"recovery: at most this many passes over DATA (default {MAX_EPOCHS}, "
+                          f"early stopping ends sooner; not with --steps)"),
         click.option("--lr", "recover_lr", type=float, default=DEFAULT_LR, show_default=True,
                      help="recovery: Adam learning rate"),
         click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,

@@ -55,11 +55,13 @@ def check_batch(dense, indices, offsets, n_dense: int, table_rows: list[int]):
         raise RewriteError(f"offsets decrease at position {int(np.argmax(steps < 0)) + 1}")
     indices = indices.astype(np.int64, copy=False)
     bounds = offsets[::b] if b else np.zeros(n_features + 1, dtype=np.int64)
-    for f, rows in enumerate(table_rows):
-        ids = indices[bounds[f]:bounds[f + 1]]
-        if ids.size and (ids.min() < 0 or ids.max() >= rows):
-            bad = int(ids[(ids < 0) | (ids >= rows)][0])
-            raise RewriteError(f"feature {f} has id {bad} outside its table's range [0, {rows})")
+    limit = np.repeat(np.asarray(table_rows, dtype=np.int64), np.diff(bounds))   # each id's table size
+    out = (indices < 0) | (indices >= limit)                                     # one pass, any F
+    if out.any():
+        at = int(np.argmax(out))
+        f = int(np.searchsorted(bounds, at, side="right")) - 1
+        raise RewriteError(f"feature {f} has id {int(indices[at])} outside its table's range "
+                           f"[0, {table_rows[f]})")
     return np.ascontiguousarray(dense, dtype=np.float32), indices, offsets
 
 

@@ -49,9 +49,11 @@ def evaluate(model: RecModel, data: Dataset, batch_size: int = 4096, limit: int 
 
 
 def train(model: RecModel, data: Dataset, epochs: int = 1, batch_size: int = 512, lr: float = 2e-3,
-          seed: int = 0, limit: int | None = None, desc: str = "train") -> RecModel:
-    """Adam on BCE-with-logits over shuffled batches, progress bar on stderr."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+          seed: int = 0, limit: int | None = None, desc: str = "train",
+          opt: torch.optim.Optimizer | None = None) -> RecModel:
+    """Adam on BCE-with-logits over shuffled batches, progress bar on stderr (``opt``: continue
+    with this optimiser and its state instead of a fresh Adam at ``lr``)."""
+    opt = opt or torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     n = data.n_samples if limit is None else min(limit, data.n_samples)
@@ -66,3 +68,29 @@ def train(model: RecModel, data: Dataset, epochs: int = 1, batch_size: int = 512
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return model.eval()
+
+
+def fit(model: RecModel, data: Dataset, valid: Dataset, max_epochs: int = 10, patience: int = 2,
+        batch_size: int = 512, lr: float = 2e-3, seed: int = 0, desc: str = "train") -> tuple[RecModel, list[float]]:
+    """``train`` epoch by epoch, keeping the state with the best AUC on ``valid``.
+
+    Stops after ``patience`` epochs without a better validation AUC (small real data sets
+    overfit within a few epochs).  Returns the model holding the best state and the per-epoch
+    validation AUCs.
+    """
+    import copy
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    best, best_state, history, bad = -1.0, copy.deepcopy(model.state_dict()), [], 0
+    for epoch in range(max_epochs):
+        train(model, data, epochs=1, batch_size=batch_size, seed=seed + epoch, opt=opt,
+              desc=f"{desc} {epoch + 1}/{max_epochs}")
+        history.append(evaluate(model, valid).auc)
+        if history[-1] > best:
+            best, best_state, bad = history[-1], copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    model.load_state_dict(best_state)
+    return model.eval(), history

@@ -167,13 +167,19 @@ def hardware(name, refresh, target, presets, as_json) -> None:
 @click.option("--no-calibrate", is_flag=True, help="cpu-local: do not calibrate if no fit is stored")
 @click.option("--explain", is_flag=True, help="per table: choice, runner-up, binding constraint")
 @click.option("--plot", type=click.Path(path_type=Path), help="write the Pareto frontier plot here")
+@click.option("--recover", "recover_path", type=click.Path(path_type=Path),
+              help="measure the best few candidates after recovery (distillation) on this labelled "
+                   ".npz, kept apart from --data; compile --plan recovers the same way")
+@click.option("--recover-candidates", default=3, show_default=True, type=int,
+              help="with --recover: how many candidates (smallest estimated AUC drop first) to recover")
+@click.option("--recover-top", is_flag=True, help="with --recover: recovery also trains the top MLP")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="write plan.json here")
 @force_option
 @load_options
 @json_option
 def plan(path, data_path, hw_name, target, memory_budget, max_auc_drop, max_rel_error, latency_target,
-         batch, samples, profile_path, grid_path, no_calibrate, explain, plot, output, force,
-         interaction, qr_op, as_json) -> None:
+         batch, samples, profile_path, grid_path, no_calibrate, explain, plot, recover_path,
+         recover_candidates, recover_top, output, force, interaction, qr_op, as_json) -> None:
     """Choose a representation per table and a path per batch size, under constraints."""
     from rewrite.cost.commands import human_plan, run_plan
 
@@ -181,5 +187,6 @@ def plan(path, data_path, hw_name, target, memory_budget, max_auc_drop, max_rel_
     model = load_model(path, interaction, qr_op)
     result = run_plan(model, path, data_path, hw_name, target, memory_budget, max_auc_drop,
                       max_rel_error, latency_target, batch, samples, profile_path, grid_path,
-                      not no_calibrate, explain, plot, output)
+                      not no_calibrate, explain, plot, output, recover_path, recover_candidates,
+                      recover_top)
     emit(result, as_json, human_plan)

@@ -58,14 +58,21 @@ def _loopback_or_told(host: str) -> None:
 @click.option("--auc-samples", default=16384, show_default=True, type=click.IntRange(min=1))
 @click.option("--log-interval", default="60s", show_default=True, help="period of the info log line")
 @click.option("--no-batching", is_flag=True, help="one request per predict (a baseline)")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535),
+              help="the v2 gRPC service's port (0: a free one)")
+@click.option("--no-grpc", is_flag=True, help="serve HTTP only")
 def serve(bundle, host, port, model_name, max_batch, max_delay, p99_target, policy, path, workers, threads,
-          queue_timeout, max_request_bytes, data_path, auc_samples, log_interval, no_batching) -> None:
-    """Serve BUNDLE over the KServe v2 / Open Inference HTTP protocol, with dynamic batching."""
+          queue_timeout, max_request_bytes, data_path, auc_samples, log_interval, no_batching,
+          grpc_port, no_grpc) -> None:
+    """Serve BUNDLE over the KServe v2 / Open Inference protocol (HTTP and gRPC), with dynamic batching."""
     from rewrite.serving.listen import serve_forever
     from rewrite.serving.server import ServeConfig, build
     from rewrite.core.units import parse_bytes
 
     _loopback_or_told(host)
+    _check_free(host, port, "--port")
+    if not no_grpc:
+        _check_free(host, grpc_port, "--grpc-port")
     if path and policy != "load-aware":
         raise RewriteError("--path and --policy: give one (--path fixes the path)")
     if data_path is not None and not data_path.exists():
@@ -73,12 +80,30 @@ def serve(bundle, host, port, model_name, max_batch, max_delay, p99_target, poli
     cfg = ServeConfig(model_name or Path(bundle).resolve().name, max_batch,
                       _seconds(max_delay, "--max-delay", 1e-6), _seconds(queue_timeout, "--queue-timeout", 1.0),
                       parse_bytes(max_request_bytes), _seconds(log_interval, "--log-interval", 1.0),
-                      not no_batching)
+                      not no_batching, None if no_grpc else _address(host, grpc_port))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     app = build(bundle, cfg, policy, _seconds(p99_target, "--p99-target", 1e-3), path, workers, threads,
                 auc_data=data_path, auc_samples=auc_samples)
     serve_forever(app, host, port)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_free(host: str, port: int, flag: str) -> None:
+    """Refuse a port another process holds now, before the minutes of loading the bundle."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RewriteError(f"{flag} {port}: cannot bind {host}:{port} ({e.strerror}); "
+                               f"give another port (0: a free one)") from None
 
 
 @main.command()

@@ -16,6 +16,24 @@ Definition (every quality result in this project is measured on it):
   beyond what access skew allows.  Defaults give ≈ 27% positives and a teacher AUC ≈ 0.88
   (the ceiling with unlimited data); a table DLRM trained one epoch on 300k rows reaches
   ≈ 0.76 on a held-out day, because rare ids are seen too seldom to learn (see README).
+
+``structure="lowrank"`` (the realistic option; the default ``"independent"`` above is kept, draw
+for draw, for reproducibility) replaces the independent per-id parameters by ones that share
+structure, as the rows of trained real tables do (low effective rank, effects that follow
+popularity).  Per feature f, with rank r (``rank``), id i of popularity rank ρ_i:
+
+      z_f[i] ~ N(0, I_r)                      a latent profile in a shared r-dim space
+      p_f[i] = standardised −log(ρ_i + 1)     popularity (zero mean, unit variance over lookups)
+      s_f[i] = √(1−η²) · (cos φ · ŵ_f·z_f[i] + sin φ · p_f[i]) + η · ε_f[i]
+      u_f[i] = √(1−η²) · B_f z_f[i]          + η · ε'_f[i]
+  with ŵ_f a random unit vector, B_f [k × r] random unit rows, ε, ε' ~ N(0, 1) the idiosyncratic part
+  (η = ``idiosyncratic``, φ = ``popularity_angle``).  Every parameter keeps about unit variance
+  as in the independent form, and p is centred under the Zipf lookup distribution (popular ids
+  do click more, yet the mean effect per lookup stays zero), so the logit's scale and the
+  positive rate stay comparable to the independent form's, but a
+  table holding them is (up to the share η²) rank-(r + 1) in the teacher's coordinates: a
+  compressed form can keep the signal, as on real tables.  The extra draws come from a stream of
+  their own, so ids, dense features and the noise are those of the independent generator.
 """
 
 from __future__ import annotations
@@ -51,6 +69,10 @@ class SyntheticConfig:
     dense_weight: float = 0.6    # c
     noise: float = 0.5
     seed: int = 0
+    structure: str = "independent"   # or "lowrank": per-id effects share structure (docstring)
+    rank: int = 4                    # r: latent rank of the "lowrank" structure
+    idiosyncratic: float = 0.2       # η: share (std) of each id's parameters that is its own
+    popularity_angle: float = 0.5    # φ (radians): how much of s follows popularity
 
 
 class Synthetic:
@@ -72,6 +94,33 @@ class Synthetic:
         self.dense_mu = rng.uniform(0.0, 4.0, cfg.n_dense)
         self.dense_sigma = rng.uniform(0.5, 1.5, cfg.n_dense)
         self.w = (rng.standard_normal(cfg.n_dense) / np.sqrt(cfg.n_dense)).astype(np.float32)
+        if cfg.structure == "lowrank":
+            self._lowrank()
+        elif cfg.structure != "independent":
+            raise ValueError(f"structure must be 'independent' or 'lowrank', got {cfg.structure!r}")
+
+    def _lowrank(self) -> None:
+        """Replace s and u by the low-rank, popularity-correlated form (module docstring)."""
+        cfg = self.cfg
+        rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(3,)))
+        eta, phi = cfg.idiosyncratic, cfg.popularity_angle
+        for f, rows in enumerate(cfg.rows):
+            rank_of_row = np.empty(rows, np.int64)
+            rank_of_row[self.perm[f]] = np.arange(rows)
+            pop = -np.log(rank_of_row + 1.0)
+            weight = np.diff(self.cdf[f], prepend=0.0)[rank_of_row]       # P(lookup of row)
+            mean = float(weight @ pop)
+            pop = (pop - mean) / (np.sqrt(float(weight @ (pop - mean) ** 2)) or 1.0)
+            z = rng.standard_normal((rows, cfg.rank))
+            w = rng.standard_normal(cfg.rank)
+            w /= np.linalg.norm(w)
+            b = rng.standard_normal((cfg.k, cfg.rank))
+            b /= np.linalg.norm(b, axis=1, keepdims=True)
+            shared = np.sqrt(1 - eta ** 2)
+            self.s[f] = (shared * (np.cos(phi) * z @ w + np.sin(phi) * pop)
+                         + eta * rng.standard_normal(rows)).astype(np.float32)
+            self.u[f] = (shared * z @ b.T
+                         + eta * rng.standard_normal((rows, cfg.k))).astype(np.float32)
 
     def ids(self, n: int, rng: np.random.Generator) -> np.ndarray:
         cols = [p[np.minimum(np.searchsorted(c, rng.random(n)), len(p) - 1)]

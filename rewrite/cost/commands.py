@@ -37,8 +37,10 @@ def human_hardware(d: dict[str, Any]) -> str:
         lines.append(f"  {t['name']:<6}{human_bytes(t['capacity']):>12}{t['bandwidth'] / 1e9:>10.1f} GB/s"
                      f"{t['latency'] * 1e9:>9.1f}ns{t['parallelism']:>11g}  "
                      f"{'no (cache)' if t['managed'] else 'yes'}")
+    kernels = (d.get("measurements") or {}).get("gemm_kernels", {})
     for dtype, pts in d["gemm"].items():
-        lines.append(f"  gemm {dtype:<5} " + ", ".join(f"{r / 1e9:.0f} GFLOP/s @ {f / 1e6:.2g} MFLOP"
+        by = f" [{kernels[dtype]}]" if dtype in kernels else ""
+        lines.append(f"  gemm {dtype:<5}{by} " + ", ".join(f"{r / 1e9:.0f} GFLOP/s @ {f / 1e6:.2g} MFLOP"
                                                    if f else f"{r / 1e12:.1f} TFLOP/s peak" for f, r in pts))
     lines.append(f"  per-call overhead {d['call_overhead'] * 1e6:.2f} us")
     for target, fit in (d.get("calibration") or {}).items():
@@ -82,9 +84,27 @@ def _grid(path: Path | None):
     return {k: tuple(v) for k, v in d.items()}
 
 
+def _recovery(recover_path, data_path, candidates: int, train_top: bool):
+    from rewrite.cost.recovered import RecoverySettings
+
+    if recover_path is None:
+        if train_top:
+            raise RewriteError("--recover-top only applies with --recover DATA")
+        return None
+    if candidates < 1:
+        raise RewriteError(f"--recover-candidates must be >= 1, got {candidates}")
+    if not Path(recover_path).exists():
+        raise RewriteError(f"{recover_path}: no such data file")
+    if Path(recover_path).resolve() == Path(data_path).resolve():
+        raise RewriteError(f"--recover {recover_path} is the --data the plan measures AUC on: "
+                           f"recover on data kept apart")
+    return RecoverySettings(Path(recover_path), candidates, train_top)
+
+
 def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_auc_drop,
              max_rel_error, latency_target, batch, samples, profile_path, grid_path, calibrate,
-             explain, plot, output) -> dict[str, Any]:
+             explain, plot, output, recover_path: Path | None = None, recover_candidates: int = 3,
+             recover_top: bool = False) -> dict[str, Any]:
     import torch
 
     from rewrite import data
@@ -101,6 +121,7 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     if samples < 1:
         raise RewriteError(f"--samples must be >= 1, got {samples}")
     grid = _grid(grid_path)
+    recovery = _recovery(recover_path, data_path, recover_candidates, recover_top)
     hw = load_hardware(hw_name)
     estimator = estimator_for(hw, target, calibrate_if_missing=calibrate)
     ds = data.open(data_path)
@@ -110,8 +131,9 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
             else profile(model, ds, sample_rate=min(1.0, 1e6 / max(1, ds.n_samples))))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, hw.threads or threads))
-    problem, enum = build_problem(model, estimator, sample, prof, grid, max_rel_error)
-    plan, sel = make_plan(model, str(model_path), problem, enum, constraints, batch, target, sample)
+    problem, enum = build_problem(model, estimator, sample, prof, grid, max_rel_error,
+                                  keep_degraded=recovery is not None)
+    plan, sel = make_plan(model, str(model_path), problem, enum, constraints, batch, target, sample, recovery)
     if memory_budget:
         plan["constraints"]["memory_budget_given"] = str(memory_budget)    # as written, e.g. 100KB
     if explain:
@@ -187,6 +209,13 @@ def human_plan(d: dict[str, Any]) -> str:
                      f"to meet {d['dispatch']['latency_target_s'] * 1e3:g} ms")
     if d["revisions"]:
         lines.append(f"  {len(d['revisions'])} plan(s) rejected after measuring their AUC as a whole")
+    rec = d.get("recovery")
+    if rec:
+        lines.append(f"  recovery on {rec['data']}: {len(rec['candidates_measured'])} candidate(s) measured after it")
+        for c in rec["candidates_measured"]:
+            lines.append(f"    {'*' if c['chosen'] else ' '} {human_bytes(c['bytes'])}, AUC drop "
+                         f"{c['auc_drop_estimated']:.4g} fitted (per-table sum) -> {c['auc_drop_recovered']:.4g} "
+                         f"recovered ({c['recovery_steps']} steps, {c['seconds']:.0f} s)")
     if d["skipped"]:
         lines.append(f"  {len(d['skipped'])} (table, setting) pairs skipped (see --json: skipped)")
     for k, v in d["written"].items():

@@ -1,7 +1,7 @@
 """Hardware specs: presets (published numbers, sources beside each), user JSON, and ``cpu-local``.
 
 ``cpu-local`` is this machine, measured by ``microbench`` on ``threads`` threads and cached in
-``~/.cache/dlrm-rewrite/hardware.json`` keyed by CPU model, core and thread count (``--refresh``
+``~/.cache/dlrm-rewrite/hardware.json`` keyed by CPU model, core and thread count and ISA tier (``--refresh``
 re-measures).  Measured tiers fold memory-level parallelism into ``latency``: it is the seconds
 per random row a gather achieves (parallelism 1), not an unloaded pointer-chase latency.
 
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from rewrite.core import isa
 from rewrite.core.atomic import write_text
 from rewrite.cost import microbench as mb
 from rewrite.cost.types import HardwareSpec, MemoryTier
@@ -25,7 +26,7 @@ from rewrite.core.errors import RewriteError
 
 GB, GiB, MiB, KiB = 1e9, 1 << 30, 1 << 20, 1 << 10
 CACHE_ENV = "DLRM_REWRITE_CACHE"          # overrides ~/.cache/dlrm-rewrite (tests use a tmp dir)
-HARDWARE_CACHE_VERSION = 1
+HARDWARE_CACHE_VERSION = 2          # 2: keyed by ISA tier; int8 measured on the engine's own kernel
 
 
 def cache_dir() -> Path:
@@ -162,7 +163,7 @@ def load_hardware(name: str, refresh: bool = False, threads: int = 1, progress: 
 
 def cpu_local(refresh: bool = False, threads: int = 1, progress: bool = True) -> HardwareSpec:
     """This machine, measured once per (CPU model, cores, threads) and cached."""
-    key = f"{mb.cpu_model()}|{mb.cores()} cores|{threads} threads"
+    key = cache_key(threads)
     path = cache_dir() / "hardware.json"
     cached = _read_cache(path)
     if not refresh and key in cached:
@@ -171,6 +172,11 @@ def cpu_local(refresh: bool = False, threads: int = 1, progress: bool = True) ->
     cached[key] = spec.to_json()
     write_text(path, json.dumps({"version": HARDWARE_CACHE_VERSION, "machines": cached}, indent=1))
     return spec
+
+
+def cache_key(threads: int) -> str:
+    """The machine a cached measurement belongs to: CPU model, cores, threads and ISA tier."""
+    return f"{mb.cpu_model()}|{mb.cores()} cores|{threads} threads|tier {isa.active_tier()}"
 
 
 def _read_cache(path: Path) -> dict:
@@ -190,6 +196,7 @@ def measure_cpu(threads: int = 1, progress: bool = True) -> HardwareSpec:
     import torch
 
     say = (lambda m: print(f"[cpu-local] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    tier = isa.active_tier()
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -205,17 +212,23 @@ def measure_cpu(threads: int = 1, progress: bool = True) -> HardwareSpec:
                   (("l2", l2 // 2), ("llc", llc // 2), ("dram", 256 * MiB))}
         say("stream read: " + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in stream.items()))
         gemm: dict[str, list[tuple[float, float]]] = {}
+        kernels: dict[str, str] = {"fp32": "torch matmul (oneDNN)"}
+        bf16_missing = isa.missing("avx512_bf16")
+        if bf16_missing:      # the engine runs its MLPs in fp32 here; an emulated bf16 is no limit
+            say(f"gemm bf16: not measured, no bf16 arithmetic at tier {tier}: {bf16_missing}")
+        else:
+            kernels["bf16"] = "torch matmul (oneDNN)"
         for dtype in ("fp32", "bf16", "int8"):
+            if dtype == "bf16" and bf16_missing:
+                continue
             for m, k, n in GEMM_SHAPES:
-                try:
+                if dtype == "int8":
+                    rate, kernels["int8"] = mb.int8_kernel_throughput(m, k, n)
+                else:
                     rate = mb.gemm_throughput(dtype, m, k, n)
-                except RuntimeError as e:       # a dtype this CPU/torch build cannot run
-                    say(f"gemm {dtype} unavailable: {e}")
-                    break
                 gemm.setdefault(dtype, []).append((2.0 * m * k * n, rate))
-            if dtype in gemm:
-                say(f"gemm {dtype}: " + ", ".join(f"{f / 1e6:.1f} MFLOP {r / 1e9:.0f} GFLOP/s"
-                                                  for f, r in gemm[dtype]))
+            say(f"gemm {dtype} ({kernels[dtype]}): " + ", ".join(f"{f / 1e6:.1f} MFLOP {r / 1e9:.0f} GFLOP/s"
+                                                                 for f, r in gemm[dtype]))
         overhead = mb.op_overhead()
         say(f"per-op overhead {overhead * 1e6:.2f} us")
     finally:
@@ -230,7 +243,8 @@ def measure_cpu(threads: int = 1, progress: bool = True) -> HardwareSpec:
     return HardwareSpec(
         name="cpu-local", kind="cpu", tiers=tiers, gemm={k: tuple(sorted(v)) for k, v in gemm.items()},
         call_overhead=overhead, cores=mb.cores(), threads=threads, source="measured",
-        notes=f"{mb.cpu_model()}; measured with torch {torch.__version__}; tier latency = s per "
-              f"random 64 B row gathered (parallelism folded in)",
+        notes=f"{mb.cpu_model()}, ISA tier {tier}; measured with torch {torch.__version__}; tier latency = "
+              f"s per random 64 B row gathered (parallelism folded in)",
         measurements={"gather_rows_per_s": {str(k): v for k, v in gather.items()},
-                      "stream_bytes_per_s": stream, "caches": caches})
+                      "stream_bytes_per_s": stream, "caches": caches, "isa_tier": tier,
+                      "gemm_kernels": kernels})

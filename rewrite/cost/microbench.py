@@ -10,7 +10,10 @@ GEMMs), on ``threads`` threads, as the best of repeats.
 * gather rate: random 64-byte rows (``index_select``) from tables of several working-set sizes
   -> rows/s; a table larger than the last-level cache measures DRAM.
 * streaming bandwidth: a sum over a tensor of a given size -> bytes/s.
-* GEMM throughput by dtype (fp32, bf16, int8) and shape -> FLOP/s.
+* GEMM throughput by dtype and shape -> FLOP/s: fp32 and bf16 through torch (oneDNN, what the
+  fast engine's float MLPs run), int8 through the fast engine's own int8 kernel for the active ISA
+  tier (``int8_kernel_throughput``: VNNI, AVX2 or ``_int_mm``), since ``torch._int_mm`` has no
+  fast kernel below AVX-512 VNNI and would state a limit no path of ours runs at.
 * per-op overhead: a one-element add -> s per op.
 * cache sizes and cores: sysfs, ``os.sched_getaffinity``; memory: /proc/meminfo.
 """
@@ -78,6 +81,20 @@ def gemm_throughput(dtype: str, m: int, k: int, n: int) -> float:
         a, b = torch.randn(m, k, generator=g).to(tdt), torch.randn(k, n, generator=g).to(tdt)
         fn = lambda: a @ b  # noqa: E731
     return 2.0 * m * k * n / best_seconds(fn, budget_s=0.3)
+
+
+def int8_kernel_throughput(m: int, k: int, n: int) -> tuple[float, str]:
+    """(FLOP/s, kernel name) of one int8 [m, k] x [k, n] layer with ReLU run by torch-fast-int8's
+    MLP kernel for the active ISA tier, fp32 in and out (the activation quantization included,
+    as the engine pays it); 2mkn FLOPs."""
+    from torch import nn
+
+    from targets.native.int8_kernels import int8_mlp
+
+    torch.manual_seed(0)
+    layer = int8_mlp(nn.Sequential(nn.Linear(k, n), nn.ReLU()))
+    x = torch.randn(m, k)
+    return 2.0 * m * k * n / best_seconds(lambda: layer(x), budget_s=0.3), type(layer).__name__
 
 
 def op_overhead() -> float:

@@ -47,8 +47,9 @@ def make_measure(model: RecModel, enum: Enumeration, sample: list[Batch]):
 
 def build_problem(model: RecModel, estimator: Estimator, sample: list[Batch],
                   profile: AccessProfile | None, grid=None, max_rel_error: float | None = None,
-                  progress: bool = True) -> tuple[Problem, Enumeration]:
-    enum = restrict(enumerate_variants(model, estimator.hw, sample, profile, grid, progress), max_rel_error)
+                  progress: bool = True, keep_degraded: bool = False) -> tuple[Problem, Enumeration]:
+    enum = restrict(enumerate_variants(model, estimator.hw, sample, profile, grid, progress, keep_degraded),
+                    max_rel_error)
     stats = table_stats(model, profile, sample)
     return Problem(enum.variants, estimator, stats, dense_facts(model), model.dense_bytes()), enum
 
@@ -77,14 +78,26 @@ def _path_json(p: Problem, choice: dict[str, Variant], batch: int, drop: float |
 
 def make_plan(model: RecModel, model_path: str, problem: Problem, enum: Enumeration,
               constraints: Constraints, batch: int, target: str,
-              sample: list[Batch]) -> tuple[dict[str, Any], Selected]:
-    """Select, measure, revise, add the dispatch policy; return the plan JSON."""
-    if constraints.max_auc_drop is not None and not enum.labelled:
-        raise RewriteError("--max-auc-drop needs labelled data: --data has no y column "
+              sample: list[Batch], recovery=None) -> tuple[dict[str, Any], Selected]:
+    """Select, measure, revise, add the dispatch policy; return the plan JSON.
+
+    ``recovery`` (``rewrite.cost.recovered.RecoverySettings``): candidates are measured after
+    recovery instead (``recovered.py``) and the plan has one path.
+    """
+    if (constraints.max_auc_drop is not None or recovery is not None) and not enum.labelled:
+        raise RewriteError("--max-auc-drop and --recover need labelled data: --data has no y column "
                            "(use --max-rel-error to bound the per-table embedding error instead)")
-    measure = make_measure(model, enum, sample) if enum.labelled else None
-    sel = select(problem, constraints, batch, measure)
-    paths, policy = design_dispatch(problem, sel, constraints.max_auc_drop, measure)
+    if recovery is not None:
+        from rewrite.cost.recovered import recovered_measure, select_recovered
+
+        measure_r = recovered_measure(model, enum, sample, recovery)
+        sel = select_recovered(problem, constraints, batch, measure_r, recovery.candidates)
+        # one path: every extra dispatch path is rejected (it would need a recovery of its own)
+        paths, policy = design_dispatch(problem, sel, 0.0, lambda choice: float("inf"))
+    else:
+        measure = make_measure(model, enum, sample) if enum.labelled else None
+        sel = select(problem, constraints, batch, measure)
+        paths, policy = design_dispatch(problem, sel, constraints.max_auc_drop, measure)
     hw = problem.estimator.hw
     lt = constraints.latency_target
     plan = {
@@ -105,7 +118,12 @@ def make_plan(model: RecModel, model_path: str, problem: Problem, enum: Enumerat
                                    enum.labelled)
                   for name, choice in paths.items()},
         "dispatch": policy,
-        "revisions": sel.revisions,
+        "revisions": [] if recovery is not None else sel.revisions,
         "skipped": enum.skipped,
     }
+    if recovery is not None:
+        from rewrite.cost.recovered import sha256_of
+
+        plan["recovery"] = {**recovery.to_json(sha256_of(recovery.data)), "candidates_measured": sel.revisions}
+        plan["paths"]["p0"]["auc_drop"]["source"] = "measured after recovery"
     return plan, sel

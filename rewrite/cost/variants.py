@@ -130,8 +130,10 @@ def variant_of(table: str, pass_spec: str | None, rep: Representation, tier: str
 
 def enumerate_variants(model: RecModel, hw: HardwareSpec, sample: list[Batch],
                        profile: AccessProfile | None = None, grid=None,
-                       progress: bool = True) -> Enumeration:
-    """Keep + every accepted (pass setting, tier) per table, with measured quality."""
+                       progress: bool = True, keep_degraded: bool = False) -> Enumeration:
+    """Keep + every accepted (pass setting, tier) per table, with measured quality.
+    ``keep_degraded``: keep variants beyond their tolerance too (planning with recovery, which
+    repairs them; the tolerance is about the fitted table)."""
     tiers = [t.name for t in hw.placeable]
     labelled = bool(sample) and all(b.labels is not None for b in sample)
     y = np.concatenate([b.labels.numpy() for b in sample]) if labelled else None
@@ -154,7 +156,7 @@ def enumerate_variants(model: RecModel, hw: HardwareSpec, sample: list[Batch],
         for tr in report.tables:
             if tr.status != "rewritten":
                 skipped.append({"table": tr.table, "pass": str(cp), "reason": tr.reason})
-            elif not tr.within_tolerance:
+            elif not tr.within_tolerance and not keep_degraded:
                 skipped.append({"table": tr.table, "pass": str(cp),
                                 "reason": f"exceeds its tolerance ({tr.tolerance}; rel {tr.rel_error:.3g})"})
             else:

@@ -47,7 +47,8 @@ def serve_forever(app, host: str, port: int, drain_s: float = 30.0) -> None:
 
     async def startup(sockets=None):
         await started(sockets)
-        print(f"serving {app.cfg.model_name} on {url}", file=sys.stderr, flush=True)
+        grpc = "" if app.grpc_port is None else f" and grpc://{host}:{app.grpc_port}"
+        print(f"serving {app.cfg.model_name} on {url}{grpc}", file=sys.stderr, flush=True)
 
     server.startup = startup
     server.run(sockets=[sock])

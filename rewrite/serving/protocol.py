@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -36,11 +36,13 @@ EXPECTED = {"dense": "FP32", "indices": "INT64", "offsets": "INT64"}
 
 
 class ProtocolError(Exception):
-    """A request the server answers with ``status`` and ``{"error": message}``."""
+    """A request the server answers with ``status`` and ``{"error": message}`` (gRPC: the
+    matching status code); ``outcome`` is its label in the request metrics."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, outcome: str | None = None):
         super().__init__(message)
         self.status = status
+        self.outcome = outcome or ("too_large" if status == 413 else "bad_request")
 
 
 @dataclass
@@ -87,6 +89,23 @@ def _tensor(spec: dict[str, Any], raw: memoryview | None) -> np.ndarray:
     return arr.astype(dtype).reshape(shape)
 
 
+def collect_inputs(inputs: Iterable[tuple[Any, memoryview | None]]) -> dict[str, np.ndarray]:
+    """(spec, raw bytes or None) per request input -> the three named arrays, checked: every
+    name known, none twice, none missing (shared by the HTTP and the gRPC decoders)."""
+    tensors: dict[str, np.ndarray] = {}
+    for spec, raw in inputs:
+        if not isinstance(spec, dict) or spec.get("name") not in EXPECTED:
+            name = spec.get("name") if isinstance(spec, dict) else spec
+            raise ProtocolError(400, f"unknown input {name!r} (inputs: dense, indices, offsets)")
+        if spec["name"] in tensors:
+            raise ProtocolError(400, f"input {spec['name']!r} given twice")
+        tensors[spec["name"]] = _tensor(spec, raw)
+    missing = [n for n in EXPECTED if n not in tensors]
+    if missing:
+        raise ProtocolError(400, f"missing input(s): {', '.join(missing)}")
+    return tensors
+
+
 def decode_infer(body: bytes | bytearray, header_length: str | None) -> InferRequest:
     """Body (+ the ``Inference-Header-Content-Length`` header if any) -> InferRequest, or ProtocolError."""
     view = memoryview(body)
@@ -106,26 +125,21 @@ def decode_infer(body: bytes | bytearray, header_length: str | None) -> InferReq
         raise ProtocolError(400, "request header is not valid JSON") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ProtocolError(400, "request must be a JSON object with an 'inputs' list")
-    tensors: dict[str, np.ndarray] = {}
     pos = 0
-    for spec in req["inputs"]:
-        if not isinstance(spec, dict) or spec.get("name") not in EXPECTED:
-            name = spec.get("name") if isinstance(spec, dict) else spec
-            raise ProtocolError(400, f"unknown input {name!r} (inputs: dense, indices, offsets)")
-        if spec["name"] in tensors:
-            raise ProtocolError(400, f"input {spec['name']!r} given twice")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+
+    def with_raw(spec):
+        nonlocal pos
+        size = (spec.get("parameters") or {}).get("binary_data_size") if isinstance(spec, dict) else None
         raw = None
         if size is not None:
             if not isinstance(size, int) or size < 0 or pos + size > len(rest):
-                raise ProtocolError(400, f"input {spec['name']!r}: binary_data_size {size!r} runs past the body")
+                raise ProtocolError(400, f"input {spec.get('name')!r}: binary_data_size {size!r} runs past the body")
             raw, pos = rest[pos:pos + size], pos + size
-        tensors[spec["name"]] = _tensor(spec, raw)
+        return spec, raw
+
+    tensors = collect_inputs(with_raw(spec) for spec in req["inputs"])
     if pos != len(rest):
         raise ProtocolError(400, f"{len(rest) - pos} bytes of binary data not claimed by any input")
-    missing = [n for n in EXPECTED if n not in tensors]
-    if missing:
-        raise ProtocolError(400, f"missing input(s): {', '.join(missing)}")
     params = req.get("parameters") or {}
     outputs = req.get("outputs") or []
     if not isinstance(params, dict) or not isinstance(outputs, list):

@@ -84,14 +84,19 @@ class Scheduler:
         self._queued_samples += p.samples
         self.metrics.queued.labels(self.metrics.model).set(self._queued_samples)
         self._wakeup.set()
+        timer = loop.call_later(self.queue_timeout_s, self._expire, p)
         try:
-            return await asyncio.wait_for(asyncio.shield(p.future), self.queue_timeout_s)
-        except TimeoutError:
-            if p.started:
-                return await p.future
+            return await p.future
+        finally:
+            timer.cancel()
+
+    def _expire(self, p: _Pending) -> None:
+        """The queue timeout: a request not started by now is dropped with QueueTimeout."""
+        if not p.started and not p.future.done():
             p.dropped = True
-            raise QueueTimeout(f"request waited {1e3 * self.queue_timeout_s:.0f} ms in the queue without "
-                               f"starting (--queue-timeout); the server is overloaded") from None
+            p.future.set_exception(QueueTimeout(
+                f"request waited {1e3 * self.queue_timeout_s:.0f} ms in the queue without starting "
+                f"(--queue-timeout); the server is overloaded"))
 
     async def close(self) -> None:
         """Finish everything queued and running, then stop the batching task and the workers."""
@@ -159,8 +164,9 @@ class Scheduler:
         decision = self.policy.choose(samples, self._queued_samples, now - items[0].arrival)
         predictor = self._idle.pop()
         self._running += 1
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, _compute, predictor, [p.batch for p in items], self.n_features, decision.path)
+        loop = asyncio.get_running_loop()
+        batches = [p.batch for p in items]
+        fut = loop.run_in_executor(self._executor, _compute, predictor, batches, self.n_features, decision.path)
         fut.add_done_callback(lambda f: self._finish(f, items, predictor, decision, now))
 
     def _finish(self, fut: asyncio.Future, items: list[_Pending], predictor, decision, started: float) -> None:

@@ -1,6 +1,7 @@
 """``rewrite serve``: a bundle behind the Open Inference (KServe v2) HTTP protocol.
 
-Starlette routes on uvicorn (uvloop + httptools).  KServe's ``ModelServer`` was the first
+Starlette routes on uvicorn (uvloop + httptools); with ``ServeConfig.grpc_address`` the same
+protocol over gRPC on the same event loop (``rewrite.serving.grpc_frontend``).  KServe's ``ModelServer`` was the first
 choice; it is not used because kserve 0.15.2 pins protobuf < 5 and psutil < 6 (this project's
 environment has protobuf 7 under onnx/onnxruntime and psutil 7 under TVM tuning), and pulls the
 Kubernetes client and pandas: see docs/serving.md.  The protocol surface follows the spec:
@@ -52,6 +53,7 @@ class ServeConfig:
     max_request_bytes: int = 16 << 20
     log_interval_s: float = 60.0
     batching: bool = True
+    grpc_address: str | None = None       # "host:port" (port 0: a free one) serves gRPC too
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -64,6 +66,7 @@ class App:
     def __init__(self, bundle, scheduler: Scheduler, metrics: Metrics, cfg: ServeConfig):
         self.bundle, self.scheduler, self.metrics, self.cfg = bundle, scheduler, metrics, cfg
         self.rows, self.n_dense, self.ready = bundle.table_rows(), bundle.n_dense, False
+        self.grpc_port: int | None = None         # bound at start-up when cfg.grpc_address is set
         for name, info in scheduler.policy.paths.items():
             if info.auc is not None:
                 metrics.auc.labels(cfg.model_name, name).set(info.auc)
@@ -86,11 +89,18 @@ class App:
     async def lifespan(self, app):
         self.scheduler.start()
         logger = asyncio.get_running_loop().create_task(self._log_every())
+        grpc_server = None
+        if self.cfg.grpc_address is not None:
+            from rewrite.serving import grpc_frontend
+
+            grpc_server, self.grpc_port = await grpc_frontend.start(self, self.cfg.grpc_address)
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
+            if grpc_server is not None:           # stop taking calls; the ones in flight finish
+                await grpc_server.stop(grace=self.cfg.queue_timeout_s + 5)
             await self.scheduler.close()          # uvicorn waited for open requests; drain the rest
             logger.cancel()
             self.metrics.log_window()
@@ -177,6 +187,29 @@ class App:
             chunks.append(chunk)
         return bytearray().join(chunks)        # writable: the tensors are views of it, handed to torch
 
+    async def predict(self, dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray):
+        """One request through the scheduler, for every transport (HTTP, gRPC):
+        ``(probabilities, info)``.  Every failure comes out as a ProtocolError: 400 invalid,
+        503 timed out in the queue or shutting down, 500 a failure inside ``predict``."""
+        b = dense.shape[0]
+        if b > self.scheduler.max_batch:
+            raise ProtocolError(400, f"{b} samples exceed --max-batch {self.scheduler.max_batch}; "
+                                     f"split the request")
+        try:
+            batch = check_batch(dense, indices, offsets, self.n_dense, self.rows)
+        except RewriteError as e:
+            raise ProtocolError(400, str(e)) from None
+        if b == 0:
+            return np.zeros(0, dtype=np.float32), {}
+        try:
+            return await self.scheduler.submit(batch)
+        except QueueTimeout as e:
+            raise ProtocolError(503, str(e), "timeout") from None
+        except Unavailable as e:
+            raise ProtocolError(503, str(e), "unavailable") from None
+        except Exception as e:                 # a failure inside predict: answer, stay up
+            raise ProtocolError(500, f"inference failed: {type(e).__name__}: {e}", "error") from None
+
     async def infer(self, request: Request) -> Response:
         t0 = time.monotonic()
         if (err := self._model(request)) is not None:
@@ -184,30 +217,10 @@ class App:
             return err
         try:
             req = decode_infer(await self._body(request), request.headers.get(HEADER_LENGTH))
-            b = req.dense.shape[0]
-            if b > self.scheduler.max_batch:
-                raise ProtocolError(400, f"{b} samples exceed --max-batch {self.scheduler.max_batch}; "
-                                         f"split the request")
-            try:
-                batch = check_batch(req.dense, req.indices, req.offsets, self.n_dense, self.rows)
-            except RewriteError as e:
-                raise ProtocolError(400, str(e)) from None
-            if b == 0:
-                probs, info = np.zeros(0, dtype=np.float32), {}
-            else:
-                probs, info = await self.scheduler.submit(batch)
+            probs, info = await self.predict(req.dense, req.indices, req.offsets)
         except ProtocolError as e:
-            self.metrics.request("too_large" if e.status == 413 else "bad_request")
+            self.metrics.request(e.outcome)
             return _error(e.status, str(e))
-        except QueueTimeout as e:
-            self.metrics.request("timeout")
-            return _error(503, str(e))
-        except Unavailable as e:
-            self.metrics.request("unavailable")
-            return _error(503, str(e))
-        except Exception as e:                 # a failure inside predict: answer, stay up
-            self.metrics.request("error")
-            return _error(500, f"inference failed: {type(e).__name__}: {e}")
         extra = {"path": info["path"], "batch_samples": info["batch"]} if info else None
         body, headers = encode_infer(self.cfg.model_name, req.id, probs, req.binary_output, extra)
         self.metrics.request("ok", time.monotonic() - t0)

@@ -160,3 +160,36 @@ def test_cli_option_errors(world, extra, message):
     args = [a.replace("DAY0", str(d / "day_0.npz")) for a in extra]
     res = CliRunner().invoke(apply_like, [str(d / "teacher.safetensors"), *args])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine():
+    from rewrite.recovery import MIN_LR_FRACTION, lr_factor
+
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1 * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + np.cos(0))))
+    assert max(f) == f[9] and all(a >= b for a, b in zip(f[9:], f[10:]))        # peak after warm-up
+    assert f[50] == pytest.approx(MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5)
+    assert lr_factor(100, 100, 10) == pytest.approx(MIN_LR_FRACTION)
+
+
+
+def test_derived_constant_buffers_are_not_trained(world):
+    """A row-wise int4 table keeps its fp16 decode table (a non-persistent float buffer) as it
+    is: trained, it once blew the held-out loss up and recovery kept its start."""
+    _, teacher, _, day0, day1 = world
+    student, _ = rewrite.apply(teacher, [passes.robe(compression=8, block=4, tables=("t1",)),
+                                         passes.quantize(bits=4, tables=("t0", "t2"))])
+    table = student.embeddings["t0"].exp_table.clone()
+    rec, report = recover(teacher, student, day0, steps=80, lr=1e-2, eval_data=day1)
+    assert torch.equal(rec.embeddings["t0"].exp_table, table)
+    assert "embeddings.t0.packed" in report.frozen and report.best_step > 0
+    assert report.eval["logit_rmse_recovered"] < report.eval["logit_rmse_rewritten"]
+
+
+def test_integer_only_tables_are_a_result_not_an_error(world):
+    _, teacher, _, day0, _ = world
+    student, _ = rewrite.apply(teacher, [passes.quantize(bits=4, tables=("t0", "t2"))])
+    same, report = recover(teacher, student, day0)
+    assert same is student and report.steps == 0 and report.tables == ["t0", "t2"]
+    assert report.frozen == ["embeddings.t0.packed", "embeddings.t2.packed"]
+    assert report.skipped.startswith("the rewritten tables hold no float tensor to train")

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc
 from click.testing import CliRunner
 
 from rewrite.cli import main
@@ -35,7 +37,7 @@ def strict_json(text: str):
 
 def start(bundle_dir, *args):
     cmd = [sys.executable, "-c", "from rewrite.cli import main; main()", "serve", str(bundle_dir), "--port", "0",
-           *args]
+           "--grpc-port", "0", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -45,9 +47,10 @@ def start(bundle_dir, *args):
         if not line:
             break
         lines.append(line)
-        m = re.search(r"serving \S+ on (http://127\.0\.0\.1:\d+)", line)
+        m = re.search(r"serving \S+ on (http://127\.0\.0\.1:\d+) and grpc://(127\.0\.0\.1:\d+)", line)
         if m:
             threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+            proc.grpc_url = m.group(2)
             return proc, m.group(1), lines
     proc.kill()
     pytest.fail("server did not start:\n" + "".join(lines))
@@ -81,6 +84,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(bundle_dir):
 def test_a_bounded_load_run_has_no_errors(bundle_dir, tmp_path):
     proc, url, lines = start(bundle_dir, "--max-batch", "256")
     try:
+        grpc = tritonclient.grpc.InferenceServerClient(proc.grpc_url)       # both transports up
+        assert grpc.is_model_ready(MODEL)
+        dense, indices, offsets = ragged(3, seed=4)
+        ins = [tritonclient.grpc.InferInput(n, list(a.shape), t) for n, a, t in
+               (("dense", dense, "FP32"), ("indices", indices, "INT64"), ("offsets", offsets, "INT64"))]
+        for x, a in zip(ins, (dense, indices, offsets)):
+            x.set_data_from_numpy(a)
+        assert grpc.infer(MODEL, ins).as_numpy("probabilities").shape == (3,)
         out = tmp_path / "load.json"
         r = CliRunner().invoke(main, ["loadtest", url, "--qps", "40", "--duration", "1.5s", "--max-requests", "60",
                                       "--sizes", "lognormal:median=4,p99=64", "--max-batch", "256", "--pool", "32",
@@ -103,6 +114,16 @@ def test_a_bounded_load_run_has_no_errors(bundle_dir, tmp_path):
         assert proc.wait(60) == 0, "".join(lines)
 
 
+def test_a_port_in_use_is_refused_before_loading(bundle_dir):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = str(held.getsockname()[1])
+        for args in (["--port", port, "--grpc-port", "0"], ["--port", "0", "--grpc-port", port]):
+            r = CliRunner().invoke(main, ["serve", str(bundle_dir), *args])
+            assert r.exit_code == 2 and "cannot bind" in r.output and "Traceback" not in r.output, r.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["serve", "/nonexistent/bundle"], "not a bundle directory"),
     (["serve", "{bundle}", "--max-delay", "soon"], "--max-delay"),
@@ -114,7 +135,10 @@ def test_a_bounded_load_run_has_no_errors(bundle_dir, tmp_path):
     (["loadtest", "http://127.0.0.1:9", "--model-name", "m"], "http://127.0.0.1:9"),
 ])
 def test_bad_input_is_one_line_and_exit_2(bundle_dir, args, message):
-    r = CliRunner().invoke(main, [a.replace("{bundle}", str(bundle_dir)) for a in args])
+    args = [a.replace("{bundle}", str(bundle_dir)) for a in args]
+    if args[0] == "serve":
+        args += ["--port", "0", "--grpc-port", "0"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1

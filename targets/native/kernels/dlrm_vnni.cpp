@@ -12,9 +12,9 @@
 //   q = round(x / s), s = max x / 255 (one bit more than s8 for values that are never negative);
 //   acc = Σ_k a[k] Q[c, k] in s32 (VPDPBUSD: u8 x s8, exact), y = (acc - comp) sa sw + b, ReLU.
 //   A width-1 last layer (final_w) is an f32 dot product of the last hidden activations.
-// Schedule: BLOCK samples at a time through every layer, activations in L1/L2 (never in memory
-// as int32 or f32 at batch size); per layer, for each panel of NV x 16 output columns (its
-// weights, <= 32 KiB, stay in L1) every MR rows form an MR x NV register tile of accumulators.
+// Schedule: BLOCK samples at a time through every layer (int8_mlp_blocks.h); per layer, for each
+// panel of NV x 16 output columns (its weights, <= 32 KiB, stay in L1) every MR rows form an
+// MR x NV register tile of accumulators.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "int8_mlp_blocks.h"
 #include "quantize_row.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -148,6 +149,26 @@ inline void quantize_row_u8(const float* y, int64_t n, int64_t kp, uint8_t* a, f
   *s = scale;
 }
 
+// The arithmetic dlrm::run_blocks (int8_mlp_blocks.h) drives.
+struct VnniKernel {
+  using Act = uint8_t;
+  using Layer = ::Layer;
+  static constexpr int64_t BLOCK = ::BLOCK;
+  static void layer_block(const Layer& l, const uint8_t* a, const float* sa, float* y) { ::layer_block(l, a, sa, y); }
+  static void requantize(const Layer& l, const Layer& next, const float* y, uint8_t* a, float* s) {
+    if (!next.signed_in) {
+      quantize_row_u8(y, l.n, next.kp, a, s);
+    } else {
+      quantize_row(y, l.n, next.kp, reinterpret_cast<int8_t*>(a), s);
+      shift_row(reinterpret_cast<int8_t*>(a), next.kp, a);
+    }
+  }
+  static float dot(const float* y, const float* w, int64_t n) {   // n % 16 == 0
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < n; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(y + c), _mm512_loadu_ps(w + c), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+};
 #endif
 
 class VnniMlp {
@@ -205,54 +226,10 @@ class VnniMlp {
   }
 
  private:
-  // load(row, a, s) writes sample `row`'s first-layer input (u8, kp wide) and its scale.
   template <typename Load>
   torch::Tensor run(int64_t batch, Load load) const {
 #ifdef DLRM_VNNI
-    const bool final = final_w_.numel() > 0;
-    auto out = final ? torch::empty({batch}, torch::kFloat) : torch::empty({batch, layers_.back().n}, torch::kFloat);
-    float* op = out.data_ptr<float>();
-    int64_t widest = kp();
-    for (const auto& l : layers_) widest = std::max(widest, l.n);
-    at::parallel_for(0, (batch + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<uint8_t> a(BLOCK * widest);
-      std::vector<float> y(BLOCK * widest), sa(BLOCK);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t lo = blk * BLOCK, rows = std::min(BLOCK, batch - lo);
-        const int64_t p = kp();
-        for (int64_t r = 0; r < rows; ++r) load(lo + r, a.data() + r * p, &sa[r]);
-        std::memset(a.data() + rows * p, 0, (BLOCK - rows) * p);   // tail rows: computed, never stored
-        std::fill(sa.begin() + rows, sa.end(), 1.f);
-        for (size_t i = 0; i < layers_.size(); ++i) {
-          const Layer& l = layers_[i];
-          layer_block(l, a.data(), sa.data(), y.data());
-          if (i + 1 == layers_.size()) break;
-          const Layer& next = layers_[i + 1];
-          for (int64_t r = 0; r < BLOCK; ++r) {
-            uint8_t* ar = a.data() + r * next.kp;
-            if (!next.signed_in) {
-              quantize_row_u8(y.data() + r * l.n, l.n, next.kp, ar, &sa[r]);
-            } else {
-              quantize_row(y.data() + r * l.n, l.n, next.kp, reinterpret_cast<int8_t*>(ar), &sa[r]);
-              shift_row(reinterpret_cast<int8_t*>(ar), next.kp, ar);
-            }
-          }
-        }
-        const int64_t n = layers_.back().n;
-        if (final) {
-          const float* w = final_w_.data_ptr<float>();
-          for (int64_t r = 0; r < rows; ++r) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < n; c += 16)
-              acc = _mm512_fmadd_ps(_mm512_loadu_ps(y.data() + r * n + c), _mm512_loadu_ps(w + c), acc);
-            op[lo + r] = _mm512_reduce_add_ps(acc) + final_b_;
-          }
-        } else {
-          std::memcpy(op + lo * n, y.data(), rows * n * sizeof(float));
-        }
-      }
-    });
-    return out;
+    return dlrm::run_blocks<VnniKernel>(layers_, kp(), batch, final_w_, final_b_, load);
 #else
     (void)batch, (void)load;
     TORCH_CHECK(false, vnni_usable());

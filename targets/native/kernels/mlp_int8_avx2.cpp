@@ -16,7 +16,7 @@
 // activations overflow (2 · 255 · 127 > 32767); FBGEMM avoids that with 7-bit activations, which
 // would change the numerics: this kernel keeps them.  16 MACs per instruction against 8 for an
 // fp32 FMA.
-// Schedule: BLOCK samples at a time through every layer (activations stay in L1/L2); per layer,
+// Schedule: BLOCK samples at a time through every layer (int8_mlp_blocks.h); per layer,
 // for each panel of NV x 8 output columns, MR rows of accumulators in registers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "int8_mlp_blocks.h"
 #include "quantize_row.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -129,6 +130,33 @@ inline void quantize_row_u8(const float* y, int64_t n, int64_t kp, int16_t* a, f
 inline void widen(const int8_t* q, int64_t kp, int16_t* a) {
   for (int64_t c = 0; c < kp; ++c) a[c] = q[c];
 }
+
+// The arithmetic dlrm::run_blocks (int8_mlp_blocks.h) drives.
+struct Avx2Kernel {
+  using Act = int16_t;
+  using Layer = ::Layer;
+  static constexpr int64_t BLOCK = ::BLOCK;
+  static void layer_block(const Layer& l, const int16_t* a, const float* sa, float* y) { ::layer_block(l, a, sa, y); }
+  static void requantize(const Layer& l, const Layer& next, const float* y, int16_t* a, float* s) {
+    if (l.relu) {
+      quantize_row_u8(y, l.n, next.kp, a, s);
+    } else {
+      thread_local std::vector<int8_t> q;
+      q.resize(next.kp);
+      quantize_row(y, l.n, next.kp, q.data(), s);
+      widen(q.data(), next.kp, a);
+    }
+  }
+  static float dot(const float* y, const float* w, int64_t n) {   // n % 8 == 0
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < n; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(y + c), _mm256_loadu_ps(w + c), acc);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    float sum = 0.f;
+    for (float v : lanes) sum += v;
+    return sum;
+  }
+};
 #endif
 
 class Avx2Int8Mlp {
@@ -186,60 +214,10 @@ class Avx2Int8Mlp {
   }
 
  private:
-  // load(row, a, s) writes sample `row`'s first-layer input (s16, kp wide) and its scale.
   template <typename Load>
   torch::Tensor run(int64_t batch, Load load) const {
 #ifdef DLRM_AVX2_INT8
-    const bool final = final_w_.numel() > 0;
-    auto out = final ? torch::empty({batch}, torch::kFloat) : torch::empty({batch, layers_.back().n}, torch::kFloat);
-    float* op = out.data_ptr<float>();
-    int64_t widest = kp();
-    for (const auto& l : layers_) widest = std::max(widest, l.n);
-    at::parallel_for(0, (batch + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<int16_t> a(BLOCK * widest);
-      std::vector<float> y(BLOCK * widest), sa(BLOCK);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t lo = blk * BLOCK, rows = std::min(BLOCK, batch - lo);
-        const int64_t p = kp();
-        for (int64_t r = 0; r < rows; ++r) load(lo + r, a.data() + r * p, &sa[r]);
-        std::fill(a.begin() + rows * p, a.begin() + BLOCK * p, int16_t(0));   // tail rows: computed, never stored
-        std::fill(sa.begin() + rows, sa.end(), 1.f);
-        for (size_t i = 0; i < layers_.size(); ++i) {
-          const Layer& l = layers_[i];
-          layer_block(l, a.data(), sa.data(), y.data());
-          if (i + 1 == layers_.size()) break;
-          const Layer& next = layers_[i + 1];
-          for (int64_t r = 0; r < BLOCK; ++r) {
-            int16_t* ar = a.data() + r * next.kp;
-            if (l.relu) {
-              quantize_row_u8(y.data() + r * l.n, l.n, next.kp, ar, &sa[r]);
-            } else {
-              thread_local std::vector<int8_t> q;
-              q.resize(next.kp);
-              quantize_row(y.data() + r * l.n, l.n, next.kp, q.data(), &sa[r]);
-              widen(q.data(), next.kp, ar);
-            }
-          }
-        }
-        const int64_t n = layers_.back().n;
-        if (final) {
-          const float* w = final_w_.data_ptr<float>();
-          for (int64_t r = 0; r < rows; ++r) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t c = 0; c < n; c += 8)
-              acc = _mm256_fmadd_ps(_mm256_loadu_ps(y.data() + r * n + c), _mm256_loadu_ps(w + c), acc);
-            alignas(32) float lanes[8];
-            _mm256_store_ps(lanes, acc);
-            float sum = 0.f;
-            for (float v : lanes) sum += v;
-            op[lo + r] = sum + final_b_;
-          }
-        } else {
-          std::memcpy(op + lo * n, y.data(), rows * n * sizeof(float));
-        }
-      }
-    });
-    return out;
+    return dlrm::run_blocks<Avx2Kernel>(layers_, kp(), batch, final_w_, final_b_, load);
 #else
     (void)batch, (void)load;
     TORCH_CHECK(false, avx2_usable());

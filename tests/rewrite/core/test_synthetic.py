@@ -83,3 +83,30 @@ def test_multi_hot_batch():
     assert all(np.array_equal(x, y) for x, y in zip(b.inputs(), again.inputs()))
     empty = multi_hot_batch(rows, 8, 5, mean_len=3.0, seed=0, empty_fraction=1.0)
     assert empty.indices.numel() == 0 and empty.offsets.tolist() == [0] * 33
+
+
+def test_lowrank_structure_keeps_ids_and_makes_the_teacher_tables_low_rank():
+    """The realistic option: same ids / dense / noise draws as the default, per-id parameters of
+    unit variance whose table [s, u] is rank r + 1 up to the idiosyncratic share, and s follows
+    popularity (correlation sin φ with the standardised −log rank)."""
+    cfg = SyntheticConfig(rows=(4000, 50), n_pairs=1, seed=3)
+    low = SyntheticConfig(**{**vars(cfg), "structure": "lowrank", "rank": 3, "idiosyncratic": 0.1})
+    a, b = Synthetic(cfg), Synthetic(low)
+    xa, xb = a.sample(3000, seed=1), b.sample(3000, seed=1)
+    assert np.array_equal(xa[0], xb[0]) and np.array_equal(xa[1], xb[1])        # same ids and dense
+    table = np.concatenate([b.s[0][:, None], b.u[0]], axis=1)                   # [rows, 1 + k]
+    sv = np.linalg.svd(table - table.mean(0), compute_uv=False)
+    energy = np.cumsum(sv ** 2) / np.sum(sv ** 2)
+    assert energy[3] > 0.97                                 # rank r + 1 = 4 holds ~ 1 - η² of it
+    indep = np.concatenate([a.s[0][:, None], a.u[0]], axis=1)
+    sv_i = np.linalg.svd(indep - indep.mean(0), compute_uv=False)
+    assert (np.cumsum(sv_i ** 2) / np.sum(sv_i ** 2))[3] < 0.85
+    assert abs(float(b.u[0].std()) - 1) < 0.1 and 0.5 < float(b.s[0].std()) < 1.5
+    rank_of_row = np.argsort(b.perm[0])
+    assert np.corrcoef(b.s[0], -np.log(rank_of_row + 1.0))[0, 1] > 0.15     # popular ids: larger s
+    assert abs(xb[2].mean() - xa[2].mean()) < 0.05              # positives stay comparable
+
+
+def test_unknown_structure_is_refused():
+    with pytest.raises(ValueError, match="structure must be 'independent' or 'lowrank'"):
+        Synthetic(SyntheticConfig(rows=(10,), n_pairs=0, structure="clustered"))

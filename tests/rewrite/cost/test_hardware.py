@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from rewrite.core import isa
 from rewrite.cost import microbench as mb
 from rewrite.cost.hardware import PRESETS, cache_dir, cpu_local, load_hardware
 from rewrite.cost.types import HardwareSpec
@@ -68,10 +69,10 @@ def test_cache_sizes_from_a_sysfs_tree(tmp_path):
 def test_cpu_local_reads_its_cache_without_measuring(monkeypatch):
     import rewrite.cost.hardware as hardware
 
-    key = f"{mb.cpu_model()}|{mb.cores()} cores|1 threads"
     spec = synthetic_hw(name="cpu-local", source="measured", threads=1)
     cache_dir().mkdir(parents=True, exist_ok=True)
-    (cache_dir() / "hardware.json").write_text(json.dumps({"version": 1, "machines": {key: spec.to_json()}}))
+    (cache_dir() / "hardware.json").write_text(json.dumps({"version": hardware.HARDWARE_CACHE_VERSION,
+                                                            "machines": {hardware.cache_key(1): spec.to_json()}}))
 
     def measure(*_):
         raise AssertionError("cpu_local measured although the cache holds this machine")
@@ -93,3 +94,17 @@ def test_cpu_local_is_measured_cached_and_plausible():
     assert set(hw.gemm) >= {"fp32"} and all(r > 1e8 for _, r in hw.gemm["fp32"])
     assert 1e-8 < hw.call_overhead < 1e-4
     assert load_hardware("cpu-local", progress=False) == hw        # second call: the cache
+    # int8 is measured on the engine's own kernel for the tier; bf16 only where the CPU computes it
+    assert hw.measurements["isa_tier"] == isa.active_tier()
+    assert set(hw.gemm) >= {"fp32", "int8"} and ("bf16" in hw.gemm) == isa.has("avx512_bf16")
+
+
+INT8_KERNEL = {"avx512": "VnniMlp", "amx": "VnniMlp", "avx2": "Avx2Int8Mlp", "generic": "Int8Mlp"}
+
+
+def test_int8_limit_is_measured_on_each_tiers_own_kernel(isa_tier):
+    rate, kernel = mb.int8_kernel_throughput(256, 128, 128)
+    expected = INT8_KERNEL[isa_tier]
+    if expected == "VnniMlp" and not isa.has("avx512_vnni"):
+        expected = "Avx2Int8Mlp"
+    assert kernel == expected and rate > 1e8

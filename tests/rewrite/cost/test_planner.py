@@ -36,7 +36,7 @@ def test_plan_meets_budget_and_measured_auc(planned):
 def test_max_auc_drop_without_labels_is_an_error(planned):
     model, pt, sample, problem, enum = planned
     enum.labelled = False
-    with pytest.raises(RewriteError, match="--max-auc-drop needs labelled data: --data has no y"):
+    with pytest.raises(RewriteError, match="--max-auc-drop and --recover need labelled data: --data has no y"):
         make_plan(model, str(pt), problem, enum, Constraints(max_auc_drop=0.001), 512, "torch", sample)
 
 

@@ -1,0 +1,61 @@
+// The block schedule of the one-call int8 MLP kernels (dlrm_vnni.cpp, mlp_int8_avx2.cpp): BLOCK
+// samples at a time through every layer, so the activations stay in L1/L2 and never reach memory
+// as int32 or f32 at batch size.  A kernel K supplies its arithmetic:
+//   K::Act                               a layer input's element (u8 for VNNI, s16 for AVX2)
+//   K::Layer                             one layer (.n outputs, .kp padded inputs)
+//   K::BLOCK                             samples per block (a multiple of its register tile's rows)
+//   K::layer_block(l, a, sa, y)          A [BLOCK, l.kp] Act, row scales sa -> Y [BLOCK, l.n] f32
+//   K::requantize(l, next, y, a, s)      one row of l's output -> next's input row and its scale
+//   K::dot(y, w, n)                      f32 dot product (a width-1 last layer)
+// Tail rows of the last block are computed on zeros and never stored.
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace dlrm {
+
+// load(row, a, s) writes sample `row`'s first-layer input (kp wide) and its scale.  Returns
+// f32 [batch, N_last], or the logits f32 [batch] when final_w (f32 [N_last]) is not empty.
+template <typename K, typename Load>
+torch::Tensor run_blocks(const std::vector<typename K::Layer>& layers, int64_t kp, int64_t batch,
+                         const torch::Tensor& final_w, float final_b, Load load) {
+  constexpr int64_t BLOCK = K::BLOCK;
+  using Act = typename K::Act;
+  const bool final = final_w.numel() > 0;
+  torch::Tensor out = final ? torch::empty({batch}, torch::kFloat) : torch::empty({batch, int64_t(layers.back().n)}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  int64_t widest = kp;
+  for (const auto& l : layers) widest = std::max(widest, l.n);
+  at::parallel_for(0, (batch + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Act> a(BLOCK * widest);
+    std::vector<float> y(BLOCK * widest), sa(BLOCK);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t lo = blk * BLOCK, rows = std::min(BLOCK, batch - lo);
+      for (int64_t r = 0; r < rows; ++r) load(lo + r, a.data() + r * kp, &sa[r]);
+      std::fill(a.begin() + rows * kp, a.begin() + BLOCK * kp, Act(0));
+      std::fill(sa.begin() + rows, sa.end(), 1.f);
+      for (size_t i = 0; i < layers.size(); ++i) {
+        const auto& l = layers[i];
+        K::layer_block(l, a.data(), sa.data(), y.data());
+        if (i + 1 == layers.size()) break;
+        const auto& next = layers[i + 1];
+        for (int64_t r = 0; r < BLOCK; ++r)
+          K::requantize(l, next, y.data() + r * l.n, a.data() + r * next.kp, &sa[r]);
+      }
+      const int64_t n = layers.back().n;
+      if (final) {
+        const float* w = final_w.data_ptr<float>();
+        for (int64_t r = 0; r < rows; ++r) op[lo + r] = K::dot(y.data() + r * n, w, n) + final_b;
+      } else {
+        std::memcpy(op + lo * n, y.data(), rows * n * sizeof(float));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace dlrm
