@@ -93,10 +93,12 @@ class Dataset:
             for lo in range(0, len(order), batch_size):
                 yield self.batch(np.sort(order[lo:lo + batch_size]))
 
-    def id_chunks(self, rate: float, seed: int = 0, chunk: int = 65536) -> Iterator[np.ndarray]:
-        """Row numbers [n, F] (int64) of a Bernoulli(rate) sample of the rows, chunk by chunk."""
+    def id_chunks(self, rate: float, seed: int = 0, chunk: int = 65536,
+                  shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
+        """Row numbers [n, F] (int64) of a Bernoulli(rate) sample of the rows, chunk by chunk;
+        ``shard`` (k, N): only the chunks i with i % N == k (N ranks together read every chunk once)."""
         rows = self.sample_rows(rate, seed)
-        for lo in range(0, len(rows), chunk):
+        for lo in range(shard[0] * chunk, len(rows), shard[1] * chunk):
             yield self.ids(np.asarray(self.cat[rows[lo:lo + chunk]]))
 
     def sample_rows(self, rate: float, seed: int = 0) -> np.ndarray:

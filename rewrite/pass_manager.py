@@ -16,10 +16,18 @@ fp32 elements plus ``TABLE_OVERHEAD`` (a fit's fixed cost: the fitted passes run
 hundred steps however small the table), so its ETA covers the whole run, not one table.  A run
 in which no table is rewritten is a result, not an error: ``ApplyReport.rewritten`` is 0 and the
 report says why for each table.
+
+On N ranks (``group``, ``rewrite.distributed``): each pass's selected tables are placed on the
+ranks by estimated fit cost (``fit_cost``; greedy longest-processing-time, ``distributed.place``),
+each rank fits and verifies its own, and ``fit_sharing.share`` hands every fitted table to every
+rank before the next pass, so each rank holds the same model after every pass and the result is
+the one-process result, byte for byte (passes seed per table, never per rank).  A rank that
+raises fails every rank with its error.  The whole-model comparison at the end runs on each rank.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -37,6 +45,7 @@ from rewrite.core.pass_contract import ConfiguredPass, PassContext, Rewrite, Ski
 from rewrite.core.access_profile import AccessProfile
 from rewrite.core.synthetic import multi_hot_batch
 from rewrite.core.tracing import capture
+from rewrite.distributed import SINGLE, Group, place
 
 FP32_SLACK = 1e-5   # relative, for fp32 accumulation-order differences
 SHOWN_FAILURES = 3  # tables named in a tolerance failure's one-line message
@@ -58,6 +67,8 @@ class TableReport:
     tolerance: str = ""
     within_tolerance: bool = True
     fit_seconds: float = 0.0
+    fit_cpu_seconds: float = 0.0      # CPU time of this process (all its threads) during the fit
+    rank: int = 0                     # the rank that fitted it (0 on one process)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,9 +166,9 @@ def _run_on_site(cp: ConfiguredPass, site, current: RecModel, ctx: PassContext,
     if site.rows < cfg.min_rows:
         rep.reason = f"{site.rows} rows < min_rows={cfg.min_rows}"
         return rep, None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = info.run(site, cfg, ctx)
-    rep.fit_seconds = time.perf_counter() - t0
+    rep.fit_seconds, rep.fit_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if isinstance(result, Skip):
         rep.reason = result.reason
         return rep, None
@@ -169,9 +180,46 @@ def _run_on_site(cp: ConfiguredPass, site, current: RecModel, ctx: PassContext,
     return rep, new
 
 
+def fit_cost(site, cfg: Any) -> float:
+    """A table's estimated fit cost, in the progress bar's unit: rows × dim + ``TABLE_OVERHEAD``
+    fp32 elements (TT-SVD + ALS, quantization and the row-sampled fits are linear in the table's
+    elements; the overhead is the fitted passes' minimum step count).  Within one pass every table
+    shares the config, so only the relative size matters; a table below ``min_rows`` costs 0."""
+    return 0.0 if site.rows < cfg.min_rows else float(site.rows * site.dim + TABLE_OVERHEAD)
+
+
+def _fit(cp: ConfiguredPass, sites, current: RecModel, ctx: PassContext, sample: list[Batch],
+         group: Group, bar) -> dict[str, tuple[TableReport, Representation | None]]:
+    """Fit and verify ``sites`` (this rank's share of one pass's tables); on N ranks, return every
+    rank's fits (``fit_sharing.share``), raising the first failing rank's error on every rank."""
+    fitted, error = [], None
+    try:
+        group.injected_failure()
+        for i, site in enumerate(sites, 1):
+            bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
+            rep, new = _run_on_site(cp, site, current, ctx, sample)
+            rep.rank = group.rank
+            bar.update(site.rows * site.dim + TABLE_OVERHEAD)
+            if group.distributed:   # one line per table: the bars of N ranks share one terminal
+                tqdm.write(f"{cp.name} {site.name}: {rep.status} in {rep.fit_seconds:.2f} s "
+                           f"({i}/{len(sites)} of this rank's tables)", file=sys.stderr)
+            fitted.append((rep, new))
+    except Exception as e:   # noqa: BLE001 (on N ranks: shared, and every rank fails with it)
+        if not group.distributed:
+            raise
+        error = e
+    if not group.distributed:
+        return {rep.table: (rep, new) for rep, new in fitted}
+    from rewrite.fit_sharing import share
+
+    return share(group, fitted, error, TableReport)
+
+
 def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProfile | None = None,
-          sample: list[Batch] | None = None, seed: int = 0) -> tuple[RecModel, ApplyReport]:
-    """Run ``passes`` in order; return the rewritten model and the verification report."""
+          sample: list[Batch] | None = None, seed: int = 0,
+          group: Group = SINGLE) -> tuple[RecModel, ApplyReport]:
+    """Run ``passes`` in order; return the rewritten model and the verification report.
+    ``group``: the ranks sharing the fits (every rank calls this with the same arguments)."""
     model.eval()
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     sample = [validate(b, model.spec.n_dense, rows, "sample batch") for b in (sample or default_sample(model))]
@@ -182,21 +230,22 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
             raise RewriteError(f"pass {cp.name}: unknown table(s) {', '.join(unknown)} "
                                f"(tables: {', '.join(model.embeddings)})")
     current, reports = model, []
-    work = {site.name: site.rows * site.dim + TABLE_OVERHEAD for site in capture(model)[1]}
-    total = sum(work[t] for cp in passes for t in work if not cp.config.tables or t in cp.config.tables)
-    bar = tqdm(total=total, desc="rewrite", unit="elem", unit_scale=True, leave=False, mininterval=1.0)
+    sites = {site.name: site for site in capture(model)[1]}   # rows and dim stay through the passes
+    owners = [place({n: fit_cost(s, cp.config) for n, s in sites.items()
+                     if not cp.config.tables or n in cp.config.tables}, group.world) for cp in passes]
+    total = sum(sites[n].rows * sites[n].dim + TABLE_OVERHEAD
+                for owner in owners for n, r in owner.items() if r == group.rank)
+    bar = tqdm(total=total, desc="rewrite", unit="elem", unit_scale=True, leave=False, mininterval=1.0,
+               disable=group.distributed)   # N ranks: a line per table instead (``_fit``)
     try:
-        for cp in passes:
-            cfg = cp.config
+        for cp, owner in zip(passes, owners):
             _, sites = capture(current)
             ctx = PassContext(current, profile, sample, seed)
+            chosen = [s for s in sites if s.name in owner]
+            fits = _fit(cp, [s for s in chosen if owner[s.name] == group.rank], current, ctx, sample, group, bar)
             new_tables: dict[str, Representation] = {}
-            for site in sites:
-                if cfg.tables and site.name not in cfg.tables:
-                    continue
-                bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
-                rep, new = _run_on_site(cp, site, current, ctx, sample)
-                bar.update(work.get(site.name, TABLE_OVERHEAD))
+            for site in chosen:
+                rep, new = fits[site.name]
                 reports.append(rep)
                 if new is not None:
                     new_tables[site.name] = new

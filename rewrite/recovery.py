@@ -14,7 +14,10 @@ table's fp16 decode table), never trained: training one once sent the held-out l
 to 5e9 and early stopping kept the unrecovered start.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
-as they are and are listed in the report.
+as they are and are listed in the report.  On N ranks (``ranks``): data-parallel, DDP over the
+trained tensors (``rewrite.data_parallel``); each rank computes the teacher's logits for its
+share of the rows (gathered once), trains on every N-th row of each batch and measures its N-th
+of the held-out rows (the loss all-reduced), so steps and stopping are one process's.
 
 Length and early stopping: by default up to ``MAX_EPOCHS`` passes over the training part, which
 early stopping cuts short.  A seeded random ``holdout`` share of DATA's rows (at most
@@ -49,6 +52,8 @@ from rewrite.data import Dataset, check_matches
 from rewrite.core.errors import RewriteError
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
+from rewrite.data_parallel import data_parallel, shard_rows
+from rewrite.distributed import SINGLE, Group
 
 NOTHING_TO_TRAIN = "no rewritten table differs from the original and train_top is off: nothing to train"
 NO_FLOAT_TENSORS = ("the rewritten tables hold no float tensor to train (integer codes only) and "
@@ -144,7 +149,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             epochs: float | None = None, lr: float = DEFAULT_LR, eval_data: Dataset | None = None,
             train_top: bool = False, seed: int = 0, batch_size: int = 1024, label_weight: float = 0.5,
             holdout: float = 0.1, eval_every: int | None = None, patience: int = 4,
-            tables: list[str] | None = None) -> tuple[RecModel, RecoveryReport]:
+            tables: list[str] | None = None, ranks: Group = SINGLE) -> tuple[RecModel, RecoveryReport]:
     """Train the rewritten model's new representations to match ``original`` on ``data``.
 
     ``steps`` or ``epochs`` (passes over the training part; default ``MAX_EPOCHS``, cut short by
@@ -176,7 +181,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     if not named:                        # e.g. only row-wise quantized tables: codes and scales are bytes
         return rewritten, RecoveryReport(tables, False, frozen, 0, 0, False, 0, None, None, 0.0,
                                          skipped=NO_FLOAT_TENSORS)
-    masters = {n: t.detach().to(torch.float32).clone().requires_grad_(True) for n, t in named.items()}
+    masters = {n: torch.nn.Parameter(t.detach().to(torch.float32).clone()) for n, t in named.items()}
     # everything else enters the forward detached: no gradient reaches shared (original) tensors
     fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]
              if n not in masters}
@@ -190,9 +195,10 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     warmup = max(1, min(total // WARMUP_DIVISOR, per_epoch))
     order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4,))).permutation(data.n_samples)
     hold_rows, train_rows = np.sort(order[:n_hold]), order[n_hold:]
-    hold = [data.batch(hold_rows[lo:lo + 8192]) for lo in range(0, n_hold, 8192)]
-    teacher = _teacher_logits(original, data)      # once: the teacher is fixed (4 bytes per row)
-    hold_teacher = [torch.from_numpy(teacher[r[lo:lo + 8192]]) for r in (hold_rows,) for lo in range(0, n_hold, 8192)]
+    mine = hold_rows[ranks.rank::ranks.world]      # this rank's share of the held-out rows
+    hold = [data.batch(mine[lo:lo + 8192]) for lo in range(0, len(mine), 8192)]
+    teacher = _teacher_logits(original, data, ranks)   # once: the teacher is fixed (4 bytes per row)
+    hold_teacher = [torch.from_numpy(teacher[mine[lo:lo + 8192]]) for lo in range(0, len(mine), 8192)]
 
     def values() -> dict[str, torch.Tensor]:
         return {**fixed, **{n: (m if named[n].dtype == torch.float32 else m.to(named[n].dtype))
@@ -203,7 +209,9 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             v = values()
             tot = sum(float(_loss(functional_call(student, v, b.inputs()), z, b.labels, label_weight)) * b.size
                       for b, z in zip(hold, hold_teacher))
-        return tot / n_hold
+        return float(ranks.all_reduce_sum(np.array([tot]))[0]) / n_hold
+
+    forward = data_parallel(student, values, list(masters.values()), ranks)
 
     t0 = time.perf_counter()
     best = start = holdout_loss()
@@ -213,11 +221,14 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     while step < total and bad < patience:
         shuffled = np.random.default_rng(seed + epoch).permutation(train_rows)
         for rows in (np.sort(shuffled[lo:lo + batch_size]) for lo in range(0, n_train, batch_size)):
+            rows = shard_rows(rows, ranks)
+            if rows is None:
+                continue
             b = data.batch(rows)
             for group in opt.param_groups:      # warm-up, then cosine decay (lr_factor)
                 group["lr"] = lr * group["scale"] * lr_factor(step, total, warmup)
             z_t = torch.from_numpy(teacher[rows])
-            loss = _loss(functional_call(student, values(), b.inputs()), z_t, b.labels, label_weight)
+            loss = _loss(forward(*b.inputs()), z_t, b.labels, label_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -240,15 +251,21 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
             named[n].copy_(m.to(named[n].dtype))
     report = RecoveryReport(tables, train_top, frozen, step, best_step, bad >= patience, n_hold, start, best,
                             time.perf_counter() - t0, history)
-    if eval_data is not None:
+    if eval_data is not None and ranks.writes:
         report.eval = evaluate_recovery(original, rewritten, student, eval_data)
     return student, report
 
 
 @torch.no_grad()
-def _teacher_logits(original: RecModel, data: Dataset, batch_size: int = 8192) -> np.ndarray:
-    """The original's logits on every row of ``data`` (float32 [N])."""
-    return np.concatenate([original(*b.inputs()).numpy() for b in data.batches(batch_size)]).astype(np.float32)
+def _teacher_logits(original: RecModel, data: Dataset, ranks: Group = SINGLE, batch_size: int = 8192) -> np.ndarray:
+    """The original's logits on every row of ``data`` (float32 [N]); on N ranks each computes a
+    contiguous N-th of the rows and the parts are gathered."""
+    lo, hi = ranks.rank * data.n_samples // ranks.world, (ranks.rank + 1) * data.n_samples // ranks.world
+    part = [original(*b.inputs()).numpy() for b in data.batches(batch_size, limit=hi - lo, start=lo)]
+    part = np.concatenate(part).astype(np.float32) if part else np.zeros(0, np.float32)
+    if not ranks.distributed:
+        return part
+    return np.concatenate([np.frombuffer(b, np.float32) for b in ranks.exchange(part.tobytes())])
 
 
 def _snapshot(masters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -303,7 +320,7 @@ def add_recovery_options(command):
 def run_recovery_from_cli(original: RecModel, rewritten: RecModel, recover_path: Path | None,
                           recover_steps: int | None, recover_epochs: float | None, recover_lr: float,
                           eval_path: Path | None, recover_top: bool, dense_transform: str = "log1p",
-                          seed: int = 0) -> tuple[RecModel, dict[str, Any] | None]:
+                          seed: int = 0, ranks: Group = SINGLE) -> tuple[RecModel, dict[str, Any] | None]:
     """What ``apply`` runs after its passes: (model to save, report JSON or None without --recover)."""
     from rewrite import data as data_mod
 
@@ -322,6 +339,6 @@ def run_recovery_from_cli(original: RecModel, rewritten: RecModel, recover_path:
     train = data_mod.open(recover_path, dense_transform)
     held = data_mod.open(eval_path, dense_transform) if eval_path is not None else None
     model, report = recover(original, rewritten, train, steps=recover_steps, epochs=recover_epochs,
-                            lr=recover_lr, eval_data=held, train_top=recover_top, seed=seed)
+                            lr=recover_lr, eval_data=held, train_top=recover_top, seed=seed, ranks=ranks)
     return model, {"data": str(recover_path), "eval_data": None if eval_path is None else str(eval_path),
                    "lr": recover_lr, **report.to_json()}

@@ -18,6 +18,7 @@ from rewrite.core.atomic import check_new_output
 from rewrite.core.batch import Batch
 from rewrite.core.errors import RewriteError, VerificationError
 from rewrite.core.model_file import save
+from rewrite.distributed import SINGLE, Group
 from rewrite.inspection import human_bytes
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, parse_pass
@@ -51,8 +52,9 @@ class Inputs:
 
 
 def load_inputs(model: RecModel, data_path: Path | None, profile_path: Path | None, samples: int,
-                dense_transform: str) -> Inputs:
-    """Open ``--data`` (checked against the model) and ``--profile`` (default: profile the data)."""
+                dense_transform: str, group: Group = SINGLE) -> Inputs:
+    """Open ``--data`` (checked against the model) and ``--profile`` (default: profile the data,
+    each rank its share of it)."""
     ds = None
     if data_path is not None:
         ds = data.open(data_path, dense_transform)
@@ -60,7 +62,7 @@ def load_inputs(model: RecModel, data_path: Path | None, profile_path: Path | No
     if profile_path is not None:
         prof = AccessProfile.load(profile_path, model)
     else:
-        prof = profile(model, ds) if ds is not None else None
+        prof = profile(model, ds, group=group) if ds is not None else None
     return Inputs(data_path, ds, prof, sample_batches(ds, samples) if ds is not None else None)
 
 
@@ -91,11 +93,12 @@ def auc_gate(result: dict[str, Any], max_auc_drop: float | None, data_path: Path
 
 def rewrite_checked(model: RecModel, source: Path, configured: list[ConfiguredPass], inputs: Inputs,
                     allow_degraded: bool, max_auc_drop: float | None = None,
-                    allowed_by: str = "--allow-degraded") -> tuple[RecModel, dict[str, Any]]:
+                    allowed_by: str = "--allow-degraded", group: Group = SINGLE) -> tuple[RecModel, dict[str, Any]]:
     """Apply the passes and verify; the report as JSON, with ``failure`` when a table exceeds its
     tolerance or the AUC drops by more than ``max_auc_drop`` on labelled data (unless
-    ``allow_degraded``, which ``allowed_by`` names in the report): the caller then writes nothing."""
-    rewritten, report = apply(model, configured, profile=inputs.profile, sample=inputs.sample)
+    ``allow_degraded``, which ``allowed_by`` names in the report): the caller then writes nothing.
+    ``group``: the ranks fitting the tables (``pass_manager.apply``)."""
+    rewritten, report = apply(model, configured, profile=inputs.profile, sample=inputs.sample, group=group)
     result = {"model": str(source), "passes": [str(p) for p in configured],
               "profile": None if inputs.profile is None else inputs.profile.source,
               "verification_data": str(inputs.data_path) if inputs.dataset is not None
@@ -115,11 +118,20 @@ def rewrite_checked(model: RecModel, source: Path, configured: list[ConfiguredPa
     return rewritten, result
 
 
+def check_output(output: Path, force: bool) -> Path:
+    """``-o``: a file path, new unless ``force`` (RewriteError otherwise)."""
+    output = Path(output)
+    if output.is_dir():
+        raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
+    check_new_output(output, force)
+    return output
+
+
 def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path: Path | None,
               samples: int, dense_transform: str, allow_degraded: bool, output: Path,
               load_model: Callable[[Path], RecModel],
               recovery: dict[str, Any] | None = None, max_auc_drop: float | None = DEFAULT_MAX_AUC_DROP,
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, group: Group = SINGLE) -> dict[str, Any]:
     """Run the passes; return the report as JSON, with ``written`` and, when not, ``failure``.
 
     ``recovery``: the ``--recover`` options (``rewrite.recovery.run_recovery_from_cli``'s keyword
@@ -127,17 +139,19 @@ def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path
     distillation exists to repair rewrites that miss it, and it moves tables away from the fitted
     ones on purpose; its own report (AUC / log loss on ``--eval``) is the result to judge.  The same
     holds for the ``max_auc_drop`` gate, measured before recovery.  An existing ``output`` is
-    refused (exit 2) unless ``force``."""
+    refused (exit 2) unless ``force``.
+
+    ``group``: on N ranks (``rewrite.distributed``) every rank runs this with the same arguments;
+    the tables are fitted across the ranks, recovery trains data-parallel, and only rank 0 writes,
+    after every rank has finished without error (``Group.agree``)."""
     configured = [parse_pass(s) for s in specs]
-    output = Path(output)
-    if output.is_dir():
-        raise RewriteError(f"{output}: is a directory; -o takes the path of the file to write")
-    check_new_output(output, force)
+    output = check_output(output, force)
     model = load_model(Path(path))
     recovering = recovery is not None and recovery.get("recover_path") is not None
-    inputs = load_inputs(model, data_path, profile_path, samples, dense_transform)
+    inputs = load_inputs(model, data_path, profile_path, samples, dense_transform, group)
     rewritten, result = rewrite_checked(model, path, configured, inputs, allow_degraded or recovering,
-                                        max_auc_drop, "--allow-degraded" if allow_degraded else "--recover")
+                                        max_auc_drop, "--allow-degraded" if allow_degraded else "--recover",
+                                        group)
     result.update(output=str(output), written=False)
     if "failure" in result:
         return result
@@ -145,10 +159,22 @@ def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path
         from rewrite.recovery import run_recovery_from_cli
 
         rewritten, result["recovery"] = run_recovery_from_cli(model, rewritten, dense_transform=dense_transform,
-                                                              **recovery)
+                                                              **recovery, ranks=group)
+    group.agree()         # every rank finished: only now may rank 0 write
+    if not group.writes:
+        return result
     save(rewritten, output)
     result["written"] = True
     return result
+
+
+def apply_rank(group: Group, path: Path, specs: list[str], interaction: str | None, qr_op: str | None,
+               options: dict[str, Any]) -> dict[str, Any]:
+    """``run_apply`` on one rank of ``rewrite apply --nproc N`` / torchrun (picklable for spawn)."""
+    from rewrite.formats import load
+
+    overrides = {k: v for k, v in (("interaction", interaction), ("qr_op", qr_op)) if v}
+    return run_apply(path, specs, load_model=lambda p: load(p, **overrides), group=group, **options)
 
 
 def gate_line(gate: dict[str, Any]) -> str:

@@ -131,6 +131,16 @@ def load_options(f):
     return f
 
 
+def nproc_options(f):
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="torch threads per rank [default: torch's on one process, the cores / N on N]; "
+                          "results are byte-identical across N at equal --threads")(f)
+    f = click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="run on N local processes (torch.distributed, gloo on 127.0.0.1); under "
+                          "torchrun leave it at 1: the ranks come from the environment")(f)
+    return f
+
+
 def load_model(path: Path, interaction: str | None, qr_op: str | None):
     from rewrite.formats import load
 

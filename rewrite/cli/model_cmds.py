@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from rewrite.cli.group import emit, force_option, json_option, load_model, load_options, main, refuse_existing
+from rewrite.cli.group import (emit, force_option, json_option, load_model, load_options, main, nproc_options,
+                               refuse_existing)
 from rewrite.core.errors import RewriteError
 
 
@@ -70,28 +71,25 @@ def inspect(path: Path, interaction, qr_op, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="write the profile JSON here")
 @force_option
 @load_options
+@nproc_options
 @json_option
 def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, hash_mode,
-            skip_bad_rows, output, force, interaction, qr_op, as_json) -> None:
-    """Per-table access statistics (FAE-style) on a sample of the data."""
-    from rewrite import data
+            skip_bad_rows, output, force, interaction, qr_op, nproc, threads, as_json) -> None:
+    """Per-table access statistics (FAE-style) on a sample of the data.  --nproc N (or torchrun):
+    each rank counts its share of the data, the counts are summed."""
+    from rewrite import distributed
     from rewrite.inspection import human_bytes
-    from rewrite.profiling import profile as run_profile
     from rewrite.core.units import parse_bytes
 
     if not 0 < coverage <= 1:
         raise RewriteError(f"--coverage must be in (0, 1], got {coverage}")
     refuse_existing(force, o=output)
     budget = parse_bytes(hot_bytes) if hot_bytes else None
-    model = load_model(path, interaction, qr_op)
-    ds = data.open(data_path, dense_transform, model=model, hash_mode=hash_mode,
-                   skip_bad_rows=skip_bad_rows)
-    prof = run_profile(model, ds, sample_rate)
-    if output:
-        prof.save(output, coverage, budget)
-    result = prof.to_json(coverage, budget)
-    result.pop("counts")
-    result["skipped_bad_rows"] = ds.skipped_rows
+    writes, result = distributed.run(nproc, threads, profile_rank,
+                                     (path, data_path, sample_rate, coverage, budget, dense_transform,
+                                      hash_mode, skip_bad_rows, output, interaction, qr_op))
+    if not writes:     # torchrun's other ranks: rank 0 reports
+        return
 
     def human(d):
         skipped = f", {d['skipped_bad_rows']:,} bad rows skipped" if d["skipped_bad_rows"] else ""
@@ -111,6 +109,27 @@ def profile(path, data_path, sample_rate, coverage, hot_bytes, dense_transform, 
         return "\n".join(lines)
 
     emit(result, as_json, human)
+
+
+def profile_rank(group, path, data_path, sample_rate, coverage, budget, dense_transform, hash_mode,
+                 skip_bad_rows, output, interaction, qr_op) -> dict:
+    """``rewrite profile`` on one rank (picklable for ``--nproc``): rank 0 saves ``output``."""
+    import numpy as np
+
+    from rewrite import data
+    from rewrite.profiling import profile as run_profile
+
+    model = load_model(path, interaction, qr_op)
+    ds = data.open(data_path, dense_transform, model=model, hash_mode=hash_mode,
+                   skip_bad_rows=skip_bad_rows)
+    prof = run_profile(model, ds, sample_rate, group=group)
+    skipped = int(group.all_reduce_sum(np.array([ds.skipped_rows], dtype=np.int64))[0])
+    if output and group.writes:
+        prof.save(output, coverage, budget)
+    result = prof.to_json(coverage, budget)
+    result.pop("counts")
+    result["skipped_bad_rows"] = skipped
+    return result
 
 
 @main.command()

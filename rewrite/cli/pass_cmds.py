@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rewrite.cli.group import (MAX_AUC_DROP_DEFAULT, LazyOptionsCommand, emit, force_option, json_option,
-                               load_model, load_options, main, max_auc_drop_option)
+                               load_options, main, max_auc_drop_option, nproc_options)
 
 
 def _recovery_options():
@@ -35,17 +35,28 @@ def _recovery_options():
               help="the rewritten model (native safetensors), written atomically")
 @force_option
 @load_options
+@nproc_options
 @json_option
 def apply_command(path, pass_specs, data_path, profile_path, samples, dense_transform, max_auc_drop,
-                  allow_degraded, output, force, interaction, qr_op, as_json, **recovery) -> None:
+                  allow_degraded, output, force, interaction, qr_op, nproc, threads, as_json, **recovery) -> None:
     """Rewrite tables with passes, verify against the original, optionally recover by
-    distillation (--recover DATA), write one file."""
-    from rewrite.rewriting import run_apply, summary
+    distillation (--recover DATA), write one file.  --nproc N (or torchrun) fits the tables on N
+    ranks; rank 0 writes."""
+    from rewrite import distributed
+    from rewrite.core.pass_contract import parse_pass
+    from rewrite.rewriting import apply_rank, check_output, summary
 
-    result = run_apply(path, pass_specs, data_path, profile_path, samples, dense_transform,
-                       allow_degraded, output, load_model=lambda p: load_model(p, interaction, qr_op),
-                       recovery=recovery, force=force,
-                       max_auc_drop=MAX_AUC_DROP_DEFAULT if max_auc_drop is None else max_auc_drop)
+    for spec in pass_specs:         # bad input fails here, before any rank starts
+        parse_pass(spec)
+    check_output(output, force)
+
+    options = dict(data_path=data_path, profile_path=profile_path, samples=samples,
+                   dense_transform=dense_transform, allow_degraded=allow_degraded, output=output,
+                   recovery=recovery, force=force,
+                   max_auc_drop=MAX_AUC_DROP_DEFAULT if max_auc_drop is None else max_auc_drop)
+    writes, result = distributed.run(nproc, threads, apply_rank, (path, list(pass_specs), interaction, qr_op, options))
+    if not writes:     # torchrun's other ranks: rank 0 reports
+        return
     emit(result, as_json, summary)
     if not result["written"]:
         from rewrite.core.errors import VerificationError

@@ -144,20 +144,25 @@ class CriteoTSV:
         return (1 if self.labeled else 0) + N_INT + N_CAT
 
     def _chunks(self, chunk: int, rate: float = 1.0, seed: int = 0, start: int = 0,
-                limit: int | None = None) -> Iterator[Parsed]:
-        """Parsed chunks of up to ``chunk`` lines; lines kept with probability ``rate``."""
+                limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[Parsed]:
+        """Parsed chunks of up to ``chunk`` lines; lines kept with probability ``rate``; ``shard``
+        (k, N): only blocks i with i % N == k are parsed (the others are read, not parsed)."""
         self.skipped_rows = 0
         rng = np.random.default_rng(seed)
         seen = 0
         with _open_text(self.path) as f:
             numbered = itertools.islice(enumerate(f, 1), start, None)
-            while limit is None or seen < limit:
+            for i in itertools.count():
+                if limit is not None and seen >= limit:
+                    return
                 block = list(itertools.islice(numbered, chunk if limit is None else min(chunk, limit - seen)))
                 if not block:
                     return
                 seen += len(block)
                 if rate < 1:
                     block = [b for b, keep in zip(block, rng.random(len(block)) < rate) if keep]
+                if i % shard[1] != shard[0]:
+                    continue
                 nos = np.fromiter((n for n, _ in block), np.int64, len(block))
                 parsed = parse([ln for _, ln in block], nos, self.n_fields)
                 if parsed.bad:
@@ -179,11 +184,13 @@ class CriteoTSV:
                 yield batch_from_dense_ids(transform_dense(p.dense, self.dense_transform),
                                            self.ids(p.cat), p.labels)
 
-    def id_chunks(self, rate: float, seed: int = 0, chunk: int = 65536) -> Iterator[np.ndarray]:
-        """Row numbers [n, 26] of a Bernoulli(rate) sample of the lines, chunk by chunk."""
+    def id_chunks(self, rate: float, seed: int = 0, chunk: int = 65536,
+                  shard: tuple[int, int] = (0, 1)) -> Iterator[np.ndarray]:
+        """Row numbers [n, 26] of a Bernoulli(rate) sample of the lines, chunk by chunk (``shard``
+        (k, N): every N-th chunk from the k-th, as ``Dataset.id_chunks``)."""
         if not 0 < rate <= 1:
             raise RewriteError(f"sample rate must be in (0, 1], got {rate}")
-        for p in self._chunks(chunk, rate, seed):
+        for p in self._chunks(chunk, rate, seed, shard=shard):
             yield self.ids(p.cat)
 
 
