@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rewrite.core.mapped import abs_max, all_finite, row_blocks
 from rewrite.core.embedding import Representation, RowStorage, TableBag, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -150,10 +151,16 @@ class RowwiseQuantizedBag(Representation):
 
     @classmethod
     def from_table(cls, weight: torch.Tensor, bits: int, pooling: str = "sum") -> tuple["RowwiseQuantizedBag", float]:
-        """Quantize ``weight`` [rows, d] fp32; return the module and its error bound."""
-        packed, bound = quantize_rows(weight.detach().to(torch.float32), bits)
+        """Quantize ``weight`` [rows, d] fp32; return the module and its error bound.  In row
+        blocks (``rewrite.core.mapped.row_blocks``): every op is per row, so the result is the
+        same, and the temporaries stay a block's size however large the table."""
         rep = cls(weight.shape[0], weight.shape[1], bits, pooling)
-        rep.packed.copy_(packed)
+        bound = 0.0
+        w = weight.detach()
+        for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
+            packed, block_bound = quantize_rows(w[lo:hi].to(torch.float32), bits)
+            rep.packed[lo:hi] = packed
+            bound = max(bound, block_bound)
         return rep, bound
 
 
@@ -237,9 +244,9 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
     if isinstance(table, Skip):
         return table
     w = table.weight.detach()
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         return Skip("the table holds inf or nan values")
-    peak = float(w.abs().max()) if w.numel() else 0.0
+    peak = abs_max(w)
     bits = cfg.bits
     if cfg.compression is not None:
         bits = bits_for_compression(site.rows, site.dim, cfg.compression)

@@ -11,6 +11,10 @@ the representation it replaced on the sample bags:
 At the end the whole model is compared with the original on the sample batches (max / mean
 |Δ logit|; with labels AUC and log loss of both).  The original model is never modified.
 
+Memory: tables are handled one at a time; once a table is done, the pages of its original that
+are mapped from the checkpoint file are handed back (``rewrite.core.mapped.release``), so a
+checkpoint read through a memory map never becomes resident as a whole.
+
 Progress: one tqdm bar on stderr across every (pass, table) of the run, advanced by each table's
 fp32 elements plus ``TABLE_OVERHEAD`` (a fit's fixed cost: the fitted passes run at least a few
 hundred steps however small the table), so its ETA covers the whole run, not one table.  A run
@@ -31,6 +35,7 @@ from tqdm import tqdm
 from rewrite.core.batch import Batch, validate
 from rewrite.core.embedding import Representation
 from rewrite.core.errors import RewriteError, VerificationError
+from rewrite.core.mapped import abs_max, release
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, PassContext, Rewrite, Skip
@@ -137,8 +142,8 @@ def _check(rw: Rewrite, cfg: Any, old: Representation, per_id: float, rel: float
 
 
 def _scale(rep: Representation) -> float:
-    return max((float(t.abs().max()) for t in rep.state_dict().values()
-                if t.is_floating_point() and t.numel()), default=1.0)
+    return max((abs_max(t) for t in rep.state_dict().values() if t.is_floating_point() and t.numel()),
+               default=1.0)
 
 
 @torch.no_grad()
@@ -196,6 +201,7 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
                     continue
                 bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
                 rep, new = _run_on_site(cp, site, current, ctx, sample)
+                release(*current.embeddings[site.name].state_dict().values())   # its file pages, if mapped
                 bar.update(work.get(site.name, TABLE_OVERHEAD))
                 reports.append(rep)
                 if new is not None:

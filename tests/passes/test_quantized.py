@@ -206,3 +206,15 @@ def test_capture_lint_and_export():
     assert [s.representation for s in sites] == ["table", "table", "rowwise", "rowwise"]
     ex, check = batches(model, n=2, seed=5)
     assert_exports(rw, ex, check)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_from_table_in_row_blocks_equals_one_block(bits, monkeypatch):
+    """Large tables are quantized in row blocks (bounded temporaries): same bytes, same bound."""
+    from rewrite.core import mapped
+
+    w = torch.randn(1001, 13) * torch.linspace(0.01, 3.0, 1001).unsqueeze(1)
+    whole, bound = RowwiseQuantizedBag.from_table(w, bits)
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (13 * 4 * 64,))    # 64-row blocks
+    blocks, block_bound = RowwiseQuantizedBag.from_table(w, bits)
+    assert torch.equal(whole.packed, blocks.packed) and bound == block_bound
