@@ -11,9 +11,10 @@ the representation it replaced on the sample bags:
 At the end the whole model is compared with the original on the sample batches (max / mean
 |Δ logit|; with labels AUC and log loss of both).  The original model is never modified.
 
-Memory: tables are handled one at a time; once a table is done, the pages of its original that
-are mapped from the checkpoint file are handed back (``rewrite.core.mapped.release``), so a
-checkpoint read through a memory map never becomes resident as a whole.
+Memory: tables are handled one at a time; a table mapped from its checkpoint file is read
+front to back with read-ahead, and once it is done its pages are handed back and later reads
+marked as random lookups (``rewrite.core.mapped``), so a checkpoint read through a memory map
+never becomes resident as a whole.
 
 Progress: one tqdm bar on stderr across every (pass, table) of the run, advanced by each table's
 fp32 elements plus ``TABLE_OVERHEAD`` (a fit's fixed cost: the fitted passes run at least a few
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from rewrite.core.batch import Batch, validate
 from rewrite.core.embedding import Representation
 from rewrite.core.errors import RewriteError, VerificationError
-from rewrite.core.mapped import abs_max, release
+from rewrite.core.mapped import abs_max, expect_random, expect_sequential, logits_by_table, release
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, PassContext, Rewrite, Skip
@@ -148,7 +149,8 @@ def _scale(rep: Representation) -> float:
 
 @torch.no_grad()
 def _logits(model: RecModel, batches: list[Batch]) -> np.ndarray:
-    return np.concatenate([model(*b.inputs()).numpy() for b in batches]) if batches else np.zeros(0)
+    """The model's logits on ``batches``, one table at a time (``mapped.logits_by_table``)."""
+    return np.concatenate([x.numpy() for x in logits_by_table(model, batches)]) if batches else np.zeros(0)
 
 
 def _run_on_site(cp: ConfiguredPass, site, current: RecModel, ctx: PassContext,
@@ -200,8 +202,11 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
                 if cfg.tables and site.name not in cfg.tables:
                     continue
                 bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
+                tensors = list(current.embeddings[site.name].state_dict().values())
+                expect_sequential(*tensors)           # a table read whole, front to back, if mapped
                 rep, new = _run_on_site(cp, site, current, ctx, sample)
-                release(*current.embeddings[site.name].state_dict().values())   # its file pages, if mapped
+                release(*tensors)                     # then its file pages handed back,
+                expect_random(*tensors)               # and later reads are lookups
                 bar.update(work.get(site.name, TABLE_OVERHEAD))
                 reports.append(rep)
                 if new is not None:

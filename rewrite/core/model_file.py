@@ -84,8 +84,10 @@ def _write_tensor(f, t: torch.Tensor, bar: tqdm) -> None:
     raw = flat.view(torch.uint8)
     for lo, hi in mapped.row_blocks(raw.numel(), 1):
         block = raw[lo:hi]
+        mapped.expect_sequential(block)
         f.write(memoryview(block.numpy()))
         mapped.release(block)
+        mapped.expect_random(block)
         bar.update(hi - lo)
 
 

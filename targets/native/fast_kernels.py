@@ -27,6 +27,7 @@ from torch import nn
 from rewrite.core import isa
 from rewrite.core.embedding import RowStorage
 from rewrite.core.errors import RewriteError
+from rewrite.core.mapped import expect_sequential, release
 from targets.native.cpp_extension import build
 from targets.native.int8_kernels import linears
 
@@ -66,7 +67,9 @@ def store_tables(tables: list[RowStorage], feature_tables: list[int], d: int) ->
         total += -(-t.rows.numel() // 64) * 64
     w = kernels().huge_empty(total)
     for t, start in zip(tables, starts):
+        expect_sequential(t.rows)       # a table mapped from its file: read it front to back,
         w[start:start + t.rows.numel()].copy_(t.rows.reshape(-1))
+        release(t.rows)                 # then hand its pages back (the copy is what serves)
     as_long = lambda v: torch.tensor(v, dtype=torch.int64)   # noqa: E731
     return TableStore(w, as_long([starts[t] for t in feature_tables]),
                       as_long([tables[t].rows.shape[0] for t in feature_tables]),
