@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite.core.mapped import abs_max, all_finite, row_blocks
+from rewrite.core.mapped import abs_max, all_finite, release, row_blocks
 from rewrite.core.embedding import Representation, RowStorage, TableBag, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -161,6 +161,7 @@ class RowwiseQuantizedBag(Representation):
             packed, block_bound = quantize_rows(w[lo:hi].to(torch.float32), bits)
             rep.packed[lo:hi] = packed
             bound = max(bound, block_bound)
+            release(w[lo:hi])                # a table mapped from its file: its pages handed back
         return rep, bound
 
 

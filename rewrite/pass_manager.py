@@ -14,7 +14,8 @@ At the end the whole model is compared with the original on the sample batches (
 Memory: tables are handled one at a time; a table mapped from its checkpoint file is read
 front to back with read-ahead, and once it is done its pages are handed back and later reads
 marked as random lookups (``rewrite.core.mapped``), so a checkpoint read through a memory map
-never becomes resident as a whole.
+never becomes resident as a whole; the rewrite of a mapped table is spilled to a scratch file
+and mapped back (``mapped.spill``), so the results do not pile up in memory either.
 
 Progress: one tqdm bar on stderr across every (pass, table) of the run, advanced by each table's
 fp32 elements plus ``TABLE_OVERHEAD`` (a fit's fixed cost: the fitted passes run at least a few
@@ -36,7 +37,8 @@ from tqdm import tqdm
 from rewrite.core.batch import Batch, validate
 from rewrite.core.embedding import Representation
 from rewrite.core.errors import RewriteError, VerificationError
-from rewrite.core.mapped import abs_max, expect_random, expect_sequential, logits_by_table, release
+from rewrite.core.mapped import (abs_max, expect_random, expect_sequential, is_mapped, logits_by_table, release,
+                                 spill)
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, PassContext, Rewrite, Skip
@@ -207,6 +209,8 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
                 rep, new = _run_on_site(cp, site, current, ctx, sample)
                 release(*tensors)                     # then its file pages handed back,
                 expect_random(*tensors)               # and later reads are lookups
+                if new is not None and any(is_mapped(t) for t in tensors):
+                    spill(new)                        # larger than memory: results out of RSS too
                 bar.update(work.get(site.name, TABLE_OVERHEAD))
                 reports.append(rep)
                 if new is not None:

@@ -12,8 +12,10 @@ the kernel how the pages will be read: lookups at random (read each page alone, 
 or a whole table front to back.  A private file mapping that was written to would
 lose the writes: originals are never modified (the pass manager's contract).
 
-Work over a large tensor goes in row blocks of about ``BLOCK_BYTES`` (``row_blocks``), so its
-temporaries stay bounded however large the table is.
+Work over a large tensor goes in row blocks of about ``BLOCK_BYTES`` (``row_blocks``,
+``blocks``), so its temporaries and its resident pages stay bounded however large the table is.
+``spill`` moves a rewritten table out of anonymous memory into a scratch file it then maps, so
+the results of a run over a larger-than-memory checkpoint do not pile up in RSS either.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import tempfile
 from typing import Iterator
 
 import torch
@@ -36,24 +39,28 @@ def row_blocks(rows: int, row_bytes: int, block_bytes: int = BLOCK_BYTES) -> Ite
         yield lo, min(rows, lo + step)
 
 
+def blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``t`` as row blocks of about ``BLOCK_BYTES`` (views), each block's file-backed pages
+    released once the caller is done with it: a table is read front to back with at most one
+    block resident."""
+    if t.numel() == 0:
+        return
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    for lo, hi in row_blocks(flat.shape[0], flat.shape[1] * flat.element_size()):
+        yield flat[lo:hi]
+        release(flat[lo:hi])
+
+
 @torch.no_grad()
 def abs_max(t: torch.Tensor) -> float:
     """max |t| over a floating tensor (0.0 when empty), in row blocks: no full-size temporary."""
-    if t.numel() == 0:
-        return 0.0
-    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-    row_bytes = flat.shape[1] * flat.element_size()
-    return max(float(flat[lo:hi].abs().max()) for lo, hi in row_blocks(flat.shape[0], row_bytes))
+    return max((float(b.abs().max()) for b in blocks(t)), default=0.0)
 
 
 @torch.no_grad()
 def all_finite(t: torch.Tensor) -> bool:
     """No inf or nan in ``t``, checked in row blocks."""
-    if t.numel() == 0:
-        return True
-    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-    row_bytes = flat.shape[1] * flat.element_size()
-    return all(bool(torch.isfinite(flat[lo:hi]).all()) for lo, hi in row_blocks(flat.shape[0], row_bytes))
+    return all(bool(torch.isfinite(b).all()) for b in blocks(t))
 
 
 def _private_file_ranges() -> list[tuple[int, int]]:
@@ -138,3 +145,41 @@ def logits_by_table(model, batches: list) -> list[torch.Tensor]:
                 pooled[i][f] = rep(per_feature[2 * f], per_feature[2 * f + 1])
             release(*tensors)
     return [model.forward_pooled(b.dense, p) for b, p in zip(batches, pooled)]
+
+
+SPILL_MIN_BYTES = 1 << 20     # tensors below this stay in memory
+
+
+def is_mapped(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes lie in a private mapping of a file (a mapped checkpoint or a spill)."""
+    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    return any(a <= t.data_ptr() < b for a, b in _private_file_ranges())
+
+
+def spill(module: torch.nn.Module, directory: str | None = None) -> int:
+    """Move ``module``'s large state tensors (``SPILL_MIN_BYTES`` and up, not already mapped) into
+    an unlinked scratch file in ``directory`` (default: the system's temporary directory) and back
+    them by its pages instead of anonymous memory; returns the bytes moved.  The values are the
+    same; the pages are clean and droppable once written back, so a run that rewrites every table
+    of a larger-than-memory checkpoint holds none of its results in RSS.  The file disappears
+    with the last tensor mapping it."""
+    state = module.state_dict()
+    big = {k: v for k, v in state.items()
+           if v.numel() * v.element_size() >= SPILL_MIN_BYTES and not is_mapped(v)}
+    if not big:
+        return 0
+    moved, total = {}, 0
+    with tempfile.TemporaryFile(dir=directory, prefix="rewrite-spill-") as f:
+        for k, v in big.items():
+            raw = v.detach().contiguous().reshape(-1).view(torch.uint8)
+            start = -(-f.seek(0, 2) // PAGE) * PAGE
+            f.truncate(start)
+            f.seek(start)
+            f.write(memoryview(raw.numpy()))
+            f.flush()
+            mm = mmap.mmap(f.fileno(), raw.numel(), offset=start, access=mmap.ACCESS_COPY)
+            moved[k] = torch.frombuffer(mm, dtype=torch.uint8).view(v.dtype).view(v.shape)
+            total += raw.numel()
+    module.load_state_dict(moved, strict=False, assign=True)
+    return total

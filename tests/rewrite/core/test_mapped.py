@@ -65,3 +65,32 @@ def test_release_leaves_anonymous_memory_alone():
     t = torch.arange(1 << 22, dtype=torch.float32)
     assert mapped.release(t) == 0
     assert torch.equal(t, torch.arange(1 << 22, dtype=torch.float32))
+
+
+@linux
+def test_blocks_release_the_pages_they_read(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    np.arange(4 << 20, dtype=np.float32).tofile(path)         # 16 MiB
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mm, dtype=torch.float32).view(-1, 1024)
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (1 << 20,))
+    assert mapped.abs_max(t) == float((4 << 20) - 1)
+    assert resident_bytes(path) < 3 << 20                     # at most about a block stays mapped
+
+
+@linux
+def test_spill_moves_large_tensors_to_a_mapped_scratch_file(tmp_path):
+    from passes.quantized import RowwiseQuantizedBag
+
+    rep, _ = RowwiseQuantizedBag.from_table(torch.randn(40_000, 64), 4)      # packed: 1.4 MB
+    before = rep.packed.clone()
+    idx, off = torch.tensor([0, 39_999, 7]), torch.tensor([0, 2, 3])
+    expected = rep(idx, off)
+    assert not mapped.is_mapped(rep.packed)
+    assert mapped.spill(rep, str(tmp_path)) == before.numel()
+    assert mapped.is_mapped(rep.packed) and torch.equal(rep.packed, before)
+    assert not mapped.is_mapped(rep.exp_table)                # small, and not persistent: stays
+    assert torch.equal(rep(idx, off), expected)
+    assert list(tmp_path.iterdir()) == [], "the scratch file is unlinked"
+    assert mapped.spill(rep, str(tmp_path)) == 0              # already mapped: nothing to move
