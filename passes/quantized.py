@@ -29,6 +29,7 @@ powers of two (the ``exp_table`` buffer, 128 B, counted in ``num_bytes``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -153,12 +154,13 @@ class RowwiseQuantizedBag(Representation):
     def from_table(cls, weight: torch.Tensor, bits: int, pooling: str = "sum") -> tuple["RowwiseQuantizedBag", float]:
         """Quantize ``weight`` [rows, d] fp32; return the module and its error bound.  In row
         blocks (``rewrite.core.mapped.row_blocks``): every op is per row, so the result is the
-        same, and the temporaries stay a block's size however large the table."""
+        same, and the temporaries stay a block's size however large the table; each block by
+        FBGEMM's kernel where it is installed (``quantize_block``)."""
         rep = cls(weight.shape[0], weight.shape[1], bits, pooling)
         bound = 0.0
         w = weight.detach()
         for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
-            packed, block_bound = quantize_rows(w[lo:hi].to(torch.float32), bits)
+            packed, block_bound = quantize_block(w[lo:hi].to(torch.float32).contiguous(), bits)
             rep.packed[lo:hi] = packed
             bound = max(bound, block_bound)
             release(w[lo:hi])                # a table mapped from its file: its pages handed back
@@ -201,6 +203,37 @@ def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
     scale_bias = [t.contiguous().view(torch.uint8).view(rows, -1) for t in tail]
     bound = _row_bounds(lo, hi, scale, bias, levels, bits)
     return torch.cat([codes, *scale_bias], dim=1), bound
+
+
+@functools.lru_cache(maxsize=None)
+def fbgemm_quantizers():
+    """``torch.ops.fbgemm`` where fbgemm-gpu-cpu is installed (its row-wise quantizers write the
+    same bytes as ``quantize_rows``, 15-25x faster: 200k x 128 rows, int4, 0.025 vs 0.64 s on the
+    AMD EPYC host), else None."""
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+    except Exception:        # not installed, or built for another torch: the torch ops serve
+        return None
+    return torch.ops.fbgemm
+
+
+def quantize_block(w: torch.Tensor, bits: int, fbgemm: bool = True) -> tuple[torch.Tensor, float]:
+    """``quantize_rows(w, bits)``'s bytes and bound, by FBGEMM's kernel where it is installed:
+    the bound's inputs are read back from the packed rows (scale, bias) and one min/max pass."""
+    ops = fbgemm_quantizers() if fbgemm else None
+    if ops is None or w.shape[0] == 0:
+        return quantize_rows(w, bits)
+    try:
+        if bits == 8:
+            packed = ops.FloatToFused8BitRowwiseQuantized(w)
+        else:
+            packed = ops.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+    except RuntimeError:     # FBGEMM's n-bit kernel wants whole 2-byte units of codes (d = 8, 16, ...)
+        return quantize_rows(w, bits)
+    tail = packed[:, code_bytes(w.shape[1], bits):].contiguous()
+    scale, bias = tail.view(torch.float32 if bits == 8 else torch.float16).to(torch.float32).unbind(1)
+    lo, hi = torch.aminmax(w, dim=1)
+    return packed, _row_bounds(lo, hi, scale, bias, 2 ** bits - 1, bits)
 
 
 def _row_bounds(lo, hi, scale, bias, levels: int, bits: int) -> float:

@@ -218,3 +218,20 @@ def test_from_table_in_row_blocks_equals_one_block(bits, monkeypatch):
     monkeypatch.setattr(mapped.row_blocks, "__defaults__", (13 * 4 * 64,))    # 64-row blocks
     blocks, block_bound = RowwiseQuantizedBag.from_table(w, bits)
     assert torch.equal(whole.packed, blocks.packed) and bound == block_bound
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fbgemm_kernel_writes_the_same_bytes_and_bound(bits):
+    """FBGEMM's row-wise quantizers (used where installed) against the torch reference, with
+    constant, negative, tiny and wide rows."""
+    from passes.quantized import fbgemm_quantizers, quantize_block
+
+    if fbgemm_quantizers() is None:
+        pytest.skip("fbgemm-gpu-cpu is not installed here")
+    for dim in (40, 37):             # 37: FBGEMM's n-bit kernel refuses it, the torch ops serve
+        g = torch.Generator().manual_seed(bits)
+        w = torch.randn(3000, dim, generator=g) * torch.logspace(-6, 2, 3000).unsqueeze(1)
+        w[0], w[1], w[2] = 0.0, -1.5, torch.linspace(-3e-3, 5e-3, dim)
+        ref, ref_bound = quantize_block(w, bits, fbgemm=False)
+        got, bound = quantize_block(w, bits)
+        assert torch.equal(got, ref) and bound == ref_bound
