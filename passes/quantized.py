@@ -271,6 +271,26 @@ def bits_for_compression(rows: int, dim: int, compression: float) -> int | None:
     return next((b for b in (16, 8, 4, 2) if quantized_bytes(rows, dim, b) <= budget), None)
 
 
+@torch.no_grad()
+def _fit_rowwise(w: torch.Tensor, bits: int, pooling: str) -> tuple[RowwiseQuantizedBag | None, float, float]:
+    """(module, bound, max |w|) from ONE read of ``w`` in row blocks, each block checked (finite;
+    for int4/int2 within fp16's range), quantized, then its file pages released: a table mapped
+    from its checkpoint is read once.  (None, 0, nan) on inf/nan, (None, 0, peak) beyond fp16."""
+    rep = RowwiseQuantizedBag(w.shape[0], w.shape[1], bits, pooling)
+    bound = peak = 0.0
+    for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
+        block = w[lo:hi].to(torch.float32).contiguous()
+        finite = bool(torch.isfinite(block).all())
+        peak = max(peak, float(block.abs().max())) if finite else float("nan")
+        if not finite or (bits != 8 and peak > FP16_MAX):
+            release(w[lo:hi])
+            return None, 0.0, peak
+        rep.packed[lo:hi], block_bound = quantize_block(block, bits)
+        bound = max(bound, block_bound)
+        release(w[lo:hi])
+    return rep, bound, peak
+
+
 @register_pass("quantize", QuantizeConfig)
 def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> fp16, or FBGEMM row-wise int8/int4/int2 (analytic error bound)."""
@@ -278,9 +298,6 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
     if isinstance(table, Skip):
         return table
     w = table.weight.detach()
-    if not all_finite(w):
-        return Skip("the table holds inf or nan values")
-    peak = abs_max(w)
     bits = cfg.bits
     if cfg.compression is not None:
         bits = bits_for_compression(site.rows, site.dim, cfg.compression)
@@ -290,6 +307,9 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
                         f"{int(table.num_bytes() / cfg.compression)}")
         cfg = dataclasses.replace(cfg, bits=bits, compression=None)
     if cfg.bits == 16:
+        if not all_finite(w):
+            return Skip("the table holds inf or nan values")
+        peak = abs_max(w)
         if peak > FP16_MAX:
             return Skip(f"values up to {peak:.6g} exceed fp16's range ({FP16_MAX:g})")
         rep = TableBag(site.rows, site.dim, site.pooling, dtype="float16", weight=w)
@@ -299,8 +319,10 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
     if new_bytes >= table.num_bytes():
         return Skip(f"the int{cfg.bits} form ({new_bytes} B) is not smaller than the table "
                     f"({table.num_bytes()} B)")
-    if cfg.bits != 8 and peak > FP16_MAX:   # then the scale, <= 2·peak/3, fits too
+    rep, bound, peak = _fit_rowwise(w, cfg.bits, site.pooling)
+    if rep is None and peak != peak:
+        return Skip("the table holds inf or nan values")
+    if rep is None:                         # below it, the scale, <= 2·peak/3, fits too
         return Skip(f"values up to {peak:.6g} exceed fp16's range ({FP16_MAX:g}), which "
                     f"int{cfg.bits}'s fp16 scale and bias need")
-    rep, bound = RowwiseQuantizedBag.from_table(w, cfg.bits, site.pooling)
     return Rewrite(rep, error_bound=bound, notes={"bits": cfg.bits, "row_bytes": row_width(site.dim, cfg.bits)})
