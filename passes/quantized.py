@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite.core.mapped import abs_max, all_finite, release, row_blocks
+from rewrite.core.mapped import abs_max, all_finite, done_reading, expect_sequential, row_blocks
 from rewrite.core.embedding import Representation, RowStorage, TableBag, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -163,7 +163,7 @@ class RowwiseQuantizedBag(Representation):
             packed, block_bound = quantize_block(w[lo:hi].to(torch.float32).contiguous(), bits)
             rep.packed[lo:hi] = packed
             bound = max(bound, block_bound)
-            release(w[lo:hi])                # a table mapped from its file: its pages handed back
+            done_reading(w[lo:hi])           # a table mapped from its file: its pages handed back
         return rep, bound
 
 
@@ -279,15 +279,16 @@ def _fit_rowwise(w: torch.Tensor, bits: int, pooling: str) -> tuple[RowwiseQuant
     rep = RowwiseQuantizedBag(w.shape[0], w.shape[1], bits, pooling)
     bound = peak = 0.0
     for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
+        expect_sequential(w[lo:hi])
         block = w[lo:hi].to(torch.float32).contiguous()
         finite = bool(torch.isfinite(block).all())
         peak = max(peak, float(block.abs().max())) if finite else float("nan")
         if not finite or (bits != 8 and peak > FP16_MAX):
-            release(w[lo:hi])
+            done_reading(w[lo:hi])
             return None, 0.0, peak
         rep.packed[lo:hi], block_bound = quantize_block(block, bits)
         bound = max(bound, block_bound)
-        release(w[lo:hi])
+        done_reading(w[lo:hi])
     return rep, bound, peak
 
 

@@ -11,9 +11,9 @@ the representation it replaced on the sample bags:
 At the end the whole model is compared with the original on the sample batches (max / mean
 |Δ logit|; with labels AUC and log loss of both).  The original model is never modified.
 
-Memory: tables are handled one at a time; a table mapped from its checkpoint file is read
-front to back with read-ahead, and once it is done its pages are handed back and later reads
-marked as random lookups (``rewrite.core.mapped``), so a checkpoint read through a memory map
+Memory: tables are handled one at a time; a table mapped from its checkpoint file stays marked
+for random lookups except the row block a pass is reading front to back, and once the table is
+done its pages are handed back (``rewrite.core.mapped``), so a checkpoint read through a memory map
 never becomes resident as a whole; the rewrite of a mapped table is spilled to a scratch file
 and mapped back (``mapped.spill``), so the results do not pile up in memory either.
 
@@ -37,8 +37,7 @@ from tqdm import tqdm
 from rewrite.core.batch import Batch, validate
 from rewrite.core.embedding import Representation
 from rewrite.core.errors import RewriteError, VerificationError
-from rewrite.core.mapped import (abs_max, expect_random, expect_sequential, is_mapped, logits_by_table, release,
-                                 spill)
+from rewrite.core.mapped import abs_max, done_reading, is_mapped, logits_by_table, lookup, spill
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, PassContext, Rewrite, Skip
@@ -123,7 +122,7 @@ def compare_tables(old: Representation, new: Representation, bags) -> tuple[floa
     """(max |Δ| relative to bag length, max |Δ|, ||Δ||_F / ||e||_F) over the bags."""
     worst_per_id, worst, num, den = 0.0, 0.0, 0.0, 0.0
     for idx, off in bags:
-        a, b = old(idx, off), new(idx, off)
+        a, b = lookup(old, idx, off), new(idx, off)      # the original may be mapped from its file
         d = (a - b).abs()
         lengths = (off[1:] - off[:-1]).clamp(min=1).to(d.dtype).unsqueeze(1)
         if d.numel():
@@ -207,10 +206,8 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
                     continue
                 bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
                 tensors = list(current.embeddings[site.name].state_dict().values())
-                expect_sequential(*tensors)           # a table read whole, front to back, if mapped
                 rep, new = _run_on_site(cp, site, current, ctx, sample)
-                release(*tensors)                     # then its file pages handed back,
-                expect_random(*tensors)               # and later reads are lookups
+                done_reading(*tensors)                # its file pages handed back, if mapped
                 if new is not None and any(is_mapped(t) for t in tensors):
                     spill(new)                        # larger than memory: results out of RSS too
                 bar.update(work.get(site.name, TABLE_OVERHEAD))

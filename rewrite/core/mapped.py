@@ -40,15 +40,16 @@ def row_blocks(rows: int, row_bytes: int, block_bytes: int = BLOCK_BYTES) -> Ite
 
 
 def blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``t`` as row blocks of about ``BLOCK_BYTES`` (views), each block's file-backed pages
-    released once the caller is done with it: a table is read front to back with at most one
-    block resident."""
+    """``t`` as row blocks of about ``BLOCK_BYTES`` (views), each block read with read-ahead and
+    its file-backed pages released once the caller is done with it (``done_reading``): a table
+    is read front to back with at most one block resident, and stays marked for lookups."""
     if t.numel() == 0:
         return
     flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
     for lo, hi in row_blocks(flat.shape[0], flat.shape[1] * flat.element_size()):
+        expect_sequential(flat[lo:hi])
         yield flat[lo:hi]
-        release(flat[lo:hi])
+        done_reading(flat[lo:hi])
 
 
 @torch.no_grad()
@@ -79,8 +80,9 @@ def _private_file_ranges() -> list[tuple[int, int]]:
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _advise(tensors: tuple[torch.Tensor, ...], advice: int) -> int:
-    """madvise(advice) on the whole pages of ``tensors`` inside private file mappings; bytes advised."""
+def _advise(tensors: tuple[torch.Tensor, ...], *advice: int) -> int:
+    """madvise(a) for each a in ``advice``, in order, on the whole pages of ``tensors`` inside
+    private file mappings (one read of the mapping list); bytes advised."""
     if _libc is None:
         return 0
     spans = []
@@ -99,7 +101,7 @@ def _advise(tensors: tuple[torch.Tensor, ...], advice: int) -> int:
     for lo, hi in spans:
         for a, b in ranges:
             s, e = max(lo, a), min(hi, b)
-            if e > s and _libc.madvise(ctypes.c_void_p(s), ctypes.c_size_t(e - s), advice) == 0:
+            if e > s and all(_libc.madvise(ctypes.c_void_p(s), ctypes.c_size_t(e - s), a) == 0 for a in advice):
                 done += e - s
     return done
 
@@ -109,6 +111,12 @@ def release(*tensors: torch.Tensor) -> int:
     (``MADV_DONTNEED``); returns the bytes released (0 off Linux, for anonymous memory, or below
     one page)."""
     return _advise(tensors, mmap.MADV_DONTNEED)
+
+
+def done_reading(*tensors: torch.Tensor) -> int:
+    """``release`` then ``expect_random``: a block read front to back is handed back, and later
+    reads of it are lookups."""
+    return _advise(tensors, mmap.MADV_DONTNEED, mmap.MADV_RANDOM)
 
 
 def expect_random(*tensors: torch.Tensor) -> int:
@@ -124,10 +132,33 @@ def expect_sequential(*tensors: torch.Tensor) -> int:
     return _advise(tensors, mmap.MADV_SEQUENTIAL)
 
 
+LOOKUP_BAGS = 32    # bags pooled between releases when a representation is mapped from a file
+
+
+@torch.no_grad()
+def lookup(rep: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``rep(indices, offsets)``; when ``rep``'s tensors are mapped from a file, in chunks of
+    ``LOOKUP_BAGS`` bags with its pages released after each: a lookup faults in a whole
+    page-cache folio (~1.7 MB measured here), so a few thousand lookups would make a table
+    resident.  Bags pool independently, so the result is the same."""
+    tensors = list(rep.state_dict().values())
+    n = offsets.numel() - 1
+    if n <= LOOKUP_BAGS or not any(is_mapped(t) for t in tensors):
+        out = rep(indices, offsets)
+        release(*tensors)
+        return out
+    outs = []
+    for lo in range(0, n, LOOKUP_BAGS):
+        off = offsets[lo:min(n, lo + LOOKUP_BAGS) + 1]
+        outs.append(rep(indices[int(off[0]):int(off[-1])], off - off[0]))
+        release(*tensors)
+    return torch.cat(outs)
+
+
 @torch.no_grad()
 def logits_by_table(model, batches: list) -> list[torch.Tensor]:
     """``model(*b.inputs())`` for each batch, computed one table at a time: every batch's bags of a
-    table pooled, that table's file pages released after each batch, then the MLPs and the
+    table pooled (``lookup``: a mapped table's pages released every few bags), then the MLPs and the
     interaction on the pooled embeddings (``RecModel.forward_pooled``: the same ops, the same
     logits).  Random lookups into a mapped table fault in whole page-cache folios (up to 2 MiB
     each on this host's ext4), so ``model(...)`` on a few thousand ids made whole tables resident;
@@ -139,11 +170,9 @@ def logits_by_table(model, batches: list) -> list[torch.Tensor]:
     pooled: list[list[torch.Tensor | None]] = [[None] * n for _ in batches]
     for name, rep in model.embeddings.items():
         features = [f for f, t in enumerate(model.feature_tables) if t == name]
-        tensors = list(rep.state_dict().values())
         for i, per_feature in enumerate(bags):
             for f in features:
-                pooled[i][f] = rep(per_feature[2 * f], per_feature[2 * f + 1])
-            release(*tensors)
+                pooled[i][f] = lookup(rep, per_feature[2 * f], per_feature[2 * f + 1])
     return [model.forward_pooled(b.dense, p) for b, p in zip(batches, pooled)]
 
 

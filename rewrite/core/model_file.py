@@ -86,8 +86,7 @@ def _write_tensor(f, t: torch.Tensor, bar: tqdm) -> None:
         block = raw[lo:hi]
         mapped.expect_sequential(block)
         f.write(memoryview(block.numpy()))
-        mapped.release(block)
-        mapped.expect_random(block)
+        mapped.done_reading(block)
         bar.update(hi - lo)
 
 
