@@ -124,7 +124,7 @@ def test_refuses_tables_it_cannot_fuse(model, tmp_path):
     from rewrite.core.model import RecModel
 
     cat = RecModel(replace(model.spec, interaction="cat"), dict(model.embeddings))
-    with pytest.raises(RewriteError, match="torch-fast supports the dot interaction, not 'cat'"):
+    with pytest.raises(RewriteError, match="torch-fast supports the dot and dcn interactions, not 'cat'"):
         get_target("torch-fast").lower(cat, None, tmp_path)
 
 
