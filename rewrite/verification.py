@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rewrite.core.batch import Batch
+from rewrite.core.mapped import logits_by_table
 from rewrite.core.model import RecModel
 from rewrite.core.synthetic import multi_hot_batch
 from targets.base import Runner
@@ -54,7 +55,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def reference_logits(model: RecModel, checks: Iterable[Check]) -> list[np.ndarray]:
-    return [model(*c.batch.inputs()).numpy() for c in checks]
+    """Eager logits per check, one table at a time (bounded resident pages of mapped tables)."""
+    checks = list(checks)
+    return [x.numpy() for x in logits_by_table(model, [c.batch for c in checks])]
 
 
 def compare(runner: Runner, checks: list[Check], expected: list[np.ndarray], n_features: int,

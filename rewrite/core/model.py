@@ -185,10 +185,13 @@ class RecModel(nn.Module):
     def forward_bags(self, dense: torch.Tensor, bags: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits from per-feature bags [indices_0, offsets_0, indices_1, offsets_1, ...]
         (each offsets_f starts at 0): the form targets export, one input pair per feature."""
-        x = self.bottom(dense)
         embs = [self.embeddings[t](bags[2 * f], bags[2 * f + 1])
                 for f, t in enumerate(self.feature_tables)]
-        return self.top(self.interaction(x, embs)).squeeze(1)
+        return self.forward_pooled(dense, embs)
+
+    def forward_pooled(self, dense: torch.Tensor, embs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits from each feature's pooled embeddings [B, d_f] (the part after the lookups)."""
+        return self.top(self.interaction(self.bottom(dense), list(embs))).squeeze(1)
 
     @torch.no_grad()
     def predict(self, dense, indices, offsets) -> torch.Tensor:

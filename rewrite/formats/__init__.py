@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rewrite.core.errors import RewriteError
+from rewrite.core.mapped import expect_random
 from rewrite.core import model_file as native
 from rewrite.formats import dlrm, torchrec
 from rewrite.formats.safe_pickle import load_pickled
@@ -45,9 +46,15 @@ def load(path: str | Path, **overrides: Any) -> RecModel:
     overrides for dlrm files: ``interaction``, ``qr_op``, ``qr_rows`` (see ``formats.dlrm.read``);
     for TorchRec state dicts: ``features``, ``pooling``, ``table_order`` (``formats.torchrec.read``).
     An override that does not apply to the file's format is an error, not silently ignored.
+    Tensors come back backed by the file's pages where the format allows (native safetensors,
+    torch.save zips, single-chunk DCP tensors): nothing is read until a table is used.
     """
-    path = Path(path)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    model = _load(Path(path), {k: v for k, v in overrides.items() if v is not None})
+    expect_random(*model.state_dict().values())     # tensors mapped from the file: read as lookups
+    return model
+
+
+def _load(path: Path, overrides: dict[str, Any]) -> RecModel:
     kind = detect(path)
     if kind == "native":
         _check_overrides(path, "native", overrides, ())

@@ -23,7 +23,8 @@ After, same weights, same math:
 interaction then writing z quantized per row (``embed_interact_q8``).
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
 Any representation is accepted, each table pooling by its own mode, as long as every table pools
-into one dim (the dot interaction's); another interaction is refused by name.
+into one dim; the dot interaction, and for ``torch-fast`` also DLRM_DCN (``FastDCN``: the fused
+lookup, then the cross net and the MLPs); another interaction is refused by name.
 """
 
 from __future__ import annotations
@@ -142,6 +143,47 @@ class FastDLRM(nn.Module):
         return self.top16(self.lookup_interact(x, indices, offsets)).squeeze(1)
 
 
+class FastDCN(nn.Module):
+    """DLRM_DCN (DLRMv2's shape): x = bottom(dense) in fp32 (oneDNN, prepacked), every bag pooled
+    by ONE C++ call (``gather_bags``: [B, F, d] f32, multi-hot bags, any d up to the kernels'
+    MAX_D, each table in its stored format), then the low-rank cross net over
+    x_0 = [x, e_0 .. e_{F-1}] in fp32 (the model's own ``DCNInteraction``: two GEMMs of rank r per
+    layer; its products x_0 * (W V x_l + b) amplify a bf16 bottom's rounding past the bf16-dense
+    tolerance, so the bottom stays fp32), then the top MLP (``fast_mlp``, its width-1 last layer
+    accumulated in fp32).  One form for every batch size."""
+
+    def __init__(self, model: RecModel):
+        from targets.native.fast_kernels import OneDnnMlp, fast_mlp, kernels
+
+        super().__init__()
+        if model.spec.interaction != "dcn":
+            raise RewriteError(f"FastDCN runs the dcn interaction, not {model.spec.interaction!r}")
+        self.kernels = kernels()
+        self.kernels.keep_freed_memory(KEEP_FREED_BYTES)
+        self.tables = FusedTables(model)
+        self.bottom, self.top = OneDnnMlp(model.bottom, dtype=torch.float32), fast_mlp(model.top)
+        self.cross = model.interaction
+
+    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        t = self.tables
+        w, feat, d = t.store.args()
+        e = self.kernels.gather_bags(w, indices, offsets, feat, d, t.pre(indices, offsets))
+        x = self.bottom(dense)
+        return self.top(self.cross(x, [e.flatten(1)])).squeeze(1)
+
+    @torch.inference_mode()
+    def small(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``FastRunner``'s entry for tiny batches: the same form."""
+        return self(dense, indices, offsets)
+
+
+def fast_net(model: RecModel) -> nn.Module:
+    """The fast form of ``model``: ``FastDLRM`` (dot) or ``FastDCN`` (dcn); other interactions refused."""
+    if model.spec.interaction == "dcn":
+        return FastDCN(model)
+    return FastDLRM(model)
+
+
 class FastRunner:
     """The runner contract ``(dense, bags) -> logits`` plus ``canonical(dense, indices, offsets)``."""
 
@@ -170,6 +212,7 @@ class TorchFast(TorchEager):
     summary = ("every representation's lookup fused in one C++ call with the interaction (huge-page tables), "
                "MLPs on AMX / bf16 / fp32 oneDNN by ISA tier")
     precision = "bf16-dense"
+    interactions = ("dot", "dcn")
 
     def unavailable(self) -> str | None:
         from targets.native.cpp_extension import compiler_missing
@@ -179,15 +222,16 @@ class TorchFast(TorchEager):
 
     def lower(self, model: RecModel, example: Batch, out_dir: Path, **options: Any) -> CompiledPath:
         fusable(model)
-        if model.spec.interaction != "dot":
-            raise RewriteError(f"{self.name} supports the dot interaction, not {model.spec.interaction!r}")
+        if model.spec.interaction not in self.interactions:
+            raise RewriteError(f"{self.name} supports the {' and '.join(self.interactions)} interaction"
+                               f"{'s' if len(self.interactions) > 1 else ''}, not {model.spec.interaction!r}")
         return super().lower(model, example, out_dir, **options)
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
         if threads:
             torch.set_num_threads(threads)
         model = self.load_model(out_dir)
-        net = FastDLRM(model).eval()
+        net = fast_net(model).eval()
         model.embeddings = nn.ModuleDict()                 # drop the unfused copies of the tables
         return FastRunner(net)
 
@@ -214,6 +258,7 @@ class FastInt8DLRM(FastDLRM):
 class TorchFastInt8(TorchFast):
     summary = "torch-fast with int8 MLPs (one AVX512-VNNI call each, else _int_mm), the fused lookup + interaction writing int8"
     precision = "int8-dense"
+    interactions = ("dot",)
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
         if threads:

@@ -30,6 +30,7 @@ from torch import nn
 from rewrite.core import isa
 from rewrite.core.embedding import FusedLookup, Representation
 from rewrite.core.errors import RewriteError
+from rewrite.core.mapped import expect_sequential, release
 from targets.native.cpp_extension import build
 from targets.native.int8_kernels import linears
 
@@ -80,7 +81,9 @@ class _Buffer:
     def finish(self) -> torch.Tensor:
         w = kernels().huge_empty(self.total)
         for start, b in self.parts:
+            expect_sequential(b)         # a table mapped from its file: read it front to back,
             w[start:start + b.numel()].copy_(b)
+            release(b)                   # then hand its pages back (the copy is what serves)
         return w
 
 

@@ -206,3 +206,32 @@ def test_capture_lint_and_export():
     assert [s.representation for s in sites] == ["table", "table", "rowwise", "rowwise"]
     ex, check = batches(model, n=2, seed=5)
     assert_exports(rw, ex, check)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_from_table_in_row_blocks_equals_one_block(bits, monkeypatch):
+    """Large tables are quantized in row blocks (bounded temporaries): same bytes, same bound."""
+    from rewrite.core import mapped
+
+    w = torch.randn(1001, 13) * torch.linspace(0.01, 3.0, 1001).unsqueeze(1)
+    whole, bound = RowwiseQuantizedBag.from_table(w, bits)
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (13 * 4 * 64,))    # 64-row blocks
+    blocks, block_bound = RowwiseQuantizedBag.from_table(w, bits)
+    assert torch.equal(whole.packed, blocks.packed) and bound == block_bound
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fbgemm_kernel_writes_the_same_bytes_and_bound(bits):
+    """FBGEMM's row-wise quantizers (used where installed) against the torch reference, with
+    constant, negative, tiny and wide rows."""
+    from passes.quantized import fbgemm_quantizers, quantize_block
+
+    if fbgemm_quantizers() is None:
+        pytest.skip("fbgemm-gpu-cpu is not installed here")
+    for dim in (40, 37):             # 37: FBGEMM's n-bit kernel refuses it, the torch ops serve
+        g = torch.Generator().manual_seed(bits)
+        w = torch.randn(3000, dim, generator=g) * torch.logspace(-6, 2, 3000).unsqueeze(1)
+        w[0], w[1], w[2] = 0.0, -1.5, torch.linspace(-3e-3, 5e-3, dim)
+        ref, ref_bound = quantize_block(w, bits, fbgemm=False)
+        got, bound = quantize_block(w, bits)
+        assert torch.equal(got, ref) and bound == ref_bound

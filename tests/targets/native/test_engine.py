@@ -118,7 +118,7 @@ def test_refuses_tables_it_cannot_fuse(model, tmp_path):
     from rewrite.core.model import RecModel
 
     cat = RecModel(replace(model.spec, interaction="cat"), dict(model.embeddings))
-    with pytest.raises(RewriteError, match="torch-fast supports the dot interaction, not 'cat'"):
+    with pytest.raises(RewriteError, match="torch-fast supports the dot and dcn interactions, not 'cat'"):
         get_target("torch-fast").lower(cat, None, tmp_path)
 
 
@@ -148,3 +148,46 @@ def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path,
             assert "above the forced ISA tier" in vnni_missing()
     assert assert_matches_eager(runner, model, "int8-dense") > 0
     assert max(b for b, _, _ in BATCHES) >= INT8_MIN_BATCH     # the int8 form really ran
+
+
+def dcn_model(dim: int = 128, rows=(700, 90, 5, 33), seed: int = 0):
+    """A DLRM_DCN (DLRMv2's interaction) with d = 128 and trained-like weights."""
+    from rewrite.core.model import ModelSpec, RecModel
+
+    g = torch.Generator().manual_seed(seed)
+    tables = {f"t{i}": TableBag(r, dim, weight=torch.randn(r, dim, generator=g) * 0.05) for i, r in enumerate(rows)}
+    spec = ModelSpec(n_dense=13, bottom=(32, dim), top=(24, 1), features=tuple((f"f{i}", f"t{i}") for i in range(len(rows))),
+                     interaction="dcn", pairs="torchrec", cross_layers=2, cross_rank=8)
+    model = RecModel(spec, tables)
+    with torch.no_grad():
+        for m in (model.bottom, model.interaction, model.top):
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_dcn_with_d128_multi_hot_matches_eager(bits, tmp_path):
+    """torch-fast takes DLRM_DCN: fused lookup of d = 128 multi-hot bags (fp32, int8, int4 rows),
+    cross net, MLPs; every batch size agrees with eager of the same model."""
+    from targets.native.engine import FastDCN
+
+    model = dcn_model()
+    if bits is not None:
+        model, _ = apply(model, [passes.quantize(bits=bits)])
+    _, runner = lower_and_load(get_target("torch-fast"), model, tmp_path)
+    assert isinstance(runner.net, FastDCN)
+    assert runner.net.tables.formats == ["f32" if bits is None else f"int{bits}-rowwise"] * 4
+    assert assert_matches_eager(runner, model, "bf16-dense") > 0
+    rows = [model.embeddings[t].rows for t in model.feature_tables]
+    atol, rtol = path_tolerance("bf16-dense")
+    for b in (1, SMALL_MAX_BATCH + 1, 300):
+        batch = multi_hot_batch(rows, b, 13, 6.0, seed=b, empty_fraction=0.2)
+        got = runner.canonical(*(t.numpy() for t in batch.inputs()))
+        np.testing.assert_allclose(got, model(*batch.inputs()).numpy(), atol=atol, rtol=rtol)
+
+
+def test_int8_path_refuses_dcn(tmp_path):
+    with pytest.raises(RewriteError, match="torch-fast-int8 supports the dot interaction, not 'dcn'"):
+        get_target("torch-fast-int8").lower(dcn_model(), None, tmp_path)

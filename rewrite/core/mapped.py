@@ -1,0 +1,214 @@
+"""Tensors backed by a checkpoint file's pages: read lazily, handed back once used.
+
+A tensor in a private mapping of a file (safetensors' ``safe_open``, ``torch.load(mmap=True)``,
+a DCP chunk mapped by ``rewrite.formats.dcp``) costs no memory until its pages are touched.
+Touched pages count in the process's RSS until the kernel reclaims them, which it does only under
+memory pressure, so a command that reads every table once would show the whole checkpoint as
+RSS.  ``release(t)`` drops t's whole pages from this process (``madvise(MADV_DONTNEED)``) when,
+and only when, they lie in a private mapping of a regular file: the bytes stay in the page cache
+and the next touch maps them again from the file.  Anywhere else (anonymous memory, where
+DONTNEED would zero the data) it does nothing.  ``expect_random`` / ``expect_sequential`` tell
+the kernel how the pages will be read: lookups at random (read each page alone, no read-ahead)
+or a whole table front to back.  A private file mapping that was written to would
+lose the writes: originals are never modified (the pass manager's contract).
+
+Work over a large tensor goes in row blocks of about ``BLOCK_BYTES`` (``row_blocks``,
+``blocks``), so its temporaries and its resident pages stay bounded however large the table is.
+``spill`` moves a rewritten table out of anonymous memory into a scratch file it then maps, so
+the results of a run over a larger-than-memory checkpoint do not pile up in RSS either.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+import tempfile
+from typing import Iterator
+
+import torch
+
+BLOCK_BYTES = 64 << 20        # bytes of a table processed at once (temporaries scale with it)
+PAGE = mmap.PAGESIZE
+
+
+def row_blocks(rows: int, row_bytes: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+    """[lo, hi) row ranges of about ``block_bytes`` each, covering 0..rows (none when rows = 0)."""
+    step = max(1, block_bytes // max(1, row_bytes))
+    for lo in range(0, rows, step):
+        yield lo, min(rows, lo + step)
+
+
+def blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``t`` as row blocks of about ``BLOCK_BYTES`` (views), each block read with read-ahead and
+    its file-backed pages released once the caller is done with it (``done_reading``): a table
+    is read front to back with at most one block resident, and stays marked for lookups."""
+    if t.numel() == 0:
+        return
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    for lo, hi in row_blocks(flat.shape[0], flat.shape[1] * flat.element_size()):
+        expect_sequential(flat[lo:hi])
+        yield flat[lo:hi]
+        done_reading(flat[lo:hi])
+
+
+@torch.no_grad()
+def abs_max(t: torch.Tensor) -> float:
+    """max |t| over a floating tensor (0.0 when empty), in row blocks: no full-size temporary."""
+    return max((float(b.abs().max()) for b in blocks(t)), default=0.0)
+
+
+@torch.no_grad()
+def all_finite(t: torch.Tensor) -> bool:
+    """No inf or nan in ``t``, checked in row blocks."""
+    return all(bool(torch.isfinite(b).all()) for b in blocks(t))
+
+
+def _private_file_ranges() -> list[tuple[int, int]]:
+    """[start, end) of every private mapping of a regular file in this process."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or "p" not in parts[1] or parts[4] == "0" or not parts[5].startswith("/"):
+                continue
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _advise(tensors: tuple[torch.Tensor, ...], *advice: int) -> int:
+    """madvise(a) for each a in ``advice``, in order, on the whole pages of ``tensors`` inside
+    private file mappings (one read of the mapping list); bytes advised."""
+    if _libc is None:
+        return 0
+    spans = []
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        lo = -(-start // PAGE) * PAGE
+        hi = (start + t.numel() * t.element_size()) // PAGE * PAGE
+        if hi > lo:
+            spans.append((lo, hi))
+    if not spans:
+        return 0
+    done = 0
+    ranges = _private_file_ranges()
+    for lo, hi in spans:
+        for a, b in ranges:
+            s, e = max(lo, a), min(hi, b)
+            if e > s and all(_libc.madvise(ctypes.c_void_p(s), ctypes.c_size_t(e - s), a) == 0 for a in advice):
+                done += e - s
+    return done
+
+
+def release(*tensors: torch.Tensor) -> int:
+    """Drop the pages of ``tensors`` that lie in private file mappings from this process's RSS
+    (``MADV_DONTNEED``); returns the bytes released (0 off Linux, for anonymous memory, or below
+    one page)."""
+    return _advise(tensors, mmap.MADV_DONTNEED)
+
+
+def done_reading(*tensors: torch.Tensor) -> int:
+    """``release`` then ``expect_random``: a block read front to back is handed back, and later
+    reads of it are lookups."""
+    return _advise(tensors, mmap.MADV_DONTNEED, mmap.MADV_RANDOM)
+
+
+def expect_random(*tensors: torch.Tensor) -> int:
+    """Mark file-backed ``tensors`` as read at random (``MADV_RANDOM``): a lookup then faults in
+    its own page only.  Without it each fault reads ahead up to megabytes around the row, and a
+    few thousand verification lookups made whole tables resident (Kaggle-shaped file: 2.1 GB)."""
+    return _advise(tensors, mmap.MADV_RANDOM)
+
+
+def expect_sequential(*tensors: torch.Tensor) -> int:
+    """Mark file-backed ``tensors`` as about to be read front to back (``MADV_SEQUENTIAL``:
+    aggressive read-ahead), as a pass fitting a whole table or a writer copying it does."""
+    return _advise(tensors, mmap.MADV_SEQUENTIAL)
+
+
+LOOKUP_BAGS = 32    # bags pooled between releases when a representation is mapped from a file
+
+
+@torch.no_grad()
+def lookup(rep: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``rep(indices, offsets)``; when ``rep``'s tensors are mapped from a file, in chunks of
+    ``LOOKUP_BAGS`` bags with its pages released after each: a lookup faults in a whole
+    page-cache folio (~1.7 MB measured here), so a few thousand lookups would make a table
+    resident.  Bags pool independently, so the result is the same."""
+    tensors = list(rep.state_dict().values())
+    n = offsets.numel() - 1
+    if n <= LOOKUP_BAGS or not any(is_mapped(t) for t in tensors):
+        out = rep(indices, offsets)
+        release(*tensors)
+        return out
+    outs = []
+    for lo in range(0, n, LOOKUP_BAGS):
+        off = offsets[lo:min(n, lo + LOOKUP_BAGS) + 1]
+        outs.append(rep(indices[int(off[0]):int(off[-1])], off - off[0]))
+        release(*tensors)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def logits_by_table(model, batches: list) -> list[torch.Tensor]:
+    """``model(*b.inputs())`` for each batch, computed one table at a time: every batch's bags of a
+    table pooled (``lookup``: a mapped table's pages released every few bags), then the MLPs and the
+    interaction on the pooled embeddings (``RecModel.forward_pooled``: the same ops, the same
+    logits).  Random lookups into a mapped table fault in whole page-cache folios (up to 2 MiB
+    each on this host's ext4), so ``model(...)`` on a few thousand ids made whole tables resident;
+    here at most one batch's lookups into one table are."""
+    from rewrite.core.model import split_bags
+
+    n = len(model.spec.features)
+    bags = [split_bags(b.indices, b.offsets, n) for b in batches]
+    pooled: list[list[torch.Tensor | None]] = [[None] * n for _ in batches]
+    for name, rep in model.embeddings.items():
+        features = [f for f, t in enumerate(model.feature_tables) if t == name]
+        for i, per_feature in enumerate(bags):
+            for f in features:
+                pooled[i][f] = lookup(rep, per_feature[2 * f], per_feature[2 * f + 1])
+    return [model.forward_pooled(b.dense, p) for b, p in zip(batches, pooled)]
+
+
+SPILL_MIN_BYTES = 1 << 20     # tensors below this stay in memory
+
+
+def is_mapped(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes lie in a private mapping of a file (a mapped checkpoint or a spill)."""
+    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    return any(a <= t.data_ptr() < b for a, b in _private_file_ranges())
+
+
+def spill(module: torch.nn.Module, directory: str | None = None) -> int:
+    """Move ``module``'s large state tensors (``SPILL_MIN_BYTES`` and up, not already mapped) into
+    an unlinked scratch file in ``directory`` (default: the system's temporary directory) and back
+    them by its pages instead of anonymous memory; returns the bytes moved.  The values are the
+    same; the pages are clean and droppable once written back, so a run that rewrites every table
+    of a larger-than-memory checkpoint holds none of its results in RSS.  The file disappears
+    with the last tensor mapping it."""
+    state = module.state_dict()
+    big = {k: v for k, v in state.items()
+           if v.numel() * v.element_size() >= SPILL_MIN_BYTES and not is_mapped(v)}
+    if not big:
+        return 0
+    moved, total = {}, 0
+    with tempfile.TemporaryFile(dir=directory, prefix="rewrite-spill-") as f:
+        for k, v in big.items():
+            raw = v.detach().contiguous().reshape(-1).view(torch.uint8)
+            start = -(-f.seek(0, 2) // PAGE) * PAGE
+            f.truncate(start)
+            f.seek(start)
+            f.write(memoryview(raw.numpy()))
+            f.flush()
+            mm = mmap.mmap(f.fileno(), raw.numel(), offset=start, access=mmap.ACCESS_COPY)
+            moved[k] = torch.frombuffer(mm, dtype=torch.uint8).view(v.dtype).view(v.shape)
+            total += raw.numel()
+    module.load_state_dict(moved, strict=False, assign=True)
+    return total

@@ -1,0 +1,96 @@
+"""``rewrite.core.mapped``: row blocks, blockwise reductions, and ``release``, which drops only
+file-backed private pages (never anonymous memory, whose data it would zero)."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rewrite.core import mapped
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` mapped and resident in this process (its smaps Rss, all mappings)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_row_blocks_cover_every_row_once():
+    assert list(mapped.row_blocks(10, 4, block_bytes=12)) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert list(mapped.row_blocks(0, 4)) == []
+    assert list(mapped.row_blocks(2, 100, block_bytes=1)) == [(0, 1), (1, 2)]   # at least a row a block
+
+
+def test_blockwise_reductions(monkeypatch):
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (40,))
+    t = torch.randn(101, 7)
+    t[57, 3] = -9.5
+    assert mapped.abs_max(t) == 9.5 and mapped.abs_max(torch.zeros(0, 3)) == 0.0
+    assert mapped.all_finite(t)
+    t[100, 6] = float("nan")
+    assert not mapped.all_finite(t)
+
+
+@linux
+def test_release_drops_file_pages_and_keeps_the_data(tmp_path):
+    path = tmp_path / "data.bin"
+    data = np.arange(4 << 20, dtype=np.float32)            # 16 MiB
+    data.tofile(path)
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mm, dtype=torch.float32)
+    assert float(t.sum()) == float(data.sum(dtype=np.float64))
+    assert resident_bytes(path) >= 15 << 20
+    assert mapped.release(t[1000:]) > 15 << 20
+    assert resident_bytes(path) < 1 << 20
+    assert torch.equal(t, torch.from_numpy(data)), "the data is read back from the file"
+
+
+@linux
+def test_release_leaves_anonymous_memory_alone():
+    t = torch.arange(1 << 22, dtype=torch.float32)
+    assert mapped.release(t) == 0
+    assert torch.equal(t, torch.arange(1 << 22, dtype=torch.float32))
+
+
+@linux
+def test_blocks_release_the_pages_they_read(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    np.arange(4 << 20, dtype=np.float32).tofile(path)         # 16 MiB
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mm, dtype=torch.float32).view(-1, 1024)
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (1 << 20,))
+    assert mapped.abs_max(t) == float((4 << 20) - 1)
+    assert resident_bytes(path) < 3 << 20                     # at most about a block stays mapped
+
+
+@linux
+def test_spill_moves_large_tensors_to_a_mapped_scratch_file(tmp_path):
+    from passes.quantized import RowwiseQuantizedBag
+
+    rep, _ = RowwiseQuantizedBag.from_table(torch.randn(40_000, 64), 4)      # packed: 1.4 MB
+    before = rep.packed.clone()
+    idx, off = torch.tensor([0, 39_999, 7]), torch.tensor([0, 2, 3])
+    expected = rep(idx, off)
+    assert not mapped.is_mapped(rep.packed)
+    assert mapped.spill(rep, str(tmp_path)) == before.numel()
+    assert mapped.is_mapped(rep.packed) and torch.equal(rep.packed, before)
+    assert not mapped.is_mapped(rep.exp_table)                # small, and not persistent: stays
+    assert torch.equal(rep(idx, off), expected)
+    assert list(tmp_path.iterdir()) == [], "the scratch file is unlinked"
+    assert mapped.spill(rep, str(tmp_path)) == 0              # already mapped: nothing to move
