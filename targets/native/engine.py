@@ -165,16 +165,16 @@ class FastDCN(nn.Module):
         self.cross = model.interaction
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        t = self.tables
-        w, feat, d = t.store.args()
-        e = self.kernels.gather_bags(w, indices, offsets, feat, d, t.pre(indices, offsets))
-        x = self.bottom(dense)
-        return self.top(self.cross(x, [e.flatten(1)])).squeeze(1)
+        return self.small(dense, indices, offsets, self.tables.pre(indices, offsets))
 
     @torch.inference_mode()
-    def small(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``FastRunner``'s entry for tiny batches: the same form."""
-        return self(dense, indices, offsets)
+    def small(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+              pre: torch.Tensor) -> torch.Tensor:
+        """The whole form given the computed tables' pooled rows ``pre`` (``FusedTables.pre``):
+        ``FastRunner``'s entry for tiny batches, as ``FastDLRM.small`` is."""
+        w, feat, d = self.tables.store.args()
+        e = self.kernels.gather_bags(w, indices, offsets, feat, d, pre)
+        return self.top(self.cross(self.bottom(dense), [e.flatten(1)])).squeeze(1)
 
 
 def fast_net(model: RecModel) -> nn.Module:
@@ -187,7 +187,7 @@ def fast_net(model: RecModel) -> nn.Module:
 class FastRunner:
     """The runner contract ``(dense, bags) -> logits`` plus ``canonical(dense, indices, offsets)``."""
 
-    def __init__(self, net: FastDLRM):
+    def __init__(self, net: FastDLRM | FastDCN):
         self.net = net
 
     def canonical(self, dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
