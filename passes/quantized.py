@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite.core.mapped import abs_max, all_finite, done_reading, expect_sequential, row_blocks
+from rewrite.core.mapped import abs_max, all_finite, indexed_blocks
 from rewrite.core.embedding import Representation, RowStorage, TableBag, pool, register_representation
 from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
 from rewrite.core.tracing import EmbeddingSite
@@ -158,12 +158,9 @@ class RowwiseQuantizedBag(Representation):
         FBGEMM's kernel where it is installed (``quantize_block``)."""
         rep = cls(weight.shape[0], weight.shape[1], bits, pooling)
         bound = 0.0
-        w = weight.detach()
-        for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
-            packed, block_bound = quantize_block(w[lo:hi].to(torch.float32).contiguous(), bits)
-            rep.packed[lo:hi] = packed
+        for lo, hi, block in indexed_blocks(weight.detach()):   # a mapped table's pages handed back
+            rep.packed[lo:hi], block_bound = quantize_block(block.to(torch.float32).contiguous(), bits)
             bound = max(bound, block_bound)
-            done_reading(w[lo:hi])           # a table mapped from its file: its pages handed back
         return rep, bound
 
 
@@ -217,9 +214,11 @@ def fbgemm_quantizers():
     return torch.ops.fbgemm
 
 
-def quantize_block(w: torch.Tensor, bits: int, fbgemm: bool = True) -> tuple[torch.Tensor, float]:
+def quantize_block(w: torch.Tensor, bits: int, fbgemm: bool = True,
+                   row_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """``quantize_rows(w, bits)``'s bytes and bound, by FBGEMM's kernel where it is installed:
-    the bound's inputs are read back from the packed rows (scale, bias) and one min/max pass."""
+    the bound's inputs are read back from the packed rows (scale, bias) and the rows' (min, max)
+    (``row_range``: ``torch.aminmax(w, dim=1)`` when the caller has it, else one more pass)."""
     ops = fbgemm_quantizers() if fbgemm else None
     if ops is None or w.shape[0] == 0:
         return quantize_rows(w, bits)
@@ -232,7 +231,7 @@ def quantize_block(w: torch.Tensor, bits: int, fbgemm: bool = True) -> tuple[tor
         return quantize_rows(w, bits)
     tail = packed[:, code_bytes(w.shape[1], bits):].contiguous()
     scale, bias = tail.view(torch.float32 if bits == 8 else torch.float16).to(torch.float32).unbind(1)
-    lo, hi = torch.aminmax(w, dim=1)
+    lo, hi = torch.aminmax(w, dim=1) if row_range is None else row_range
     return packed, _row_bounds(lo, hi, scale, bias, 2 ** bits - 1, bits)
 
 
@@ -278,17 +277,15 @@ def _fit_rowwise(w: torch.Tensor, bits: int, pooling: str) -> tuple[RowwiseQuant
     from its checkpoint is read once.  (None, 0, nan) on inf/nan, (None, 0, peak) beyond fp16."""
     rep = RowwiseQuantizedBag(w.shape[0], w.shape[1], bits, pooling)
     bound = peak = 0.0
-    for lo, hi in row_blocks(w.shape[0], w.shape[1] * 4):
-        expect_sequential(w[lo:hi])
-        block = w[lo:hi].to(torch.float32).contiguous()
-        finite = bool(torch.isfinite(block).all())
-        peak = max(peak, float(block.abs().max())) if finite else float("nan")
+    for lo, hi, mapped_block in indexed_blocks(w):
+        block = mapped_block.to(torch.float32).contiguous()
+        row_lo, row_hi = torch.aminmax(block, dim=1)      # one pass: NaN propagates, inf is an extreme
+        finite = bool(torch.isfinite(row_lo).all() and torch.isfinite(row_hi).all())
+        peak = max(peak, float(torch.maximum(row_lo.abs(), row_hi.abs()).max())) if finite else float("nan")
         if not finite or (bits != 8 and peak > FP16_MAX):
-            done_reading(w[lo:hi])
             return None, 0.0, peak
-        rep.packed[lo:hi], block_bound = quantize_block(block, bits)
+        rep.packed[lo:hi], block_bound = quantize_block(block, bits, row_range=(row_lo, row_hi))
         bound = max(bound, block_bound)
-        done_reading(w[lo:hi])
     return rep, bound, peak
 
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from rewrite.core.batch import Batch, validate
 from rewrite.core.embedding import Representation
 from rewrite.core.errors import RewriteError, VerificationError
-from rewrite.core.mapped import abs_max, done_reading, is_mapped, logits_by_table, lookup, spill
+from rewrite.core.mapped import FilePages, abs_max, done_reading, is_mapped, logits_by_table, lookup, spill
 from rewrite.core.metrics import auc, logloss
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, PassContext, Rewrite, Skip
@@ -132,8 +132,9 @@ def table_bags(model: RecModel, batches: list[Batch], table: str) -> list[tuple[
 def compare_tables(old: Representation, new: Representation, bags) -> tuple[float, float, float]:
     """(max |Δ| relative to bag length, max |Δ|, ||Δ||_F / ||e||_F) over the bags."""
     worst_per_id, worst, num, den = 0.0, 0.0, 0.0, 0.0
+    pages = FilePages(*old.state_dict().values())      # the original may be mapped from its file
     for idx, off in bags:
-        a, b = lookup(old, idx, off), new(idx, off)      # the original may be mapped from its file
+        a, b = lookup(old, idx, off, pages), new(idx, off)
         d = (a - b).abs()
         lengths = (off[1:] - off[:-1]).clamp(min=1).to(d.dtype).unsqueeze(1)
         if d.numel():

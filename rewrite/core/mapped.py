@@ -39,17 +39,31 @@ def row_blocks(rows: int, row_bytes: int, block_bytes: int = BLOCK_BYTES) -> Ite
         yield lo, min(rows, lo + step)
 
 
+def indexed_blocks(t: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(lo, hi, t[lo:hi])`` over ``t``'s rows in blocks of about ``BLOCK_BYTES``, each block read
+    with read-ahead and its file-backed pages released once the caller is done with it (also when
+    the caller stops early): a table is read front to back with at most one block resident, and
+    stays marked for lookups.  The mapping list is read once for the whole table (``FilePages``)."""
+    if t.numel() == 0:
+        return
+    row_bytes = t[0].numel() * t.element_size()
+    pages = FilePages(t)
+    for lo, hi in row_blocks(t.shape[0], row_bytes):
+        block = t[lo:hi]
+        pages.advise(mmap.MADV_SEQUENTIAL, within=block)
+        try:
+            yield lo, hi, block
+        finally:
+            pages.advise(mmap.MADV_DONTNEED, mmap.MADV_RANDOM, within=block)
+
+
 def blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``t`` as row blocks of about ``BLOCK_BYTES`` (views), each block read with read-ahead and
-    its file-backed pages released once the caller is done with it (``done_reading``): a table
-    is read front to back with at most one block resident, and stays marked for lookups."""
+    """``t`` as row blocks (views, ``indexed_blocks``), a 1-d tensor as [n, 1]."""
     if t.numel() == 0:
         return
     flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-    for lo, hi in row_blocks(flat.shape[0], flat.shape[1] * flat.element_size()):
-        expect_sequential(flat[lo:hi])
-        yield flat[lo:hi]
-        done_reading(flat[lo:hi])
+    for _, _, block in indexed_blocks(flat):
+        yield block
 
 
 @torch.no_grad()
@@ -80,78 +94,95 @@ def _private_file_ranges() -> list[tuple[int, int]]:
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _advise(tensors: tuple[torch.Tensor, ...], *advice: int) -> int:
-    """madvise(a) for each a in ``advice``, in order, on the whole pages of ``tensors`` inside
-    private file mappings (one read of the mapping list); bytes advised."""
-    if _libc is None:
-        return 0
-    spans = []
-    for t in tensors:
-        if t.device.type != "cpu" or t.numel() == 0:
-            continue
-        start = t.data_ptr()
-        lo = -(-start // PAGE) * PAGE
-        hi = (start + t.numel() * t.element_size()) // PAGE * PAGE
-        if hi > lo:
-            spans.append((lo, hi))
-    if not spans:
-        return 0
-    done = 0
-    ranges = _private_file_ranges()
-    for lo, hi in spans:
-        for a, b in ranges:
-            s, e = max(lo, a), min(hi, b)
-            if e > s and all(_libc.madvise(ctypes.c_void_p(s), ctypes.c_size_t(e - s), a) == 0 for a in advice):
+def _whole_pages(t: torch.Tensor) -> tuple[int, int] | None:
+    """[lo, hi) of the whole pages inside ``t``'s bytes (None: on another device, or under a page)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return None
+    start = t.data_ptr()
+    lo, hi = -(-start // PAGE) * PAGE, (start + t.numel() * t.element_size()) // PAGE * PAGE
+    return (lo, hi) if hi > lo else None
+
+
+def _overlaps(spans, lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(max(a, lo), min(b, hi)) for a, b in spans if min(b, hi) > max(a, lo)]
+
+
+class FilePages:
+    """The whole pages of ``tensors`` that lie in private mappings of regular files, found with one
+    read of ``/proc/self/maps`` (~3 ms with torch's libraries loaded: once per table, not per block
+    or per bag chunk).  Valid while the tensors live: a live tensor's bytes can be neither
+    unmapped nor moved, and only pages inside the tensors' own bytes are ever advised."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        own = [p for t in tensors if (p := _whole_pages(t)) is not None]
+        ranges = _private_file_ranges() if own and _libc is not None else []
+        self.spans = [s for lo, hi in own for s in _overlaps(ranges, lo, hi)]
+
+    def __bool__(self) -> bool:
+        return bool(self.spans)
+
+    def advise(self, *advice: int, within: torch.Tensor | None = None) -> int:
+        """``madvise(a)`` for each a in ``advice``, in order, on these pages (only those inside
+        ``within``'s bytes when given: a view of one of the tensors); bytes advised."""
+        spans = self.spans
+        if within is not None:
+            own = _whole_pages(within)
+            spans = _overlaps(spans, *own) if own is not None else []
+        done = 0
+        for s, e in spans:
+            if all(_libc.madvise(ctypes.c_void_p(s), ctypes.c_size_t(e - s), a) == 0 for a in advice):
                 done += e - s
-    return done
+        return done
 
 
 def release(*tensors: torch.Tensor) -> int:
     """Drop the pages of ``tensors`` that lie in private file mappings from this process's RSS
     (``MADV_DONTNEED``); returns the bytes released (0 off Linux, for anonymous memory, or below
     one page)."""
-    return _advise(tensors, mmap.MADV_DONTNEED)
+    return FilePages(*tensors).advise(mmap.MADV_DONTNEED)
 
 
 def done_reading(*tensors: torch.Tensor) -> int:
     """``release`` then ``expect_random``: a block read front to back is handed back, and later
     reads of it are lookups."""
-    return _advise(tensors, mmap.MADV_DONTNEED, mmap.MADV_RANDOM)
+    return FilePages(*tensors).advise(mmap.MADV_DONTNEED, mmap.MADV_RANDOM)
 
 
 def expect_random(*tensors: torch.Tensor) -> int:
     """Mark file-backed ``tensors`` as read at random (``MADV_RANDOM``): a lookup then faults in
     its own page only.  Without it each fault reads ahead up to megabytes around the row, and a
     few thousand verification lookups made whole tables resident (Kaggle-shaped file: 2.1 GB)."""
-    return _advise(tensors, mmap.MADV_RANDOM)
+    return FilePages(*tensors).advise(mmap.MADV_RANDOM)
 
 
 def expect_sequential(*tensors: torch.Tensor) -> int:
     """Mark file-backed ``tensors`` as about to be read front to back (``MADV_SEQUENTIAL``:
     aggressive read-ahead), as a pass fitting a whole table or a writer copying it does."""
-    return _advise(tensors, mmap.MADV_SEQUENTIAL)
+    return FilePages(*tensors).advise(mmap.MADV_SEQUENTIAL)
 
 
 LOOKUP_BAGS = 32    # bags pooled between releases when a representation is mapped from a file
 
 
 @torch.no_grad()
-def lookup(rep: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def lookup(rep: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor,
+           pages: FilePages | None = None) -> torch.Tensor:
     """``rep(indices, offsets)``; when ``rep``'s tensors are mapped from a file, in chunks of
     ``LOOKUP_BAGS`` bags with its pages released after each: a lookup faults in a whole
     page-cache folio (~1.7 MB measured here), so a few thousand lookups would make a table
-    resident.  Bags pool independently, so the result is the same."""
-    tensors = list(rep.state_dict().values())
+    resident.  Bags pool independently, so the result is the same.  ``pages``: ``rep``'s
+    ``FilePages`` when the caller looks up the same table many times."""
+    pages = FilePages(*rep.state_dict().values()) if pages is None else pages
     n = offsets.numel() - 1
-    if n <= LOOKUP_BAGS or not any(is_mapped(t) for t in tensors):
+    if n <= LOOKUP_BAGS or not pages:
         out = rep(indices, offsets)
-        release(*tensors)
+        pages.advise(mmap.MADV_DONTNEED)
         return out
     outs = []
     for lo in range(0, n, LOOKUP_BAGS):
         off = offsets[lo:min(n, lo + LOOKUP_BAGS) + 1]
         outs.append(rep(indices[int(off[0]):int(off[-1])], off - off[0]))
-        release(*tensors)
+        pages.advise(mmap.MADV_DONTNEED)
     return torch.cat(outs)
 
 
@@ -170,9 +201,10 @@ def logits_by_table(model, batches: list) -> list[torch.Tensor]:
     pooled: list[list[torch.Tensor | None]] = [[None] * n for _ in batches]
     for name, rep in model.embeddings.items():
         features = [f for f, t in enumerate(model.feature_tables) if t == name]
+        pages = FilePages(*rep.state_dict().values())
         for i, per_feature in enumerate(bags):
             for f in features:
-                pooled[i][f] = lookup(rep, per_feature[2 * f], per_feature[2 * f + 1])
+                pooled[i][f] = lookup(rep, per_feature[2 * f], per_feature[2 * f + 1], pages)
     return [model.forward_pooled(b.dense, p) for b, p in zip(batches, pooled)]
 
 

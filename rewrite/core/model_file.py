@@ -81,12 +81,8 @@ def _write_tensor(f, t: torch.Tensor, bar: tqdm) -> None:
     flat = t.contiguous().reshape(-1)
     if flat.numel() == 0:
         return
-    raw = flat.view(torch.uint8)
-    for lo, hi in mapped.row_blocks(raw.numel(), 1):
-        block = raw[lo:hi]
-        mapped.expect_sequential(block)
+    for lo, hi, block in mapped.indexed_blocks(flat.view(torch.uint8)):
         f.write(memoryview(block.numpy()))
-        mapped.done_reading(block)
         bar.update(hi - lo)
 
 

@@ -80,6 +80,47 @@ def test_blocks_release_the_pages_they_read(tmp_path, monkeypatch):
 
 
 @linux
+def test_file_pages_read_the_mapping_list_once_and_advise_only_inside_the_tensor(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    data = np.arange(4 << 20, dtype=np.float32)            # 16 MiB
+    data.tofile(path)
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mm, dtype=torch.float32).view(-1, 1024)
+    anonymous = torch.arange(1 << 20, dtype=torch.float32)
+    reads = []
+    real = mapped._private_file_ranges
+    monkeypatch.setattr(mapped, "_private_file_ranges", lambda: reads.append(1) or real())
+    pages = mapped.FilePages(t, anonymous)
+    assert pages and len(reads) == 1
+    assert sum(e - s for s, e in pages.spans) == 16 << 20            # the file's pages, none of the anonymous
+    float(t.sum())
+    assert pages.advise(mmap.MADV_DONTNEED, within=t[:1024]) == 4 << 20   # a view: its own pages only
+    assert 11 << 20 < resident_bytes(path) <= 12 << 20
+    assert pages.advise(mmap.MADV_DONTNEED, within=anonymous) == 0
+    assert len(reads) == 1, "advising reads no mapping list"
+    assert not mapped.FilePages(anonymous) and not mapped.FilePages(torch.zeros(0))
+    assert torch.equal(t.reshape(-1), torch.from_numpy(data)) and torch.equal(anonymous, torch.arange(1 << 20, dtype=torch.float32))
+
+
+@linux
+def test_indexed_blocks_release_a_block_when_the_caller_stops_early(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    np.ones(4 << 20, dtype=np.float32).tofile(path)
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mm, dtype=torch.float32).view(-1, 1024)
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (4 << 20,))
+    got = []
+    for lo, hi, block in mapped.indexed_blocks(t):
+        got.append((lo, hi, float(block.sum())))
+        if lo:
+            break
+    assert got == [(0, 1024, 1024.0 * 1024), (1024, 2048, 1024.0 * 1024)]
+    assert resident_bytes(path) < 1 << 20
+
+
+@linux
 def test_spill_moves_large_tensors_to_a_mapped_scratch_file(tmp_path):
     from passes.quantized import RowwiseQuantizedBag
 
