@@ -43,14 +43,19 @@ def indexed_blocks(t: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(lo, hi, t[lo:hi])`` over ``t``'s rows in blocks of about ``BLOCK_BYTES``, each block read
     with read-ahead and its file-backed pages released once the caller is done with it (also when
     the caller stops early): a table is read front to back with at most one block resident, and
-    stays marked for lookups.  The mapping list is read once for the whole table (``FilePages``)."""
+    stays marked for lookups; the next block is requested (``MADV_WILLNEED``: asynchronous
+    read-ahead into the page cache, not into RSS) while the caller works on this one, so reading
+    and computing overlap.  The mapping list is read once for the whole table (``FilePages``)."""
     if t.numel() == 0:
         return
     row_bytes = t[0].numel() * t.element_size()
     pages = FilePages(t)
-    for lo, hi in row_blocks(t.shape[0], row_bytes):
+    spans = list(row_blocks(t.shape[0], row_bytes))
+    for k, (lo, hi) in enumerate(spans):
         block = t[lo:hi]
         pages.advise(mmap.MADV_SEQUENTIAL, within=block)
+        if k + 1 < len(spans):      # the disk reads the next block while the caller works on this one
+            pages.advise(mmap.MADV_WILLNEED, within=t[spans[k + 1][0]:spans[k + 1][1]])
         try:
             yield lo, hi, block
         finally:
