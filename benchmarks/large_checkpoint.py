@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 "apply_peak_rss_le_4GB": cur["apply"]["peak_rss_bytes"] <= 4 * GB,
                 "apply_wall_over_o_direct_read": round(cur["apply"]["wall_s"] / read["o_direct_s"], 2),
                 "apply_wall_le_2x_read": cur["apply"]["wall_s"] <= 2 * read["o_direct_s"],
+                "apply_wall_over_cached_read": round(cur["apply"]["wall_s"] / read["cached_s"], 2),
                 "compile_rss_over_result": compile_rss and round(compile_rss / cur["result_bytes"], 3),
                 "compile_rss_le_1.3x_result": bool(compile_rss and compile_rss <= 1.3 * cur["result_bytes"]),
                 "larger_than_memory": size_of(dcp) > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")}
