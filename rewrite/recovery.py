@@ -14,7 +14,10 @@ table's fp16 decode table), never trained: training one once sent the held-out l
 to 5e9 and early stopping kept the unrecovered start.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
-as they are and are listed in the report.  On N ranks (``ranks``): data-parallel, DDP over the
+as they are and are listed in the report.  A representation with a ``training_form()`` (e.g. ``mdq``,
+whose codes are integers) is trained in that float form instead (quantization-aware: its forward
+rounds to what is stored, gradients pass straight through) and turned back by ``stored_form()``
+after the best state is restored, so the returned model computes what was measured.  On N ranks (``ranks``): data-parallel, DDP over the
 trained tensors (``rewrite.data_parallel``); each rank computes the teacher's logits for its
 share of the rows (gathered once), trains on every N-th row of each batch and measures its N-th
 of the held-out rows (the loss all-reduced), so steps and stopping are one process's.
@@ -99,10 +102,22 @@ def changed_tables(original: RecModel, rewritten: RecModel) -> list[str]:
 
 
 def _student(original: RecModel, rewritten: RecModel, tables: list[str], train_top: bool) -> RecModel:
-    new = rewritten.with_tables({t: copy.deepcopy(rewritten.embeddings[t]) for t in tables})
+    new = rewritten.with_tables({t: _training_copy(rewritten.embeddings[t]) for t in tables})
     if train_top:
         new.top = copy.deepcopy(rewritten.top)
     return new
+
+
+def _training_copy(rep):
+    """A private copy of ``rep`` to train: its ``training_form()`` where it has one."""
+    form = rep.training_form()
+    return copy.deepcopy(rep) if form is None else form
+
+
+def _stored(model: RecModel, tables: list[str]) -> RecModel:
+    """``model`` with every trained table's training form turned back into its stored form."""
+    back = {t: model.embeddings[t].stored_form() for t in tables if hasattr(model.embeddings[t], "stored_form")}
+    return model.with_tables(back) if back else model
 
 
 def _trainable(model: RecModel, tables: list[str], train_top: bool):
@@ -249,6 +264,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     with torch.no_grad():
         for n, m in best_state.items():
             named[n].copy_(m.to(named[n].dtype))
+    student = _stored(student, tables)
     report = RecoveryReport(tables, train_top, frozen, step, best_step, bad >= patience, n_hold, start, best,
                             time.perf_counter() - t0, history)
     if eval_data is not None and ranks.writes:
