@@ -137,6 +137,17 @@ def _trainable(model: RecModel, tables: list[str], train_top: bool):
     return train, frozen
 
 
+def _lr_scales(model: RecModel, tables: list[str]) -> dict[str, float]:
+    """Tensor name -> rate multiplier, for tables whose training form sets ``lr_scale`` (e.g.
+    mdq's codes: a step of ``lr`` would jump several quantization steps)."""
+    out = {}
+    for t in tables:
+        s = getattr(model.embeddings[t], "lr_scale", None)
+        if s is not None and s != 1.0:
+            out.update({f"embeddings.{t}.{n}": float(s) for n, _ in model.embeddings[t].named_parameters()})
+    return out
+
+
 def _linear_tensors(model: torch.nn.Module) -> set[str]:
     """Names of the weights and biases of every nn.Linear in ``model``."""
     return {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
@@ -201,8 +212,11 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]
              if n not in masters}
     dense = _linear_tensors(student)
-    groups = [{"params": [m for n, m in masters.items() if n not in dense], "scale": 1.0},
-              {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE}]
+    scaled = _lr_scales(student, tables)
+    groups = [{"params": [m for n, m in masters.items() if n not in dense and n not in scaled], "scale": 1.0},
+              {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE},
+              *({"params": [m for n, m in masters.items() if scaled.get(n) == s], "scale": s}
+                for s in sorted(set(scaled.values())))]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     per_epoch = -(-n_train // batch_size)
     total = steps if steps is not None else max(1, int(round((epochs or MAX_EPOCHS) * per_epoch)))
