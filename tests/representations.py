@@ -77,6 +77,7 @@ REPRESENTATIONS = [
     ("robe", _via_pass("robe:size=256:block=4:max_error=10:min_rows=0")),
     ("mdq-int4", _via_pass("mdq:bits=4:inner_dim=3")),
     ("mdq-int8-full", _via_pass("mdq:bits=8:energy=1")),
+    ("mdq-int2-shared-bytes", _via_pass("mdq:bits=2:inner_dim=2")),
 ]
 ROWS = (97, 1000, 5, 3001, 64, 777, 12, 250)   # cycled over the representations
 
