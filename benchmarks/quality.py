@@ -6,18 +6,20 @@ synthetic generator; and whether ``rewrite plan --recover`` finds a plan within 
 
 Models (made in ``--work`` if absent, seeded):
 * ``movielens``: ``examples/movielens.py`` on ``.cache/data/ml-100k`` (``make install``): 11 tables of
-  2–1,682 rows, d = 16; recovery and the profile on train.npz, AUC on test.npz (each user's last
-  10% of ratings), validation unused here.
+  2–1,682 rows, d = 16; the profile on train.npz, recovery on train.npz plus ``--augment`` K (4)
+  copies whose item side is permuted across rows (unlabelled: the teacher's logits are the
+  targets; ``examples/movielens.py --augment``), AUC on test.npz (each user's last 10% of
+  ratings), validation for the plan check only.
 * ``synthetic``: ``SyntheticConfig(structure="lowrank")`` (``rewrite/core/synthetic.py``), the 26
   demo tables capped at ``--synthetic-rows``; a table DLRM trained one epoch on day 0, recovery on
   day 0, AUC on day 1.
 
 Compression is the exact whole-model ratio of embedding bytes.  A point is ``PASS:compression=c``
 on the tables of at least ``MIN_ROWS`` rows plus row-wise ``quantize`` (int4 below 30×, int2 from
-30×) on the smaller ones, c found by bisection (fits disabled) so the whole model lands at the
+30×) on the smaller ones (for ``mdq``: its own full-width form, ``mdq:bits=4|2:energy=1``), c found by bisection (fits disabled) so the whole model lands at the
 target.  Recovery: ``rewrite.recovery.recover`` at its defaults, top MLP trained (``--recover-top``).
 The plan check runs ``rewrite.plan`` with ``--memory-budget`` = MLPs + embeddings / 16,
-``--max-auc-drop 0.001`` and ``--recover`` train.npz on the MovieLens model, measured on valid.npz,
+``--max-auc-drop 0.001`` and ``--recover`` the augmented rows (train.npz with ``--augment 0``) on the MovieLens model, measured on valid.npz,
 then compiles the plan (torch) and measures the bundle's test AUC.
 """
 
@@ -41,17 +43,21 @@ from rewrite.training import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_ROWS = 100                     # smaller tables get row-wise quantization instead
-ROWS = {"movielens": ("robe", "qr", "tt"), "synthetic": ("tt", "robe")}     # `--rows` adds dhe, hybrid, ...
+ROWS = {"movielens": ("mdq", "robe", "qr", "tt"), "synthetic": ("tt", "robe")}     # `--rows` adds dhe, hybrid, ...
 TARGETS = {"movielens": (8, 16, 50), "synthetic": (16, 100)}
 GOALS = {"movielens": ((16, 0.001), (50, 0.005)), "synthetic": ((100, 0.001),)}
 PLAN_GRID = {"robe": ["compression=16", "compression=24", "compression=32"],
              "qr": ["compression=16", "compression=24"], "tt": ["compression=16", "compression=24"],
-             "quantize": ["bits=4", "bits=2"]}
+             "quantize": ["bits=4", "bits=2"],
+             "mdq": ["bits=4:compression=16", "bits=4:compression=24", "bits=4:compression=32",
+                     "bits=8:energy=1", "bits=4:energy=1", "bits=2:energy=1"]}
 
 
 def build(rep: str, c: float, target: float) -> list[ConfiguredPass]:
     main = parse_pass(f"{rep}:compression={c:.6g}")
-    rest = parse_pass(f"quantize:bits={4 if target < 30 else 2}")
+    bits = 4 if target < 30 else 2
+    # mdq's own full-width form on the small tables: per-column scales, no 128-byte decode table
+    rest = parse_pass(f"mdq:bits={bits}:energy=1" if rep == "mdq" else f"quantize:bits={bits}")
     return [ConfiguredPass(main.name, dataclasses.replace(main.config, min_rows=MIN_ROWS)), rest]
 
 
@@ -74,14 +80,14 @@ def calibrate(model, rep, target, prof, sample, steps: int = 10) -> float:
 
 
 def run_point(model, rep, target, world, args) -> dict:
-    train, test, prof, sample, base = world
+    train, test, prof, sample, base = world[:5]
     t0 = time.perf_counter()
     c = calibrate(model, rep, target, prof, sample)
     passes = build(rep, c, target)
     rw, report = rewrite.apply(model, passes, profile=prof, sample=sample)
     fit_s = time.perf_counter() - t0
     fitted = evaluate(rw, test)
-    rec, rr = recover(model, rw, train, train_top=args.recover_top, seed=args.seed)
+    rec, rr = recover(model, rw, world_recover(world), train_top=args.recover_top, seed=args.seed)
     recovered = evaluate(rec, test)
     point = {"representation": rep, "target": target, "passes": [str(p) for p in passes],
              "per_table_compression": c, "embedding_bytes": report.embedding_bytes_after,
@@ -92,6 +98,32 @@ def run_point(model, rep, target, world, args) -> dict:
              "recover_steps": rr.steps, "recover_best_step": rr.best_step, "recover_skipped": rr.skipped}
     print(json.dumps({k: v for k, v in point.items() if k != "passes"}), file=sys.stderr, flush=True)
     return point
+
+
+def world_recover(world):
+    """The data recovery trains on: the augmented rows where the data set has them, else train."""
+    return world[5] if len(world) > 5 and world[5] is not None else world[0]
+
+
+def augmented(work: Path, train_p: Path, copies: int) -> Path | None:
+    """``work/ml100k/distill{K}.npz``: the training rows plus K copies whose item side is permuted
+    across rows (``examples/movielens.py --augment``), unlabelled: recovery distils the teacher's
+    logits on user x item pairs it never saw labelled."""
+    if copies <= 0:
+        return None
+    out = train_p.parent / f"distill{copies}.npz"
+    if not out.exists():
+        import numpy as np
+
+        sys.path.insert(0, str(ROOT / "examples"))
+        import movielens
+
+        z = np.load(train_p)
+        xi, xc = movielens.augment(z["X_int"], z["X_cat"], copies, seed=0)
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, X_int=xi, X_cat=xc)
+    return out
 
 
 def movielens_model(work: Path):
@@ -121,12 +153,13 @@ def synthetic_model(work: Path, max_rows: int, n_train: int):
 
 
 def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Path, candidates: int) -> dict:
-    """`rewrite plan --memory-budget (MLPs + embeddings/16) --max-auc-drop 0.001 --recover train`."""
+    """`rewrite plan --memory-budget (MLPs + embeddings/16) --max-auc-drop 0.001 --recover DATA`
+    (DATA: the augmented rows where made, else train.npz)."""
     model = rewrite.load(model_path)
     budget = model.dense_bytes() + model.embedding_bytes() // 16
     (work / "grid.json").write_text(json.dumps(PLAN_GRID))
     t0 = time.perf_counter()
-    out = {"memory_budget_bytes": budget, "max_auc_drop": 0.001, "grid": PLAN_GRID}
+    out = {"memory_budget_bytes": budget, "max_auc_drop": 0.001, "grid": PLAN_GRID, "recover_data": str(train)}
     try:
         plan = rewrite.plan(model_path, valid, hardware="cpu-local", memory_budget=budget, max_auc_drop=0.001,
                             grid=work / "grid.json", samples=len(data.open(valid).labels), calibrate=False,
@@ -209,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", help="representations, comma-separated, for every data set (default: ROWS)")
     ap.add_argument("--plan-candidates", type=int, default=2, help="plan --recover-candidates")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--augment", type=int, default=4, metavar="K",
+                    help="MovieLens: recovery (points and plan) on train + K item-permuted copies, "
+                         "unlabelled (0: on train.npz)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -223,14 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         prof = rewrite.profile(model, train)
         sample = list(train.batches(2048, limit=4096))
         base = evaluate(model, test)
-        world = (train, test, prof, sample, base)
+        recover_p = augmented(args.work, train_p, args.augment) if ds == "movielens" else None
+        world = (train, test, prof, sample, base, recover_p and data.open(recover_p))
         reps = args.rows.split(",") if args.rows else ROWS[ds]
         points = [run_point(model, rep, t, world, args) for rep in reps for t in TARGETS[ds]]
-        entry = {"model": str(model_path), "baseline_auc": base.auc, "baseline_logloss": base.logloss,
+        entry = {"model": str(model_path), "recover_data": str(recover_p or train_p), "baseline_auc": base.auc, "baseline_logloss": base.logloss,
                  "test_rows": base.n, "embedding_bytes": model.embedding_bytes(), "points": points,
                  "goals": goals(points, ds)}
         if ds == "movielens" and args.plan:
-            entry["plan"] = plan_check(model_path, train_p, test_p, valid_p, args.work, args.plan_candidates)
+            entry["plan"] = plan_check(model_path, recover_p or train_p, test_p, valid_p, args.work,
+                                       args.plan_candidates)
             print(json.dumps(entry["plan"], default=str), file=sys.stderr, flush=True)
         result["datasets"][ds] = entry
     result["seconds"] = time.perf_counter() - t_start
@@ -246,7 +284,7 @@ def markdown(result: dict) -> str:
     lines = []
     for ds, e in result["datasets"].items():
         lines += [f"**{ds}**: baseline test AUC {e['baseline_auc']:.4f} ({e['test_rows']:,} rows), embeddings "
-                  f"{e['embedding_bytes']:,} B", "",
+                  f"{e['embedding_bytes']:,} B, recovery on {Path(e.get('recover_data', 'train')).name}", "",
                   "| representation | target | achieved | ΔAUC fitted | ΔAUC recovered | recovery steps | fit s | recover s |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in e["points"]:

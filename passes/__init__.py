@@ -8,7 +8,7 @@ has a Python configurator named after it, generated from the registry (``-`` bec
 
 from passes import quantized, mixed_dim, quotient_remainder, hashing, onehot  # noqa: F401
 from passes import tensor_train, dim_pruning, hot_cold_split  # noqa: F401
-from passes import dhe, hybrid, memrec, robe  # noqa: F401
+from passes import dhe, hybrid, memrec, robe, md_quantized  # noqa: F401
 from rewrite.core.pass_contract import PASSES, ConfiguredPass, configure
 
 def _configurator(name: str):

@@ -14,7 +14,10 @@ table's fp16 decode table), never trained: training one once sent the held-out l
 to 5e9 and early stopping kept the unrecovered start.  Tensors stored in fp16 / bf16 are trained through an fp32 master copy
 (the forward pass rounds it to the storage dtype; gradients pass straight through the
 rounding) and written back rounded.  Integer tensors (quantized codes, hash coefficients) stay
-as they are and are listed in the report.  On N ranks (``ranks``): data-parallel, DDP over the
+as they are and are listed in the report.  A representation with a ``training_form()`` (e.g. ``mdq``,
+whose codes are integers) is trained in that float form instead (quantization-aware: its forward
+rounds to what is stored, gradients pass straight through) and turned back by ``stored_form()``
+after the best state is restored, so the returned model computes what was measured.  On N ranks (``ranks``): data-parallel, DDP over the
 trained tensors (``rewrite.data_parallel``); each rank computes the teacher's logits for its
 share of the rows (gathered once), trains on every N-th row of each batch and measures its N-th
 of the held-out rows (the loss all-reduced), so steps and stopping are one process's.
@@ -99,10 +102,22 @@ def changed_tables(original: RecModel, rewritten: RecModel) -> list[str]:
 
 
 def _student(original: RecModel, rewritten: RecModel, tables: list[str], train_top: bool) -> RecModel:
-    new = rewritten.with_tables({t: copy.deepcopy(rewritten.embeddings[t]) for t in tables})
+    new = rewritten.with_tables({t: _training_copy(rewritten.embeddings[t]) for t in tables})
     if train_top:
         new.top = copy.deepcopy(rewritten.top)
     return new
+
+
+def _training_copy(rep):
+    """A private copy of ``rep`` to train: its ``training_form()`` where it has one."""
+    form = rep.training_form()
+    return copy.deepcopy(rep) if form is None else form
+
+
+def _stored(model: RecModel, tables: list[str]) -> RecModel:
+    """``model`` with every trained table's training form turned back into its stored form."""
+    back = {t: model.embeddings[t].stored_form() for t in tables if hasattr(model.embeddings[t], "stored_form")}
+    return model.with_tables(back) if back else model
 
 
 def _trainable(model: RecModel, tables: list[str], train_top: bool):
@@ -120,6 +135,17 @@ def _trainable(model: RecModel, tables: list[str], train_top: bool):
         elif name.startswith("embeddings."):
             frozen.append(name)
     return train, frozen
+
+
+def _lr_scales(model: RecModel, tables: list[str]) -> dict[str, float]:
+    """Tensor name -> rate multiplier, for tables whose training form sets ``lr_scale`` (e.g.
+    mdq's codes: a step of ``lr`` would jump several quantization steps)."""
+    out = {}
+    for t in tables:
+        s = getattr(model.embeddings[t], "lr_scale", None)
+        if s is not None and s != 1.0:
+            out.update({f"embeddings.{t}.{n}": float(s) for n, _ in model.embeddings[t].named_parameters()})
+    return out
 
 
 def _linear_tensors(model: torch.nn.Module) -> set[str]:
@@ -186,8 +212,11 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     fixed = {n: t.detach() for n, t in [*student.named_parameters(), *student.named_buffers()]
              if n not in masters}
     dense = _linear_tensors(student)
-    groups = [{"params": [m for n, m in masters.items() if n not in dense], "scale": 1.0},
-              {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE}]
+    scaled = _lr_scales(student, tables)
+    groups = [{"params": [m for n, m in masters.items() if n not in dense and n not in scaled], "scale": 1.0},
+              {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE},
+              *({"params": [m for n, m in masters.items() if scaled.get(n) == s], "scale": s}
+                for s in sorted(set(scaled.values())))]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     per_epoch = -(-n_train // batch_size)
     total = steps if steps is not None else max(1, int(round((epochs or MAX_EPOCHS) * per_epoch)))
@@ -249,6 +278,7 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
     with torch.no_grad():
         for n, m in best_state.items():
             named[n].copy_(m.to(named[n].dtype))
+    student = _stored(student, tables)
     report = RecoveryReport(tables, train_top, frozen, step, best_step, bad >= patience, n_hold, start, best,
                             time.perf_counter() - t0, history)
     if eval_data is not None and ranks.writes:

@@ -75,6 +75,9 @@ REPRESENTATIONS = [
     ("hybrid", _via_pass("hybrid:slots=64:k=8:hidden=8:buckets=1000:steps=20:max_error=10:min_rows=0")),
     ("memrec", _via_pass("memrec:tokens=128:weight_rows=32:steps=20:max_error=10:min_rows=0")),
     ("robe", _via_pass("robe:size=256:block=4:max_error=10:min_rows=0")),
+    ("mdq-int4", _via_pass("mdq:bits=4:inner_dim=3")),
+    ("mdq-int8-full", _via_pass("mdq:bits=8:energy=1")),
+    ("mdq-int2-shared-bytes", _via_pass("mdq:bits=2:inner_dim=2")),
 ]
 ROWS = (97, 1000, 5, 3001, 64, 777, 12, 250)   # cycled over the representations
 

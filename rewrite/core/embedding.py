@@ -223,6 +223,12 @@ class Representation(nn.Module):
         """The stored rows in a standard layout, or None when this form stores no row per id."""
         return None
 
+    def training_form(self) -> "Representation | None":
+        """A float form that recovery trains in place of this one, or None (this one trains as it
+        is).  Its forward computes what this form stores (e.g. rounding to the codes,
+        gradients straight through) and its ``stored_form()`` turns it back."""
+        return None
+
     def fused_lookup(self) -> FusedLookup | None:
         """This representation as row lookups an engine fuses into its gather (``FusedLookup``),
         or None when it is compute (an engine then pools it with ``forward``).  Default: the

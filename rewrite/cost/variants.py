@@ -42,6 +42,7 @@ GRID: dict[str, tuple[str, ...]] = {
     "quantize": ("bits=8", "bits=4", "bits=2"),
     "qr": ("collisions=4", "collisions=16", "collisions=64"),
     "md": ("",),
+    "mdq": ("", "compression=16", "compression=32", "bits=8:energy=1", "bits=2:energy=1"),
     "hash": ("",),
     "tt": ("",),
     "prune-dims": ("",),

@@ -2,7 +2,9 @@
 
 import json
 
-from benchmarks.quality import build, goals, markdown, plot
+import numpy as np
+
+from benchmarks.quality import augmented, build, goals, markdown, plot
 
 
 def point(rep, ratio, fitted, recovered):
@@ -15,6 +17,22 @@ def test_a_point_compresses_large_tables_and_quantizes_the_rest():
     assert str(main).startswith("robe:") and main.config.compression == 17.5 and main.config.min_rows == 100
     assert rest.name == "quantize" and rest.config.bits == 4
     assert build("tt", 60, 50)[1].config.bits == 2
+    main, rest = build("mdq", 20, 16)                  # mdq's small tables: its own full-width form
+    assert main.config.compression == 20 and rest.name == "mdq" and rest.config.energy == 1
+    assert (rest.config.bits, build("mdq", 60, 50)[1].config.bits) == (4, 2)
+
+
+def test_augmented_rows_are_unlabelled_copies_with_the_item_side_permuted(tmp_path):
+    rng = np.random.default_rng(0)
+    x_int, x_cat = rng.integers(0, 9, (50, 7)).astype(np.int32), rng.integers(0, 9, (50, 11)).astype(np.int32)
+    np.savez(tmp_path / "train.npz", X_int=x_int, X_cat=x_cat, y=np.zeros(50, np.int32))
+    assert augmented(tmp_path, tmp_path / "train.npz", 0) is None
+    out = augmented(tmp_path, tmp_path / "train.npz", 2)
+    z = np.load(out)
+    assert out.name == "distill2.npz" and "y" not in z and z["X_cat"].shape == (150, 11)
+    np.testing.assert_array_equal(z["X_cat"][:50], x_cat)
+    np.testing.assert_array_equal(z["X_cat"][50:100, 0], x_cat[:, 0])          # the user stays
+    assert sorted(z["X_cat"][50:100, 1]) == sorted(x_cat[:, 1])                  # items permuted
 
 
 def test_goals_take_the_largest_ratio_within_each_auc_drop(tmp_path):

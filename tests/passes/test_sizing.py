@@ -26,7 +26,7 @@ def model():
 @pytest.mark.parametrize("ratio", [4.0, 16.0])
 @pytest.mark.parametrize("name, extra", [
     ("quantize", {}), ("md", {"min_rows": 0}), ("qr", {"min_rows": 0}), ("hash", {"min_rows": 0}),
-    ("tt", {}), ("prune-dims", {}), ("dhe", FAST), ("hybrid", FAST), ("memrec", FAST), ("robe", {}),
+    ("tt", {}), ("prune-dims", {}), ("dhe", FAST), ("hybrid", FAST), ("memrec", FAST), ("robe", {}), ("mdq", {}),
 ])
 def test_compression_is_met_or_the_table_is_skipped_with_a_reason(model, name, extra, ratio):
     _, report = apply(model, [getattr(passes, name.replace("-", "_"))(compression=ratio, **extra)])

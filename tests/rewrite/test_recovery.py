@@ -193,3 +193,23 @@ def test_integer_only_tables_are_a_result_not_an_error(world):
     assert same is student and report.steps == 0 and report.tables == ["t0", "t2"]
     assert report.frozen == ["embeddings.t0.packed", "embeddings.t2.packed"]
     assert report.skipped.startswith("the rewritten tables hold no float tensor to train")
+
+
+def test_a_training_form_trains_in_place_of_the_stored_form_at_its_own_rate(world):
+    """mdq's codes are integers: recovery trains its training form (fp32 E, rounded in the
+    forward) at lr · lr_scale and returns the stored form; other tables keep the full rate."""
+    from passes.md_quantized import MDQBag, MDQTraining
+    from rewrite.recovery import _lr_scales, _student
+
+    _, teacher, student, day0, _ = world
+    mixed, _ = rewrite.apply(teacher, [passes.mdq(bits=4, inner_dim=2, tables=("t1",))])
+    mixed = mixed.with_tables({"t0": student.embeddings["t0"]})            # robe: no training form
+    trained = _student(teacher, mixed, ["t0", "t1"], False)
+    assert isinstance(trained.embeddings["t1"], MDQTraining)
+    scales = _lr_scales(trained, ["t0", "t1"])
+    assert set(scales) == {f"embeddings.t1.{n}" for n in ("weight", "scale", "bias", "proj")}
+    assert set(scales.values()) == {MDQTraining.lr_scale} and MDQTraining.lr_scale == 0.1
+    rec, report = recover(teacher, mixed, day0, steps=30, lr=1e-1)
+    assert isinstance(rec.embeddings["t1"], MDQBag) and report.steps == 30
+    assert not any(n.startswith("embeddings.t1.") for n in report.frozen)     # the codes trained (as E)
+    assert rec.embeddings["t1"].num_bytes() == mixed.embeddings["t1"].num_bytes()

@@ -66,7 +66,7 @@ def test_python_and_cli_build_the_same_pass():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("nope", "unknown pass 'nope' (known: dhe, hash, hot-cold, hybrid, md, memrec, onehot, prune-dims, qr, quantize, robe, tt; `rewrite passes` lists them)"),
+    ("nope", "unknown pass 'nope' (known: dhe, hash, hot-cold, hybrid, md, mdq, memrec, onehot, prune-dims, qr, quantize, robe, tt; `rewrite passes` lists them)"),
     ("quantize:bitz=4", "pass quantize: unknown option 'bitz' (options: bits, compression, min_rows, tables)"),
     ("quantize:bits", "pass quantize: cannot read 'bits'; options are key=value separated by ':' "
                       "(e.g. -p quantize:bits=4:min_rows=1000)"),

@@ -29,7 +29,8 @@ KIND = {"table-fp32": "rows", "table-fp16": "rows", "table-bf16": "pre", "table-
         "qr-concat-pool-first": "qr", "qr-add-float-quotient": "pre", "md": "rows", "int8-rowwise": "rows",
         "int4-rowwise": "rows", "int2-rowwise": "rows", "hash": "hash", "onehot": "rows", "tt": "tt",
         "tt-cache-int8": "tt", "prune-dims": "pruned", "hot-cold-int4": "hotcold", "dhe": "pre", "hybrid": "pre",
-        "memrec": "pre", "robe": "pre"}
+        "memrec": "pre", "robe": "pre", "mdq-int4": "rows", "mdq-int8-full": "rows",
+        "mdq-int2-shared-bytes": "rows"}
 
 
 def NO_PRE(indices, offsets):          # noqa: N802 -- stores without pre-pooled features
