@@ -30,6 +30,7 @@ from torch import nn
 from rewrite.core import isa
 from rewrite.core.embedding import FusedLookup, Representation
 from rewrite.core.errors import RewriteError
+from rewrite.core.batch import bucket_rows
 from rewrite.core.mapped import expect_sequential, release
 from targets.native.cpp_extension import build
 from targets.native.int8_kernels import linears
@@ -248,14 +249,3 @@ class OneDnnMlp(nn.Module):
             return self.final_dot(y.contiguous(), self.w_final, self.b_final).unsqueeze(1)
         return y.to(torch.float32)
 
-
-def bucket_rows(m: int) -> int:
-    """``m`` rounded up to a number with at most four significant bits (..., 256, 288, 320, ...,
-    512, 576, ...; up to 16 unchanged).  oneDNN builds a primitive for every row count it meets:
-    torch-fast's MLPs took ~9 ms per batch the first time a size came, ~0.7 ms after (demo model,
-    9-1024 rows), and with ~1,000 sizes of a few layers each its primitive cache (1,024 entries)
-    kept evicting them: a server's merged batches, of ever new sizes, paid it on most batches
-    (2.47 ms per batch in steady state, 0.84 ms bucketed).  Bucketed, they meet at most 8 sizes
-    per octave, for at most 1/8 extra rows."""
-    shift = m.bit_length() - 4
-    return m if shift <= 0 else -(-m >> shift) << shift

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewrite.core.batch import Batch, batch_from_dense_ids, validate
+from rewrite.core.batch import Batch, batch_from_dense_ids, bucket_rows, bucket_sizes, validate
 from rewrite.core.errors import RewriteError
 
 ROWS = [3, 10]          # two features
@@ -77,3 +77,11 @@ def test_batch_from_dense_ids_is_feature_major():
     assert b.offsets.tolist() == list(range(7))
     assert [f.tolist() for f in b.feature_ids(2)] == [[1, 2, 0], [7, 8, 9]]
     assert b.labels.dtype == torch.float32 and b.indices.dtype == torch.int64
+
+
+def test_bucket_rows_rounds_up_to_four_significant_bits():
+    assert [bucket_rows(m) for m in (1, 15, 16, 17, 33, 261, 1024, 1025)] == [1, 15, 16, 18, 36, 288, 1024, 1152]
+    assert all(m <= bucket_rows(m) <= m * 9 / 8 for m in range(1, 5000))
+    sizes = bucket_sizes(2048)
+    assert len(sizes) == 72 and sizes[-1] == 2048 and bucket_sizes(1025)[-1] == 1152
+    assert {bucket_rows(m) for m in range(1, 2049)} == set(sizes)      # at most 8 per octave

@@ -9,8 +9,7 @@ from rewrite.core.model import DotInteraction, interaction_pairs, mlp, split_bag
 from rewrite.core.synthetic import multi_hot_batch
 from passes.quantized import RowwiseQuantizedBag
 from rewrite.core.embedding import TableBag
-from targets.native.fast_kernels import (PAIR_ORDERS, OneDnnMlp, TableStore, bf16_pairs, bucket_rows, kernels,
-                                         small_model, store_tables)
+from targets.native.fast_kernels import PAIR_ORDERS, OneDnnMlp, TableStore, bf16_pairs, kernels, small_model, store_tables
 from tests.tolerances import assert_close, path_tolerance
 from targets.native.int8_kernels import pad_to
 from tests.targets.checks import ref_quantize
@@ -167,12 +166,6 @@ def test_onednn_mlp_matches_fp32_and_keeps_the_logit_fp32(dtype):
                 y = fast.hidden(xin)
                 assert_close(fast(xin).squeeze(1), y.float() @ fast.w_final + fast.b_final, "float32",
                              f"OneDnnMlp {widths}: the fp32 last layer")
-
-
-def test_bucket_rows_rounds_up_to_four_significant_bits():
-    assert [bucket_rows(m) for m in (1, 15, 16, 17, 33, 261, 1024, 1025)] == [1, 15, 16, 18, 36, 288, 1024, 1152]
-    assert all(m <= bucket_rows(m) <= m * 9 / 8 for m in range(1, 5000))
-    assert len({bucket_rows(m) for m in range(1, 2049)}) == 72      # at most 8 per octave
 
 
 def test_onednn_mlp_answers_every_row_count_with_its_own_rows():
