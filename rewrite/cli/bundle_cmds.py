@@ -43,6 +43,12 @@ def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, pr
     from rewrite.core.pass_contract import parse_pass
 
     configured = [parse_pass(s) for s in pass_specs]         # a bad spec: exit 2 before loading
+    if plan_path and data_path is None and profile_path is None:
+        from rewrite.cost.plan_file import load_plan, plan_inputs
+
+        data_path, profile_path, note = plan_inputs(load_plan(plan_path))
+        if note:
+            click.echo(("note: " if data_path else "warning: ") + note, err=True)
     overrides = {k: v for k, v in (("interaction", interaction), ("qr_op", qr_op)) if v}
     try:
         manifest = compile(path, output, passes=configured, load_overrides=overrides,

@@ -134,6 +134,9 @@ def run_plan(model, model_path, data_path, hw_name, target, memory_budget, max_a
     problem, enum = build_problem(model, estimator, sample, prof, grid, max_rel_error,
                                   keep_degraded=recovery is not None)
     plan, sel = make_plan(model, str(model_path), problem, enum, constraints, batch, target, sample, recovery)
+    # the data whose access profile weighted the tables' fits: compile --plan fits them the same way
+    plan["fitted_on"] = {"data": str(Path(data_path).resolve()),
+                         "profile": str(Path(profile_path).resolve()) if profile_path else None}
     if memory_budget:
         plan["constraints"]["memory_budget_given"] = str(memory_budget)    # as written, e.g. 100KB
     if explain:

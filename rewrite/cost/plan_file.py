@@ -12,7 +12,9 @@ Schema ``plan/1`` (every number is an object {"value", "source"} or names its so
                                         "latency_s": {...}}},
                       "bytes": {...}, "latency_s": {batch: {...}}, "auc_drop": {...}}, ...},
      "dispatch": {"rule", "ranges": [{"min_batch", "max_batch" | null, "path"}], ...},
-     "primary": "p0", "revisions": [...], "skipped": [...], "explain": [...]?, "pareto": [...]?}
+     "primary": "p0", "revisions": [...], "skipped": [...], "explain": [...]?, "pareto": [...]?,
+     "fitted_on": {"data": str, "profile": str | null}?}   the files whose access profile weighted
+                                                           the fits (``plan_inputs``)
 
 ``plan_to_passes(plan, path)`` turns a path into configured passes: tables sharing a setting
 become one pass restricted to them (``tables=``), so the pass manager applies exactly the plan.
@@ -107,3 +109,21 @@ def check_plan_matches(plan: dict[str, Any], model: RecModel, where: str = "plan
     missing = [t for t in model.embeddings if t not in expected]
     if missing:
         raise RewriteError(f"{where}: made for a different model (no entry for table(s) {', '.join(missing)})")
+
+
+def plan_inputs(plan: dict[str, Any]) -> tuple[Path | None, Path | None, str | None]:
+    """(data, profile, note) for ``compile --plan`` given neither ``--data`` nor ``--profile``: the
+    files the plan's tables were fitted on (``fitted_on``) when they are still there, so the
+    bundle's tables are the ones the plan measured; else (None, None, why not), and the tables
+    are fitted with uniform row weights."""
+    fitted = plan.get("fitted_on")
+    if not isinstance(fitted, dict) or not isinstance(fitted.get("data"), str):
+        return None, None, None
+    data, profile = Path(fitted["data"]), fitted.get("profile")
+    if not data.is_file() or (profile and not Path(profile).is_file()):
+        missing = data if not data.is_file() else profile
+        return None, None, (f"the plan's tables were fitted on {missing}, which is not there: fitting them with "
+                            f"uniform row weights, so the bundle may not keep the plan's measured AUC (give --data)")
+    return data, Path(profile) if profile else None, (f"fitting the tables on the plan's data {data}"
+                                                      + (f" and profile {profile}" if profile else "")
+                                                      + ", as `rewrite plan` measured them (--data picks another)")

@@ -80,6 +80,24 @@ def test_plan_compile_meets_the_memory_budget(planned, tmp_path):
     assert b.manifest["dispatch"]["fallbacks"] == []
 
 
+def test_compile_plan_without_data_fits_on_the_plans_data(planned, tmp_path):
+    model, npz, pt, plan_file, plan = planned
+    assert plan["fitted_on"] == {"data": str(npz.resolve()), "profile": None}
+    r = run("compile", pt, "--plan", plan_file, "--target", "torch", "-o", tmp_path / "b")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert f"note: fitting the tables on the plan's data {npz.resolve()}" in r.stderr
+    r = run("compile", pt, "--plan", plan_file, "--data", npz, "--target", "torch", "-o", tmp_path / "c")
+    assert r.exit_code == 0 and "note:" not in r.stderr
+    models = [load(tmp_path / d / open_bundle(tmp_path / d).manifest["variants"]["p0"]["model"]["path"]) for d in "bc"]
+    for k, v in models[0].state_dict().items():          # the tables the plan measured, either way
+        assert torch.equal(v, models[1].state_dict()[k]), k
+    gone = copy.deepcopy(plan)
+    gone["fitted_on"]["data"] = str(tmp_path / "moved.npz")
+    r = run("compile", pt, "--plan", write(tmp_path, gone), "--target", "torch", "-o", tmp_path / "d")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "warning: the plan's tables were fitted on" in r.stderr and "uniform row weights" in r.stderr
+
+
 def eager(model, batch) -> np.ndarray:
     with torch.no_grad():
         return model(*batch.inputs()).numpy()
