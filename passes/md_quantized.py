@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from passes.mixed_dim import energy_dim, fit_md, weighted_spectrum
+from passes.mixed_dim import energy_dim, fit_md, weighted_table
 from rewrite.core.embedding import FusedLookup, Representation, f32_rows, pool, register_representation
-from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, plain_fp32_table, register_pass
+from rewrite.core.pass_contract import PassContext, Rewrite, Selection, Skip, option, register_pass
 from rewrite.core.tracing import EmbeddingSite
 
 BITS = (8, 4, 2)
@@ -250,11 +250,10 @@ def widest_fitting(rows: int, dim: int, bits: int, budget: float) -> int | None:
 @register_pass("mdq", MDQConfig)
 def mdq(site: EmbeddingSite, cfg: MDQConfig, ctx: PassContext) -> Rewrite | Skip:
     """fp32 tables -> low-rank factor (frequency-weighted SVD) stored as column-quantized codes."""
-    table = plain_fp32_table(site, ctx, "mdq")
-    if isinstance(table, Skip):
-        return table
-    w = ctx.row_weights(site.name, site.rows)
-    vals, _ = weighted_spectrum(table.weight, w)
+    fitted = weighted_table(site, ctx, "mdq")
+    if isinstance(fitted, Skip):
+        return fitted
+    table, w, vals, vecs = fitted
     if cfg.compression is not None:
         budget = table.num_bytes() / cfg.compression
         inner, why = widest_fitting(site.rows, site.dim, cfg.bits, budget), f"compression {cfg.compression:g}"
@@ -271,7 +270,7 @@ def mdq(site: EmbeddingSite, cfg: MDQConfig, ctx: PassContext) -> Rewrite | Skip
         return Skip(f"{why} gives r={inner}, whose int{cfg.bits} mdq form ({new_bytes} B) is not smaller "
                     f"than the table ({table.num_bytes()} B)")
     if inner < site.dim:
-        md = fit_md(table.weight, w, inner, site.pooling)
+        md = fit_md(table.weight, w, inner, site.pooling, vecs)
         rep = MDQBag.from_factor(md.weight.data, md.proj.data, site.dim, cfg.bits, site.pooling)
     else:
         rep = MDQBag.from_factor(table.weight, None, site.dim, cfg.bits, site.pooling)

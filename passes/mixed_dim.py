@@ -76,9 +76,12 @@ def weighted_spectrum(weight: torch.Tensor, w: np.ndarray) -> tuple[np.ndarray, 
     return np.clip(vals[order], 0.0, None), vecs[:, order]
 
 
-def fit_md(weight: torch.Tensor, w: np.ndarray, inner: int, pooling: str = "sum") -> MDBag:
-    """The frequency-weighted best rank-``inner`` MD form of ``weight`` [rows, d]."""
-    _, vecs = weighted_spectrum(weight, w)
+def fit_md(weight: torch.Tensor, w: np.ndarray, inner: int, pooling: str = "sum",
+           vecs: np.ndarray | None = None) -> MDBag:
+    """The frequency-weighted best rank-``inner`` MD form of ``weight`` [rows, d] (``vecs``: the
+    eigenvectors of ``weighted_spectrum(weight, w)`` when the caller has them)."""
+    if vecs is None:
+        _, vecs = weighted_spectrum(weight, w)
     proj = torch.from_numpy(vecs[:, :inner].copy())
     rep = MDBag(weight.shape[0], weight.shape[1], inner, pooling)
     rep.proj.data = proj.to(torch.float32)
@@ -184,14 +187,23 @@ def popularity_dim(site: EmbeddingSite, cfg: MDConfig, ctx: PassContext) -> int:
     return popularity_dims(scale, site.dim, cfg.alpha, lo, cfg.round_pow2, math.floor)[site.name]
 
 
-@register_pass("md", MDConfig)
-def md(site: EmbeddingSite, cfg: MDConfig, ctx: PassContext) -> Rewrite | Skip:
-    """fp32 tables -> mixed dimension E [rows, d_i] + projection (frequency-weighted SVD)."""
-    table = plain_fp32_table(site, ctx, "md")
+def weighted_table(site: EmbeddingSite, ctx: PassContext, pass_name: str):
+    """What md and mdq size and fit from: (the plain fp32 table, its row weights, and their
+    ``weighted_spectrum`` (vals, vecs)), or the Skip of a table that is not plain fp32."""
+    table = plain_fp32_table(site, ctx, pass_name)
     if isinstance(table, Skip):
         return table
     w = ctx.row_weights(site.name, site.rows)
-    vals, _ = weighted_spectrum(table.weight, w)
+    return (table, w, *weighted_spectrum(table.weight, w))
+
+
+@register_pass("md", MDConfig)
+def md(site: EmbeddingSite, cfg: MDConfig, ctx: PassContext) -> Rewrite | Skip:
+    """fp32 tables -> mixed dimension E [rows, d_i] + projection (frequency-weighted SVD)."""
+    fitted = weighted_table(site, ctx, "md")
+    if isinstance(fitted, Skip):
+        return fitted
+    table, w, vals, vecs = fitted
     if cfg.compression is not None:
         budget = int(table.num_bytes() / cfg.compression)
         inner, why = budget // (4 * (site.rows + site.dim)), f"compression {cfg.compression:g}"
@@ -207,6 +219,6 @@ def md(site: EmbeddingSite, cfg: MDConfig, ctx: PassContext) -> Rewrite | Skip:
     if md_bytes(site.rows, site.dim, inner) >= table.num_bytes():
         return Skip(f"{why} gives d_i={inner}, whose md form ({md_bytes(site.rows, site.dim, inner)} B) "
                     f"is not smaller than the table ({table.num_bytes()} B)")
-    rep = fit_md(table.weight, w, inner, site.pooling)
+    rep = fit_md(table.weight, w, inner, site.pooling, vecs)
     kept = float(vals[:inner].sum() / vals.sum()) if vals.sum() > 0 else 1.0
     return Rewrite(rep, notes={"inner_dim": inner, "rule": cfg.rule, "energy_kept": kept})

@@ -98,7 +98,8 @@ def bucket_rows(m: int) -> int:
     torch-fast's MLPs took ~9 ms per batch the first time a size came, ~0.7 ms after (demo model,
     9-1024 rows), and with ~1,000 sizes of a few layers each its primitive cache (1,024 entries)
     kept evicting them: a server's merged batches, of ever new sizes, paid it on most batches
-    (2.47 ms per batch in steady state, 0.84 ms bucketed).  Bucketed, they meet at most 8 sizes
+    (``benchmarks/varying_batches.py``, AMD EPYC, tier avx512: 2.46 ms per batch in steady state,
+    0.82 ms bucketed).  Bucketed, they meet at most 8 sizes
     per octave, for at most 1/8 extra rows."""
     shift = m.bit_length() - 4
     return m if shift <= 0 else -(-m >> shift) << shift

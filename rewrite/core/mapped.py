@@ -64,7 +64,6 @@ def indexed_blocks(t: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
         return
     pages = FilePages(t)
     spans = list(row_blocks(t.shape[0], t[0].numel() * t.element_size()))
-    ahead = None
 
     def read_ahead(k: int):
         if not pages or k >= len(spans):

@@ -236,9 +236,9 @@ class OneDnnMlp(nn.Module):
         ``dtype`` out.  The rows are zero-padded to ``bucket_rows`` for oneDNN and the padding
         cut off again (rows are independent)."""
         m = x.shape[0]
-        x = x.to(self.dtype)
-        if bucket_rows(m) != m:
-            x = nn.functional.pad(x, (0, 0, 0, bucket_rows(m) - m))
+        x, padded = x.to(self.dtype), bucket_rows(m)
+        if padded != m:
+            x = nn.functional.pad(x, (0, 0, 0, padded - m))
         for w, b, attr in zip(self.packed, self.bias, self.attr):
             x = torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], "")
         return x[:m]
