@@ -63,6 +63,11 @@ def test_every_representation_pools_like_its_eager_forward(mixed):
 
 @pytest.mark.parametrize("name", ["torch-fast", "torch-fast-int8"])
 def test_a_model_mixing_every_representation_matches_eager(mixed, tmp_path, name):
+    from rewrite.core.isa import active_tier
+    from targets.native.int8_kernels import int_mm_inexact
+
+    if name == "torch-fast-int8" and active_tier() == "generic" and int_mm_inexact():
+        pytest.skip(f"the generic tier's int8 MLPs are torch._int_mm: {int_mm_inexact()}")
     target = get_target(name)
     _, runner = lower_and_load(target, mixed, tmp_path)
     assert assert_matches_eager(runner, mixed, target.precision) > 0
