@@ -40,5 +40,7 @@ def merge(batches: list[Batch], n_features: int) -> tuple[Batch, list[int]]:
 
 def split(out: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     """The merged result's rows, one piece per request (views)."""
+    if len(sizes) == 1:
+        return [out]
     ends = np.cumsum(sizes)
     return [out[e - s:e] for s, e in zip(sizes, ends)]

@@ -114,6 +114,7 @@ class Decision:
     path: str
     level: int
     projected_s: float
+    compute_s: float                   # the estimate for this batch on ``path`` alone
 
 
 class Policy:
@@ -161,7 +162,8 @@ class Fixed(Policy):
         self.name, self.path = f"fixed:{path}", path
 
     def choose(self, batch: int, queued: int, oldest_wait_s: float) -> Decision:
-        return Decision(self.path, 0, oldest_wait_s + self.paths[self.path].est(batch))
+        est = self.paths[self.path].est(batch)
+        return Decision(self.path, 0, oldest_wait_s + est, est)
 
 
 class BatchSize(Policy):
@@ -175,7 +177,8 @@ class BatchSize(Policy):
 
     def choose(self, batch: int, queued: int, oldest_wait_s: float) -> Decision:
         name = self.bundle.path_for_batch(batch)
-        return Decision(name, 0, oldest_wait_s + self.paths[name].est(batch))
+        est = self.paths[name].est(batch)
+        return Decision(name, 0, oldest_wait_s + est, est)
 
 
 class LoadAware(Policy):
@@ -213,7 +216,8 @@ class LoadAware(Policy):
             else:
                 self.calm = 0
             lv = self.current
-            return Decision(self.levels[lv].best(batch).name, lv, proj(lv))
+            path = self.levels[lv].best(batch)
+            return Decision(path.name, lv, proj(lv), path.est(batch))
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "p99_target_ms": 1e3 * self.target_s, "current_level": self.current,

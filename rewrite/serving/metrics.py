@@ -42,26 +42,39 @@ class Metrics:
         self.auc = Gauge("rewrite_path_auc", "verified AUC of the path", ["model", "path"], registry=r)
         self.level = Gauge("rewrite_dispatch_level", "current accuracy level (0 = most accurate)", ["model"],
                            registry=r)
+        self._children: dict = {}
         self._window: list[float] = []
         self._window_errors = 0
         self._window_paths: dict[str, int] = {}
         self._window_start = time.monotonic()
 
+    def _child(self, metric, *labels: str):
+        """``metric.labels(model, *labels)``, looked up once (prometheus_client's ``labels`` takes
+        ~3 us, and a request touched ten of them)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.model, *labels)
+        return child
+
     def request(self, outcome: str, seconds: float | None = None) -> None:
-        self.requests.labels(self.model, outcome).inc()
+        self._child(self.requests, outcome).inc()
         if outcome == "ok" and seconds is not None:
-            self.total.labels(self.model).observe(seconds)
+            self._child(self.total).observe(seconds)
             self._window.append(seconds)
         elif outcome != "ok":
             self._window_errors += 1
 
+    def set_queued(self, samples: int) -> None:
+        self._child(self.queued).set(samples)
+
     def batch_done(self, path: str, samples: int, compute_s: float, queue_s: list[float], level: int) -> None:
-        self.compute.labels(self.model, path).observe(compute_s)
-        self.batch.labels(self.model).observe(samples)
-        self.path_batches.labels(self.model, path).inc()
-        self.path_samples.labels(self.model, path).inc(samples)
-        self.level.labels(self.model).set(level)
-        q = self.queue.labels(self.model)
+        self._child(self.compute, path).observe(compute_s)
+        self._child(self.batch).observe(samples)
+        self._child(self.path_batches, path).inc()
+        self._child(self.path_samples, path).inc(samples)
+        self._child(self.level).set(level)
+        q = self._child(self.queue)
         for s in queue_s:
             q.observe(s)
         self._window_paths[path] = self._window_paths.get(path, 0) + samples

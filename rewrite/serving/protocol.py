@@ -22,6 +22,7 @@ model-level checks (F*B+1 offsets, monotone, ids in range) are ``rewrite.runtime
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -68,7 +69,7 @@ def _tensor(spec: dict[str, Any], raw: memoryview | None) -> np.ndarray:
     if len(shape) != want:
         raise ProtocolError(400, f"input {name!r} must have {want} dimension(s), got shape {shape}")
     dtype = DTYPES[datatype]
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise ProtocolError(400, f"input {name!r}: {len(raw)} bytes of binary data for shape {shape} "

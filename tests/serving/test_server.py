@@ -167,8 +167,33 @@ class Gate:
         return self.pred.predict(*a, **k)
 
 
+class ThreadRecorder:
+    """A real Predictor that records the name of the thread each ``predict`` ran on."""
+
+    def __init__(self, pred):
+        self.pred, self.threads = pred, []
+
+    def predict(self, *a, **k):
+        self.threads.append(threading.current_thread().name)
+        return self.pred.predict(*a, **k)
+
+
+@pytest.mark.parametrize("inline_below_s, on_worker", [(1.0, False), (0.0, True)])
+def test_batches_estimated_below_the_inline_bound_compute_on_the_event_loop(bundle_dir, reference, inline_below_s,
+                                                                            on_worker):
+    app = build(bundle_dir, ServeConfig(MODEL, max_delay_s=0.0, inline_below_s=inline_below_s), workers=1)
+    rec = ThreadRecorder(app.scheduler._idle[0])
+    app.scheduler._idle[0] = rec
+    batch = ragged(5, seed=31)
+    with ServerThread(app) as url:
+        c = th.InferenceServerClient(url[len("http://"):])
+        check_answer(c.infer(MODEL, inputs(batch, True)), batch, reference)
+    assert len(rec.threads) == 1 and rec.threads[0].startswith("rewrite-worker") == on_worker
+
+
 def test_a_request_that_times_out_in_the_queue_gets_an_error(bundle_dir, reference):
-    app = build(bundle_dir, ServeConfig(MODEL, max_delay_s=0.0, queue_timeout_s=0.2), workers=1)
+    # inline_below_s=0: every batch to the worker thread, so the gated predict blocks only it
+    app = build(bundle_dir, ServeConfig(MODEL, max_delay_s=0.0, queue_timeout_s=0.2, inline_below_s=0.0), workers=1)
     gate = Gate(app.scheduler._idle[0])
     app.scheduler._idle[0] = gate
     with ServerThread(app) as url, ThreadPoolExecutor(2) as pool:
@@ -182,7 +207,8 @@ def test_a_request_that_times_out_in_the_queue_gets_an_error(bundle_dir, referen
 
 
 def test_requests_queued_behind_a_busy_worker_are_merged_into_one_batch(bundle_dir, reference):
-    app = build(bundle_dir, ServeConfig(MODEL, max_delay_s=0.0, queue_timeout_s=30.0), workers=1)
+    app = build(bundle_dir, ServeConfig(MODEL, max_delay_s=0.0, queue_timeout_s=30.0, inline_below_s=0.0),
+                workers=1)
     gate = Gate(app.scheduler._idle[0])
     app.scheduler._idle[0] = gate
     batches = [ragged(b, seed=200 + b) for b in (2, 1, 5, 3)]
