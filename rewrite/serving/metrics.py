@@ -47,6 +47,7 @@ class Metrics:
         self._window_errors = 0
         self._window_paths: dict[str, int] = {}
         self._window_start = time.monotonic()
+        self.set_queued(0)       # exported from the start, not from the first request on
 
     def _child(self, metric, *labels: str):
         """``metric.labels(model, *labels)``, looked up once (prometheus_client's ``labels`` takes
