@@ -198,6 +198,9 @@ class Scheduler:
         probs, sizes, seconds = fut.result()
         samples = sum(sizes)
         self.policy.observe(decision.path, samples, seconds)
+        done = time.monotonic()
+        for p in items:
+            self.policy.observe_request(done - p.arrival)
         self.metrics.batch_done(decision.path, samples, seconds, [started - p.arrival for p in items],
                                 decision.level)
         for p, out in zip(items, split(probs, sizes)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rewrite.serving.dispatch import BatchSize, Fixed, LoadAware, PathInfo, levels
 
@@ -81,3 +82,28 @@ def test_batch_size_policy_follows_the_bundle():
     pol = BatchSize(paths(), B())
     assert pol.choose(5, 10_000, 1.0).path == "fp32-a"
     assert pol.choose(500, 0, 0.0).path == "fp32-b"
+
+
+def test_a_measured_tail_over_the_target_moves_down_even_when_the_projection_is_fine():
+    clock = Clock()
+    pol = LoadAware(paths(), 10 * MS, up_after=1, dwell_s=0.0, window=40, clock=clock)
+
+    def answered(n: int, seconds: float, rate: float):
+        for _ in range(n):
+            clock.t += 1.0 / rate
+            pol.observe_request(seconds)
+
+    assert pol.choose(64, 0, 0.0).level == 0       # projections small: the accurate level
+    answered(9, 12 * MS, rate=100)                 # too few answered to judge a tail (window / 4)
+    assert pol.choose(64, 0, 0.0).level == 0 and pol.tail() is None
+    answered(1, 12 * MS, rate=100)
+    d = pol.choose(64, 0, 0.0)
+    assert (d.path, d.level) == ("int8", 1) and pol.switches == 1
+    assert pol.tail() is None and pol.tripped_rate[0] == pytest.approx(100)   # the window restarts
+    answered(10, 5 * MS, rate=100)                 # under high (7 ms), over low (3.5 ms): stay
+    assert pol.choose(64, 0, 0.0).level == 1
+    answered(40, 1 * MS, rate=90)                  # calm, but at the rate where fp32 tripped: stay
+    assert pol.choose(64, 0, 0.0).level == 1
+    answered(40, 1 * MS, rate=50)                  # calm at half that rate: back up
+    assert pol.choose(64, 0, 0.0).level == 0 and pol.switches == 2
+    assert pol.report()["recent_p99_ms"] is None
