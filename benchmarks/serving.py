@@ -35,16 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rewrite.core.isa import cpu_model  # noqa: E402
 from rewrite.serving import loadgen  # noqa: E402
 from rewrite.serving.protocol import encode_request  # noqa: E402
 from rewrite.serving.workload import RequestPool, parse_sizes  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 class Server:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rewrite.core.isa import cpu_model  # noqa: E402  (no torch: isa imports the standard library only)
+
 HEAVY = ("tvm", "onnxruntime", "onnx", "torch._inductor", "torch.onnx", "torch.distributed.checkpoint",
          "scipy.stats")
 CLI = "import sys; from rewrite.cli import main; main()"
@@ -30,16 +33,6 @@ MODULES = ("import json, sys, runpy; sys.argv = ['rewrite'] + sys.argv[1:]\n"
            "from rewrite.cli import main\n"
            "try:\n    main()\nexcept SystemExit:\n    pass\n"
            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr)")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(args: list[str], env: dict[str, str]) -> float:

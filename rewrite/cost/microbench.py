@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from rewrite.core.isa import cpu_model  # noqa: F401  (mb.cpu_model: the CPU the figures came from)
+
 ROW_BYTES = 64                 # bytes per gathered row: 16 fp32, one x86 cache line
 GATHER_IDS = 1 << 16           # random ids per timed gather
 clock = time.thread_time         # s, CPU time of this thread (CLOCK_THREAD_CPUTIME_ID)
@@ -127,18 +129,6 @@ def cache_sizes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict
         if kind in ("Data", "Unified"):
             out[f"L{level}"] = size
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def memory_bytes() -> int:
