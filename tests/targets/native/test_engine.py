@@ -138,8 +138,15 @@ def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path,
     from targets.native.int8_kernels import Int8Mlp
     from targets.native.vnni_mlp import VnniMlp, shape_missing, vnni_missing
 
+    from targets.native.int8_kernels import int8_mlp_wrong
+
     target = get_target("torch-fast-int8")
     assert target.precision == "int8-dense"
+    if int8_mlp_wrong():        # Int8Mlp on a saturating _int_mm (the generic tier in a process capped at avx2)
+        assert isa_tier == "generic" and target.unavailable() == int8_mlp_wrong()
+        with pytest.raises(RewriteError, match="torch-fast-int8 cannot run this model here: the bottom MLP: its int8"):
+            lower_and_load(target, model, tmp_path)
+        return
     _, runner = lower_and_load(target, model, tmp_path)
     for mlp, net in ((model.bottom, runner.net.bottom8), (model.top, runner.net.top8)):
         assert type(net) is (VnniMlp if vnni_missing() is None and shape_missing(mlp) is None
