@@ -27,12 +27,14 @@ FLAGS = ["-O3", "-fopenmp-simd"]
 
 
 def source_digest(source: str, cflags: list[str]) -> str:
-    """A hash of what a module is built from: its source, ``kernels/*.h`` (torch's cache does not
-    follow includes) and the flags.  It is part of the module's name, so two versions of a kernel
-    (two checkouts, an upgrade) never share a cache directory or a loaded module: torch's own
-    versioning rebuilds in place, and a process could load the other version's binary."""
+    """A hash of what a module is built from: its source, every header under ``kernels/`` with its
+    path (``dlrm_fast/*.h`` included; torch's cache does not follow includes, so any header the
+    source may include counts) and the flags.  It is part of the module's name, so two versions of
+    a kernel (two checkouts, an upgrade) never share a cache directory or a loaded module: torch's
+    own versioning rebuilds in place, and a process could load the other version's binary."""
     h = hashlib.sha1((KERNELS / source).read_bytes())
-    for header in sorted(KERNELS.glob("*.h")):
+    for header in sorted(KERNELS.rglob("*.h")):
+        h.update(header.relative_to(KERNELS).as_posix().encode() + b"\0")
         h.update(header.read_bytes())
     h.update(" ".join(cflags).encode())
     return h.hexdigest()[:10]

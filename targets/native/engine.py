@@ -220,11 +220,15 @@ class TorchFast(TorchEager):
 
         return compiler_missing() or onednn_missing()
 
-    def lower(self, model: RecModel, example: Batch, out_dir: Path, **options: Any) -> CompiledPath:
+    def refuse(self, model: RecModel) -> None:
+        """RewriteError, before anything is written, naming why this target cannot take ``model``."""
         fusable(model)
         if model.spec.interaction not in self.interactions:
             raise RewriteError(f"{self.name} supports the {' and '.join(self.interactions)} interaction"
                                f"{'s' if len(self.interactions) > 1 else ''}, not {model.spec.interaction!r}")
+
+    def lower(self, model: RecModel, example: Batch, out_dir: Path, **options: Any) -> CompiledPath:
+        self.refuse(model)
         return super().lower(model, example, out_dir, **options)
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
@@ -244,6 +248,9 @@ class FastInt8DLRM(FastDLRM):
     def __init__(self, model: RecModel):
         from targets.native.int8_kernels import int8_mlp
 
+        why = int8_mlps_wrong(model)
+        if why:
+            raise RewriteError(f"torch-fast-int8 cannot run this model here: {why}")
         super().__init__(model)
         self.bottom8, self.top8 = int8_mlp(model.bottom), int8_mlp(model.top)
 
@@ -254,11 +261,36 @@ class FastInt8DLRM(FastDLRM):
         return self.top8.from_quant(*self.lookup_interact(x, indices, offsets, self.top8.kp)).squeeze(1)
 
 
+def int8_mlps_wrong(model: RecModel) -> str | None:
+    """Why ``model``'s int8 MLPs would compute wrong numbers in this process (``int8_mlp_wrong``:
+    ``Int8Mlp`` on an inexact ``torch._int_mm``), or None."""
+    from targets.native.int8_kernels import int8_mlp_wrong
+
+    for name, mlp in (("bottom", model.bottom), ("top", model.top)):
+        why = int8_mlp_wrong(mlp)
+        if why:
+            return f"the {name} MLP: {why}"
+    return None
+
+
 @register_target("torch-fast-int8")
 class TorchFastInt8(TorchFast):
-    summary = "torch-fast with int8 MLPs (one AVX512-VNNI call each, else _int_mm), the fused lookup + interaction writing int8"
+    summary = "torch-fast with int8 MLPs (one AVX512-VNNI or AVX2 call each, else _int_mm), the fused lookup + interaction writing int8"
     precision = "int8-dense"
     interactions = ("dot",)
+
+    def unavailable(self) -> str | None:
+        """``TorchFast``'s reasons, and where no one-call int8 kernel runs in this process and
+        ``torch._int_mm`` is inexact (``int8_mlp_wrong``): every MLP would come out saturated."""
+        from targets.native.int8_kernels import int8_mlp_wrong
+
+        return super().unavailable() or int8_mlp_wrong()
+
+    def refuse(self, model: RecModel) -> None:
+        super().refuse(model)
+        why = int8_mlps_wrong(model)
+        if why:
+            raise RewriteError(f"{self.name} cannot run this model here: {why}")
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
         if threads:

@@ -46,7 +46,7 @@ def kernels():
 FORMAT_CODES = {"f32": 0, "f16": 1, "int8-rowwise": 2, "int4-rowwise": 3, "int2-rowwise": 4}   # the kernels' fmt
 KIND_CODES = {"rows": 0, "hash": 1, "qr": 2, "hotcold": 3, "pruned": 4, "pre": 5, "tt": 6}   # the kernels' kinds
 QR_OPS = {"mult": 0, "add": 1, "concat": 2}
-NCOL = 12      # columns of feat: kind, fmt, base, rows, width, mean, proj, P0 .. P4 (kernels/dlrm_fast.cpp)
+NCOL = 12      # columns of feat: kind, fmt, base, rows, width, mean, proj, P0 .. P4 (kernels/dlrm_fast/tables.h)
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _feature_row(rep: Representation, lookup: FusedLookup | None, d: int, buf: _
 
 
 def _tt_table(lookup: FusedLookup, buf: _Buffer) -> torch.Tensor:
-    """A TT lookup's int64 table (``TtTable`` in kernels/dlrm_fast.cpp): header, then one entry per core."""
+    """A TT lookup's int64 table (``TtTable`` in kernels/dlrm_fast/tables.h): header, then one entry per core."""
     p, q, ranks = lookup.tt_shape
     r = (1, *ranks, 1)
     head = [len(p), 0, 0, 0, 0, 0, 0, 0]

@@ -164,16 +164,40 @@ class OneCallInt8Mlp(nn.Module):
         return self._shape(self.mlp.from_quant(q, s))
 
 
+def int8_mlp_form(mlp: nn.Sequential | None = None) -> tuple[type[nn.Module], list[str]]:
+    """The class ``int8_mlp`` builds for ``mlp`` at the active ISA tier (for an MLP of any shape the
+    one-call kernels take when None), and why each form before it was passed over."""
+    from targets.native.avx2_mlp import Avx2Int8Mlp, avx2_int8_missing, shape_missing as avx2_shape_missing
+    from targets.native.vnni_mlp import VnniMlp, shape_missing as vnni_shape_missing, vnni_missing
+
+    passed = []
+    for form, process_missing, shape_missing in ((VnniMlp, vnni_missing, vnni_shape_missing),
+                                                 (Avx2Int8Mlp, avx2_int8_missing, avx2_shape_missing)):
+        why = process_missing() or (shape_missing(mlp) if mlp is not None else None)
+        if why is None:
+            return form, passed
+        passed.append(f"{form.name}: {why}")
+    return Int8Mlp, passed
+
+
+def int8_mlp_wrong(mlp: nn.Sequential | None = None) -> str | None:
+    """Why torch-fast-int8's MLP (``mlp``'s; when None, one of any shape) would compute wrong numbers
+    in this process, or None: where it would be ``Int8Mlp`` and ``torch._int_mm`` is inexact
+    (``int_mm_inexact``).  Exact ``_int_mm`` (the usual case) answers None without building anything."""
+    inexact = int_mm_inexact()
+    if inexact is None:
+        return None
+    form, passed = int8_mlp_form(mlp)
+    if form is not Int8Mlp:
+        return None
+    return f"its int8 MLPs would be one torch._int_mm per layer ({'; '.join(passed)}), and {inexact}"
+
+
 def int8_mlp(mlp: nn.Sequential) -> nn.Module:
     """torch-fast-int8's MLP for the active ISA tier: ``VnniMlp`` (one AVX512-VNNI call) where the
     process has VNNI, else ``Avx2Int8Mlp`` (one AVX2 call, the same numerics) at the avx2 tier,
     else ``Int8Mlp`` (one ``_int_mm`` per layer); a shape a kernel cannot take falls through to
-    the next.  Each: ``forward(x)``, ``from_quant(q, s)``, ``kp``."""
-    from targets.native.avx2_mlp import Avx2Int8Mlp, avx2_int8_missing, shape_missing as avx2_shape_missing
-    from targets.native.vnni_mlp import VnniMlp, shape_missing, vnni_missing
-
-    if vnni_missing() is None and shape_missing(mlp) is None:
-        return VnniMlp(mlp)
-    if avx2_int8_missing() is None and avx2_shape_missing(mlp) is None:
-        return Avx2Int8Mlp(mlp)
-    return Int8Mlp(mlp)
+    the next (``int8_mlp_form``).  Each: ``forward(x)``, ``from_quant(q, s)``, ``kp``.
+    ``Int8Mlp`` is built even where ``_int_mm`` is inexact: the target refuses that case
+    (``int8_mlp_wrong``), a speed probe (``rewrite.cost.microbench``) need not."""
+    return int8_mlp_form(mlp)[0](mlp)

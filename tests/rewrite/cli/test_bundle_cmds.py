@@ -153,6 +153,86 @@ def test_targets_and_compile_at_a_forced_lower_tier(monkeypatch, tmp_path):
     assert manifest["host"]["tier"] == "avx2"
 
 
+def rewrite_at_tier(tier: str, *args, code: str | None = None):
+    """``rewrite *args`` (or ``python -c code``) in a fresh process started with REWRITE_ISA=tier,
+    so torch and oneDNN are capped there for its whole life, as on a host of that tier."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, REWRITE_ISA=tier)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "rewrite.cli", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def skip_unless_int_mm_saturates(tier: str) -> str:
+    """The reason torch._int_mm is inexact in a process started at ``tier``; skips where it is exact
+    (torch's oneDNN at that cap computes exact int8 sums on this host)."""
+    from rewrite.core import isa
+
+    try:
+        isa.check_tier(tier)
+    except Exception as e:
+        pytest.skip(str(e))
+    probe = rewrite_at_tier(tier, code="from targets.native.int8_kernels import int_mm_inexact as f; print(f() or '')")
+    assert probe.returncode == 0, probe.stderr
+    if not probe.stdout.strip():
+        pytest.skip(f"torch._int_mm is exact in a process started with REWRITE_ISA={tier} on this host")
+    return probe.stdout.strip()
+
+
+@pytest.mark.slow
+def test_torch_fast_int8_refuses_by_name_where_its_int8_mlps_would_saturate(tmp_path):
+    """REWRITE_ISA=generic from process start caps oneDNN at SSE4.1, whose int8 GEMM sums pairs in
+    saturating s16 (torch._int_mm inexact), and no one-call int8 kernel runs at that tier: every
+    MLP would be Int8Mlp, so torch-fast-int8 says why in `rewrite targets`, a compile naming it
+    exits 2 and writes nothing, and --target auto skips it with that reason."""
+    inexact = skip_unless_int_mm_saturates("generic")
+    r = rewrite_at_tier("generic", "targets", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    t = {x["name"]: x for x in d["targets"]}
+    assert d["host"]["tier"] == "generic" and t["torch-fast"]["available"]
+    why = t["torch-fast-int8"]["why_not"]
+    assert not t["torch-fast-int8"]["available"] and why.endswith(f"and {inexact}")
+    assert why.startswith("its int8 MLPs would be one torch._int_mm per layer (VNNI MLP: ")
+    assert "AVX2 int8 MLP: avx2, fma is above the forced ISA tier 'generic' (REWRITE_ISA)" in why
+    src = tmp_path / "m.safetensors"
+    from tests.helpers import small_model
+
+    save(small_model(rows=(100, 30, 7)), src)
+    r = rewrite_at_tier("generic", "compile", src, "-o", tmp_path / "b", "--target", "torch-fast-int8")
+    assert r.returncode == 2 and f"error: target 'torch-fast-int8' cannot run here: {why}" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    code = ("import json; from rewrite.bundling import resolve_targets, unavailable_here; "
+            "print(json.dumps([[t.name for t in resolve_targets(['auto'])], unavailable_here()]))")
+    r = rewrite_at_tier("generic", code=code)                # what compile --target auto records
+    assert r.returncode == 0, r.stderr
+    auto, skipped = json.loads(r.stdout)
+    assert "torch-fast" in auto and "torch-fast-int8" not in auto and skipped["torch-fast-int8"] == why
+
+
+@pytest.mark.slow
+def test_torch_fast_int8_refuses_a_model_whose_mlp_falls_through_to_a_saturating_int_mm(tmp_path):
+    """At the avx2 tier (oneDNN capped at AVX2: torch._int_mm inexact) the AVX2 int8 kernel serves
+    MLPs whose int8 layers are multiples of 8 wide; a top MLP with a 12-wide layer would fall
+    through to Int8Mlp, so compiling that model for torch-fast-int8 exits 2 naming the MLP and
+    writes nothing (with --target auto, the same RewriteError is recorded as the skip reason)."""
+    inexact = skip_unless_int_mm_saturates("avx2")
+    from rewrite.training import table_dlrm
+
+    src = tmp_path / "m.safetensors"
+    save(table_dlrm([100, 30, 7], dim=16, bottom=(32, 16), top=(16, 12, 1)).eval(), src)
+    r = rewrite_at_tier("avx2", "compile", src, "-o", tmp_path / "b", "--target", "torch-fast-int8")
+    assert r.returncode == 2, r.stderr
+    assert ("error: torch-fast-int8 cannot run this model here: the top MLP: its int8 MLPs would be one "
+            "torch._int_mm per layer (VNNI MLP: ") in r.stderr
+    assert f"AVX2 int8 MLP: layer widths [12] are not multiples of 8), and {inexact}" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 @pytest.mark.slow
 def test_bench_json(built):
     r = run("bench", built[1], "--batch-sizes", "1,8", "--rounds", "1", "--json")

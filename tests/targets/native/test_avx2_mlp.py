@@ -9,7 +9,8 @@ import torch
 from rewrite.core.errors import RewriteError
 from rewrite.core.model import mlp
 from targets.native.avx2_mlp import Avx2Int8Mlp, avx2_int8_missing, pack, shape_missing
-from targets.native.int8_kernels import Int8Mlp, int8_mlp, kernels as int8_kernels
+from targets.native.int8_kernels import (Int8Mlp, int8_mlp, int8_mlp_form, int8_mlp_wrong, int_mm_inexact,
+                                          kernels as int8_kernels)
 from tests.targets.checks import ref_int8_mlp
 from tests.tolerances import assert_close
 
@@ -63,15 +64,26 @@ def test_int8_mlp_follows_the_tier_and_refuses_by_name(isa_tier):
 
     net = mlp([13, 512, 256, 64, 16], relu_last=True)
     chosen = type(int8_mlp(net))
+    assert int8_mlp_form(net)[0] is chosen
     if vnni_missing() is None:
         assert chosen is VnniMlp
     elif avx2_int8_missing() is None:
         assert chosen is Avx2Int8Mlp
     else:
         assert chosen is Int8Mlp and isa_tier == "generic"
+        # torch-fast-int8 refuses exactly here, and only where _int_mm is inexact in this process
+        # (a process started with REWRITE_ISA=avx2 caps oneDNN there: tests/rewrite/cli tests a fresh one)
+        why = int8_mlp_wrong(net)
+        assert why == int8_mlp_wrong() and (why is None) == (int_mm_inexact() is None)
+        if why:
+            assert why == (f"its int8 MLPs would be one torch._int_mm per layer (VNNI MLP: {vnni_missing()}; "
+                           f"AVX2 int8 MLP: {avx2_int8_missing()}), and {int_mm_inexact()}")
         return
+    assert int8_mlp_wrong(net) is None and int8_mlp_wrong() is None       # a one-call kernel serves it
     odd = mlp([16, 20, 8], relu_last=True)
     assert shape_missing(odd) == "layer widths [20] are not multiples of 8"
+    assert int8_mlp_form(odd)[0] is Int8Mlp                    # no one-call kernel takes a width of 20
+    assert (int8_mlp_wrong(odd) is None) == (int_mm_inexact() is None)
     if avx2_int8_missing() is None:
         with pytest.raises(RewriteError, match="AVX2 int8 MLP: layer widths"):
             Avx2Int8Mlp(odd)
