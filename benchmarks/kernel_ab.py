@@ -30,18 +30,20 @@ OLD_PATHS = ("targets/kernels", "targets/native/kernels")      # where the kerne
 
 
 def old_kernels(rev: str, out: Path):
+    """Build ``dlrm_fast.cpp`` as it was at ``rev``, with the whole kernels folder of that revision
+    (its headers: ``quantize_row.h``, and ``dlrm_fast/*.h`` since the file was split)."""
     from torch.utils.cpp_extension import load
 
-    for folder in OLD_PATHS:
-        try:
-            for name in ("dlrm_fast.cpp", "quantize_row.h"):
-                text = subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], cwd=ROOT, check=True,
-                                      capture_output=True).stdout
-                (out / name).write_bytes(text)
-            break
-        except subprocess.CalledProcessError:
-            continue
-    return load(name=f"dlrm_fast_ab_{rev}", sources=[str(out / "dlrm_fast.cpp")],
+    for folder in reversed(OLD_PATHS):
+        tree = subprocess.run(["git", "archive", rev, folder], cwd=ROOT, capture_output=True)
+        if tree.returncode == 0:
+            subprocess.run(["tar", "-x", "-C", str(out)], input=tree.stdout, check=True)
+            source = out / folder / "dlrm_fast.cpp"
+            if source.exists():
+                break
+    else:
+        raise SystemExit(f"no dlrm_fast.cpp at {rev} under {' or '.join(OLD_PATHS)}")
+    return load(name=f"dlrm_fast_ab_{rev}", sources=[str(source)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
 
 
