@@ -189,32 +189,32 @@ def fit_grid(e: torch.Tensor, weights: np.ndarray, bits: int, steps: int = 16, s
     """Per column j of E [rows, r]: (c_j, s_j) lowering Σ_i w_i (E_ij − c_j − s_j q_ij)², q the
     rounded, clamped codes.  Min / max (every row within half a step) is the start; at 2 and 4
     bits rare extreme rows set the step for every row, so the range is searched: the lower and
-    upper ends each cut by 0..½ of the span on a ``steps`` × ``steps`` grid (on a weighted sample
-    of ``max_rows`` rows for larger tables), then alternating exact updates (codes by rounding,
-    then (c, s) by weighted least squares on those codes), each kept only where it lowers the
-    error: never worse than min / max."""
+    upper ends each cut by 0..½ of the span on a ``steps`` × ``steps`` grid, then alternating
+    exact updates (codes by rounding, then (c, s) by weighted least squares on those codes), each
+    kept only where it lowers the error: never worse than min / max.  Tables of more than
+    ``max_rows`` rows are fitted on a seeded sample of that many rows (their weights kept)."""
     levels = 2 ** bits - 1
-    x = e.detach().to(torch.float64)
-    w = torch.as_tensor(np.asarray(weights, dtype=np.float64)).reshape(-1, 1)
-    lo, hi = x.min(0).values, x.max(0).values
+    e = e.detach()
+    lo, hi = e.min(0).values.to(torch.float64), e.max(0).values.to(torch.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if e.shape[0] > max_rows:
+        pick = np.sort(np.random.default_rng(0).choice(e.shape[0], max_rows, replace=False))
+        e, w = e[torch.from_numpy(pick)], w[pick]
+    x, w = e.to(torch.float64), torch.from_numpy(w).reshape(-1, 1)
     span = hi - lo
     ones = torch.ones_like(span)
-    xs, ws = x, w
-    if x.shape[0] > max_rows:
-        pick = torch.from_numpy(np.random.default_rng(0).choice(x.shape[0], max_rows, replace=False))
-        xs, ws = x[pick], w[pick]
     c, s = lo, torch.where(span > 0, span / levels, ones)
-    best = _grid_error(xs, ws, c, s, levels)[0]
+    best = _grid_error(x, w, c, s, levels)[0]
     cuts = torch.linspace(0.0, 0.5, steps, dtype=torch.float64)
     for a in cuts:
         for b in cuts:
-            if a + b >= 0.95:
+            if a + b >= 0.95:                 # keep a step of at least 5% of the span
                 continue
             cn, sn = lo + a * span, torch.where(span > 0, (1 - a - b) * span / levels, ones)
-            err = _grid_error(xs, ws, cn, sn, levels)[0]
+            err = _grid_error(x, w, cn, sn, levels)[0]
             m = err < best
             c, s, best = torch.where(m, cn, c), torch.where(m, sn, s), torch.where(m, err, best)
-    best, q = _grid_error(x, w, c, s, levels)
+    q = _grid_error(x, w, c, s, levels)[1]
     total = w.sum()
     for _ in range(sweeps):
         sq, sqq, sx, sqx = (w * q).sum(0), (w * q * q).sum(0), (w * x).sum(0), (w * q * x).sum(0)

@@ -205,3 +205,13 @@ def test_recovery_trains_the_codes_and_returns_the_stored_form(world):
     # weighted range fit: 0.7145 -> 0.7206)
     assert report.eval["logit_rmse_recovered"] < 0.95 * report.eval["logit_rmse_rewritten"]
     assert report.eval["auc_recovered"] > report.eval["auc_rewritten"] + 0.002
+
+
+def test_range_fit_of_a_table_larger_than_the_sample_uses_its_full_span():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(5000, 2, generator=g)
+    w = np.ones(5000)
+    c, s = fit_grid(e, w, 4, max_rows=1000)             # fitted on 1,000 sampled rows
+    c_all, s_all = fit_grid(e, w, 4)
+    assert bool((c >= e.min(0).values - 1e-6).all()) and bool((c + 15 * s <= e.max(0).values + 1e-5).all())
+    assert torch.allclose(s, s_all, rtol=0.15) and torch.allclose(c, c_all, atol=0.15 * float(s_all.max()) * 15)
