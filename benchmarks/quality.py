@@ -235,6 +235,10 @@ def plot(result: dict, path: Path) -> None:
             x = [p["compression"] for p in mine]
             ax.plot(x, [p["delta_auc_fitted"] for p in mine], "o--", color=f"C{i}", alpha=0.5, label=f"{rep} fitted")
             ax.plot(x, [p["delta_auc_recovered"] for p in mine], "o-", color=f"C{i}", label=f"{rep} recovered")
+        plan = result["datasets"][ds].get("plan") or {}
+        if plan.get("found") and "bundle_embedding_compression" in plan:      # the planned, recovered bundle
+            ax.plot([plan["bundle_embedding_compression"]], [plan["bundle_delta_auc_test"]], "k*", ms=12,
+                    label="plan bundle (recovered)")
         best = sorted(pts, key=lambda p: p["compression"])
         front, top = [], -1.0
         for p in reversed(best):                       # Pareto: no smaller ratio with a better ΔAUC
