@@ -12,15 +12,23 @@ Models (made in ``--work`` if absent, seeded):
   ratings), validation for the plan check only.
 * ``synthetic``: ``SyntheticConfig(structure="lowrank")`` (``rewrite/core/synthetic.py``), the 26
   demo tables capped at ``--synthetic-rows``; a table DLRM trained one epoch on day 0, recovery on
-  day 0, AUC on day 1.
+  day 0, AUC on day 1; day 2 (a third of day 0's rows, seed 2) is the validation day of the plan
+  check only.
 
 Compression is the exact whole-model ratio of embedding bytes.  A point is ``PASS:compression=c``
 on the tables of at least ``MIN_ROWS`` rows plus row-wise ``quantize`` (int4 below 30×, int2 from
 30×) on the smaller ones (for ``mdq``: its own full-width form, ``mdq:bits=4|2:energy=1``), c found by bisection (fits disabled) so the whole model lands at the
 target.  Recovery: ``rewrite.recovery.recover`` at its defaults, top MLP trained (``--recover-top``).
-The plan check runs ``rewrite.plan`` with ``--memory-budget`` = MLPs + embeddings / 16,
-``--max-auc-drop 0.001`` and ``--recover`` the augmented rows (train.npz with ``--augment 0``) on the MovieLens model, measured on valid.npz,
-then compiles the plan (torch) and measures the bundle's test AUC.
+The plan check runs ``rewrite.plan`` with ``--memory-budget`` = MLPs + embeddings / R (R: the
+data set's first goal, 16 on MovieLens, 100 on the synthetic), ``--max-auc-drop 0.001``, the
+data set's grid (``PLAN_GRIDS``) and ``--recover`` the recovery data of the points (MovieLens: the
+augmented rows, train.npz with ``--augment 0``; synthetic: day 0; ``--recover-top`` as the
+points), measured on the validation
+split (valid.npz, day 2), then compiles the plan (torch) with the tables fitted on that split, as
+the plan measured them (``compile --plan`` on the CLI does so from the plan's ``fitted_on``),
+and measures the bundle's test AUC.  A plan found within the bound counts towards the goal.
+``--merge`` keeps the data sets of an existing ``--out`` that this run does not measure (each
+entry says which command and commit measured it).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from rewrite.training import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_ROWS = 100                     # smaller tables get row-wise quantization instead
-ROWS = {"movielens": ("mdq", "robe", "qr", "tt"), "synthetic": ("tt", "robe")}     # `--rows` adds dhe, hybrid, ...
+ROWS = {"movielens": ("mdq", "robe", "qr", "tt"), "synthetic": ("mdq", "tt", "robe")}     # `--rows` adds dhe, hybrid, ...
 TARGETS = {"movielens": (8, 16, 50), "synthetic": (16, 100)}
 GOALS = {"movielens": ((16, 0.001), (50, 0.005)), "synthetic": ((100, 0.001),)}
 PLAN_GRID = {"robe": ["compression=16", "compression=24", "compression=32"],
@@ -51,6 +59,14 @@ PLAN_GRID = {"robe": ["compression=16", "compression=24", "compression=32"],
              "quantize": ["bits=4", "bits=2"],
              "mdq": ["bits=4:compression=16", "bits=4:compression=24", "bits=4:compression=32",
                      "bits=8:energy=1", "bits=4:energy=1", "bits=2:energy=1"]}
+# At 100x the large tables need under 5.1 bits per row: mdq's rank 1 / 2 / 4 factors (int4 r = 1 and
+# int2 r = 2 pack two rows per byte) and full-width forms for the small tables; the hashed and TT
+# forms of PLAN_GRID lose more than 0.001 at this ratio already as whole-model points (see the
+# points), so they are not offered
+SYNTHETIC_GRID = {"quantize": ["bits=4", "bits=2"],
+                  "mdq": ["bits=4:inner_dim=1", "bits=4:inner_dim=2", "bits=2:inner_dim=2", "bits=4:inner_dim=4",
+                          "bits=8:energy=1", "bits=4:energy=1", "bits=2:energy=1"]}
+PLAN_GRIDS = {"movielens": PLAN_GRID, "synthetic": SYNTHETIC_GRID}
 
 
 def build(rep: str, c: float, target: float) -> list[ConfiguredPass]:
@@ -142,31 +158,37 @@ def synthetic_model(work: Path, max_rows: int, n_train: int):
     from rewrite.training import table_dlrm, train
 
     out = work / f"lowrank{max_rows}"
+    gen = Synthetic(SyntheticConfig(rows=demo_rows(max_rows), structure="lowrank"))
     if not (out / "model.safetensors").exists():
-        gen = Synthetic(SyntheticConfig(rows=demo_rows(max_rows), structure="lowrank"))
         write_npz(out / "day_0.npz", *gen.sample(n_train, seed=0))
         write_npz(out / "day_1.npz", *gen.sample(n_train // 3, seed=1))
         model = table_dlrm(list(gen.cfg.rows))
         train(model, data.open(out / "day_0.npz"), epochs=1, lr=5e-3)
         rewrite.save(model, out / "model.safetensors")              # atomic: written last
-    return out / "model.safetensors", out / "day_0.npz", out / "day_1.npz", None
+    if not (out / "day_2.npz").exists():                            # the plan check's validation day
+        write_npz(out / "day_2.npz", *gen.sample(n_train // 3, seed=2))
+    return out / "model.safetensors", out / "day_0.npz", out / "day_1.npz", out / "day_2.npz"
 
 
-def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Path, candidates: int) -> dict:
-    """`rewrite plan --memory-budget (MLPs + embeddings/16) --max-auc-drop 0.001 --recover DATA`
-    (DATA: the augmented rows where made, else train.npz)."""
+def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Path, candidates: int,
+               ratio: float = 16, grid: dict = PLAN_GRID, recover_top: bool = False) -> dict:
+    """`rewrite plan --memory-budget (MLPs + embeddings/ratio) --max-auc-drop 0.001 --recover DATA`
+    (DATA: the augmented rows where made, else train.npz / day 0) on ``valid``, then the bundle's
+    test AUC (its tables fitted on ``valid``, as the plan measured them)."""
     model = rewrite.load(model_path)
-    budget = model.dense_bytes() + model.embedding_bytes() // 16
-    (work / "grid.json").write_text(json.dumps(PLAN_GRID))
+    budget = model.dense_bytes() + int(model.embedding_bytes() // ratio)
+    grid_file, plan_file = work / f"grid_{model_path.parent.name}.json", work / f"plan_{model_path.parent.name}.json"
+    grid_file.write_text(json.dumps(grid))
     t0 = time.perf_counter()
-    out = {"memory_budget_bytes": budget, "max_auc_drop": 0.001, "grid": PLAN_GRID, "recover_data": str(train)}
+    out = {"memory_budget_bytes": budget, "embedding_ratio": ratio, "max_auc_drop": 0.001, "grid": grid,
+           "recover_data": str(train), "recover_top": recover_top}
     try:
         plan = rewrite.plan(model_path, valid, hardware="cpu-local", memory_budget=budget, max_auc_drop=0.001,
-                            grid=work / "grid.json", samples=len(data.open(valid).labels), calibrate=False,
-                            recover=train, recover_candidates=candidates, output=work / "plan.json")
+                            grid=grid_file, samples=len(data.open(valid).labels), calibrate=False,
+                            recover=train, recover_candidates=candidates, recover_top=recover_top,
+                            output=plan_file)
     except rewrite.RewriteError as e:
         out.update(found=False, error=str(e), seconds=time.perf_counter() - t0)
-        plan_file = work / "plan.json"
         if plan_file.exists():
             plan_file.unlink()
         return out
@@ -175,14 +197,21 @@ def plan_check(model_path: Path, train: Path, test: Path, valid: Path, work: Pat
                embedding_compression=model.embedding_bytes() / (p0["bytes"]["value"] - model.dense_bytes()),
                auc_drop_valid=p0["auc_drop"]["value"], candidates=plan["recovery"]["candidates_measured"],
                tables={t: e["pass"] for t, e in p0["tables"].items()})
-    rewrite.compile(model_path, work / "plan_bundle", plan=work / "plan.json", targets=["torch"], force=True)
-    served = rewrite.load(work / "plan_bundle" / "rewritten" / "p0.safetensors")
+    bundle = work / f"plan_bundle_{model_path.parent.name}"
+    rewrite.compile(model_path, bundle, plan=plan_file, data=valid, targets=["torch"], force=True)
+    served = rewrite.load(bundle / "rewritten" / "p0.safetensors")
+    out["bundle_embedding_compression"] = model.embedding_bytes() / served.embedding_bytes()
     out["bundle_delta_auc_test"] = evaluate(served, data.open(test)).auc - evaluate(model, data.open(test)).auc
     return out
 
 
-def goals(points: list[dict], ds: str) -> list[dict]:
+def goals(points: list[dict], ds: str, plan: dict | None = None) -> list[dict]:
+    """Per goal, the largest ratio within its AUC drop: the points' and the plan bundle's (its
+    test ΔAUC, at the bundle's embedding ratio)."""
     res = []
+    if plan and plan.get("found"):
+        points = [*points, {"representation": "plan", "compression": plan["bundle_embedding_compression"],
+                            "delta_auc_recovered": plan["bundle_delta_auc_test"]}]
     for ratio_goal, drop in GOALS[ds]:
         within = [p for p in points if p["delta_auc_recovered"] >= -drop]
         best = max(within, key=lambda p: p["compression"], default=None)
@@ -206,6 +235,10 @@ def plot(result: dict, path: Path) -> None:
             x = [p["compression"] for p in mine]
             ax.plot(x, [p["delta_auc_fitted"] for p in mine], "o--", color=f"C{i}", alpha=0.5, label=f"{rep} fitted")
             ax.plot(x, [p["delta_auc_recovered"] for p in mine], "o-", color=f"C{i}", label=f"{rep} recovered")
+        plan = result["datasets"][ds].get("plan") or {}
+        if plan.get("found") and "bundle_embedding_compression" in plan:      # the planned, recovered bundle
+            ax.plot([plan["bundle_embedding_compression"]], [plan["bundle_delta_auc_test"]], "k*", ms=12,
+                    label="plan bundle (recovered)")
         best = sorted(pts, key=lambda p: p["compression"])
         front, top = [], -1.0
         for p in reversed(best):                       # Pareto: no smaller ratio with a better ΔAUC
@@ -238,19 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-samples", type=int, default=150_000, help="day 0 rows (day 1: a third)")
     ap.add_argument("--recover-top", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--plan", action=argparse.BooleanOptionalAction, default=True,
-                    help="run the plan --recover check on the MovieLens model")
+                    help="run the plan --recover check (a plan within 0.001 AUC at the first goal's ratio)")
     ap.add_argument("--rows", help="representations, comma-separated, for every data set (default: ROWS)")
     ap.add_argument("--plan-candidates", type=int, default=2, help="plan --recover-candidates")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--augment", type=int, default=4, metavar="K",
                     help="MovieLens: recovery (points and plan) on train + K item-permuted copies, "
                          "unlabelled (0: on train.npz)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the data sets of an existing --out that this run does not measure")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    result = {"command": " ".join(["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-              "settings": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
+    command = " ".join(["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    result = {"command": command, "settings": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
+    measured = {"command": command, "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     for ds in args.datasets.split(","):
+        t_ds = time.perf_counter()
         model_path, train_p, test_p, valid_p = (movielens_model(args.work) if ds == "movielens"
                                                 else synthetic_model(args.work, args.synthetic_rows,
                                                                      args.synthetic_samples))
@@ -264,14 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         reps = args.rows.split(",") if args.rows else ROWS[ds]
         points = [run_point(model, rep, t, world, args) for rep in reps for t in TARGETS[ds]]
         entry = {"model": str(model_path), "recover_data": str(recover_p or train_p), "baseline_auc": base.auc, "baseline_logloss": base.logloss,
-                 "test_rows": base.n, "embedding_bytes": model.embedding_bytes(), "points": points,
-                 "goals": goals(points, ds)}
-        if ds == "movielens" and args.plan:
+                 "test_rows": base.n, "embedding_bytes": model.embedding_bytes(), "points": points}
+        if args.plan:
             entry["plan"] = plan_check(model_path, recover_p or train_p, test_p, valid_p, args.work,
-                                       args.plan_candidates)
+                                       args.plan_candidates, ratio=GOALS[ds][0][0], grid=PLAN_GRIDS[ds],
+                                       recover_top=args.recover_top)
             print(json.dumps(entry["plan"], default=str), file=sys.stderr, flush=True)
-        result["datasets"][ds] = entry
+        entry["goals"] = goals(points, ds, entry.get("plan"))
+        result["datasets"][ds] = {**entry, "measured": {**measured, "seconds": time.perf_counter() - t_ds}}
     result["seconds"] = time.perf_counter() - t_start
+    if args.merge and args.out.exists():
+        result = merged(json.loads(args.out.read_text()), result)
     write_text(args.out, json.dumps(result, indent=1, default=float))
     plot(result, args.out.with_suffix(".png"))
     table = markdown(result)
@@ -280,11 +320,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merged(old: dict, new: dict) -> dict:
+    """``new`` with the data sets of ``old`` that it did not measure, in ``old``'s order first; a
+    kept entry without ``measured`` gets ``old``'s command and seconds (files before ``--merge``)."""
+    kept = {ds: {**e, "measured": e.get("measured", {"command": old.get("command"), "seconds": old.get("seconds")})}
+            for ds, e in old.get("datasets", {}).items() if ds not in new["datasets"]}
+    return {**new, "datasets": {**kept, **new["datasets"]}}
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else None
+
+
 def markdown(result: dict) -> str:
     lines = []
     for ds, e in result["datasets"].items():
+        m = e.get("measured", {})
         lines += [f"**{ds}**: baseline test AUC {e['baseline_auc']:.4f} ({e['test_rows']:,} rows), embeddings "
-                  f"{e['embedding_bytes']:,} B, recovery on {Path(e.get('recover_data', 'train')).name}", "",
+                  f"{e['embedding_bytes']:,} B, recovery on {Path(e.get('recover_data', 'train')).name}"
+                  + (f"; measured by `{m['command']}`" if m.get("command") else "")
+                  + (f" at {m['commit']}" if m.get("commit") else "")
+                  + (f", {m['seconds'] / 60:.1f} min" if m.get("seconds") else ""), "",
                   "| representation | target | achieved | ΔAUC fitted | ΔAUC recovered | recovery steps | fit s | recover s |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in e["points"]:
@@ -297,12 +361,13 @@ def markdown(result: dict) -> str:
             lines.append(f"- goal {g['goal']}: best {best}, {'met' if g['met'] else 'not met'}")
         if "plan" in e:
             p = e["plan"]
-            lines.append(f"- plan --memory-budget {p['memory_budget_bytes']:,} B --max-auc-drop 0.001 --recover: "
+            lines.append(f"- plan --memory-budget {p['memory_budget_bytes']:,} B --max-auc-drop 0.001 --recover"
+                         + (" --recover-top" if p.get("recover_top") else "") + ": "
                          + (f"found, {p['embedding_compression']:.1f}× embeddings, ΔAUC valid "
                             f"{-p['auc_drop_valid']:+.4f}, bundle ΔAUC test {p['bundle_delta_auc_test']:+.4f}"
                             if p["found"] else f"not found: {p['error']}") + f" ({p['seconds']:.0f} s)")
         lines.append("")
-    lines.append(f"total {result['seconds'] / 60:.1f} min")
+    lines.append(f"total {result['seconds'] / 60:.1f} min (this run)")
     return "\n".join(lines)
 
 

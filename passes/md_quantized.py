@@ -7,7 +7,10 @@ After:  codes Q uint8, b = 8, 4 or 2 bits per value, low bits first: [rows, ceil
         projection P [d, r]:
             E_i = Q_i ⊙ s + c,        e(bag) = (Σ_i E_i) Pᵀ     (no P when r = d: e = Σ_i E_i)
 Fit: P = the frequency-weighted truncated SVD of md (``passes.mixed_dim.fit_md``), E = W P, then
-per column j of E: c_j = min_j, s_j = (max_j − min_j) / (2^b − 1), Q = rint((E − c) / s).
+per column j of E: (c_j, s_j) minimising Σ_i w_i (E_ij − c_j − s_j Q_ij)² (w: the row weights, access
+frequency), Q = clamp(rint((E − c) / s), 0, 2^b − 1) (``fit_grid``: from min / max, where every row
+is within half a step, the range is cut where that lowers the weighted error; at 2 bits min / max
+lets a few rare extreme rows set a step of a third of the span for every row).
 Bytes: rows · ceil(r·b / 8) (or ceil(rows / k)) + 4 r (+ 2 d r with P): the ratios multiply (md's d / r times fp32's
 32 / b), with no per-row scale (row-wise int4 spends 4 of its 12 bytes per 16-dim row on one).
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,21 +154,81 @@ class MDQBag(Representation):
 
     @classmethod
     def from_factor(cls, e: torch.Tensor, proj: torch.Tensor | None, dim: int, bits: int,
-                    pooling: str = "sum") -> "MDQBag":
-        """Quantize E [rows, inner] per column (min / max); ``proj`` [dim, inner] or None (inner = dim)."""
+                    pooling: str = "sum", weights: np.ndarray | None = None) -> "MDQBag":
+        """Quantize E [rows, inner] per column; ``proj`` [dim, inner] or None (inner = dim).  The
+        range per column: min / max without ``weights`` [rows], else ``fit_grid``'s (clipped where
+        that lowers the weighted squared error)."""
         rows, inner = e.shape
         rep = cls(rows, dim, inner, bits, pooling)
         e = e.detach().to(torch.float32)
-        lo = e.min(dim=0).values if rows else torch.zeros(inner)
-        hi = e.max(dim=0).values if rows else torch.zeros(inner)
-        rep.bias.copy_(lo.to(torch.float16))
-        span = (hi - rep.bias.float()) / (2 ** bits - 1)
+        if weights is None or not rows:
+            lo = e.min(dim=0).values if rows else torch.zeros(inner)
+            hi = e.max(dim=0).values if rows else torch.zeros(inner)
+            lo_h = lo.to(torch.float16)
+            span = (hi - lo_h.float()) / (2 ** bits - 1)
+        else:
+            lo, span = fit_grid(e, weights, bits)
+            lo_h = lo.to(torch.float16)
+        rep.bias.copy_(lo_h)
         scale = span.to(torch.float16)
         rep.scale.copy_(torch.where(scale.float() > 0, scale, torch.ones_like(scale)))
         rep.codes.copy_(pack(quantize_codes(e, rep.scale.float(), rep.bias.float(), bits), bits, rep.per_byte))
         if proj is not None:
             rep.proj.data = proj.detach().to(torch.float16)
         return rep
+
+
+def _grid_error(e: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, levels: int):
+    """Per-column weighted squared error of E rounded to bias + scale · {0..levels}, and the codes."""
+    q = torch.clamp(torch.round((e - bias) / scale), 0, levels)
+    return (w * (e - bias - scale * q) ** 2).sum(0), q
+
+
+def fit_grid(e: torch.Tensor, weights: np.ndarray, bits: int, steps: int = 16, sweeps: int = 30,
+             max_rows: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column j of E [rows, r]: (c_j, s_j) lowering Σ_i w_i (E_ij − c_j − s_j q_ij)², q the
+    rounded, clamped codes.  Min / max (every row within half a step) is the start; at 2 and 4
+    bits rare extreme rows set the step for every row, so the range is searched: the lower and
+    upper ends each cut by 0..½ of the span on a ``steps`` × ``steps`` grid, then alternating
+    exact updates (codes by rounding, then (c, s) by weighted least squares on those codes), each
+    kept only where it lowers the error: never worse than min / max.  Tables of more than
+    ``max_rows`` rows are fitted on a seeded sample of that many rows (their weights kept)."""
+    levels = 2 ** bits - 1
+    e = e.detach()
+    lo, hi = e.min(0).values.to(torch.float64), e.max(0).values.to(torch.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if e.shape[0] > max_rows:
+        pick = np.sort(np.random.default_rng(0).choice(e.shape[0], max_rows, replace=False))
+        e, w = e[torch.from_numpy(pick)], w[pick]
+    x, w = e.to(torch.float64), torch.from_numpy(w).reshape(-1, 1)
+    span = hi - lo
+    ones = torch.ones_like(span)
+    c, s = lo, torch.where(span > 0, span / levels, ones)
+    best = _grid_error(x, w, c, s, levels)[0]
+    cuts = torch.linspace(0.0, 0.5, steps, dtype=torch.float64)
+    for a in cuts:
+        for b in cuts:
+            if a + b >= 0.95:                 # keep a step of at least 5% of the span
+                continue
+            cn, sn = lo + a * span, torch.where(span > 0, (1 - a - b) * span / levels, ones)
+            err = _grid_error(x, w, cn, sn, levels)[0]
+            m = err < best
+            c, s, best = torch.where(m, cn, c), torch.where(m, sn, s), torch.where(m, err, best)
+    q = _grid_error(x, w, c, s, levels)[1]
+    total = w.sum()
+    for _ in range(sweeps):
+        sq, sqq, sx, sqx = (w * q).sum(0), (w * q * q).sum(0), (w * x).sum(0), (w * q * x).sum(0)
+        det = total * sqq - sq ** 2
+        sn = (total * sqx - sq * sx) / torch.where(det > 0, det, ones)
+        cn = (sx - sn * sq) / total
+        ok = (det > 0) & (sn > 0)
+        cn, sn = torch.where(ok, cn, c), torch.where(ok, sn, s)
+        err, qn = _grid_error(x, w, cn, sn, levels)
+        m = err < best * (1 - 1e-12)
+        if not bool(m.any()):
+            break
+        c, s, best, q = torch.where(m, cn, c), torch.where(m, sn, s), torch.where(m, err, best), torch.where(m, qn, q)
+    return c.to(torch.float32), s.to(torch.float32)
 
 
 def quantize_codes(e: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) -> torch.Tensor:
@@ -271,8 +335,8 @@ def mdq(site: EmbeddingSite, cfg: MDQConfig, ctx: PassContext) -> Rewrite | Skip
                     f"than the table ({table.num_bytes()} B)")
     if inner < site.dim:
         md = fit_md(table.weight, w, inner, site.pooling, vecs)
-        rep = MDQBag.from_factor(md.weight.data, md.proj.data, site.dim, cfg.bits, site.pooling)
+        rep = MDQBag.from_factor(md.weight.data, md.proj.data, site.dim, cfg.bits, site.pooling, w)
     else:
-        rep = MDQBag.from_factor(table.weight, None, site.dim, cfg.bits, site.pooling)
+        rep = MDQBag.from_factor(table.weight, None, site.dim, cfg.bits, site.pooling, w)
     kept = float(vals[:inner].sum() / vals.sum()) if vals.sum() > 0 else 1.0
     return Rewrite(rep, notes={"inner_dim": inner, "bits": cfg.bits, "energy_kept": kept})

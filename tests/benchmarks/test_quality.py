@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from benchmarks.quality import augmented, build, goals, markdown, plot
+from benchmarks.quality import augmented, build, goals, markdown, merged, plot
 
 
 def point(rep, ratio, fitted, recovered):
@@ -46,3 +46,25 @@ def test_goals_take_the_largest_ratio_within_each_auc_drop(tmp_path):
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = markdown(json.loads(json.dumps(result)))
     assert "| robe | 8× | 8.1× | -0.0200 | -0.0004 |" in text and "not met" in text
+
+
+def test_a_plan_within_the_bound_counts_towards_the_goal():
+    pts = [point("mdq", 116.0, -0.005, -0.004)]
+    plan = {"found": True, "bundle_embedding_compression": 100.05, "bundle_delta_auc_test": -0.0008}
+    assert goals(pts, "synthetic") == [{"goal": ">= 100x within 0.001 AUC", "best_compression": None, "by": None,
+                                        "met": False}]
+    g = goals(pts, "synthetic", plan)[0]
+    assert (g["best_compression"], g["by"], g["met"]) == (100.05, "plan", True)
+    assert not goals(pts, "synthetic", {**plan, "bundle_delta_auc_test": -0.0011})[0]["met"]
+    assert not goals(pts, "synthetic", {"found": False, "error": "no plan"})[0]["met"]
+
+
+def test_merge_keeps_the_data_sets_this_run_did_not_measure():
+    old = {"command": "benchmarks/quality.py --datasets movielens", "seconds": 1800.0,
+           "datasets": {"movielens": {"points": [1]}, "synthetic": {"points": [2]}}}
+    new = {"command": "benchmarks/quality.py --datasets synthetic", "seconds": 60.0,
+           "datasets": {"synthetic": {"points": [3], "measured": {"command": "new"}}}}
+    out = merged(old, new)
+    assert list(out["datasets"]) == ["movielens", "synthetic"] and out["command"] == new["command"]
+    assert out["datasets"]["synthetic"]["points"] == [3]
+    assert out["datasets"]["movielens"] == {"points": [1], "measured": {"command": old["command"], "seconds": 1800.0}}
