@@ -14,6 +14,7 @@ tolerance raises VerificationError (``.report`` holds the per-table report) and 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -45,7 +46,8 @@ def compile(model: RecModel | str | Path, out: str | Path, *, passes: Iterable[C
     """Write the bundle ``out`` and return its manifest (module docstring).  ``model``: a RecModel
     or a checkpoint path (read after every argument is checked, with ``load_overrides``, e.g.
     ``{"interaction": "dot"}``, for what a checkpoint cannot say); ``passes``: configured passes or ``-p`` strings; ``plan``: a plan/1 dict
-    or file; ``data`` / ``profile``: the verification data and access profile of the passes;
+    or file; ``data`` / ``profile``: the verification data and access profile of the passes (with
+    a plan and neither given: the files the plan was fitted on, ``plan_inputs``, logged);
     ``max_auc_drop``: with ``passes``, the AUC they may lose on labelled ``data`` (default
     ``rewrite.rewriting.DEFAULT_MAX_AUC_DROP``; a plan carries its own)."""
     from rewrite.bundling import check_output, compile_model, resolve_targets, tune_options
@@ -71,6 +73,12 @@ def compile(model: RecModel | str | Path, out: str | Path, *, passes: Iterable[C
         plan_file = Path(plan) if not isinstance(plan, dict) else Path(source or "plan")
         plan = load_plan(plan) if not isinstance(plan, dict) else plan
         plan_paths(plan)                                     # every pass spec parses: exit 2 first
+        if data is None and profile is None:                 # the tables as the plan measured them
+            from rewrite.cost.plan_file import plan_inputs
+
+            data, profile, note = plan_inputs(plan)
+            if note:
+                logging.getLogger("rewrite").warning(note)
     model, path = _model(model, load_overrides)
     source = Path(source) if source else path
     if not (configured or plan is not None):

@@ -193,3 +193,14 @@ def test_bad_plan_input_is_exit_2_and_writes_nothing(planned, tmp_path, edit, ar
     assert r.exit_code == 2, r.output + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_api_compile_plan_without_data_fits_on_the_plans_data(planned, tmp_path, caplog):
+    model, npz, pt, plan_file, plan = planned
+    with caplog.at_level("WARNING", logger="rewrite"):
+        rewrite.compile(pt, tmp_path / "b", plan=plan_file, targets=["torch"])
+    assert f"fitting the tables on the plan's data {npz.resolve()}" in caplog.text
+    rewrite.compile(pt, tmp_path / "c", plan=plan_file, data=npz, targets=["torch"])
+    models = [load(tmp_path / d / open_bundle(tmp_path / d).manifest["variants"]["p0"]["model"]["path"]) for d in "bc"]
+    for k, v in models[0].state_dict().items():          # the API fits as the CLI does
+        assert torch.equal(v, models[1].state_dict()[k]), k
