@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+import pytest
+
 from rewrite.core.batch import Batch
 from rewrite.core.embedding import TableBag
 from rewrite.core.model import RecModel
@@ -14,7 +16,17 @@ from rewrite.core.synthetic import multi_hot_batch
 from rewrite.training import table_dlrm
 from targets.base import ExportedBags
 from rewrite.core.batch import split_bags_np
+from rewrite.core.errors import RewriteError
+from rewrite.core.pass_contract import parse_pass
 from tests.tolerances import assert_close
+
+
+def spec_error(spec: str) -> str:
+    """The message of the RewriteError that parsing the pass spec ``spec`` must raise."""
+    with pytest.raises(RewriteError) as e:
+        parse_pass(spec)
+    return str(e.value)
+
 
 def small_model(rows=(3, 40, 257, 1000), dim: int = 8, seed: int = 0, spread: float = 0.3) -> RecModel:
     """A random dot-interaction DLRM; tables scaled to ``spread`` so values look trained."""

@@ -8,9 +8,8 @@ import passes
 import rewrite
 from passes.dim_pruning import PrunedDimBag, allocate, remap_layout
 from rewrite.core.embedding import TableBag
-from rewrite.core.errors import RewriteError
-from rewrite.core.pass_contract import parse_pass
 from rewrite.core.tracing import capture
+from tests.pass_helpers import spec_error
 from tests.helpers import (assert_exports, assert_roundtrip, ragged_batches, reference_bags,
                            small_model, table_bags)
 from tests.tolerances import assert_close
@@ -135,9 +134,7 @@ def test_skip_reasons(model, profile):
     ("prune-dims:max_error=2", "max_error must be in (0, 1), got 2.0"),
 ])
 def test_config_errors(text, message):
-    with pytest.raises(RewriteError) as e:
-        parse_pass(text)
-    assert str(e.value) == f"pass prune-dims: {message}"
+    assert spec_error(text) == f"pass prune-dims: {message}"
 
 
 def test_representation_rejects_bad_counts():

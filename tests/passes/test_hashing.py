@@ -11,10 +11,8 @@ import passes
 import rewrite
 from passes.hashing import MERSENNE_31, HashBag, fit_hash
 from rewrite.core.embedding import TableBag
-from rewrite.core.errors import RewriteError
-from rewrite.core.pass_contract import parse_pass
 from rewrite.pass_manager import apply
-from tests.pass_helpers import assert_exports, batches, profile_of, small_model
+from tests.pass_helpers import assert_exports, batches, profile_of, small_model, spec_error
 from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
@@ -99,9 +97,7 @@ def test_skip_reasons():
     ("hash:buckets=8", "pass hash: unknown option 'buckets' (options: collisions, compression, max_error, min_rows, tables)"),
 ])
 def test_config_validation(spec, message):
-    with pytest.raises(RewriteError) as e:
-        parse_pass(spec)
-    assert str(e.value) == message
+    assert spec_error(spec) == message
     with pytest.raises(ValueError, match=r"hash parameters need 1 <= a < p and 0 <= b < p"):
         HashBag(10, 4, 3, 0, 0)
 

@@ -11,10 +11,8 @@ import passes
 import rewrite
 from passes.quotient_remainder import QRBag, fit_qr
 from rewrite.core.embedding import TableBag
-from rewrite.core.errors import RewriteError
-from rewrite.core.pass_contract import parse_pass
 from rewrite.pass_manager import apply
-from tests.pass_helpers import assert_exports, batches, profile_of, small_model
+from tests.pass_helpers import assert_exports, batches, profile_of, small_model, spec_error
 from tests.tolerances import assert_close
 
 torch.set_num_threads(1)
@@ -143,9 +141,7 @@ def test_skip_reasons():
     ("qr:max_error=-1", "pass qr: max_error must be > 0, got -1.0"),
 ])
 def test_config_validation(spec, message):
-    with pytest.raises(RewriteError) as e:
-        parse_pass(spec)
-    assert str(e.value) == message
+    assert spec_error(spec) == message
 
 
 def test_max_error_gate():
