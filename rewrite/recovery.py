@@ -116,7 +116,7 @@ def _training_copy(rep):
 
 def _stored(model: RecModel, tables: list[str]) -> RecModel:
     """``model`` with every trained table's training form turned back into its stored form."""
-    back = {t: model.embeddings[t].stored_form() for t in tables if hasattr(model.embeddings[t], "stored_form")}
+    back = {t: form for t in tables if (form := model.embeddings[t].stored_form()) is not model.embeddings[t]}
     return model.with_tables(back) if back else model
 
 

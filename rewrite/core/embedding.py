@@ -229,6 +229,11 @@ class Representation(nn.Module):
         gradients straight through) and its ``stored_form()`` turns it back."""
         return None
 
+    def stored_form(self) -> "Representation":
+        """The form to store for this one: itself, except in a ``training_form``, which turns
+        back into the stored representation with the trained values."""
+        return self
+
     def fused_lookup(self) -> FusedLookup | None:
         """This representation as row lookups an engine fuses into its gather (``FusedLookup``),
         or None when it is compute (an engine then pools it with ``forward``).  Default: the
