@@ -25,7 +25,7 @@ data set's grid (``PLAN_GRIDS``) and ``--recover`` the recovery data of the poin
 augmented rows, train.npz with ``--augment 0``; synthetic: day 0; ``--recover-top`` as the
 points), measured on the validation
 split (valid.npz, day 2), then compiles the plan (torch) with the tables fitted on that split, as
-the plan measured them (``compile --plan`` on the CLI does so from the plan's ``fitted_on``),
+the plan measured them (``rewrite.compile(plan=...)`` also does so from the plan's ``fitted_on``),
 and measures the bundle's test AUC.  A plan found within the bound counts towards the goal.
 ``--merge`` keeps the data sets of an existing ``--out`` that this run does not measure (each
 entry says which command and commit measured it).

@@ -32,6 +32,7 @@ import torch
 from scipy.optimize import nnls
 
 from rewrite.core.atomic import write_text
+from rewrite.core import isa
 from rewrite.cost import microbench as mb
 from rewrite.cost.estimate import Estimator, TableStats, dense_facts, rep_facts
 from rewrite.cost.hardware import cache_dir
@@ -217,7 +218,7 @@ def _model_inputs(model, batch: int, seed: int, rows: int) -> tuple[torch.Tensor
 
 
 def _key(hw: HardwareSpec) -> str:
-    return f"{mb.cpu_model()}|{mb.cores()} cores|{hw.threads} threads"
+    return f"{isa.cpu_model()}|{mb.cores()} cores|{hw.threads} threads"
 
 
 def calibration_path() -> Path:

@@ -176,7 +176,7 @@ def cpu_local(refresh: bool = False, threads: int = 1, progress: bool = True) ->
 
 def cache_key(threads: int) -> str:
     """The machine a cached measurement belongs to: CPU model, cores, threads and ISA tier."""
-    return f"{mb.cpu_model()}|{mb.cores()} cores|{threads} threads|tier {isa.active_tier()}"
+    return f"{isa.cpu_model()}|{mb.cores()} cores|{threads} threads|tier {isa.active_tier()}"
 
 
 def _read_cache(path: Path) -> dict:
@@ -202,7 +202,7 @@ def measure_cpu(threads: int = 1, progress: bool = True) -> HardwareSpec:
     try:
         caches = mb.cache_sizes()
         l2, llc = caches.get("L2", 1 * MiB), caches.get("L3", caches.get("L2", 1 * MiB))
-        say(f"{mb.cpu_model()}, {mb.cores()} cores, caches {caches}; measuring on {threads} thread(s)")
+        say(f"{isa.cpu_model()}, {mb.cores()} cores, caches {caches}; measuring on {threads} thread(s)")
         mb.gather_rate(GATHER_SIZES[0])          # warm-up: first-call allocation and dispatch
         gather = {}
         for ws in GATHER_SIZES:
@@ -243,7 +243,7 @@ def measure_cpu(threads: int = 1, progress: bool = True) -> HardwareSpec:
     return HardwareSpec(
         name="cpu-local", kind="cpu", tiers=tiers, gemm={k: tuple(sorted(v)) for k, v in gemm.items()},
         call_overhead=overhead, cores=mb.cores(), threads=threads, source="measured",
-        notes=f"{mb.cpu_model()}, ISA tier {tier}; measured with torch {torch.__version__}; tier latency = "
+        notes=f"{isa.cpu_model()}, ISA tier {tier}; measured with torch {torch.__version__}; tier latency = "
               f"s per random 64 B row gathered (parallelism folded in)",
         measurements={"gather_rows_per_s": {str(k): v for k, v in gather.items()},
                       "stream_bytes_per_s": stream, "caches": caches, "isa_tier": tier,

@@ -27,8 +27,6 @@ from typing import Callable
 
 import torch
 
-from rewrite.core.isa import cpu_model  # noqa: F401  (mb.cpu_model: the CPU the figures came from)
-
 ROW_BYTES = 64                 # bytes per gathered row: 16 fp32, one x86 cache line
 GATHER_IDS = 1 << 16           # random ids per timed gather
 clock = time.thread_time         # s, CPU time of this thread (CLOCK_THREAD_CPUTIME_ID)
