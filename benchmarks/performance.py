@@ -5,7 +5,8 @@
         --bundle /tmp/kaggle/bundle -o benchmarks/results/performance.json
 
 One thread.  Two measurements, each with torch eager fp32 of the same model in the same run:
-* whole model: ``rewrite.bench.run_bench`` on a bundle with the ``torch-fast`` and ``torch-fast-int8`` paths (compiled
+* whole model: ``rewrite.bench.run_bench`` (each figure also as a share of the host's limit,
+  ``rewrite.cost.limit``, on this machine's measured ``cpu-local`` spec) on a bundle with the ``torch-fast`` and ``torch-fast-int8`` paths (compiled
   and verified here if missing) plus fbgemm's int8 TBE path: every contender in its own process,
   taking turns, medians; the timed call is ``Predictor.predict(..., validate=False)``, so batch-1
   latency includes the Python call, the runtime and the numpy <-> torch conversions;
@@ -196,10 +197,12 @@ def ensure_bundle(model_file: Path, bundle: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| batch | path | samples/s | p50 ms | speedup vs eager fp32 | max abs Δp |", "|---|---|---|---|---|---|"]
+    lines = ["| batch | path | samples/s | p50 ms | speedup vs eager fp32 | host limit ms | of limit | max abs Δp |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["whole"]["results"]:
+        limit = (f"{r['limit_ms']:.4f} ({r['mlp_dtype']} MLPs) | {r['of_limit']:.1%}" if "limit_ms" in r else " | ")
         lines.append(f"| {r['batch']} | {r['path']} | {r['samples_per_s']:,.0f} | {r['p50_ms']:.4f} | "
-                     f"{r['speedup']:.2f}× | {r['max_abs_prob_diff_vs_baseline']:.1e} |")
+                     f"{r['speedup']:.2f}× | {limit} | {r['max_abs_prob_diff_vs_baseline']:.1e} |")
     lines += ["", "| batch | stage | variant | ms | speedup vs eager | rows/s |", "|---|---|---|---|---|---|"]
     for r in result["stages"]:
         rows = f"{r['rows_per_s'] / 1e6:.1f} M" if "rows_per_s" in r else ""
@@ -260,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"schema": "performance/1", "model": str(args.model), "threads": 1}
     if not args.skip_whole:
         from rewrite.bench import run_bench
+        from rewrite.cost.hardware import cpu_local
 
         ensure_bundle(args.model, args.bundle)
-        result["whole"] = run_bench(args.bundle, list(SIZES), threads=1, rounds=args.rounds)
+        result["whole"] = run_bench(args.bundle, list(SIZES), threads=1, rounds=args.rounds, hardware=cpu_local())
     from rewrite.formats import load
     from targets.native.engine import FastDLRM, FastInt8DLRM
 

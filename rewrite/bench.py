@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from rewrite.core import isa
 from rewrite.core.errors import RewriteError, VerificationError
+from rewrite.cost.types import HardwareSpec
 
 BASELINE = "torch-eager-fp32"
 CALLS_PER_ROUND = 16384   # samples per contender per round and size, at most (B=1: 256 calls)
@@ -143,7 +144,10 @@ def _manifest(root: Path) -> dict[str, Any]:
 
 
 def run_bench(bundle_dir: Path, batch_sizes: list[int], reference: Path | None = None, threads: int = 1,
-              rounds: int = 5, pooling: int = 1, seed: int = 0, fbgemm: bool = True) -> dict[str, Any]:
+              rounds: int = 5, pooling: int = 1, seed: int = 0, fbgemm: bool = True,
+              hardware: HardwareSpec | None = None) -> dict[str, Any]:
+    """Every verified path of the bundle (and fbgemm-int8 where it runs) against the baseline; with
+    ``hardware``, each figure also as a share of the host's limit (``rewrite.cost.limit``)."""
     from rewrite.artifact import open_bundle
 
     bundle = open_bundle(bundle_dir)
@@ -169,7 +173,32 @@ def run_bench(bundle_dir: Path, batch_sizes: list[int], reference: Path | None =
                 absent["fbgemm-int8"] = why
         timings = _run_workers(specs, threads, bundle.table_rows(), bundle.n_dense, sorted(batch_sizes),
                                pooling, seed, rounds)
-    return _report(bundle, specs, timings, absent, dropped, threads, rounds, pooling, reference_file)
+    report = _report(bundle, specs, timings, absent, dropped, threads, rounds, pooling, reference_file)
+    if hardware is not None:
+        add_limits(report, bundle, specs, hardware)
+    return report
+
+
+def add_limits(report: dict[str, Any], bundle, specs: dict[str, dict[str, Any]], hw: HardwareSpec) -> None:
+    """Each result's ``limit_ms`` (the host's limit for its path's model and arithmetic at its
+    batch) and ``of_limit`` = limit / p50; the method and the kernels behind it in ``limit``."""
+    from rewrite.cost.limit import mlp_dtype, model_work, path_limit
+    from rewrite.formats import load
+
+    reference = Path(specs[BASELINE]["file"])      # fbgemm-int8's model: the reference, tables in int8
+    files = {name: bundle.reference_file(name) if name in bundle.paths else reference for name in specs}
+    work = {f: model_work(load(f)) for f in set(files.values())}
+    for r in report["results"]:
+        dtype = mlp_dtype(r["precision"], hw)
+        limit = path_limit(work[files[r["path"]]], hw, dtype, r["batch"], report["lookups_per_bag"])
+        r.update(limit_ms=limit.seconds * 1e3, limit_gather_ms=limit.gather_s * 1e3,
+                 limit_compute_ms=limit.compute_s * 1e3, mlp_dtype=dtype, of_limit=limit.seconds * 1e3 / r["p50_ms"])
+    report["limit"] = {"hardware": hw.name, "source": hw.source, "notes": hw.notes,
+                       "gemm_kernels": hw.measurements.get("gemm_kernels", {}),
+                       "gather": "index_select and the fast engine's gather_bags, the faster per tier"
+                                 if hw.measurements.get("engine_tier_row_s") else "the spec's tier latencies",
+                       "method": "limit = gathers at the measured random-row rates + FLOPs at the measured "
+                                 "peak of the path's arithmetic (rewrite.cost.limit); of_limit = limit / p50"}
 
 
 def _run_workers(specs, threads, rows, n_dense, sizes, pooling, seed, rounds):
@@ -246,10 +275,17 @@ def human(d: dict[str, Any]) -> str:
     host = d["host"]
     lines = [f"{d['bundle']}: {d['threads']} thread(s), {d['rounds']} rounds, baseline {d['baseline']}",
              f"  host: {host['cpu']} ({host['arch']}), ISA tier {host['tier']} (host's highest: {host['host_tier']})",
-             f"  {'path':<18}{'batch':>6}{'samples/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs eager':>9}"]
+             f"  {'path':<18}{'batch':>6}{'samples/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'vs eager':>9}"
+             + (f"{'limit ms':>10}{'of limit':>9}" if "limit" in d else "")]
     for r in d["results"]:
         lines.append(f"  {r['path']:<18}{r['batch']:>6}{r['samples_per_s']:>12,.0f}{r['p50_ms']:>9.3f}"
-                     f"{r['p99_ms']:>9.3f}{r['speedup']:>8.2f}x")
+                     f"{r['p99_ms']:>9.3f}{r['speedup']:>8.2f}x"
+                     + (f"{r['limit_ms']:>10.3f}{r['of_limit']:>8.1%}" if "limit_ms" in r else ""))
     lines += [f"  {name}: dropped, {why}" for name, why in d.get("dropped", {}).items()]
     lines += [f"  {name}: absent ({why})" for name, why in d["absent"].items()]
+    if "limit" in d:
+        lim = d["limit"]
+        kernels = ", ".join(f"{k}: {v}" for k, v in lim["gemm_kernels"].items())
+        lines += [f"  host limit ({lim['hardware']}, {lim['source']}): {lim['method']}",
+                  f"    GEMM peaks measured on {kernels or 'the spec'}; gathers: {lim['gather']}"]
     return "\n".join(lines)

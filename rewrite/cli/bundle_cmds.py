@@ -153,16 +153,22 @@ def verify(bundle, data_path, limit, as_json) -> None:
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="intra-op threads")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1), help="alternating rounds")
 @click.option("--lookups-per-bag", "pooling", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--hardware", "hw_name", default="cpu-local", show_default=True,
+              help="the spec each figure's host limit comes from: cpu-local (this machine, measured "
+                   "once and cached), a preset, a JSON spec, or none")
 @json_option
-def bench(bundle, batch_sizes, reference, threads, rounds, pooling, as_json) -> None:
-    """Throughput and p50/p99 latency of every path vs torch eager fp32, in one run."""
+def bench(bundle, batch_sizes, reference, threads, rounds, pooling, hw_name, as_json) -> None:
+    """Throughput and p50/p99 latency of every path vs torch eager fp32, in one run, and each
+    figure as a share of this host's limit."""
     from rewrite.bench import human, run_bench
+    from rewrite.cost.hardware import load_hardware
 
     try:
         sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
     except ValueError:
         raise RewriteError(f"--batch-sizes: expected comma-separated integers, got {batch_sizes!r}") from None
-    result = run_bench(bundle, sizes, reference, threads, rounds, pooling)
+    hardware = None if hw_name == "none" else load_hardware(hw_name, threads=threads)
+    result = run_bench(bundle, sizes, reference, threads, rounds, pooling, hardware=hardware)
     emit(result, as_json, human)
 
 

@@ -37,7 +37,13 @@ def human_hardware(d: dict[str, Any]) -> str:
         lines.append(f"  {t['name']:<6}{human_bytes(t['capacity']):>12}{t['bandwidth'] / 1e9:>10.1f} GB/s"
                      f"{t['latency'] * 1e9:>9.1f}ns{t['parallelism']:>11g}  "
                      f"{'no (cache)' if t['managed'] else 'yes'}")
-    kernels = (d.get("measurements") or {}).get("gemm_kernels", {})
+    measured = d.get("measurements") or {}
+    if measured.get("engine_tier_row_s"):
+        lines.append("  random row through the fast engine's gather (the host limit takes the faster): "
+                     + ", ".join(f"{t} {s * 1e9:.1f}ns" for t, s in measured["engine_tier_row_s"].items()))
+    elif measured.get("engine_gather_missing"):
+        lines.append(f"  fast engine's gather: not measured ({measured['engine_gather_missing']})")
+    kernels = measured.get("gemm_kernels", {})
     for dtype, pts in d["gemm"].items():
         by = f" [{kernels[dtype]}]" if dtype in kernels else ""
         lines.append(f"  gemm {dtype:<5}{by} " + ", ".join(f"{r / 1e9:.0f} GFLOP/s @ {f / 1e6:.2g} MFLOP"

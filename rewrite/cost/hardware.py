@@ -26,7 +26,8 @@ from rewrite.core.errors import RewriteError
 
 GB, GiB, MiB, KiB = 1e9, 1 << 30, 1 << 20, 1 << 10
 CACHE_ENV = "DLRM_REWRITE_CACHE"          # overrides ~/.cache/dlrm-rewrite (tests use a tmp dir)
-HARDWARE_CACHE_VERSION = 2          # 2: keyed by ISA tier; int8 measured on the engine's own kernel
+HARDWARE_CACHE_VERSION = 3          # 2: keyed by ISA tier; int8 measured on the engine's own kernel;
+                                    # 3: the engine's own gather rates too (``rewrite.cost.limit``)
 
 
 def cache_dir() -> Path:
@@ -208,6 +209,15 @@ def measure_cpu(threads: int = 1, progress: bool = True) -> HardwareSpec:
         for ws in GATHER_SIZES:
             gather[ws] = mb.gather_rate(ws)
             say(f"gather 64 B rows, working set {ws / MiB:g} MiB: {gather[ws] / 1e6:.1f} M rows/s")
+        engine_gather, engine_why = {}, None
+        try:
+            for ws in GATHER_SIZES:
+                engine_gather[ws] = mb.engine_gather_rate(ws)
+            say("gather through the fast engine (gather_bags): " +
+                ", ".join(f"{ws / MiB:g} MiB {r / 1e6:.1f} M" for ws, r in engine_gather.items()) + " rows/s")
+        except RewriteError as e:     # no compiler or no build here: the limit uses index_select's rates
+            engine_gather, engine_why = {}, str(e)
+            say(f"gather through the fast engine: not measured ({engine_why})")
         stream = {name: mb.stream_bandwidth(size) for name, size in
                   (("l2", l2 // 2), ("llc", llc // 2), ("dram", 256 * MiB))}
         say("stream read: " + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in stream.items()))
@@ -240,11 +250,15 @@ def measure_cpu(threads: int = 1, progress: bool = True) -> HardwareSpec:
         MemoryTier("llc", llc, stream["llc"], 1 / cache_llc, 1.0, True),
         MemoryTier("dram", mb.memory_bytes() or 8 * GiB, stream["dram"], 1 / gather[GATHER_SIZES[-1]], 1.0),
     )
+    engine_tiers = {"l2": fits(l2), "llc": fits(llc), "dram": GATHER_SIZES[-1]} if engine_gather else {}
     return HardwareSpec(
         name="cpu-local", kind="cpu", tiers=tiers, gemm={k: tuple(sorted(v)) for k, v in gemm.items()},
         call_overhead=overhead, cores=mb.cores(), threads=threads, source="measured",
         notes=f"{isa.cpu_model()}, ISA tier {tier}; measured with torch {torch.__version__}; tier latency = "
               f"s per random 64 B row gathered (parallelism folded in)",
         measurements={"gather_rows_per_s": {str(k): v for k, v in gather.items()},
+                      "engine_gather_rows_per_s": {str(k): v for k, v in engine_gather.items()},
+                      "engine_tier_row_s": {t: 1 / engine_gather[ws] for t, ws in engine_tiers.items()},
+                      **({"engine_gather_missing": engine_why} if engine_why else {}),
                       "stream_bytes_per_s": stream, "caches": caches, "isa_tier": tier,
                       "gemm_kernels": kernels})

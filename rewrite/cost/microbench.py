@@ -8,7 +8,8 @@ representations themselves use (``index_select`` for gathers, ``matmul`` / ``_in
 GEMMs), on ``threads`` threads, as the best of repeats.
 
 * gather rate: random 64-byte rows (``index_select``) from tables of several working-set sizes
-  -> rows/s; a table larger than the last-level cache measures DRAM.
+  -> rows/s; a table larger than the last-level cache measures DRAM.  The same through the fast
+  engine's own gather (``engine_gather_rate``), for the host limit a path is compared with.
 * streaming bandwidth: a sum over a tensor of a given size -> bytes/s.
 * GEMM throughput by dtype and shape -> FLOP/s: fp32 and bf16 through torch (oneDNN, what the
   fast engine's float MLPs run), int8 through the fast engine's own int8 kernel for the active ISA
@@ -60,6 +61,26 @@ def gather_rate(working_set_bytes: int, seed: int = 0) -> float:
     id_sets = iter([torch.randint(0, rows, (GATHER_IDS,), generator=g) for _ in range(REPEATS + 1)])
     out = torch.empty(GATHER_IDS, ROW_BYTES // 4)      # preallocated: time the gather, not malloc
     seconds = best_seconds(lambda: torch.index_select(table, 0, next(id_sets), out=out), budget_s=1e9)
+    return GATHER_IDS / seconds
+
+
+def engine_gather_rate(working_set_bytes: int, seed: int = 0) -> float:
+    """Random rows/s the fast engine's own gather (``gather_bags``: rows prefetched ahead, the
+    table in 2 MiB pages) pools from a table of ``working_set_bytes``, one 64-byte row per bag;
+    RewriteError when the engine's kernels cannot build here.  ``index_select`` issues its loads
+    one at a time and states a lower rate than a path of ours reaches."""
+    from rewrite.core.embedding import TableBag
+    from targets.native.fast_kernels import kernels, store_tables
+
+    rows, dim = max(1, working_set_bytes // ROW_BYTES), ROW_BYTES // 4
+    table = TableBag(rows, dim, weight=torch.ones(rows, dim))     # ones: every page really mapped
+    gather_bags = kernels().gather_bags
+    w, feat, d = store_tables([table], [0], dim).args()
+    del table
+    g = torch.Generator().manual_seed(seed)
+    id_sets = iter([torch.randint(0, rows, (GATHER_IDS,), generator=g) for _ in range(REPEATS + 1)])
+    offsets, no_pre = torch.arange(GATHER_IDS + 1), torch.empty(0)
+    seconds = best_seconds(lambda: gather_bags(w, next(id_sets), offsets, feat, d, no_pre), budget_s=1e9)
     return GATHER_IDS / seconds
 
 

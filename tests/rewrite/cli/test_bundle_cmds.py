@@ -6,9 +6,13 @@ import torch
 from click.testing import CliRunner
 
 import targets.base
+from rewrite.artifact import open_bundle
 from rewrite.bench import calls_per_round
 from rewrite.cli import main
 from rewrite.core.model_file import save
+from rewrite.cost.hardware import load_hardware
+from rewrite.cost.limit import model_work, path_limit
+from rewrite.formats import load
 from tests.bundles import make_bundle
 from tests.representations import composite_model
 
@@ -235,10 +239,18 @@ def test_torch_fast_int8_refuses_a_model_whose_mlp_falls_through_to_a_saturating
 
 @pytest.mark.slow
 def test_bench_json(built):
-    r = run("bench", built[1], "--batch-sizes", "1,8", "--rounds", "1", "--json")
+    r = run("bench", built[1], "--batch-sizes", "1,8", "--rounds", "1", "--hardware", "zen4", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     rows = {(x["path"], x["batch"]): x for x in d["results"]}
+    # each figure as a share of the host's limit: the limit of the path's own model and arithmetic
+    hw, bundle = load_hardware("zen4"), open_bundle(built[1])
+    assert d["limit"]["hardware"] == "zen4" and "of_limit = limit / p50" in d["limit"]["method"]
+    for (path, b), x in rows.items():
+        model = load(bundle.reference_file(None if path == "torch-eager-fp32" else path))
+        assert x["mlp_dtype"] == "fp32"
+        assert x["limit_ms"] == pytest.approx(path_limit(model_work(model), hw, "fp32", b).seconds * 1e3)
+        assert x["of_limit"] == pytest.approx(x["limit_ms"] / x["p50_ms"])
     assert d["host"]["tier"] in ("generic", "avx2", "avx512", "amx")
     assert set(rows) == {(p, b) for p in ("torch-eager-fp32", "onnx-cpu", "torch") for b in (1, 8)}
     for x in rows.values():
@@ -254,3 +266,8 @@ def test_bench_json(built):
 def test_bench_rejects_bad_batch_sizes(built):
     r = run("bench", built[1], "--batch-sizes", "1,x")
     assert r.exit_code == 2 and "--batch-sizes: expected comma-separated integers" in r.output
+
+
+def test_bench_rejects_an_unknown_hardware_spec_before_it_runs(built):
+    r = run("bench", built[1], "--hardware", "no-such-cpu")
+    assert r.exit_code == 2 and "--hardware: unknown 'no-such-cpu'" in r.output

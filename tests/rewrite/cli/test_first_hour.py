@@ -160,7 +160,7 @@ def test_every_json_output_parses_strictly(world, tmp_path):
         "compile": ["compile", model, "--target", "torch", "-o", tmp_path / "b"],
         "inspect bundle": ["inspect", tmp_path / "b"],
         "verify": ["verify", tmp_path / "b", "--data", day],
-        "bench": ["bench", tmp_path / "b", "--batch-sizes", "2", "--rounds", "1"],
+        "bench": ["bench", tmp_path / "b", "--batch-sizes", "2", "--rounds", "1", "--hardware", "zen4"],
         "targets": ["targets"],
         "passes": ["passes"],
         "passes NAME": ["passes", "tt"],

@@ -97,6 +97,10 @@ def test_cpu_local_is_measured_cached_and_plausible():
     # int8 is measured on the engine's own kernel for the tier; bf16 only where the CPU computes it
     assert hw.measurements["isa_tier"] == isa.active_tier()
     assert set(hw.gemm) >= {"fp32", "int8"} and ("bf16" in hw.gemm) == isa.has("avx512_bf16")
+    # the host limit's random rows: the fast engine's gather too, per tier
+    engine = hw.measurements["engine_tier_row_s"]
+    assert set(engine) == {"l2", "llc", "dram"} and all(0 < s < 1e-6 for s in engine.values())
+    assert engine["dram"] > engine["l2"]
 
 
 INT8_KERNEL = {"avx512": "VnniMlp", "amx": "VnniMlp", "avx2": "Avx2Int8Mlp", "generic": "Int8Mlp"}
@@ -108,3 +112,8 @@ def test_int8_limit_is_measured_on_each_tiers_own_kernel(isa_tier):
     if expected == "VnniMlp" and not isa.has("avx512_vnni"):
         expected = "Avx2Int8Mlp"
     assert kernel == expected and rate > 1e8
+
+
+def test_the_engines_gather_is_measured_at_each_tier(isa_tier):
+    rows_per_s = mb.engine_gather_rate(1 << 20)
+    assert 1e6 < rows_per_s < 1e10
