@@ -95,10 +95,12 @@ def test_embed_interact_equals_dot_interaction_rounded_to_bf16(order, dim, gener
 
 
 @pytest.mark.parametrize("features,dim,order", [(26, 16, "dlrm"), (26, 16, "torchrec"), (26, 16, "dlrm-self"),
-                                                (3, 16, "dlrm"), (5, 8, "dlrm"), (40, 16, "dlrm")])
+                                                (31, 16, "dlrm-self"), (3, 16, "dlrm"), (5, 8, "dlrm"),
+                                                (40, 16, "dlrm")])
 def test_embed_interact_q8_is_the_interaction_quantized_per_row(features, dim, order):
-    """26 features: Criteo's shape (the AVX-512 Gram, pairs past column 16, the torchrec order's
-    compressed stores); 40: more vectors than the tile (plain loops); d = 8 likewise."""
+    """26 features: Criteo's shape (the AVX-512 and AVX2 Grams, pairs past column 16, the torchrec
+    order's compressed stores); 31 with self pairs: all 32 columns of the tile (the AVX2 Gram's
+    rows in pairs); 40: more vectors than the tile (plain loops); d = 8 likewise."""
     g = torch.Generator().manual_seed(features)
     sizes = [1 + 37 * f for f in range(features)]
     tables = make_tables(dim, [list(FORMATS)[f % len(FORMATS)] for f in range(features)], sizes, seed=features)

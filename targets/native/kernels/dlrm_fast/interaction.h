@@ -145,28 +145,84 @@ inline void interact_avx512(const float* t, int64_t nv, int64_t order, Z* z) {
 #endif
 
 #ifdef DLRM_FAST_AVX2
-// d = 16, nv <= 32: T [32, 16] (rows >= nv zero, 32-byte aligned) -> z.  G row i over the columns
-// [lo, hi) it keeps: sum_c T[i][c] * Tᵀ[c][8v ..] for the 8-lane vectors v covering [lo, hi).
+// In-register transpose of an 8x8 f32 block: r[k] row k in, column k out.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {   // 128-bit lanes: u[k] holds columns k (low) and k + 4 (high)
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+  }
+}
+
+// Rows i0 .. i0 + R of G over columns [0, 8 NV): g[r][j] = sum_c T[i0 + r][c] Tᵀ[c][j].  R x NV
+// accumulators in registers (NV and R constants, so the arrays never reach the stack); each Tᵀ
+// vector load feeds R FMA chains.
+template <int R, int NV>
+inline void gram_rows(const float* t, const float (*tt)[32], int64_t i0, float (*g)[32]) {
+  __m256 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int c = 0; c < 16; ++c) {
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_set1_ps(t[(i0 + r) * 16 + c]);
+    for (int v = 0; v < NV; ++v) {
+      const __m256 u = _mm256_load_ps(&tt[c][8 * v]);
+      for (int r = 0; r < R; ++r) acc[r][v] = _mm256_fmadd_ps(a[r], u, acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(&g[r][8 * v], acc[r][v]);
+}
+
+// d = 16, nv <= 32: T [32, 16] (rows >= nv zero, 32-byte aligned) -> z.  Tᵀ by 8x8 register
+// transposes, then G four rows at a time (two where a row needs all four column vectors), each
+// row over the column vectors covering the widest kept range among its group.
 template <typename Z>
 inline void interact_avx2(const float* t, int64_t nv, int64_t order, Z* z) {
   alignas(32) float tt[16][32];   // Tᵀ: tt[c][j] = T[j][c]
-  for (int j = 0; j < 32; ++j)
-    for (int c = 0; c < 16; ++c) tt[c][j] = t[j * 16 + c];
+  const int blocks = static_cast<int>((nv + 7) / 8);
+  for (int jb = 0; jb < blocks; ++jb)
+    for (int cb = 0; cb < 2; ++cb) {
+      __m256 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_load_ps(t + (jb * 8 + k) * 16 + cb * 8);
+      transpose8(r);
+      for (int k = 0; k < 8; ++k) _mm256_store_ps(&tt[cb * 8 + k][jb * 8], r[k]);
+    }
+  for (int jb = blocks; jb < 4; ++jb)
+    for (int c = 0; c < 16; ++c) _mm256_store_ps(&tt[c][jb * 8], _mm256_setzero_ps());
   for (int c = 0; c < 16; ++c) put(z + c, t[c]);
   Z* out = z + 16;
-  alignas(32) float g[32];
-  for (int64_t i = 0; i < nv; ++i) {
-    int64_t lo, hi;
-    pair_range(order, i, nv, &lo, &hi);
-    if (hi <= lo) continue;
-    const int64_t v0 = lo / 8, v1 = (hi + 7) / 8;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int c = 0; c < 16; ++c) {
-      const __m256 a = _mm256_set1_ps(t[i * 16 + c]);
-      for (int64_t v = v0; v < v1; ++v) acc[v] = _mm256_fmadd_ps(a, _mm256_load_ps(&tt[c][8 * v]), acc[v]);
+  alignas(32) float g[4][32];
+  for (int64_t i0 = 0; i0 < nv;) {
+    int64_t lo[4], hi[4], top = 0;
+    const int64_t rows = std::min<int64_t>(4, nv - i0);
+    for (int64_t r = 0; r < rows; ++r) {
+      pair_range(order, i0 + r, nv, &lo[r], &hi[r]);
+      top = std::max(top, hi[r]);
     }
-    for (int64_t v = v0; v < v1; ++v) _mm256_store_ps(g + 8 * v, acc[v]);
-    for (int64_t j = lo; j < hi; ++j) put(out++, g[j]);
+    int64_t step = 4;   // rows past nv read zero rows of the tile and are never stored
+    switch ((top + 7) / 8) {
+      case 0: break;
+      case 1: gram_rows<4, 1>(t, tt, i0, g); break;
+      case 2: gram_rows<4, 2>(t, tt, i0, g); break;
+      case 3: gram_rows<4, 3>(t, tt, i0, g); break;
+      default:
+        gram_rows<2, 4>(t, tt, i0, g);
+        step = 2;
+    }
+    for (int64_t r = 0; r < std::min(step, rows); ++r)
+      for (int64_t j = lo[r]; j < hi[r]; ++j) put(out++, g[r][j]);
+    i0 += step;
   }
 }
 #endif
