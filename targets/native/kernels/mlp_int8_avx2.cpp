@@ -36,6 +36,10 @@
 
 namespace {
 
+inline void widen(const int8_t* q, int64_t kp, int16_t* a) {
+  for (int64_t c = 0; c < kp; ++c) a[c] = q[c];
+}
+
 std::string avx2_usable() {
 #ifdef DLRM_AVX2_INT8
   return "";
@@ -125,10 +129,6 @@ inline void quantize_row_u8(const float* y, int64_t n, int64_t kp, int16_t* a, f
   for (int64_t c = 0; c < n; ++c) a[c] = static_cast<int16_t>(static_cast<int32_t>(y[c] * inv + 0.5f));
   std::fill(a + n, a + kp, int16_t(0));
   *s = scale;
-}
-
-inline void widen(const int8_t* q, int64_t kp, int16_t* a) {
-  for (int64_t c = 0; c < kp; ++c) a[c] = q[c];
 }
 
 // The arithmetic dlrm::run_blocks (int8_mlp_blocks.h) drives.
