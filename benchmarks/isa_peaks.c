@@ -57,59 +57,31 @@ static double clock_ghz(void) {
   return 4.0 * ITERS / (now() - t) / 1e9;
 }
 
-static double fma_ymm(void) {
-  long n = ITERS;
-  double t = now();
-  asm volatile("vxorps %%ymm15,%%ymm15,%%ymm15\n 1:\n" Y12("vfmadd231ps", "%%ymm15") "dec %0\n jnz 1b\n"
-               : "+r"(n) :: YMM_CLOBBER);
-  return 12.0 * ITERS / (now() - t) / 1e9;
-}
+// A function timing ITERS passes of `body` (12 instructions of the measured kind), after
+// `setup`: instructions of that kind per ns.  `attr`: the target the registers need.
+#define TIMED(attr, name, setup, body, clobber, ...)                                               \
+  attr static double name(void) {                                                                    \
+    long n = ITERS;                                                                                 \
+    double t = now();                                                                               \
+    asm volatile(setup "1:\n" body "dec %0\n jnz 1b\n" : "+r"(n) : __VA_ARGS__ : clobber);           \
+    return 12.0 * ITERS / (now() - t) / 1e9;                                                        \
+  }
 
-static double madd_add_ymm(void) {
-  long n = ITERS;
-  double t = now();
-  asm volatile("vpxor %%ymm15,%%ymm15,%%ymm15\n vpxor %%ymm14,%%ymm14,%%ymm14\n 1:\n"
-               MADD_ADD("%%ymm0") MADD_ADD("%%ymm1") MADD_ADD("%%ymm2") MADD_ADD("%%ymm3")
-               MADD_ADD("%%ymm4") MADD_ADD("%%ymm5") MADD_ADD("%%ymm6") MADD_ADD("%%ymm7")
-               MADD_ADD("%%ymm8") MADD_ADD("%%ymm9") MADD_ADD("%%ymm10") MADD_ADD("%%ymm11")
-               "dec %0\n jnz 1b\n" : "+r"(n) :: YMM_CLOBBER);
-  return 12.0 * ITERS / (now() - t) / 1e9;   // VPMADDWD per ns
-}
-
-static double madd_add_bcast_ymm(void) {
-  long n = ITERS;
-  double t = now();
-  asm volatile("vpxor %%ymm15,%%ymm15,%%ymm15\n vpxor %%ymm14,%%ymm14,%%ymm14\n 1:\n"
-               MADD_ADD_BCAST("0", "%%ymm0", "%%ymm1") MADD_ADD_BCAST("4", "%%ymm2", "%%ymm3")
-               MADD_ADD_BCAST("8", "%%ymm4", "%%ymm5") MADD_ADD_BCAST("12", "%%ymm6", "%%ymm7")
-               MADD_ADD_BCAST("16", "%%ymm8", "%%ymm9") MADD_ADD_BCAST("20", "%%ymm10", "%%ymm11")
-               "dec %0\n jnz 1b\n" : "+r"(n) : "r"(buffer) : YMM_CLOBBER);
-  return 12.0 * ITERS / (now() - t) / 1e9;
-}
-
-static double maddubs_ymm(void) {
-  long n = ITERS;
-  double t = now();
-  asm volatile("vpxor %%ymm15,%%ymm15,%%ymm15\n 1:\n" Y12("vpmaddubsw", "%%ymm15") "dec %0\n jnz 1b\n"
-               : "+r"(n) :: YMM_CLOBBER);
-  return 12.0 * ITERS / (now() - t) / 1e9;
-}
-
-__attribute__((target("avx512f"))) static double fma_zmm(void) {
-  long n = ITERS;
-  double t = now();
-  asm volatile("vpxord %%zmm31,%%zmm31,%%zmm31\n vpxord %%zmm30,%%zmm30,%%zmm30\n 1:\n" Z12("vfmadd231ps")
-               "dec %0\n jnz 1b\n" : "+r"(n) :: ZMM_CLOBBER);
-  return 12.0 * ITERS / (now() - t) / 1e9;
-}
-
-__attribute__((target("avx512f"))) static double dpbusd_zmm(void) {
-  long n = ITERS;
-  double t = now();
-  asm volatile("vpxord %%zmm31,%%zmm31,%%zmm31\n vpxord %%zmm30,%%zmm30,%%zmm30\n 1:\n" Z12("vpdpbusd")
-               "dec %0\n jnz 1b\n" : "+r"(n) :: ZMM_CLOBBER);
-  return 12.0 * ITERS / (now() - t) / 1e9;
-}
+TIMED(, fma_ymm, "vxorps %%ymm15,%%ymm15,%%ymm15\n", Y12("vfmadd231ps", "%%ymm15"), YMM_CLOBBER)
+TIMED(, madd_add_ymm, "vpxor %%ymm15,%%ymm15,%%ymm15\n vpxor %%ymm14,%%ymm14,%%ymm14\n",
+      MADD_ADD("%%ymm0") MADD_ADD("%%ymm1") MADD_ADD("%%ymm2") MADD_ADD("%%ymm3") MADD_ADD("%%ymm4")
+      MADD_ADD("%%ymm5") MADD_ADD("%%ymm6") MADD_ADD("%%ymm7") MADD_ADD("%%ymm8") MADD_ADD("%%ymm9")
+      MADD_ADD("%%ymm10") MADD_ADD("%%ymm11"), YMM_CLOBBER)
+TIMED(, madd_add_bcast_ymm, "vpxor %%ymm15,%%ymm15,%%ymm15\n vpxor %%ymm14,%%ymm14,%%ymm14\n",
+      MADD_ADD_BCAST("0", "%%ymm0", "%%ymm1") MADD_ADD_BCAST("4", "%%ymm2", "%%ymm3")
+      MADD_ADD_BCAST("8", "%%ymm4", "%%ymm5") MADD_ADD_BCAST("12", "%%ymm6", "%%ymm7")
+      MADD_ADD_BCAST("16", "%%ymm8", "%%ymm9") MADD_ADD_BCAST("20", "%%ymm10", "%%ymm11"),
+      YMM_CLOBBER, "r"(buffer))
+TIMED(, maddubs_ymm, "vpxor %%ymm15,%%ymm15,%%ymm15\n", Y12("vpmaddubsw", "%%ymm15"), YMM_CLOBBER)
+TIMED(__attribute__((target("avx512f"))), fma_zmm,
+      "vpxord %%zmm31,%%zmm31,%%zmm31\n vpxord %%zmm30,%%zmm30,%%zmm30\n", Z12("vfmadd231ps"), ZMM_CLOBBER)
+TIMED(__attribute__((target("avx512f"))), dpbusd_zmm,
+      "vpxord %%zmm31,%%zmm31,%%zmm31\n vpxord %%zmm30,%%zmm30,%%zmm30\n", Z12("vpdpbusd"), ZMM_CLOBBER)
 
 static void cpu_model(char* out, size_t size) {   // /proc/cpuinfo's "model name", or "unknown"
   snprintf(out, size, "unknown");
