@@ -19,7 +19,9 @@ lookup + interaction call alone is timed too, where the representations differ).
 One thread; fresh uniform batches per contender (``rewrite.core.timing.serving_batches``);
 the contenders take turns call by call; medians.  ratio = plain best ms / this model's best ms
 (1.0: as fast as the plain model; the issue's goals: >= 0.8 for MD / QR / prune-dims /
-hot-cold, >= 0.3 for TT).  The load average is recorded before and after (a shared machine).
+hot-cold, >= 0.3 for TT).  Each best figure also as a share of the host's limit for that
+model and path (``rewrite.cost.limit`` on ``--hardware``, default this machine's measured
+``cpu-local``).  The load average is recorded before and after (a shared machine).
 """
 
 from __future__ import annotations
@@ -186,23 +188,38 @@ def summarize(results: list[dict]) -> list[dict]:
     return rows
 
 
+def add_limits(summary: list[dict], works: dict, hw) -> None:
+    """Each best figure's host limit (its model, its path's MLP arithmetic, its batch) and share."""
+    from rewrite.cost.limit import mlp_dtype, path_limit
+    from targets.base import get_target
+
+    for r in summary:
+        dtype = mlp_dtype(get_target(r["best_path"]).precision, hw)
+        r["limit_ms"] = path_limit(works[r["model"]], hw, dtype, r["batch"]).seconds * 1e3
+        r["mlp_dtype"], r["of_limit"] = dtype, r["limit_ms"] / r["best_ms"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="written by benchmarks/kaggle_model.py")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="variant names (prefixes) to run; default all")
+    ap.add_argument("--hardware", default="cpu-local", help="the spec of the host limit (rewrite hardware)")
     ap.add_argument("-o", "--output", type=Path, default=Path("fused_representations.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from rewrite.core import isa
     from rewrite.core.atomic import write_text
+    from rewrite.cost.hardware import load_hardware
+    from rewrite.cost.limit import model_work
     from rewrite.formats import load
 
     load_before = os.getloadavg()
+    hw = load_hardware(args.hardware)
     model = load(args.model).eval()
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     sizes = {t: model.embeddings[t].rows for t in model.embeddings}
-    nets = {"plain fp32": fast_net(model)}
+    nets, works = {"plain fp32": fast_net(model)}, {"plain fp32": model_work(model)}
     # every variant replaces the tables above TT_MIN_ROWS: drop their plain copies (2 GB; the
     # engine holds its own), keep the MLPs and the small tables
     from rewrite.core.embedding import TableBag
@@ -216,24 +233,27 @@ def main(argv: list[str] | None = None) -> int:
             continue
         tables = {t: make(r, 16, g) for t, r in tqdm(sizes.items(), desc=name, file=sys.stderr) if r > min_rows}
         variant = model.with_tables(tables)
-        nets[name] = fast_net(variant)
+        nets[name], works[name] = fast_net(variant), model_work(variant)
         kinds = sorted(set(nets[name].tables.kinds))
         print(f"{name}: {len(tables)} tables replaced, kinds {kinds}", file=sys.stderr)
         del tables, variant
         gc.collect()
     results = measure(nets, rows, args.rounds)
     summary = summarize(results)
+    add_limits(summary, works, hw)
     doc = {"benchmark": "fused_representations", "host": isa.cpu_model(),
            "isa_tier": isa.active_tier(), "threads": 1, "command": " ".join(sys.argv),
+           "limit": {"hardware": hw.name, "source": hw.source, "gemm_kernels": hw.measurements.get("gemm_kernels", {})},
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": results, "summary": summary}
     stage = {(r["batch"], r["model"]): r["median_ms"] for r in results if r["path"] == STAGE}
     for r in summary:
         r["stage_ms"] = stage[(r["batch"], r["model"])]
         r["stage_ratio_vs_plain"] = stage[(r["batch"], "plain fp32")] / r["stage_ms"]
-    print("| batch | model | best path | best ms | vs plain | lookup + interaction ms | vs plain |\n|---|---|---|---|---|---|---|")
+    print("| batch | model | best path | best ms | vs plain | of host limit | lookup + interaction ms | vs plain |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in summary:
         print(f"| {r['batch']} | {r['model']} | {r['best_path']} | {r['best_ms']:.3f} | {r['ratio_vs_plain']:.2f}x "
-              f"| {r['stage_ms']:.3f} | {r['stage_ratio_vs_plain']:.2f}x |")
+              f"| {r['of_limit']:.0%} | {r['stage_ms']:.3f} | {r['stage_ratio_vs_plain']:.2f}x |")
     print(f"ISA tier {doc['isa_tier']}, load average {load_before[0]:.1f} before, {doc['loadavg_after'][0]:.1f} after")
     write_text(args.output, json.dumps(doc, indent=1) + "\n")
     return 0
