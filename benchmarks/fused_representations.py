@@ -190,13 +190,11 @@ def summarize(results: list[dict]) -> list[dict]:
 
 def add_limits(summary: list[dict], works: dict, hw) -> None:
     """Each best figure's host limit (its model, its path's MLP arithmetic, its batch) and share."""
-    from rewrite.cost.limit import mlp_dtype, path_limit
+    from rewrite.cost.limit import limit_fields
     from targets.base import get_target
 
     for r in summary:
-        dtype = mlp_dtype(get_target(r["best_path"]).precision, hw)
-        r["limit_ms"] = path_limit(works[r["model"]], hw, dtype, r["batch"]).seconds * 1e3
-        r["mlp_dtype"], r["of_limit"] = dtype, r["limit_ms"] / r["best_ms"]
+        r.update(limit_fields(works[r["model"]], hw, get_target(r["best_path"]).precision, r["batch"], r["best_ms"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,17 +182,15 @@ def run_bench(bundle_dir: Path, batch_sizes: list[int], reference: Path | None =
 def add_limits(report: dict[str, Any], bundle, specs: dict[str, dict[str, Any]], hw: HardwareSpec) -> None:
     """Each result's ``limit_ms`` (the host's limit for its path's model and arithmetic at its
     batch) and ``of_limit`` = limit / p50; the method and the kernels behind it in ``limit``."""
-    from rewrite.cost.limit import mlp_dtype, model_work, path_limit
+    from rewrite.cost.limit import limit_fields, model_work
     from rewrite.formats import load
 
     reference = Path(specs[BASELINE]["file"])      # fbgemm-int8's model: the reference, tables in int8
     files = {name: bundle.reference_file(name) if name in bundle.paths else reference for name in specs}
     work = {f: model_work(load(f)) for f in set(files.values())}
     for r in report["results"]:
-        dtype = mlp_dtype(r["precision"], hw)
-        limit = path_limit(work[files[r["path"]]], hw, dtype, r["batch"], report["lookups_per_bag"])
-        r.update(limit_ms=limit.seconds * 1e3, limit_gather_ms=limit.gather_s * 1e3,
-                 limit_compute_ms=limit.compute_s * 1e3, mlp_dtype=dtype, of_limit=limit.seconds * 1e3 / r["p50_ms"])
+        r.update(limit_fields(work[files[r["path"]]], hw, r["precision"], r["batch"], r["p50_ms"],
+                              report["lookups_per_bag"]))
     report["limit"] = {"hardware": hw.name, "source": hw.source, "notes": hw.notes,
                        "gemm_kernels": hw.measurements.get("gemm_kernels", {}),
                        "gather": "index_select and the fast engine's gather_bags, the faster per tier"

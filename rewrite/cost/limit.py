@@ -92,3 +92,14 @@ def path_limit(work: ModelWork, hw: HardwareSpec, dtype: str, batch: int, lookup
         compute += batch * lookups_per_bag * n * facts.flops_per_lookup / peak(hw, facts.gemm_dtype)
     compute += batch * (work.mlp_flops / peak(hw, dtype) + work.other_flops / peak(hw, "fp32"))
     return Limit(gather, compute)
+
+
+def limit_fields(work: ModelWork, hw: HardwareSpec, precision: str, batch: int, measured_ms: float,
+                 lookups_per_bag: int = 1) -> dict[str, float | str]:
+    """A measured figure's limit, as the benchmarks report it: ``limit_ms`` (and its gather and
+    compute parts), the ``mlp_dtype`` it assumed and ``of_limit`` = limit / measured."""
+    dtype = mlp_dtype(precision, hw)
+    limit = path_limit(work, hw, dtype, batch, lookups_per_bag)
+    return {"limit_ms": limit.seconds * 1e3, "limit_gather_ms": limit.gather_s * 1e3,
+            "limit_compute_ms": limit.compute_s * 1e3, "mlp_dtype": dtype,
+            "of_limit": limit.seconds * 1e3 / measured_ms}
