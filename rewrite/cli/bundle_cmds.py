@@ -72,7 +72,8 @@ def compile_cmd(path, output, target_names, pass_specs, plan_path, data_path, pr
 
 def _emit_compiled(output: Path, manifest: dict, as_json: bool) -> None:
     result = {"bundle": str(output), "paths": {n: {"latency_ms": p.get("latency_ms"),
-                                                   "verification": p["verification"]}
+                                                   "verification": p["verification"],
+                                                   "mlp_plan": p.get("options", {}).get("mlp_plan")}
                                                for n, p in manifest["paths"].items()},
               "skipped_targets": manifest.get("skipped_targets", {}),
               "dispatch": manifest["dispatch"]}
@@ -94,6 +95,10 @@ def _human_paths(d) -> str:
         err = v["failure"] if "failure" in v else f"max |dp| {v['max_abs_prob_error']:.2e} (tol {v['tolerance']:g})"
         auc = f", AUC {v['auc']:.5f} vs {v['reference_auc']:.5f}" if "auc" in v else ""
         lines.append(f"  {name:<16} {status:<7} {err}{auc}  {lat}")
+        if p.get("mlp_plan"):
+            from targets.native.mlp_plan import describe_plan
+
+            lines.append(f"  {'':<16} {describe_plan(p['mlp_plan'])}")
     for name, why in d.get("skipped_targets", {}).items():
         lines.append(f"  {name:<16} skipped {why}")
     if "dispatch" in d:

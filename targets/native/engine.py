@@ -47,6 +47,13 @@ INT8_MIN_BATCH = 64      # samples; torch-fast-int8's int8 GEMMs from here
 KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers below it are reused, not faulted in
 
 
+def interaction_width(model: RecModel) -> int:
+    """kp: the width of the top MLP's input z = [x, kept pairs], zero-padded to a multiple of 32
+    (one AMX tile's K, so the top MLP's tile loads read z in place)."""
+    dim = next(iter(model.embeddings.values())).dim
+    return -(-(dim + model.interaction.flat_pairs.numel()) // 32) * 32
+
+
 def fusable(model: RecModel) -> None:
     """RewriteError unless every table pools into one dim (the dot interaction's)."""
     dims = {rep.dim for rep in model.embeddings.values()}
@@ -110,8 +117,11 @@ class FusedTables(nn.Module):
 class FastDLRM(nn.Module):
     """bottom MLP -> fused lookup + dot interaction -> top MLP, each batch size on its fastest form."""
 
-    def __init__(self, model: RecModel):
+    def __init__(self, model: RecModel, plan: dict[str, Any] | None = None):
+        """``plan``: a measured ``mlp_plan`` (``targets.native.mlp_plan``) for the bf16 MLPs, or
+        None for the tier's one-form default."""
         from targets.native.fast_kernels import PAIR_ORDERS, fast_mlp, kernels, small_model
+        from targets.native.mlp_plan import planned_mlp
 
         super().__init__()
         if model.spec.interaction != "dot":
@@ -121,10 +131,9 @@ class FastDLRM(nn.Module):
         self.tables = FusedTables(model)
         self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
         self.order = PAIR_ORDERS[model.spec.pairs]
-        # z's width, zero-padded to a multiple of 32: one AMX tile's K, so the top MLP's tile loads
-        # read z in place
-        self.kp = -(-(self.tables.dim + self.pairs.numel()) // 32) * 32
-        self.bottom16, self.top16 = fast_mlp(model.bottom), fast_mlp(model.top, k_in=self.kp)
+        self.kp = interaction_width(model)
+        self.bottom16 = planned_mlp(model.bottom, plan, "bottom", lambda: fast_mlp(model.bottom))
+        self.top16 = planned_mlp(model.top, plan, "top", lambda: fast_mlp(model.top, k_in=self.kp), self.kp)
         self.small = small_model(self.tables.store, model.bottom, model.top, model.spec.n_dense, self.order, self.kp)
 
     def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
@@ -227,15 +236,37 @@ class TorchFast(TorchEager):
             raise RewriteError(f"{self.name} supports the {' and '.join(self.interactions)} interaction"
                                f"{'s' if len(self.interactions) > 1 else ''}, not {model.spec.interaction!r}")
 
+    def default_mlp_form(self) -> str:
+        """The form of this path's MLPs without a measured plan (``targets.native.mlp_plan``)."""
+        from targets.native.mlp_plan import form_missing
+
+        return "bf16" if form_missing("bf16") is None else "fp32"
+
     def lower(self, model: RecModel, example: Batch, out_dir: Path, **options: Any) -> CompiledPath:
+        """The model file, and for a dot-interaction model the MLPs' forms measured on this host
+        (``options["mlp_plan"]``, ``targets.native.mlp_plan.plan_mlps``)."""
+        from targets.native.mlp_plan import plan_mlps
+
         self.refuse(model)
-        return super().lower(model, example, out_dir, **options)
+        compiled = super().lower(model, example, out_dir, **options)
+        if model.spec.interaction == "dot":
+            compiled.options["mlp_plan"] = plan_mlps(self.name, self.default_mlp_form(), model.bottom, model.top,
+                                                     interaction_width(model))
+        return compiled
+
+    def net(self, model: RecModel, plan: dict[str, Any] | None) -> nn.Module:
+        return FastDLRM(model, plan) if model.spec.interaction == "dot" else fast_net(model)
 
     def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
+        """The fast form, its MLPs split as the recorded plan says where it applies in this
+        process (``plan_applies``), else on the tier's default form."""
+        from targets.native.mlp_plan import plan_applies
+
         if threads:
             torch.set_num_threads(threads)
         model = self.load_model(out_dir)
-        net = fast_net(model).eval()
+        plan = compiled.options.get("mlp_plan")
+        net = self.net(model, plan if plan_applies(plan) is None else None).eval()
         model.embeddings = nn.ModuleDict()                 # drop the unfused copies of the tables
         return FastRunner(net)
 
@@ -245,20 +276,28 @@ class FastInt8DLRM(FastDLRM):
     fused lookup + interaction then writes the top MLP's input quantized per row
     (``embed_interact_q8``); smaller batches take ``FastDLRM``'s forms."""
 
-    def __init__(self, model: RecModel):
+    def __init__(self, model: RecModel, plan: dict[str, Any] | None = None):
+        """``plan``: a measured ``mlp_plan`` for the MLPs from INT8_MIN_BATCH samples (segments in
+        int8, bf16 or fp32), or None for int8 throughout."""
         from targets.native.int8_kernels import int8_mlp
+        from targets.native.mlp_plan import planned_mlp
 
         why = int8_mlps_wrong(model)
         if why:
             raise RewriteError(f"torch-fast-int8 cannot run this model here: {why}")
         super().__init__(model)
-        self.bottom8, self.top8 = int8_mlp(model.bottom), int8_mlp(model.top)
+        self.bottom8 = planned_mlp(model.bottom, plan, "bottom", lambda: int8_mlp(model.bottom))
+        self.top8 = planned_mlp(model.top, plan, "top", lambda: int8_mlp(model.top), self.kp)
+        # the fused interaction writes z quantized where the top MLP starts in int8, else bf16
+        self.top_kp8 = getattr(self.top8, "kp", None)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         if dense.shape[0] < INT8_MIN_BATCH:
             return super().forward(dense, indices, offsets)
         x = self.bottom8(dense)
-        return self.top8.from_quant(*self.lookup_interact(x, indices, offsets, self.top8.kp)).squeeze(1)
+        if self.top_kp8 is None:
+            return self.top8(self.lookup_interact(x, indices, offsets)).squeeze(1)
+        return self.top8.from_quant(*self.lookup_interact(x, indices, offsets, self.top_kp8)).squeeze(1)
 
 
 def int8_mlps_wrong(model: RecModel) -> str | None:
@@ -292,10 +331,8 @@ class TorchFastInt8(TorchFast):
         if why:
             raise RewriteError(f"{self.name} cannot run this model here: {why}")
 
-    def load(self, out_dir: Path, compiled: CompiledPath, threads: int | None = None) -> FastRunner:
-        if threads:
-            torch.set_num_threads(threads)
-        model = self.load_model(out_dir)
-        net = FastInt8DLRM(model).eval()
-        model.embeddings = nn.ModuleDict()
-        return FastRunner(net)
+    def default_mlp_form(self) -> str:
+        return "int8"
+
+    def net(self, model: RecModel, plan: dict[str, Any] | None) -> nn.Module:
+        return FastInt8DLRM(model, plan)

@@ -13,7 +13,7 @@ from rewrite.core.synthetic import multi_hot_batch
 from targets.base import get_target
 from rewrite.core.batch import split_bags_np
 from targets.native.fast_kernels import kernels
-from targets.native.engine import INT8_MIN_BATCH, SMALL_MAX_BATCH, FastDLRM, FusedTables
+from targets.native.engine import INT8_MIN_BATCH, SMALL_MAX_BATCH, FastDLRM, FastInt8DLRM, FastRunner, FusedTables
 from tests.helpers import small_model
 from tests.targets.checks import BATCHES, assert_matches_eager, lower_and_load
 from tests.tolerances import assert_close, path_tolerance
@@ -158,14 +158,16 @@ def test_int8_path_matches_eager_and_runs_int8_at_large_batches(model, tmp_path,
         with pytest.raises(RewriteError, match="torch-fast-int8 cannot run this model here: the bottom MLP: its int8"):
             lower_and_load(target, model, tmp_path)
         return
-    _, runner = lower_and_load(target, model, tmp_path)
-    for mlp, net in ((model.bottom, runner.net.bottom8), (model.top, runner.net.top8)):
-        assert type(net) is (VnniMlp if vnni_missing() is None and shape_missing(mlp) is None
-                             else Avx2Int8Mlp if isa_tier != "generic" else Int8Mlp)
+    net = FastInt8DLRM(model).eval()          # no measured plan: int8 throughout
+    for mlp, net_mlp in ((model.bottom, net.bottom8), (model.top, net.top8)):
+        assert type(net_mlp) is (VnniMlp if vnni_missing() is None and shape_missing(mlp) is None
+                                 else Avx2Int8Mlp if isa_tier != "generic" else Int8Mlp)
         if isa_tier in ("avx2", "generic"):
             assert "above the forced ISA tier" in vnni_missing()
-    assert assert_matches_eager(runner, model, "int8-dense") > 0
+    assert assert_matches_eager(FastRunner(net), model, "int8-dense") > 0
     assert max(b for b, _, _ in BATCHES) >= INT8_MIN_BATCH     # the int8 form really ran
+    _, runner = lower_and_load(target, model, tmp_path)      # the split measured at compile
+    assert assert_matches_eager(runner, model, "int8-dense") > 0
 
 
 def dcn_model(dim: int = 128, rows=(700, 90, 5, 33), seed: int = 0):
