@@ -11,16 +11,17 @@ After, same weights, same math:
   ROBE, bf16 tables) is pooled by its own ``forward`` and read by the same call (``pre``);
 * memory: glibc malloc told to keep freed buffers below ``KEEP_FREED_BYTES`` (process-wide), so
   each call's activations reuse pages instead of page-faulting fresh ones in;
-* up to ``SMALL_MAX_BATCH`` samples: the whole model as one C++ call (``small_forward``: bf16
-  weights, f32 activations and accumulation, z rounded to bf16 as below);
-* above: x = bottom(dense) in bf16 (``fast_kernels.fast_mlp``: the whole MLP as one call on AMX
+* form ``small``: the whole model as one C++ call (``small_forward``: bf16 weights, f32
+  activations and accumulation, z rounded to bf16 as below), one sample after another;
+* form ``batched``: x = bottom(dense) in bf16 (``fast_kernels.fast_mlp``: the whole MLP as one call on AMX
   tiles where the CPU has AMX, else oneDNN with prepacked weights, in fp32 on CPUs without
   AVX512-BF16), then ONE C++ call pools every
   bag and computes the dot interaction per sample, writing the top MLP's bf16 input
   z = [x, <t_i, t_j> ...] directly (``embed_interact``), then the top MLP in bf16 the same way,
   its width-1 last layer accumulated in fp32.
-``torch-fast-int8`` swaps the MLPs for int8 ones from ``INT8_MIN_BATCH`` samples, the fused lookup +
-interaction then writing z quantized per row (``embed_interact_q8``).
+``torch-fast-int8`` adds form ``int8``: int8 MLPs, the fused lookup + interaction then writing z
+quantized per row (``embed_interact_q8``).  Which form runs which batch size, and each MLP's split
+into forms, are measured at compile (``targets.native.batch_forms``, ``targets.native.mlp_plan``).
 The runner takes the canonical batch directly (``canonical``), skipping the per-feature split.
 Any representation is accepted, each table pooling by its own mode, as long as every table pools
 into one dim; the dot interaction, and for ``torch-fast`` also DLRM_DCN (``FastDCN``: the fused
@@ -29,6 +30,7 @@ lookup, then the cross net and the MLPs); another interaction is refused by name
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,11 @@ from rewrite.core.model import RecModel
 from targets.base import CompiledPath, register_target
 from targets.pytorch.eager import TorchEager
 
-SMALL_MAX_BATCH = 8      # samples; up to here one C++ call beats oneDNN (Kaggle model: B=4 0.09 vs 0.17 ms)
-INT8_MIN_BATCH = 64      # samples; torch-fast-int8's int8 GEMMs from here
+# Which form runs which batch size is measured at compile (``targets.native.batch_forms``); a path
+# without a measurement that applies here uses these: the small form up to SMALL_MAX_BATCH, int8
+# (torch-fast-int8) from INT8_MIN_BATCH.
+SMALL_MAX_BATCH = 8      # samples (Kaggle model, Intel AMX host: B=4 0.09 vs 0.17 ms on oneDNN)
+INT8_MIN_BATCH = 64      # samples
 KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers below it are reused, not faulted in
 
 
@@ -52,6 +57,15 @@ def interaction_width(model: RecModel) -> int:
     (one AMX tile's K, so the top MLP's tile loads read z in place)."""
     dim = next(iter(model.embeddings.values())).dim
     return -(-(dim + model.interaction.flat_pairs.numel()) // 32) * 32
+
+
+def form_by_batch(plan: dict[str, Any] | None, default: list[list[Any]], large: str):
+    """``form_for(batch)`` from a plan's measured ``batch_forms`` (``targets.native.batch_forms``),
+    else from ``default`` ranges."""
+    from targets.native.batch_forms import FormByBatch
+
+    measured = (plan or {}).get("batch_forms")
+    return FormByBatch(measured["ranges"], measured["large"]) if measured else FormByBatch(default, large)
 
 
 def fusable(model: RecModel) -> None:
@@ -134,6 +148,7 @@ class FastDLRM(nn.Module):
         self.kp = interaction_width(model)
         self.bottom16 = planned_mlp(model.bottom, plan, "bottom", lambda: fast_mlp(model.bottom))
         self.top16 = planned_mlp(model.top, plan, "top", lambda: fast_mlp(model.top, k_in=self.kp), self.kp)
+        self.form_for = form_by_batch(plan, [[SMALL_MAX_BATCH, "small"]], "batched")
         self.small = small_model(self.tables.store, model.bottom, model.top, model.spec.n_dense, self.order, self.kp)
 
     def lookup_interact(self, x: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
@@ -146,7 +161,12 @@ class FastDLRM(nn.Module):
         return fn(w, indices, offsets, feat, d, t.pre(indices, offsets), x, self.order, kp, False)
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if dense.shape[0] <= SMALL_MAX_BATCH:
+        return self.run_form(self.form_for(dense.shape[0]), dense, indices, offsets)
+
+    def run_form(self, form: str, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The logits by one form: ``small`` (one C++ call) or ``batched`` (bf16 MLPs around the
+        fused lookup + interaction)."""
+        if form == "small":
             return self.small(dense.contiguous(), indices, offsets, self.tables.pre(indices, offsets))
         x = self.bottom16(dense)
         return self.top16(self.lookup_interact(x, indices, offsets)).squeeze(1)
@@ -172,6 +192,10 @@ class FastDCN(nn.Module):
         self.tables = FusedTables(model)
         self.bottom, self.top = OneDnnMlp(model.bottom, dtype=torch.float32), fast_mlp(model.top)
         self.cross = model.interaction
+
+    @staticmethod
+    def form_for(batch: int) -> str:
+        return "small"                  # one form for every batch size
 
     def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.small(dense, indices, offsets, self.tables.pre(indices, offsets))
@@ -200,11 +224,11 @@ class FastRunner:
         self.net = net
 
     def canonical(self, dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Up to SMALL_MAX_BATCH samples straight into ``SmallModel`` (C++, no autograd to turn
+        """Batches whose form is ``small`` straight into ``SmallModel`` (C++, no autograd to turn
         off: entering inference mode and ``nn.Module.__call__`` were a quarter of a batch-1
-        ``predict``, 0.048 -> 0.037 ms here); larger batches through the module."""
+        ``predict``, 0.048 -> 0.037 ms here); the others through the module."""
         d, i, o = torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(offsets)
-        if d.shape[0] <= SMALL_MAX_BATCH:
+        if self.net.form_for(d.shape[0]) == "small":
             return self.net.small(d.contiguous(), i, o, self.net.tables.pre(i, o)).numpy()
         with torch.inference_mode():
             return self.net(d, i, o).numpy()
@@ -242,16 +266,27 @@ class TorchFast(TorchEager):
 
         return "bf16" if form_missing("bf16") is None else "fp32"
 
+    # the forms of ``net`` per batch size (``run_form``), the large-batch one last
+    batch_forms = ("small", "batched")
+
     def lower(self, model: RecModel, example: Batch, out_dir: Path, **options: Any) -> CompiledPath:
-        """The model file, and for a dot-interaction model the MLPs' forms measured on this host
-        (``options["mlp_plan"]``, ``targets.native.mlp_plan.plan_mlps``)."""
-        from targets.native.mlp_plan import plan_mlps
+        """The model file, and for a dot-interaction model the forms measured on this host
+        (``options["mlp_plan"]``): each MLP's split (``targets.native.mlp_plan``), then which form
+        runs each batch size (``batch_forms``, on a proxy of the model with those splits)."""
+        from targets.native import batch_forms
+        from targets.native.mlp_plan import one_thread, plan_mlps
 
         self.refuse(model)
         compiled = super().lower(model, example, out_dir, **options)
         if model.spec.interaction == "dot":
-            compiled.options["mlp_plan"] = plan_mlps(self.name, self.default_mlp_form(), model.bottom, model.top,
-                                                     interaction_width(model))
+            plan = plan_mlps(self.name, self.default_mlp_form(), model.bottom, model.top, interaction_width(model))
+            proxy = batch_forms.proxy_model(model)
+            net = self.net(proxy, plan).eval()
+            with one_thread():
+                plan["batch_forms"] = batch_forms.measure(
+                    {form: functools.partial(net.run_form, form) for form in self.batch_forms}, proxy,
+                    self.batch_forms[-1])
+            compiled.options["mlp_plan"] = plan
         return compiled
 
     def net(self, model: RecModel, plan: dict[str, Any] | None) -> nn.Module:
@@ -272,13 +307,14 @@ class TorchFast(TorchEager):
 
 
 class FastInt8DLRM(FastDLRM):
-    """``FastDLRM`` with int8 MLPs (``targets.native.int8_kernels.int8_mlp``) from INT8_MIN_BATCH samples up; the
-    fused lookup + interaction then writes the top MLP's input quantized per row
-    (``embed_interact_q8``); smaller batches take ``FastDLRM``'s forms."""
+    """``FastDLRM`` with a third form, ``int8``: int8 MLPs (``targets.native.int8_kernels.int8_mlp``)
+    around the fused lookup + interaction, which then writes the top MLP's input quantized per row
+    (``embed_interact_q8``).  Which form runs which batch size: measured at compile
+    (``batch_forms``), else ``small`` up to SMALL_MAX_BATCH, ``batched`` below INT8_MIN_BATCH."""
 
     def __init__(self, model: RecModel, plan: dict[str, Any] | None = None):
-        """``plan``: a measured ``mlp_plan`` for the MLPs from INT8_MIN_BATCH samples (segments in
-        int8, bf16 or fp32), or None for int8 throughout."""
+        """``plan``: a measured ``mlp_plan``: the int8 form's MLP splits (segments in int8, bf16 or
+        fp32) and the forms by batch size; None for int8 throughout and the default sizes."""
         from targets.native.int8_kernels import int8_mlp
         from targets.native.mlp_plan import planned_mlp
 
@@ -290,10 +326,12 @@ class FastInt8DLRM(FastDLRM):
         self.top8 = planned_mlp(model.top, plan, "top", lambda: int8_mlp(model.top), self.kp)
         # the fused interaction writes z quantized where the top MLP starts in int8, else bf16
         self.top_kp8 = getattr(self.top8, "kp", None)
+        self.form_for = form_by_batch(plan, [[SMALL_MAX_BATCH, "small"], [INT8_MIN_BATCH - 1, "batched"]], "int8")
 
-    def forward(self, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if dense.shape[0] < INT8_MIN_BATCH:
-            return super().forward(dense, indices, offsets)
+    def run_form(self, form: str, dense: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``FastDLRM.run_form``, and ``int8``: the int8 MLPs around the lookup + interaction."""
+        if form != "int8":
+            return super().run_form(form, dense, indices, offsets)
         x = self.bottom8(dense)
         if self.top_kp8 is None:
             return self.top8(self.lookup_interact(x, indices, offsets)).squeeze(1)
@@ -330,6 +368,8 @@ class TorchFastInt8(TorchFast):
         why = int8_mlps_wrong(model)
         if why:
             raise RewriteError(f"{self.name} cannot run this model here: {why}")
+
+    batch_forms = ("small", "batched", "int8")
 
     def default_mlp_form(self) -> str:
         return "int8"

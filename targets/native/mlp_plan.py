@@ -25,6 +25,7 @@ that lacks a form, runs the default instead (``plan_applies``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Any, Callable
@@ -160,17 +161,20 @@ def choose_split(n_layers: int, cost: dict[Segment, float], default: Segment) ->
     return chosen
 
 
-def median_ms(calls: dict[Segment, Callable[[], Any]]) -> dict[Segment, float]:
-    """Each call's median time in ms over ``PLAN_REPEATS`` rounds that call every candidate once
+def median_ms(calls: dict[Any, Callable[[], Any]], per_turn: int = 1) -> dict[Any, float]:
+    """Each call's median time in ms over ``PLAN_REPEATS`` rounds that give every candidate a turn
     (after two warm-up rounds): a burst of load on a shared host slows one round of every
-    candidate, not all samples of one."""
-    samples: dict[Segment, list[float]] = {key: [] for key in calls}
+    candidate, not all samples of one.  ``per_turn`` > 1 calls a candidate that often per turn and
+    times all but the first call, so a small call is timed with its weights in cache (as in a
+    stream of such requests), not just after another candidate evicted them."""
+    samples: dict[Any, list[float]] = {key: [] for key in calls}
     for round_ in range(PLAN_REPEATS + 2):
         for key, fn in calls.items():
-            t = time.perf_counter()
-            fn()
-            if round_ >= 2:
-                samples[key].append(time.perf_counter() - t)
+            for k in range(per_turn):
+                t = time.perf_counter()
+                fn()
+                if round_ >= 2 and (k > 0 or per_turn == 1):
+                    samples[key].append(time.perf_counter() - t)
     return {key: sorted(v)[len(v) // 2] * 1e3 for key, v in samples.items()}
 
 
@@ -220,20 +224,27 @@ def plan_mlp(mlp: nn.Sequential, forms: tuple[str, ...], default_form: str, k_in
             "timings": {f"{form} {a}-{b - 1}": round(t, 4) for (form, a, b), t in sorted(cost.items(), key=str)}}
 
 
-def plan_mlps(path: str, default_form: str, bottom: nn.Sequential, top: nn.Sequential,
-              top_k_in: int, batch: int = PLAN_BATCH) -> dict[str, Any]:
-    """The manifest's ``mlp_plan`` for a dot-interaction model on ``path``: each MLP's measured
-    split, with the host, tier and batch the timings came from.  One thread, as the bundles serve."""
-    forms = tuple(f for f in PATH_FORMS[path] if form_missing(f) is None)
+@contextlib.contextmanager
+def one_thread():
+    """Timings on one thread, as the bundles serve (``rewrite bench`` and ``serve`` workers)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def plan_mlps(path: str, default_form: str, bottom: nn.Sequential, top: nn.Sequential,
+              top_k_in: int, batch: int = PLAN_BATCH) -> dict[str, Any]:
+    """The manifest's ``mlp_plan`` for a dot-interaction model on ``path``: each MLP's measured
+    split, with the host, tier and batch the timings came from, on one thread."""
+    forms = tuple(f for f in PATH_FORMS[path] if form_missing(f) is None)
+    with one_thread():
         return {"cpu": isa.cpu_model(), "tier": isa.active_tier(), "batch": batch, "threads": 1,
                 "forms": list(forms), "margin": MARGIN,
                 "bottom": plan_mlp(bottom, forms, default_form, None, batch),
                 "top": plan_mlp(top, forms, default_form, top_k_in, batch)}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def plan_applies(plan: dict[str, Any] | None) -> str | None:

@@ -58,7 +58,7 @@ struct Layer {
   int64_t n, kp;
 };
 
-// Y[r, c0 .. c0 + 16 NVT) for rows [0, MR) of the tile at A (u8 rows of kp): MR x NVT
+// Y[r, c0 .. c0 + 16 NVT) for rows [0, MRT) of the tile at A (u8 rows of kp): MRT x NVT
 // accumulators in named registers (as an array, GCC 12 kept them on the stack or in two copies
 // moved every step: the whole MLPs 1.5-1.6x slower than Int8Mlp's _int_mm + epilogues).
 #define DLRM_ACC_ROW(r) __m512i r##0 = _mm512_setzero_si512(), r##1 = r##0, r##2 = r##0, r##3 = r##0
@@ -72,10 +72,10 @@ struct Layer {
     if constexpr (NVT > 2) r##2 = _mm512_dpbusd_epi32(r##2, av, w2);                          \
     if constexpr (NVT > 3) r##3 = _mm512_dpbusd_epi32(r##3, av, w3);                          \
   }
-template <int NVT>
+template <int MRT, int NVT>
 inline void tile(const uint8_t* a, int64_t kp, const int8_t* w, int64_t k4s, const Layer& l, const float* sa,
                  int64_t c0, float* y, int64_t ny) {
-  static_assert(MR == 6 && NVT >= 1 && NVT <= 4, "the named-register tile is 6 x (1..4)");
+  static_assert(MR == 6 && MRT >= 1 && MRT <= MR && NVT >= 1 && NVT <= 4, "the named-register tile is (1..6) x (1..4)");
   DLRM_ACC_ROW(p);
   DLRM_ACC_ROW(q);
   DLRM_ACC_ROW(u);
@@ -90,11 +90,11 @@ inline void tile(const uint8_t* a, int64_t kp, const int8_t* w, int64_t k4s, con
     asm("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));   // keep them in registers: else GCC folds
                                                           // them into every VPDPBUSD, a load each
     DLRM_DP_ROW(p, 0)
-    DLRM_DP_ROW(q, 1)
-    DLRM_DP_ROW(u, 2)
-    DLRM_DP_ROW(v, 3)
-    DLRM_DP_ROW(e, 4)
-    DLRM_DP_ROW(f, 5)
+    if constexpr (MRT > 1) DLRM_DP_ROW(q, 1)
+    if constexpr (MRT > 2) DLRM_DP_ROW(u, 2)
+    if constexpr (MRT > 3) DLRM_DP_ROW(v, 3)
+    if constexpr (MRT > 4) DLRM_DP_ROW(e, 4)
+    if constexpr (MRT > 5) DLRM_DP_ROW(f, 5)
   }
   const __m512i acc[MR][4] = {{p0, p1, p2, p3}, {q0, q1, q2, q3}, {u0, u1, u2, u3},
                                   {v0, v1, v2, v3}, {e0, e1, e2, e3}, {f0, f1, f2, f3}};
@@ -104,7 +104,7 @@ inline void tile(const uint8_t* a, int64_t kp, const int8_t* w, int64_t k4s, con
   for (int v = 0; v < NVT; ++v) {
     const __m512 swv = _mm512_loadu_ps(sw + 16 * v), bv = _mm512_loadu_ps(b + 16 * v);
     const __m512i cv = l.signed_in ? _mm512_loadu_si512(comp + 16 * v) : _mm512_setzero_si512();
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < MRT; ++r) {
       const __m512 g = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], cv));
       __m512 o = _mm512_fmadd_ps(g, _mm512_mul_ps(_mm512_set1_ps(sa[r]), swv), bv);
       if (l.relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
@@ -115,21 +115,37 @@ inline void tile(const uint8_t* a, int64_t kp, const int8_t* w, int64_t k4s, con
 #undef DLRM_ACC_ROW
 #undef DLRM_DP_ROW
 
-// One layer for the block: A [BLOCK, kp] u8 -> Y [BLOCK, n] f32.
-void layer_block(const Layer& l, const uint8_t* a, const float* sa, float* y) {
+// Rows [0, MRT) of a panel of NVT vectors (the tile's shape as template arguments).
+template <int MRT>
+inline void panel_rows(int64_t nv, const uint8_t* a, int64_t kp, const int8_t* panel, int64_t k4s, const Layer& l,
+                       const float* sa, int64_t c0, float* y, int64_t ny) {
+  switch (nv) {
+    case 4: tile<MRT, 4>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
+    case 3: tile<MRT, 3>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
+    case 2: tile<MRT, 2>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
+    default: tile<MRT, 1>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
+  }
+}
+
+// One layer for the block's first `rows` samples: A [rows, kp] u8 -> Y [rows, n] f32 (MR rows per
+// tile, the last tile as many as are left: a batch of 1 costs one row, not a block).
+void layer_block(const Layer& l, const uint8_t* a, const float* sa, float* y, int64_t rows) {
   const int64_t k4s = l.kp / 4, nts = l.n / 16;
   const int8_t* w = l.packed.data_ptr<int8_t>();
   for (int64_t nt = 0; nt < nts; nt += NV) {
     const int64_t nv = std::min<int64_t>(NV, nts - nt);
     const int8_t* panel = w + nt * k4s * 64;
-    for (int64_t m = 0; m < BLOCK; m += MR) {
+    for (int64_t m = 0; m < rows; m += MR) {
       const uint8_t* am = a + m * l.kp;
       float* ym = y + m * l.n;
-      switch (nv) {
-        case 4: tile<4>(am, l.kp, panel, k4s, l, sa + m, 16 * nt, ym, l.n); break;
-        case 3: tile<3>(am, l.kp, panel, k4s, l, sa + m, 16 * nt, ym, l.n); break;
-        case 2: tile<2>(am, l.kp, panel, k4s, l, sa + m, 16 * nt, ym, l.n); break;
-        default: tile<1>(am, l.kp, panel, k4s, l, sa + m, 16 * nt, ym, l.n); break;
+      const int64_t c0 = 16 * nt;
+      switch (std::min<int64_t>(MR, rows - m)) {
+        case 6: panel_rows<6>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
+        case 5: panel_rows<5>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
+        case 4: panel_rows<4>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
+        case 3: panel_rows<3>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
+        case 2: panel_rows<2>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
+        default: panel_rows<1>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
       }
     }
   }
@@ -154,7 +170,9 @@ struct VnniKernel {
   using Act = uint8_t;
   using Layer = ::Layer;
   static constexpr int64_t BLOCK = ::BLOCK;
-  static void layer_block(const Layer& l, const uint8_t* a, const float* sa, float* y) { ::layer_block(l, a, sa, y); }
+  static void layer_block(const Layer& l, const uint8_t* a, const float* sa, float* y, int64_t rows) {
+    ::layer_block(l, a, sa, y, rows);
+  }
   static void requantize(const Layer& l, const Layer& next, const float* y, uint8_t* a, float* s) {
     if (!next.signed_in) {
       quantize_row_u8(y, l.n, next.kp, a, s);

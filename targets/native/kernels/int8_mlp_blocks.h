@@ -4,10 +4,10 @@
 //   K::Act                               a layer input's element (u8 for VNNI, s16 for AVX2)
 //   K::Layer                             one layer (.n outputs, .kp padded inputs)
 //   K::BLOCK                             samples per block (a multiple of its register tile's rows)
-//   K::layer_block(l, a, sa, y)          A [BLOCK, l.kp] Act, row scales sa -> Y [BLOCK, l.n] f32
+//   K::layer_block(l, a, sa, y, rows)    A [rows, l.kp] Act, row scales sa -> Y [rows, l.n] f32 (rows <= BLOCK)
 //   K::requantize(l, next, y, a, s)      one row of l's output -> next's input row and its scale
 //   K::dot(y, w, n)                      f32 dot product (a width-1 last layer)
-// Tail rows of the last block are computed on zeros and never stored.
+// The last block computes only the rows it has (a batch of 1 is one row through every layer).
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -36,14 +36,12 @@ torch::Tensor run_blocks(const std::vector<typename K::Layer>& layers, int64_t k
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t lo = blk * BLOCK, rows = std::min(BLOCK, batch - lo);
       for (int64_t r = 0; r < rows; ++r) load(lo + r, a.data() + r * kp, &sa[r]);
-      std::fill(a.begin() + rows * kp, a.begin() + BLOCK * kp, Act(0));
-      std::fill(sa.begin() + rows, sa.end(), 1.f);
       for (size_t i = 0; i < layers.size(); ++i) {
         const auto& l = layers[i];
-        K::layer_block(l, a.data(), sa.data(), y.data());
+        K::layer_block(l, a.data(), sa.data(), y.data(), rows);
         if (i + 1 == layers.size()) break;
         const auto& next = layers[i + 1];
-        for (int64_t r = 0; r < BLOCK; ++r)
+        for (int64_t r = 0; r < rows; ++r)
           K::requantize(l, next, y.data() + r * l.n, a.data() + r * next.kp, &sa[r]);
       }
       const int64_t n = layers.back().n;

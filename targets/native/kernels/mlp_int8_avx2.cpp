@@ -60,7 +60,7 @@ struct Layer {
   int64_t n, kp;
 };
 
-// Y[r, c0 .. c0 + 8 NVT) for rows [0, MR) of the block at A (s16 rows of kp): MR x NVT
+// Y[r, c0 .. c0 + 8 NVT) for rows [0, MRT) of the block at A (s16 rows of kp): MRT x NVT
 // accumulators in named registers, the weights pinned by an empty asm (as an array GCC kept the
 // accumulators on the stack: kernels/dlrm_vnni.cpp measured the same).
 #define DLRM_ACC_ROW(r) __m256i r##0 = _mm256_setzero_si256(), r##1 = r##0
@@ -72,10 +72,10 @@ struct Layer {
     r##0 = _mm256_add_epi32(r##0, _mm256_madd_epi16(av, w0));                      \
     if constexpr (NVT > 1) r##1 = _mm256_add_epi32(r##1, _mm256_madd_epi16(av, w1)); \
   }
-template <int NVT>
+template <int MRT, int NVT>
 inline void tile(const int16_t* a, int64_t kp, const int16_t* w, int64_t k2s, const Layer& l, const float* sa,
                  int64_t c0, float* y, int64_t ny) {
-  static_assert(MR == 6 && NVT >= 1 && NVT <= 2, "the named-register tile is 6 x (1..2)");
+  static_assert(MR == 6 && MRT >= 1 && MRT <= MR && NVT >= 1 && NVT <= 2, "the named-register tile is (1..6) x (1..2)");
   DLRM_ACC_ROW(p);
   DLRM_ACC_ROW(q);
   DLRM_ACC_ROW(u);
@@ -87,18 +87,18 @@ inline void tile(const int16_t* a, int64_t kp, const int16_t* w, int64_t k2s, co
     __m256i w1 = NVT > 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (k2s + k2) * 16)) : w0;
     asm("" : "+x"(w0), "+x"(w1));
     DLRM_MADD_ROW(p, 0)
-    DLRM_MADD_ROW(q, 1)
-    DLRM_MADD_ROW(u, 2)
-    DLRM_MADD_ROW(v, 3)
-    DLRM_MADD_ROW(e, 4)
-    DLRM_MADD_ROW(f, 5)
+    if constexpr (MRT > 1) DLRM_MADD_ROW(q, 1)
+    if constexpr (MRT > 2) DLRM_MADD_ROW(u, 2)
+    if constexpr (MRT > 3) DLRM_MADD_ROW(v, 3)
+    if constexpr (MRT > 4) DLRM_MADD_ROW(e, 4)
+    if constexpr (MRT > 5) DLRM_MADD_ROW(f, 5)
   }
   const __m256i acc[MR][2] = {{p0, p1}, {q0, q1}, {u0, u1}, {v0, v1}, {e0, e1}, {f0, f1}};
   const float* sw = l.sw.data_ptr<float>() + c0;
   const float* b = l.b.data_ptr<float>() + c0;
   for (int vv = 0; vv < NVT; ++vv) {
     const __m256 swv = _mm256_loadu_ps(sw + 8 * vv), bv = _mm256_loadu_ps(b + 8 * vv);
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < MRT; ++r) {
       __m256 o = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][vv]), _mm256_mul_ps(_mm256_set1_ps(sa[r]), swv), bv);
       if (l.relu) o = _mm256_max_ps(o, _mm256_setzero_ps());
       _mm256_storeu_ps(y + r * ny + c0 + 8 * vv, o);
@@ -108,15 +108,34 @@ inline void tile(const int16_t* a, int64_t kp, const int16_t* w, int64_t k2s, co
 #undef DLRM_ACC_ROW
 #undef DLRM_MADD_ROW
 
-// One layer for the block: A [BLOCK, kp] s16 -> Y [BLOCK, n] f32.
-void layer_block(const Layer& l, const int16_t* a, const float* sa, float* y) {
+// Rows [0, MRT) of a panel of one or two vectors (the tile's shape as template arguments).
+template <int MRT>
+inline void panel_rows(bool two, const int16_t* a, int64_t kp, const int16_t* panel, int64_t k2s, const Layer& l,
+                       const float* sa, int64_t c0, float* y, int64_t ny) {
+  if (two) tile<MRT, 2>(a, kp, panel, k2s, l, sa, c0, y, ny);
+  else tile<MRT, 1>(a, kp, panel, k2s, l, sa, c0, y, ny);
+}
+
+// One layer for the block's first `rows` samples: A [rows, kp] s16 -> Y [rows, n] f32 (MR rows
+// per tile, the last tile as many as are left).
+void layer_block(const Layer& l, const int16_t* a, const float* sa, float* y, int64_t rows) {
   const int64_t k2s = l.kp / 2, nts = l.n / 8;
   const int16_t* w = l.packed.data_ptr<int16_t>();
   for (int64_t nt = 0; nt < nts; nt += NV) {
     const int16_t* panel = w + nt * k2s * 16;
-    for (int64_t m = 0; m < BLOCK; m += MR) {
-      if (nts - nt >= 2) tile<2>(a + m * l.kp, l.kp, panel, k2s, l, sa + m, 8 * nt, y + m * l.n, l.n);
-      else tile<1>(a + m * l.kp, l.kp, panel, k2s, l, sa + m, 8 * nt, y + m * l.n, l.n);
+    const bool two = nts - nt >= 2;
+    for (int64_t m = 0; m < rows; m += MR) {
+      const int16_t* am = a + m * l.kp;
+      float* ym = y + m * l.n;
+      const int64_t c0 = 8 * nt;
+      switch (std::min<int64_t>(MR, rows - m)) {
+        case 6: panel_rows<6>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
+        case 5: panel_rows<5>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
+        case 4: panel_rows<4>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
+        case 3: panel_rows<3>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
+        case 2: panel_rows<2>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
+        default: panel_rows<1>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
+      }
     }
   }
 }
@@ -136,7 +155,9 @@ struct Avx2Kernel {
   using Act = int16_t;
   using Layer = ::Layer;
   static constexpr int64_t BLOCK = ::BLOCK;
-  static void layer_block(const Layer& l, const int16_t* a, const float* sa, float* y) { ::layer_block(l, a, sa, y); }
+  static void layer_block(const Layer& l, const int16_t* a, const float* sa, float* y, int64_t rows) {
+    ::layer_block(l, a, sa, y, rows);
+  }
   static void requantize(const Layer& l, const Layer& next, const float* y, int16_t* a, float* s) {
     if (l.relu) {
       quantize_row_u8(y, l.n, next.kp, a, s);

@@ -13,6 +13,7 @@ from rewrite.core.synthetic import multi_hot_batch
 from targets.base import get_target
 from rewrite.core.batch import split_bags_np
 from targets.native.fast_kernels import kernels
+from targets.native.int8_kernels import int8_mlp_wrong
 from targets.native.engine import INT8_MIN_BATCH, SMALL_MAX_BATCH, FastDLRM, FastInt8DLRM, FastRunner, FusedTables
 from tests.helpers import small_model
 from tests.targets.checks import BATCHES, assert_matches_eager, lower_and_load
@@ -35,7 +36,7 @@ def test_matches_eager_on_ragged_empty_and_largest_id_batches(model, tmp_path):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("pairs", ["dlrm", "dlrm-self", "torchrec"])
-def test_both_forms_agree_with_eager_around_the_switch(pairs):
+def test_every_form_agrees_with_eager_at_every_size(pairs):
     from dataclasses import replace
 
     from rewrite.core.model import RecModel
@@ -48,12 +49,18 @@ def test_both_forms_agree_with_eager_around_the_switch(pairs):
         top.weight.copy_(torch.randn(top.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
     for later, layer in zip(model.top[1:], base.top[1:]):
         later.load_state_dict(layer.state_dict())
-    net = FastDLRM(model).eval()
     rows = [model.embeddings[t].rows for t in model.feature_tables]
-    for b in (1, SMALL_MAX_BATCH, SMALL_MAX_BATCH + 1, 300):    # one C++ call / oneDNN + C++ lookup
-        batch = multi_hot_batch(rows, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
-        atol, rtol = path_tolerance("bf16-dense")
-        np.testing.assert_allclose(net(*batch.inputs()).numpy(), model(*batch.inputs()).numpy(), atol=atol, rtol=rtol)
+    nets = [(FastDLRM(model).eval(), "bf16-dense")]
+    if not int8_mlp_wrong():
+        nets.append((FastInt8DLRM(model).eval(), "int8-dense"))
+    for net, precision in nets:
+        atol, rtol = path_tolerance(precision)
+        for form in ("small", "batched", "int8")[:2 + isinstance(net, FastInt8DLRM)]:
+            for b in (1, 2, 7, SMALL_MAX_BATCH + 1, 300):     # every tile remainder of the int8 kernels
+                batch = multi_hot_batch(rows, b, model.spec.n_dense, 3.0, seed=b, empty_fraction=0.2)
+                np.testing.assert_allclose(net.run_form(form, *batch.inputs()).numpy(),
+                                           model(*batch.inputs()).numpy(), atol=atol, rtol=rtol,
+                                           err_msg=f"{type(net).__name__} {form} B={b}")
 
 
 @torch.inference_mode()

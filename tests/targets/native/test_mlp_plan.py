@@ -1,5 +1,6 @@
-"""The MLPs' per-layer forms, chosen by measurement at compile (targets.native.mlp_plan): the
-split search, mixed splits against eager at every ISA tier, and the plan a bundle records."""
+"""The fast engine's forms, chosen by measurement at compile: each MLP's per-layer split
+(targets.native.mlp_plan) and the form per batch size (targets.native.batch_forms); the
+searches, mixed splits against eager at every ISA tier, and the plan a bundle records."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from rewrite.training import table_dlrm
 from targets.base import get_target
 from targets.native.engine import FastDLRM, FastInt8DLRM, FastRunner
 from targets.native.int8_kernels import int8_mlp_wrong
+from targets.native.batch_forms import GRID, FormByBatch
 from targets.native.mlp_plan import (MARGIN, MixedMlp, choose_split, cheapest_splits, form_missing, plan_applies)
 from tests.targets.checks import assert_matches_eager, lower_and_load
 
@@ -99,8 +101,21 @@ def test_compile_records_the_measured_plan_and_load_follows_it(model, tmp_path, 
         assert entry["ms"] <= entry["default_ms"]
         module = getattr(runner.net, which + ("8" if name == "torch-fast-int8" else "16"))
         assert (type(module) is MixedMlp) == (entry["segments"] != [[entry["default"], 0, 3]])
-    precision = target.precision
-    assert assert_matches_eager(runner, model, precision) > 0
+    by_batch = recorded["batch_forms"]
+    forms = list(target.batch_forms)
+    assert by_batch["grid"] == list(GRID) and by_batch["large"] == forms[-1] and set(by_batch["timings"]) == set(forms)
+    for k, b in enumerate(GRID):            # each size runs the form measured fastest there
+        fastest = min(forms, key=lambda f: by_batch["timings"][f][k])
+        assert runner.net.form_for(b) == fastest
+    assert runner.net.form_for(GRID[-1] + 1) == forms[-1]
+    assert assert_matches_eager(runner, model, target.precision) > 0
+
+
+def test_form_by_batch_covers_each_size_by_the_first_range_that_reaches_it():
+    form_for = FormByBatch([[1, "small"], [8, "int8"], [32, "batched"]], "int8")
+    assert [form_for(b) for b in (1, 2, 8, 9, 32, 33, 10_000)] == [
+        "small", "int8", "int8", "batched", "batched", "int8", "int8"]
+    assert FormByBatch([], "batched")(1) == "batched"
 
 
 @pytest.mark.usefixtures("isa_tier")
