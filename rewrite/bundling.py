@@ -37,7 +37,7 @@ from rewrite.core.batch import split_bags_np
 
 AUTO = "auto"                  # every target usable here that accepts the model
 DEFAULT_TARGETS = (AUTO,)
-LATENCY_BATCH_SIZES = (1, 64, 512, 2048)   # samples; where the compile-time latency is measured
+LATENCY_BATCH_SIZES = (1, 8, 64, 512, 2048)   # samples; where the compile-time latency is measured
 LATENCY_ROUNDS = 3                         # alternating rounds; each times every fresh batch once
 LATENCY_BATCHES = 4                        # fresh batches per round and size
 REWRITTEN_FILE = "rewritten/model.safetensors"

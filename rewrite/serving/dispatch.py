@@ -7,7 +7,7 @@ precision fp32 > bf16 > int8), ties by cost.  Within a level the path is the one
 estimated latency for the batch's size, so the batch size always matters.
 
 Cost model: ``est(path, B)`` interpolates the compile-time latency table (``latency_ms`` at
-B = 1, 64, 512, 2048) linearly in B (extrapolating the last segment), times a per-path online
+B = 1, 8, 64, 512, 2048) linearly in B (extrapolating the last segment), times a per-path online
 correction: an exponential average (weight 0.2) of measured / estimated over served batches.
 
 The load-aware rule (``LoadAware.choose``), designed here because MP-Rec's exact rule was not
