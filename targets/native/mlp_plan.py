@@ -38,7 +38,7 @@ from rewrite.core.errors import RewriteError
 
 PLAN_BATCH = 2048        # samples: the throughput regime, where the MLPs are most of the time
 PLAN_REPEATS = 7         # timed rounds over every candidate (median), after two warm-up rounds
-MARGIN = 0.05            # a mixed split must beat the default by this share to be taken
+MARGIN = 0.05            # share by which a split must beat the one kept so far (choose_split)
 PATH_FORMS = {"torch-fast-int8": ("int8", "bf16", "fp32"), "torch-fast": ("bf16", "fp32")}
 
 Segment = tuple[str, int, int]          # (form, start layer, stop layer)
