@@ -196,7 +196,10 @@ def segment_timings(mlp: nn.Sequential, forms: tuple[str, ...], k_in: int | None
                 segment = layer_slice(mlp, a, b)
                 if segment_missing(form, segment):
                     continue
-                module = build_segment(form, segment, k_in if top_input else None)
+                try:
+                    module = build_segment(form, segment, k_in if top_input else None)
+                except RewriteError:        # a kernel that refuses this segment's shape: not a candidate
+                    continue
                 if top_input and form == "int8":
                     q, s = int8_kernels().quantize_rows(x[:, :widths[0]].contiguous(), module.kp)
                     calls[(form, a, b)] = functools.partial(module.from_quant, q, s)
