@@ -15,6 +15,11 @@ with that tier's ``-march``), so an AVX-512 host also tests the AVX2 path.  Set 
 start, it also caps torch's own kernels (``ATEN_CPU_CAPABILITY``) and oneDNN's
 (``ONEDNN_MAX_CPU_ISA``) unless those are set already.  A tier above the host is an error.
 The features come from the kernel's CPUID report (``/proc/cpuinfo``).
+
+On a non-x86 host (aarch64: the generic tier only) the kernels are built with ``-mcpu=native``;
+``REWRITE_CPU_FLAGS="-mcpu=neoverse-n1"`` (compiler flags, split on whitespace) replaces it where
+the compiler cannot read the CPU, e.g. a cross compiler driven by an emulated aarch64 Python
+(``.ci/aarch64-qemu``).  On x86-64 the tier picks the flags and setting it is an error.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from rewrite.core.errors import RewriteError
 
 TIERS = ("generic", "avx2", "avx512", "amx")
 ENV = "REWRITE_ISA"
+CPU_FLAGS_ENV = "REWRITE_CPU_FLAGS"
 
 # The CPUID flags each tier needs (names as /proc/cpuinfo prints them).
 REQUIRES = {
@@ -48,9 +54,17 @@ def host_features() -> frozenset[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
-    for line in text.splitlines():
+    return parse_features(text, is_x86())
+
+
+def parse_features(cpuinfo: str, x86: bool) -> frozenset[str]:
+    """The first CPU's flags in a ``/proc/cpuinfo`` text: the ``flags`` line on x86-64, the
+    ``Features`` line elsewhere (an x86 flag such as avx2 never counts on another ISA, e.g. an
+    aarch64 process under qemu-user that reads its x86 host's file)."""
+    wanted = "flags" if x86 else "Features"
+    for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
+        if key.strip() == wanted:
             return frozenset(value.split())
     return frozenset()
 
@@ -135,10 +149,17 @@ def has(*features: str, tier: str | None = None) -> bool:
 
 def compile_flags(tier: str | None = None) -> list[str]:
     """``-m`` flags that build C++ kernels for ``tier`` on this host: ``-march=native`` at the
-    host's own tier, a named ``-march`` below it (the build never uses what the tier masks)."""
+    host's own tier, a named ``-march`` below it (the build never uses what the tier masks);
+    ``-mcpu=native`` on aarch64, or ``$REWRITE_CPU_FLAGS`` there."""
     tier = check_tier(tier or active_tier())
+    override = os.environ.get(CPU_FLAGS_ENV, "").split()
     if not is_x86():
+        if override:
+            return override
         return ["-mcpu=native"] if platform.machine().lower() in ("aarch64", "arm64") else []
+    if override:
+        raise RewriteError(f"{CPU_FLAGS_ENV} sets the CPU flags of a non-x86 host; on x86-64 the ISA tier "
+                           f"picks them ({ENV}=generic|avx2|avx512|amx)")
     if tier == host_tier():
         return ["-march=native"]
     if tier == "avx512":      # an AMX host building its AVX-512 tier

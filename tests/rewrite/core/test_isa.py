@@ -35,6 +35,7 @@ def test_forcing_a_lower_tier_masks_the_features_above_it(monkeypatch):
         {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}))
     monkeypatch.setattr(isa, "is_x86", lambda: True)
     monkeypatch.delenv(isa.ENV, raising=False)
+    monkeypatch.delenv(isa.CPU_FLAGS_ENV, raising=False)
     assert isa.active_tier() == "avx512" and isa.has("avx512_vnni")
     monkeypatch.setenv(isa.ENV, "avx2")
     assert isa.active_tier() == "avx2"
@@ -73,3 +74,38 @@ def test_the_process_cap_is_the_tier_named_at_start_only():
     code = "import os, rewrite; from rewrite.core import isa; os.environ['REWRITE_ISA'] = 'generic'; print(isa.process_cap())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "avx2"
+
+
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma f16c\n"
+AARCH64_CPUINFO = ("processor\t: 0\nFeatures\t: fp asimd aes crc32 atomics asimddp\n"
+                   "CPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")
+
+
+def test_the_features_are_the_line_the_hosts_own_isa_writes():
+    assert isa.parse_features(X86_CPUINFO, x86=True) == {"fpu", "sse2", "avx2", "fma", "f16c"}
+    assert isa.parse_features(AARCH64_CPUINFO, x86=False) == {"fp", "asimd", "aes", "crc32", "atomics", "asimddp"}
+    # an aarch64 process under qemu-user reads its x86 host's file: avx2 is no feature of its CPU
+    assert isa.parse_features(X86_CPUINFO, x86=False) == frozenset()
+    assert isa.parse_features(AARCH64_CPUINFO, x86=True) == frozenset()
+
+
+def test_an_aarch64_host_builds_for_its_own_cpu_or_the_flags_it_is_given(monkeypatch):
+    monkeypatch.setattr(isa, "is_x86", lambda: False)
+    monkeypatch.setattr(isa.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(isa, "host_features", lambda: frozenset({"fp", "asimd"}))
+    monkeypatch.delenv(isa.ENV, raising=False)
+    monkeypatch.delenv(isa.CPU_FLAGS_ENV, raising=False)
+    assert isa.host_tier() == "generic"
+    assert isa.compile_flags() == ["-mcpu=native"]
+    monkeypatch.setenv(isa.CPU_FLAGS_ENV, "  -mcpu=neoverse-n1   -mtune=neoverse-n1 ")   # a cross compiler
+    assert isa.compile_flags() == ["-mcpu=neoverse-n1", "-mtune=neoverse-n1"]
+    assert "lacks avx2" in isa.missing("avx2")
+
+
+def test_cpu_flags_on_x86_are_an_error_naming_the_tier_switch(monkeypatch):
+    monkeypatch.setattr(isa, "host_features", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.setattr(isa, "is_x86", lambda: True)
+    monkeypatch.delenv(isa.ENV, raising=False)
+    monkeypatch.setenv(isa.CPU_FLAGS_ENV, "-mcpu=neoverse-n1")
+    with pytest.raises(RewriteError, match=r"REWRITE_CPU_FLAGS sets the CPU flags of a non-x86 host.*REWRITE_ISA"):
+        isa.compile_flags()
