@@ -69,15 +69,35 @@ def parse_features(cpuinfo: str, x86: bool) -> frozenset[str]:
     return frozenset()
 
 
+# Arm's own cores by "CPU part" (implementer 0x41): Neoverse-N1 is AWS Graviton2's core, V1
+# Graviton3's, V2 Graviton4's and NVIDIA Grace's.
+ARM_PARTS = {"0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2",
+             "0xd8e": "Neoverse-N3", "0xd84": "Neoverse-V3", "0xd0b": "Cortex-A76", "0xd41": "Cortex-A78"}
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model name", "CPU part"):
-                return value.strip()
+        return parse_cpu_model(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        return platform.processor() or platform.machine()
+
+
+def parse_cpu_model(cpuinfo: str) -> str:
+    """The CPU's name in a ``/proc/cpuinfo`` text: x86's ``model name``; on Arm, which prints no
+    name, the core named from its implementer and part numbers (``ARM_PARTS``), else those numbers."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    for key in ("model name", "Model name"):
+        if fields.get(key):
+            return fields[key]
+    part, implementer = fields.get("CPU part", ""), fields.get("CPU implementer", "")
+    if implementer == "0x41" and part in ARM_PARTS:
+        return f"Arm {ARM_PARTS[part]}"
+    if part:
+        return f"CPU implementer {implementer or '?'} part {part}"
     return platform.processor() or platform.machine()
 
 

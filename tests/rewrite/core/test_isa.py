@@ -109,3 +109,11 @@ def test_cpu_flags_on_x86_are_an_error_naming_the_tier_switch(monkeypatch):
     monkeypatch.setenv(isa.CPU_FLAGS_ENV, "-mcpu=neoverse-n1")
     with pytest.raises(RewriteError, match=r"REWRITE_CPU_FLAGS sets the CPU flags of a non-x86 host.*REWRITE_ISA"):
         isa.compile_flags()
+
+
+def test_the_cpu_is_named_on_x86_and_on_arm():
+    assert isa.parse_cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t: fpu avx2\n") == "AMD EPYC 9R14"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
+    assert isa.parse_cpu_model(graviton3) == "Arm Neoverse-V1"
+    other = "Features\t: fp asimd\nCPU implementer\t: 0x61\nCPU part\t: 0x022\n"
+    assert isa.parse_cpu_model(other) == "CPU implementer 0x61 part 0x022"
