@@ -47,7 +47,8 @@ CROSS = "aarch64-linux-gnu-g++"
 def test_every_kernel_compiles_for_aarch64():
     """The generic tier is what an aarch64 host builds: every kernel source, with no x86 flags,
     must compile there (its x86 tiers behind their feature macros).  A compile check with the
-    cross compiler (Debian's g++-aarch64-linux-gnu), not a run: no aarch64 machine here."""
+    cross compiler (Debian's g++-aarch64-linux-gnu); ``.ci/aarch64-qemu`` builds and runs the
+    kernel tests on aarch64 under qemu-user (too slow for every run)."""
     if shutil.which(CROSS) is None:
         pytest.skip(f"no aarch64 cross compiler ({CROSS}: apt-get install g++-aarch64-linux-gnu)")
     from torch.utils.cpp_extension import include_paths
