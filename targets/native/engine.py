@@ -40,7 +40,7 @@ from torch import nn
 
 from rewrite.core.batch import Batch
 from rewrite.core.errors import RewriteError
-from rewrite.core.model import RecModel
+from rewrite.core.model import RecModel, interaction_width
 from targets.base import CompiledPath, register_target
 from targets.pytorch.eager import TorchEager
 
@@ -52,11 +52,11 @@ INT8_MIN_BATCH = 64      # samples
 KEEP_FREED_BYTES = 32 << 20   # glibc's largest mmap threshold: per-call buffers below it are reused, not faulted in
 
 
-def interaction_width(model: RecModel) -> int:
-    """kp: the width of the top MLP's input z = [x, kept pairs], zero-padded to a multiple of 32
-    (one AMX tile's K, so the top MLP's tile loads read z in place)."""
-    dim = next(iter(model.embeddings.values())).dim
-    return -(-(dim + model.interaction.flat_pairs.numel()) // 32) * 32
+def padded_interaction_width(model: RecModel) -> int:
+    """kp: the top MLP's input width (``rewrite.core.model.interaction_width``) zero-padded to a
+    multiple of 32 (one AMX tile's K, so the top MLP's tile loads read z in place)."""
+    dims = [model.embeddings[t].dim for t in model.feature_tables]
+    return -(-interaction_width(model.spec, dims) // 32) * 32
 
 
 def form_by_batch(plan: dict[str, Any] | None, default: list[list[Any]], large: str):
@@ -145,7 +145,7 @@ class FastDLRM(nn.Module):
         self.tables = FusedTables(model)
         self.register_buffer("pairs", model.interaction.flat_pairs, persistent=False)
         self.order = PAIR_ORDERS[model.spec.pairs]
-        self.kp = interaction_width(model)
+        self.kp = padded_interaction_width(model)
         self.bottom16 = planned_mlp(model.bottom, plan, "bottom", lambda: fast_mlp(model.bottom))
         self.top16 = planned_mlp(model.top, plan, "top", lambda: fast_mlp(model.top, k_in=self.kp), self.kp)
         self.form_for = form_by_batch(plan, [[SMALL_MAX_BATCH, "small"]], "batched")
@@ -279,7 +279,7 @@ class TorchFast(TorchEager):
         self.refuse(model)
         compiled = super().lower(model, example, out_dir, **options)
         if model.spec.interaction == "dot":
-            plan = plan_mlps(self.name, self.default_mlp_form(), model.bottom, model.top, interaction_width(model))
+            plan = plan_mlps(self.name, self.default_mlp_form(), model.bottom, model.top, padded_interaction_width(model))
             proxy = batch_forms.proxy_model(model)
             net = self.net(proxy, plan).eval()
             with one_thread():
