@@ -49,3 +49,19 @@ def median_ms(call: Callable[[object], object], inputs: list, warmup: int, calls
         call(x)
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
+
+
+def interleaved_median_ms(calls: dict, rounds: int, warmup_rounds: int = 2, per_turn: int = 1) -> dict:
+    """{key: median ms of ``calls[key]()``} over ``rounds`` rounds that give every call a turn
+    (after ``warmup_rounds`` untimed ones): a burst of load on a shared host slows one round of
+    every candidate, not all samples of one.  ``per_turn`` > 1 calls a candidate that often per
+    turn and times all but the first, so a small call is timed warm (as in a stream of such
+    requests), not just after another candidate evicted its weights."""
+    samples: dict = {key: [] for key in calls}
+    for round_ in range(warmup_rounds + rounds):
+        for key, fn in calls.items():
+            times = time_calls(lambda _, fn=fn: fn(), [None] * per_turn)
+            if round_ >= warmup_rounds:
+                samples[key] += times[1:] if per_turn > 1 else times
+    return {key: float(np.median(v)) * 1e3 for key, v in samples.items()}
+

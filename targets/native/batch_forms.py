@@ -7,7 +7,8 @@ Where one overtakes another depends on the CPU and its tier, so it is measured: 
 timed at every batch size of ``GRID`` on a proxy of the model (the same spec, MLP shapes and
 split, every table fp32 with at most ``PROXY_ROWS`` rows: the forms share the lookup, so the
 tables' own cost is common to all and the proxy keeps the compile's memory small), every form
-and size given a turn per round, timed warm (``mlp_plan.median_ms`` with ``PER_TURN`` calls a turn).  The fastest form at each grid point covers
+and size given a turn per round, timed warm (``rewrite.core.timing.interleaved_median_ms``,
+``PER_TURN`` calls a turn).  The fastest form at each grid point covers
 the batch sizes up to it; batches above the grid take the path's large-batch form.
 
 The result, ``[[max_batch, form], ...]`` in increasing ``max_batch``, is recorded with its
@@ -17,15 +18,17 @@ timings in the path's ``mlp_plan`` options; ``form_for`` reads it.
 from __future__ import annotations
 
 import bisect
+import functools
 from typing import Any, Callable
 
 import torch
 
 from rewrite.core.model import RecModel
-from rewrite.core.synthetic import multi_hot_batch
+from rewrite.core.timing import interleaved_median_ms, serving_batches
 
 GRID = (1, 2, 4, 8, 16, 32, 64, 128)
 PROXY_ROWS = 4096
+ROUNDS = 7               # timed rounds over every form and size (medians)
 PER_TURN = 4             # calls per turn, the first untimed: warm, as in a stream of one size
 
 
@@ -42,18 +45,16 @@ def proxy_model(model: RecModel) -> RecModel:
 
 def measure(forms: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]], proxy: RecModel,
             large_form: str) -> dict[str, Any]:
-    """Time every form at every GRID batch size (one id per bag, as the serving batches): the
+    """Time every form at every GRID batch size (``serving_batches``: one id per bag): the
     ranges (module docstring) and the timings behind them, in ms."""
-    from targets.native.mlp_plan import median_ms
-
     rows = [proxy.embeddings[t].rows for t in proxy.feature_tables]
     calls = {}
     for b in GRID:
-        batch = multi_hot_batch(rows, b, proxy.spec.n_dense, 1.0, seed=b)
+        batch = [torch.from_numpy(a) for a in serving_batches(rows, proxy.spec.n_dense, b, 1, seed=0)[0]]
         for name, form in forms.items():
-            calls[(name, b)] = (lambda f=form, x=batch: f(x.dense, x.indices, x.offsets))
+            calls[(name, b)] = functools.partial(form, *batch)
     with torch.inference_mode():
-        times = median_ms(calls, per_turn=PER_TURN)
+        times = interleaved_median_ms(calls, ROUNDS, per_turn=PER_TURN)
     ranges: list[list[Any]] = []
     for b in GRID:
         fastest = min(forms, key=lambda name: times[(name, b)])

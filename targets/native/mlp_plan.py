@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from typing import Any, Callable
 
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 
 from rewrite.core import isa
 from rewrite.core.errors import RewriteError
+from rewrite.core.timing import interleaved_median_ms
 
 PLAN_BATCH = 2048        # samples: the throughput regime, where the MLPs are most of the time
 PLAN_REPEATS = 7         # timed rounds over every candidate (median), after two warm-up rounds
@@ -161,23 +161,6 @@ def choose_split(n_layers: int, cost: dict[Segment, float], default: Segment) ->
     return chosen
 
 
-def median_ms(calls: dict[Any, Callable[[], Any]], per_turn: int = 1) -> dict[Any, float]:
-    """Each call's median time in ms over ``PLAN_REPEATS`` rounds that give every candidate a turn
-    (after two warm-up rounds): a burst of load on a shared host slows one round of every
-    candidate, not all samples of one.  ``per_turn`` > 1 calls a candidate that often per turn and
-    times all but the first call, so a small call is timed with its weights in cache (as in a
-    stream of such requests), not just after another candidate evicted them."""
-    samples: dict[Any, list[float]] = {key: [] for key in calls}
-    for round_ in range(PLAN_REPEATS + 2):
-        for key, fn in calls.items():
-            for k in range(per_turn):
-                t = time.perf_counter()
-                fn()
-                if round_ >= 2 and (k > 0 or per_turn == 1):
-                    samples[key].append(time.perf_counter() - t)
-    return {key: sorted(v)[len(v) // 2] * 1e3 for key, v in samples.items()}
-
-
 def segment_timings(mlp: nn.Sequential, forms: tuple[str, ...], k_in: int | None,
                     batch: int) -> dict[Segment, float]:
     """ms per call of every segment x form this process can run, at ``batch`` samples, from the
@@ -206,7 +189,7 @@ def segment_timings(mlp: nn.Sequential, forms: tuple[str, ...], k_in: int | None
                 else:
                     calls[(form, a, b)] = functools.partial(module, x.to(torch.bfloat16) if top_input else x)
     with torch.inference_mode():
-        return median_ms(calls)
+        return interleaved_median_ms(calls, PLAN_REPEATS)
 
 
 def plan_mlp(mlp: nn.Sequential, forms: tuple[str, ...], default_form: str, k_in: int | None = None,
