@@ -115,38 +115,19 @@ inline void tile(const uint8_t* a, int64_t kp, const int8_t* w, int64_t k4s, con
 #undef DLRM_ACC_ROW
 #undef DLRM_DP_ROW
 
-// Rows [0, MRT) of a panel of NVT vectors (the tile's shape as template arguments).
-template <int MRT>
-inline void panel_rows(int64_t nv, const uint8_t* a, int64_t kp, const int8_t* panel, int64_t k4s, const Layer& l,
-                       const float* sa, int64_t c0, float* y, int64_t ny) {
-  switch (nv) {
-    case 4: tile<MRT, 4>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
-    case 3: tile<MRT, 3>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
-    case 2: tile<MRT, 2>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
-    default: tile<MRT, 1>(a, kp, panel, k4s, l, sa, c0, y, ny); break;
-  }
-}
-
 // One layer for the block's first `rows` samples: A [rows, kp] u8 -> Y [rows, n] f32 (MR rows per
 // tile, the last tile as many as are left: a batch of 1 costs one row, not a block).
 void layer_block(const Layer& l, const uint8_t* a, const float* sa, float* y, int64_t rows) {
   const int64_t k4s = l.kp / 4, nts = l.n / 16;
   const int8_t* w = l.packed.data_ptr<int8_t>();
   for (int64_t nt = 0; nt < nts; nt += NV) {
-    const int64_t nv = std::min<int64_t>(NV, nts - nt);
     const int8_t* panel = w + nt * k4s * 64;
     for (int64_t m = 0; m < rows; m += MR) {
-      const uint8_t* am = a + m * l.kp;
-      float* ym = y + m * l.n;
-      const int64_t c0 = 16 * nt;
-      switch (std::min<int64_t>(MR, rows - m)) {
-        case 6: panel_rows<6>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
-        case 5: panel_rows<5>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
-        case 4: panel_rows<4>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
-        case 3: panel_rows<3>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
-        case 2: panel_rows<2>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
-        default: panel_rows<1>(nv, am, l.kp, panel, k4s, l, sa + m, c0, ym, l.n); break;
-      }
+      dlrm::with_count<MR>(std::min<int64_t>(MR, rows - m), [&]<int MRT>() {
+        dlrm::with_count<NV>(std::min<int64_t>(NV, nts - nt), [&]<int NVT>() {
+          tile<MRT, NVT>(a + m * l.kp, l.kp, panel, k4s, l, sa + m, 16 * nt, y + m * l.n, l.n);
+        });
+      });
     }
   }
 }

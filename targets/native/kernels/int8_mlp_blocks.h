@@ -14,9 +14,20 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace dlrm {
+
+// f.template operator()<N>() with N = n (1 <= n <= MAX) as a compile-time constant: a register
+// tile's row or vector count, chosen at run time, as the template argument the tile needs.
+template <int MAX, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_count<MAX - 1>(n, std::forward<F>(f));
+  }
+  f.template operator()<MAX>();
+}
 
 // load(row, a, s) writes sample `row`'s first-layer input (kp wide) and its scale.  Returns
 // f32 [batch, N_last], or the logits f32 [batch] when final_w (f32 [N_last]) is not empty.

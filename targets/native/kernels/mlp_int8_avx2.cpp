@@ -108,14 +108,6 @@ inline void tile(const int16_t* a, int64_t kp, const int16_t* w, int64_t k2s, co
 #undef DLRM_ACC_ROW
 #undef DLRM_MADD_ROW
 
-// Rows [0, MRT) of a panel of one or two vectors (the tile's shape as template arguments).
-template <int MRT>
-inline void panel_rows(bool two, const int16_t* a, int64_t kp, const int16_t* panel, int64_t k2s, const Layer& l,
-                       const float* sa, int64_t c0, float* y, int64_t ny) {
-  if (two) tile<MRT, 2>(a, kp, panel, k2s, l, sa, c0, y, ny);
-  else tile<MRT, 1>(a, kp, panel, k2s, l, sa, c0, y, ny);
-}
-
 // One layer for the block's first `rows` samples: A [rows, kp] s16 -> Y [rows, n] f32 (MR rows
 // per tile, the last tile as many as are left).
 void layer_block(const Layer& l, const int16_t* a, const float* sa, float* y, int64_t rows) {
@@ -123,19 +115,12 @@ void layer_block(const Layer& l, const int16_t* a, const float* sa, float* y, in
   const int16_t* w = l.packed.data_ptr<int16_t>();
   for (int64_t nt = 0; nt < nts; nt += NV) {
     const int16_t* panel = w + nt * k2s * 16;
-    const bool two = nts - nt >= 2;
     for (int64_t m = 0; m < rows; m += MR) {
-      const int16_t* am = a + m * l.kp;
-      float* ym = y + m * l.n;
-      const int64_t c0 = 8 * nt;
-      switch (std::min<int64_t>(MR, rows - m)) {
-        case 6: panel_rows<6>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
-        case 5: panel_rows<5>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
-        case 4: panel_rows<4>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
-        case 3: panel_rows<3>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
-        case 2: panel_rows<2>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
-        default: panel_rows<1>(two, am, l.kp, panel, k2s, l, sa + m, c0, ym, l.n); break;
-      }
+      dlrm::with_count<MR>(std::min<int64_t>(MR, rows - m), [&]<int MRT>() {
+        dlrm::with_count<NV>(std::min<int64_t>(NV, nts - nt), [&]<int NVT>() {
+          tile<MRT, NVT>(a + m * l.kp, l.kp, panel, k2s, l, sa + m, 8 * nt, y + m * l.n, l.n);
+        });
+      });
     }
   }
 }
