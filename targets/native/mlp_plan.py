@@ -75,10 +75,8 @@ def segment_missing(form: str, mlp: nn.Sequential) -> str | None:
     multiple of 8."""
     from targets.native.int8_kernels import ALIGN, split_final
 
-    if form == "int8":
-        int8_layers = split_final(mlp)[0] if len(mlp) > 1 else []
-        if not int8_layers or int8_layers[0][0].out_features % ALIGN:
-            return "no leading layer whose width is a multiple of 8"
+    if form == "int8" and split_final(mlp)[0][0][0].out_features % ALIGN:
+        return "no leading layer whose width is a multiple of 8"
     return None
 
 
