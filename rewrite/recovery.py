@@ -217,7 +217,8 @@ def recover(original: RecModel, rewritten: RecModel, data: Dataset, steps: int |
               {"params": [m for n, m in masters.items() if n in dense], "scale": DENSE_LR_SCALE},
               *({"params": [m for n, m in masters.items() if scaled.get(n) == s], "scale": s}
                 for s in sorted(set(scaled.values())))]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+    # fused: one kernel over every tensor, ~0.6 ms a step instead of ~1.6 ms for the demo's 54
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, fused=True)
     per_epoch = -(-n_train // batch_size)
     total = steps if steps is not None else max(1, int(round((epochs or MAX_EPOCHS) * per_epoch)))
     every = eval_every or max(MIN_EVAL_STEPS, min(per_epoch // EVALS_PER_EPOCH, total // 10 or 1))
