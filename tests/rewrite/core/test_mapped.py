@@ -3,7 +3,10 @@ file-backed private pages (never anonymous memory, whose data it would zero)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
+import os
 import sys
 from pathlib import Path
 
@@ -135,3 +138,56 @@ def test_spill_moves_large_tensors_to_a_mapped_scratch_file(tmp_path):
     assert torch.equal(rep(idx, off), expected)
     assert list(tmp_path.iterdir()) == [], "the scratch file is unlinked"
     assert mapped.spill(rep, str(tmp_path)) == 0              # already mapped: nothing to move
+
+
+def _uncached_mapping(path: Path, data: np.ndarray, offset: int) -> torch.Tensor:
+    """``data`` written to ``path`` after ``offset`` bytes, its pages dropped from the page cache,
+    mapped privately and viewed as [rows, 1024] from that offset (not page-aligned)."""
+    with open(path, "wb") as f:
+        f.write(b"\0" * offset)
+        f.write(data.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mm, dtype=torch.float32, offset=offset).view(-1, 1024)
+    if mapped._missing_share(t) < mapped.DIRECT_MIN_MISSING:
+        pytest.skip(f"{path.parent}'s file system keeps the file in memory: no read goes to the disk")
+    return t
+
+
+@linux
+@pytest.mark.parametrize("refuse_direct", [False, True], ids=["o_direct", "file_system_refuses_o_direct"])
+def test_blocks_out_of_the_page_cache_are_read_into_buffers(tmp_path, monkeypatch, refuse_direct):
+    data = np.random.default_rng(0).standard_normal(3 << 20).astype(np.float32)     # 12 MiB
+    t = _uncached_mapping(tmp_path / "data.bin", data, offset=4100)
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (1 << 20,))
+    reads, real_read, real_preadv = [], mapped._DirectReads.read, os.preadv
+    monkeypatch.setattr(mapped._DirectReads, "read", lambda self, *a: reads.append(self.direct) or real_read(self, *a))
+    if refuse_direct:
+        def preadv(fd, buffers, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+        monkeypatch.setattr(os, "preadv", preadv)
+    got = np.concatenate([block.numpy().reshape(-1).copy() for _, _, block in mapped.indexed_blocks(t)])
+    assert np.array_equal(got, data)
+    if refuse_direct:       # then plain reads; the kernel's read-ahead may cache later blocks first
+        assert reads and reads[0] and not any(reads[1:])
+    else:
+        assert reads == [True] * 12, "every block came from the file, not from faulted-in pages"
+    assert resident_bytes(tmp_path / "data.bin") < 1 << 20
+
+
+@linux
+def test_blocks_in_the_page_cache_are_read_through_the_mapping(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    data = np.arange(2 << 20, dtype=np.float32)
+    data.tofile(path)                                       # just written: in the page cache
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    t = torch.frombuffer(mm, dtype=torch.float32).view(-1, 1024)
+    monkeypatch.setattr(mapped.row_blocks, "__defaults__", (1 << 20,))
+    monkeypatch.setattr(mapped._DirectReads, "read", lambda *a: pytest.fail("a cached block was read again"))
+    assert mapped.abs_max(t) == float((2 << 20) - 1)
