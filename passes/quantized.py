@@ -108,7 +108,8 @@ class RowwiseQuantizedBag(Representation):
         if bits not in (8, 4, 2):
             raise ValueError(f"rowwise bits must be 8, 4 or 2, got {bits}")
         self.rows, self.dim, self.bits, self.pooling = int(rows), int(dim), int(bits), pooling
-        self.register_buffer("packed", torch.zeros(self.rows, row_width(self.dim, self.bits), dtype=torch.uint8))
+        # every row is written by the fit or by loading: no zeroing pass over a table of GBs
+        self.register_buffer("packed", torch.empty(self.rows, row_width(self.dim, self.bits), dtype=torch.uint8))
         self.register_buffer("exp_table", _exp_table(4 if self.bits == 8 else 2), persistent=False)
 
     def dequantize(self, rows: torch.Tensor) -> torch.Tensor:

@@ -58,29 +58,6 @@ DIRECT_ALIGN = 4096            # O_DIRECT: file offset, length and buffer aligne
 DIRECT_MIN_MISSING = 0.25      # a block read with O_DIRECT when this share of its pages is not cached
 
 
-def _mapped_file(t: torch.Tensor) -> tuple[str, int] | None:
-    """(path, byte offset) of ``t``'s first byte in the file whose private mapping holds all of
-    ``t`` (advice splits a mapping into several areas: its first and last byte must map the same
-    file at offsets ``t``'s size apart); None when it lies in none, or the file has no name left
-    (a spill)."""
-    first = t.data_ptr()
-    last = first + t.numel() * t.element_size() - 1
-    found = {}
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(maxsplit=5)
-            if len(parts) < 6 or "p" not in parts[1] or parts[4] == "0" or not parts[5].startswith("/"):
-                continue
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            for name, address in (("first", first), ("last", last)):
-                if start <= address < end:
-                    found[name] = (parts[5], int(parts[2], 16) + address - start)
-    if len(found) < 2 or found["first"][0] != found["last"][0] or found["first"][0].endswith(" (deleted)"):
-        return None
-    path, offset = found["first"]
-    return (path, offset) if found["last"][1] - offset == last - first else None
-
-
 def _missing_share(block: torch.Tensor) -> float:
     """Share of ``block``'s whole pages that are not in the page cache (``mincore``)."""
     span = _whole_pages(block)
@@ -148,8 +125,10 @@ def indexed_blocks(t: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
     pages = FilePages(t)
     row_bytes = t[0].numel() * t.element_size()
     spans = list(row_blocks(t.shape[0], row_bytes))
-    where = _mapped_file(t) if pages and t.is_contiguous() else None
+    where = pages.file_of(t) if pages and t.is_contiguous() else None
     direct = _DirectReads(where[0], max(hi - lo for lo, hi in spans) * row_bytes) if where else None
+    pages.advise(mmap.MADV_SEQUENTIAL)     # the table's advice changes twice, not per block: each
+                                           # change splits the mapping, and the list grows
 
     def fetch(k: int) -> torch.Tensor | None:
         """Block k read into a buffer, or None once its mapped pages are faulted in."""
@@ -157,7 +136,6 @@ def indexed_blocks(t: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
         if direct is not None and _missing_share(block) >= DIRECT_MIN_MISSING:
             raw = direct.read(k % 2, where[1] + spans[k][0] * row_bytes, (spans[k][1] - spans[k][0]) * row_bytes)
             return raw.view(t.dtype).view(block.shape)
-        pages.advise(mmap.MADV_SEQUENTIAL, within=block)
         _touch(block)
         return None
 
@@ -173,11 +151,12 @@ def indexed_blocks(t: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
             try:
                 yield lo, hi, mapped_block if fetched is None else fetched
             finally:
-                pages.advise(mmap.MADV_DONTNEED, mmap.MADV_RANDOM, within=mapped_block)
+                if fetched is None:
+                    pages.advise(mmap.MADV_DONTNEED, within=mapped_block)
     finally:
         if ahead is not None:      # the caller stopped early: the reader is done with t first
             ahead.result()
-            pages.advise(mmap.MADV_DONTNEED, mmap.MADV_RANDOM)
+        pages.advise(mmap.MADV_DONTNEED, mmap.MADV_RANDOM)
         if direct is not None:
             direct.close()
 
@@ -203,16 +182,18 @@ def all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(b).all()) for b in blocks(t))
 
 
-def _private_file_ranges() -> list[tuple[int, int]]:
-    """[start, end) of every private mapping of a regular file in this process."""
+def _private_file_maps() -> list[tuple[int, int, str, int]]:
+    """(start, end, path, file offset of start) of every private mapping of a regular file in
+    this process (one read of ``/proc/self/maps``: ~3 ms with torch's libraries loaded, more once
+    advice has split a large mapping into many areas)."""
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
-            parts = line.split(maxsplit=5)
+            parts = line.rstrip("\n").split(maxsplit=5)
             if len(parts) < 6 or "p" not in parts[1] or parts[4] == "0" or not parts[5].startswith("/"):
                 continue
             lo, hi = parts[0].split("-")
-            out.append((int(lo, 16), int(hi, 16)))
+            out.append((int(lo, 16), int(hi, 16), parts[5], int(parts[2], 16)))
     return out
 
 
@@ -240,8 +221,22 @@ class FilePages:
 
     def __init__(self, *tensors: torch.Tensor):
         own = [p for t in tensors if (p := _whole_pages(t)) is not None]
-        ranges = _private_file_ranges() if own and _libc is not None else []
+        self.maps = _private_file_maps() if own and _libc is not None else []
+        ranges = [(lo, hi) for lo, hi, _, _ in self.maps]
         self.spans = [s for lo, hi in own for s in _overlaps(ranges, lo, hi)]
+
+    def file_of(self, t: torch.Tensor) -> tuple[str, int] | None:
+        """(path, byte offset) of ``t``'s first byte in the file whose private mapping holds all of
+        ``t`` (advice splits a mapping into several areas: its first and last byte must map the
+        same file at offsets ``t``'s size apart); None when it lies in none, or the file has no
+        name left (a spill)."""
+        first = t.data_ptr()
+        last = first + t.numel() * t.element_size() - 1
+        at = [next(((path, off + a - lo) for lo, hi, path, off in self.maps if lo <= a < hi), None)
+              for a in (first, last)]
+        if at[0] is None or at[1] is None or at[0][0] != at[1][0] or at[0][0].endswith(" (deleted)"):
+            return None
+        return at[0] if at[1][1] - at[0][1] == last - first else None
 
     def __bool__(self) -> bool:
         return bool(self.spans)
@@ -340,7 +335,7 @@ def is_mapped(t: torch.Tensor) -> bool:
     """Whether ``t``'s bytes lie in a private mapping of a file (a mapped checkpoint or a spill)."""
     if _libc is None or t.device.type != "cpu" or t.numel() == 0:
         return False
-    return any(a <= t.data_ptr() < b for a, b in _private_file_ranges())
+    return any(a <= t.data_ptr() < b for a, b, _, _ in _private_file_maps())
 
 
 def spill(module: torch.nn.Module, directory: str | None = None) -> int:

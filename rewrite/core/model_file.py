@@ -20,6 +20,7 @@ Streaming, for checkpoints larger than memory:
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,19 @@ def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[
     return struct.pack("<Q", len(text)) + text, order
 
 
-def _write_tensor(f, t: torch.Tensor, bar: tqdm) -> None:
-    """t's bytes, in row blocks, releasing each block's file-backed source pages once written."""
+def _write_tensor(f, t: torch.Tensor, bar: tqdm, pages: mapped.FilePages) -> None:
+    """t's bytes, a large tensor in row blocks, releasing the file-backed source pages once written
+    (``pages``: those of every tensor written, found once, not per tensor)."""
     flat = t.contiguous().reshape(-1)
     if flat.numel() == 0:
         return
-    for lo, hi, block in mapped.indexed_blocks(flat.view(torch.uint8)):
+    raw = flat.view(torch.uint8)
+    if raw.numel() <= mapped.BLOCK_BYTES:
+        f.write(memoryview(raw.numpy()))
+        pages.advise(mmap.MADV_DONTNEED, within=t)
+        bar.update(raw.numel())
+        return
+    for lo, hi, block in mapped.indexed_blocks(raw):
         f.write(memoryview(block.numpy()))
         bar.update(hi - lo)
 
@@ -102,8 +110,9 @@ def write_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pa
             tqdm(total=total, desc=f"writing {Path(path).name}", unit="B", unit_scale=True, leave=False,
                  mininterval=1.0, disable=total < PROGRESS_MIN_BYTES) as bar:
         f.write(head)
+        pages = mapped.FilePages(*tensors.values())
         for k in order:
-            _write_tensor(f, tensors[k], bar)
+            _write_tensor(f, tensors[k], bar, pages)
 
 
 def read_spec(path: Path) -> dict[str, Any]:

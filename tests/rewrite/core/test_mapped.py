@@ -92,8 +92,8 @@ def test_file_pages_read_the_mapping_list_once_and_advise_only_inside_the_tensor
     t = torch.frombuffer(mm, dtype=torch.float32).view(-1, 1024)
     anonymous = torch.arange(1 << 20, dtype=torch.float32)
     reads = []
-    real = mapped._private_file_ranges
-    monkeypatch.setattr(mapped, "_private_file_ranges", lambda: reads.append(1) or real())
+    real = mapped._private_file_maps
+    monkeypatch.setattr(mapped, "_private_file_maps", lambda: reads.append(1) or real())
     pages = mapped.FilePages(t, anonymous)
     assert pages and len(reads) == 1
     assert sum(e - s for s, e in pages.spans) == 16 << 20            # the file's pages, none of the anonymous

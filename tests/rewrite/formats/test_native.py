@@ -82,7 +82,7 @@ def test_write_is_atomic(small_dlrm, tmp_path, monkeypatch):
     assert os.listdir(path.parent) == ["m.safetensors"]
     good = path.read_bytes()
 
-    def crash(f, tensor, bar):          # the header and part of a tensor written, then the disk fills
+    def crash(f, tensor, bar, pages):   # the header and part of a tensor written, then the disk fills
         f.write(b"partial")
         raise OSError("disk full")
 
