@@ -200,9 +200,10 @@ def fit_cost(site, cfg: Any) -> float:
 
 
 def _fit(cp: ConfiguredPass, sites, current: RecModel, ctx: PassContext, sample: list[Batch],
-         group: Group, bar) -> dict[str, tuple[TableReport, Representation | None]]:
+         group: Group, bar, output=None) -> dict[str, tuple[TableReport, Representation | None]]:
     """Fit and verify ``sites`` (this rank's share of one pass's tables); on N ranks, return every
-    rank's fits (``fit_sharing.share``), raising the first failing rank's error on every rank."""
+    rank's fits (``fit_sharing.share``), raising the first failing rank's error on every rank.
+    ``output``: where spilled results go (``apply``)."""
     fitted, error = [], None
     try:
         group.injected_failure()
@@ -211,8 +212,8 @@ def _fit(cp: ConfiguredPass, sites, current: RecModel, ctx: PassContext, sample:
             tensors = list(current.embeddings[site.name].state_dict().values())
             rep, new = _run_on_site(cp, site, current, ctx, sample)
             done_reading(*tensors)                # its file pages handed back, if mapped
-            if new is not None and any(is_mapped(t) for t in tensors):
-                spill(new)                        # larger than memory: results out of RSS too
+            if new is not None and any(is_mapped(t) for t in tensors):   # larger than memory:
+                spill(new, into=None if group.distributed else output)   # results out of RSS too
             rep.rank = group.rank
             bar.update(site.rows * site.dim + TABLE_OVERHEAD)
             if group.distributed:   # one line per table: the bars of N ranks share one terminal
@@ -232,9 +233,12 @@ def _fit(cp: ConfiguredPass, sites, current: RecModel, ctx: PassContext, sample:
 
 def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProfile | None = None,
           sample: list[Batch] | None = None, seed: int = 0,
-          group: Group = SINGLE) -> tuple[RecModel, ApplyReport]:
+          group: Group = SINGLE, output=None) -> tuple[RecModel, ApplyReport]:
     """Run ``passes`` in order; return the rewritten model and the verification report.
-    ``group``: the ranks sharing the fits (every rank calls this with the same arguments)."""
+    ``group``: the ranks sharing the fits (every rank calls this with the same arguments).
+    ``output``: the file the result will be saved to (``rewrite.core.result_file.ResultFile``),
+    into which tables spilled out of memory are written as they are made (on N ranks: rank 0's
+    ``output``, filled after each pass in table order, so the file is one process's)."""
     model.eval()
     rows = [model.embeddings[t].rows for t in model.feature_tables]
     sample = [validate(b, model.spec.n_dense, rows, "sample batch") for b in (sample or default_sample(model))]
@@ -257,13 +261,17 @@ def apply(model: RecModel, passes: Iterable[ConfiguredPass], profile: AccessProf
             _, sites = capture(current)
             ctx = PassContext(current, profile, sample, seed)
             chosen = [s for s in sites if s.name in owner]
-            fits = _fit(cp, [s for s in chosen if owner[s.name] == group.rank], current, ctx, sample, group, bar)
+            fits = _fit(cp, [s for s in chosen if owner[s.name] == group.rank], current, ctx, sample, group, bar,
+                        output)
             new_tables: dict[str, Representation] = {}
             for site in chosen:
                 rep, new = fits[site.name]
                 reports.append(rep)
                 if new is not None:
                     new_tables[site.name] = new
+                    if output is not None and group.distributed and \
+                            any(is_mapped(t) for t in current.embeddings[site.name].state_dict().values()):
+                        spill(new, into=output)   # in one process's order: the same file as one process
             if new_tables:
                 current = current.with_tables(new_tables)
                 capture(current)[0].graph.lint()

@@ -7,6 +7,7 @@ tolerance leaves nothing written unless ``allow_degraded`` (the CLI then exits 1
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,11 +18,11 @@ from rewrite import data
 from rewrite.core.atomic import check_new_output
 from rewrite.core.batch import Batch
 from rewrite.core.errors import RewriteError, VerificationError
-from rewrite.core.model_file import save
 from rewrite.distributed import SINGLE, Group
 from rewrite.inspection import human_bytes
 from rewrite.core.model import RecModel
 from rewrite.core.pass_contract import ConfiguredPass, parse_pass
+from rewrite.core.result_file import ResultFile
 from rewrite.pass_manager import apply, require_within_tolerance
 from rewrite.core.access_profile import AccessProfile
 from rewrite.profiling import profile
@@ -93,12 +94,15 @@ def auc_gate(result: dict[str, Any], max_auc_drop: float | None, data_path: Path
 
 def rewrite_checked(model: RecModel, source: Path, configured: list[ConfiguredPass], inputs: Inputs,
                     allow_degraded: bool, max_auc_drop: float | None = None,
-                    allowed_by: str = "--allow-degraded", group: Group = SINGLE) -> tuple[RecModel, dict[str, Any]]:
+                    allowed_by: str = "--allow-degraded", group: Group = SINGLE,
+                    output: ResultFile | None = None) -> tuple[RecModel, dict[str, Any]]:
     """Apply the passes and verify; the report as JSON, with ``failure`` when a table exceeds its
     tolerance or the AUC drops by more than ``max_auc_drop`` on labelled data (unless
     ``allow_degraded``, which ``allowed_by`` names in the report): the caller then writes nothing.
-    ``group``: the ranks fitting the tables (``pass_manager.apply``)."""
-    rewritten, report = apply(model, configured, profile=inputs.profile, sample=inputs.sample, group=group)
+    ``group``: the ranks fitting the tables, ``output`` the file tables spilled out of memory go to
+    (``pass_manager.apply``)."""
+    rewritten, report = apply(model, configured, profile=inputs.profile, sample=inputs.sample, group=group,
+                              output=output)
     result = {"model": str(source), "passes": [str(p) for p in configured],
               "profile": None if inputs.profile is None else inputs.profile.source,
               "verification_data": str(inputs.data_path) if inputs.dataset is not None
@@ -149,21 +153,24 @@ def run_apply(path: Path, specs: list[str], data_path: Path | None, profile_path
     model = load_model(Path(path))
     recovering = recovery is not None and recovery.get("recover_path") is not None
     inputs = load_inputs(model, data_path, profile_path, samples, dense_transform, group)
-    rewritten, result = rewrite_checked(model, path, configured, inputs, allow_degraded or recovering,
-                                        max_auc_drop, "--allow-degraded" if allow_degraded else "--recover",
-                                        group)
-    result.update(output=str(output), written=False)
-    if "failure" in result:
-        return result
-    if recovery is not None:
-        from rewrite.recovery import run_recovery_from_cli
+    # the tables spilled out of memory go straight into the output (rank 0's): each is written once
+    result_file = ResultFile(output) if group.writes else None
+    with result_file or contextlib.nullcontext():
+        rewritten, result = rewrite_checked(model, path, configured, inputs, allow_degraded or recovering,
+                                            max_auc_drop, "--allow-degraded" if allow_degraded else "--recover",
+                                            group, result_file)
+        result.update(output=str(output), written=False)
+        if "failure" in result:
+            return result
+        if recovery is not None:
+            from rewrite.recovery import run_recovery_from_cli
 
-        rewritten, result["recovery"] = run_recovery_from_cli(model, rewritten, dense_transform=dense_transform,
-                                                              **recovery, ranks=group)
-    group.agree()         # every rank finished: only now may rank 0 write
-    if not group.writes:
-        return result
-    save(rewritten, output)
+            rewritten, result["recovery"] = run_recovery_from_cli(model, rewritten, dense_transform=dense_transform,
+                                                                  **recovery, ranks=group)
+        group.agree()         # every rank finished: only now may rank 0 write
+        if not group.writes:
+            return result
+        result_file.finish(rewritten)
     result["written"] = True
     return result
 

@@ -22,20 +22,24 @@ def check_new_output(path: Path | str | None, force: bool, option: str = "-o") -
         raise RewriteError(f"{option} {path}: already exists (use --force to replace it)")
 
 
+def temp_beside(target: Path, directory: bool = False) -> Path:
+    """A new empty ``.tmp-*`` file (or folder) beside ``target``, its parents made."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as e:   # a parent that is a file, no permission, read-only file system
+        raise RewriteError(f"{target}: cannot write here ({e.strerror}: {e.filename})") from None
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success move it onto ``target``."""
     target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
-            os.close(fd)
-            tmp = Path(name)
-    except OSError as e:   # a parent that is a file, no permission, read-only file system
-        raise RewriteError(f"{target}: cannot write here ({e.strerror}: {e.filename})") from None
+    tmp = temp_beside(target, directory)
     try:
         yield tmp
         if directory:

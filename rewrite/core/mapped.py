@@ -338,29 +338,35 @@ def is_mapped(t: torch.Tensor) -> bool:
     return any(a <= t.data_ptr() < b for a, b, _, _ in _private_file_maps())
 
 
-def spill(module: torch.nn.Module, directory: str | None = None) -> int:
+def spill(module: torch.nn.Module, directory: str | None = None, into=None) -> int:
     """Move ``module``'s large state tensors (``SPILL_MIN_BYTES`` and up, not already mapped) into
     an unlinked scratch file in ``directory`` (default: the system's temporary directory) and back
     them by its pages instead of anonymous memory; returns the bytes moved.  The values are the
     same; the pages are clean and droppable once written back, so a run that rewrites every table
     of a larger-than-memory checkpoint holds none of its results in RSS.  The file disappears
-    with the last tensor mapping it."""
-    state = module.state_dict()
-    big = {k: v for k, v in state.items()
-           if v.numel() * v.element_size() >= SPILL_MIN_BYTES and not is_mapped(v)}
-    if not big:
-        return 0
+    with the last tensor mapping it.  ``into``: the output being written
+    (``rewrite.core.result_file.ResultFile``); a tensor its ``place`` takes (one in memory, or one
+    already spilled to a scratch file) is backed by the output's pages instead."""
+    big = {k: v for k, v in module.state_dict().items() if v.numel() * v.element_size() >= SPILL_MIN_BYTES}
     moved, total = {}, 0
-    with tempfile.TemporaryFile(dir=directory, prefix="rewrite-spill-") as f:
-        for k, v in big.items():
-            raw = v.detach().contiguous().reshape(-1).view(torch.uint8)
-            start = -(-f.seek(0, 2) // PAGE) * PAGE
-            f.truncate(start)
-            f.seek(start)
-            f.write(memoryview(raw.numpy()))
-            f.flush()
-            mm = mmap.mmap(f.fileno(), raw.numel(), offset=start, access=mmap.ACCESS_COPY)
-            moved[k] = torch.frombuffer(mm, dtype=torch.uint8).view(v.dtype).view(v.shape)
-            total += raw.numel()
-    module.load_state_dict(moved, strict=False, assign=True)
+    for k, v in big.items() if into is not None else ():
+        placed = into.place(v)
+        if placed is not None:
+            moved[k] = placed
+            total += v.numel() * v.element_size()
+    big = {k: v for k, v in big.items() if k not in moved and not is_mapped(v)}
+    if big:
+        with tempfile.TemporaryFile(dir=directory, prefix="rewrite-spill-") as f:
+            for k, v in big.items():
+                raw = v.detach().contiguous().reshape(-1).view(torch.uint8)
+                start = -(-f.seek(0, 2) // PAGE) * PAGE
+                f.truncate(start)
+                f.seek(start)
+                f.write(memoryview(raw.numpy()))
+                f.flush()
+                mm = mmap.mmap(f.fileno(), raw.numel(), offset=start, access=mmap.ACCESS_COPY)
+                moved[k] = torch.frombuffer(mm, dtype=torch.uint8).view(v.dtype).view(v.shape)
+                total += raw.numel()
+    if moved:
+        module.load_state_dict(moved, strict=False, assign=True)
     return total

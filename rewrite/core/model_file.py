@@ -94,11 +94,16 @@ def _write_tensor(f, t: torch.Tensor, bar: tqdm, pages: mapped.FilePages) -> Non
         bar.update(hi - lo)
 
 
+def contents(model: RecModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What a saved ``model`` holds: its state dict and the metadata with its spec."""
+    return ({k: v.detach() for k, v in model.state_dict().items()},
+            {META_KEY: json.dumps(model.full_spec(), sort_keys=True)})
+
+
 def save(model: RecModel, path: Path | str) -> None:
     """Write ``model`` atomically, tensor by tensor (module docstring): the bytes of
     ``safetensors.torch.save_file(model.state_dict(), path, metadata=spec)``."""
-    write_tensors({k: v.detach() for k, v in model.state_dict().items()},
-                  {META_KEY: json.dumps(model.full_spec(), sort_keys=True)}, path)
+    write_tensors(*contents(model), path)
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path | str) -> None:

@@ -87,6 +87,23 @@ def test_apply_on_two_ranks_writes_the_one_rank_file_byte_for_byte(files, tmp_pa
     assert any(ln.startswith("[rank 1] tt t3: rewritten in ") for ln in lines), two.stderr
 
 
+def test_tables_spilled_into_the_output_make_the_one_rank_file_on_two_ranks(tmp_path, make_dlrm):
+    """A file's tables are mapped, so their int4 rewrites (1.2-1.9 MB) go into the output as they
+    are made; on 2 ranks rank 0 places them in one process's order: the same bytes."""
+    import rewrite
+    from rewrite.core.result_file import HEADER_SPACE
+
+    rewrite.save(make_dlrm(rows=(3, 100_000, 50, 160_000, 120_000), dim=16), tmp_path / "m.safetensors")
+    common = ("apply", tmp_path / "m.safetensors", "-p", "quantize:bits=4", "--threads", 1)
+    one = in_process(*common, "-o", tmp_path / "one.safetensors")
+    assert one.exit_code == 0, one.output
+    two = spawned(*common, "--nproc", 2, "-o", tmp_path / "two.safetensors")
+    assert two.returncode == 0, two.stderr
+    data = (tmp_path / "one.safetensors").read_bytes()
+    assert data == (tmp_path / "two.safetensors").read_bytes()
+    assert int.from_bytes(data[:8], "little") == HEADER_SPACE - 8      # the tables were placed
+
+
 def test_a_rank_that_raises_fails_the_job_and_nothing_is_written(files, tmp_path):
     out = tmp_path / "never.safetensors"
     r = spawned("apply", files / "model.pt", *PASSES, "--nproc", 2, "--threads", 1, "-o", out,
