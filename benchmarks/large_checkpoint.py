@@ -126,7 +126,19 @@ def apply_and_compile(source: Path, work: Path, trees: dict[str, Path]) -> dict[
         q4 = work / f"q4-{name}.safetensors"
         if name != "current" and q4.exists() and (work / "q4-current.safetensors").exists():
             out[name]["result_identical_to_current"] = filecmp.cmp(q4, work / "q4-current.safetensors", shallow=False)
+            out[name]["result_same_tensors_as_current"] = same_tensors(q4, work / "q4-current.safetensors")
     return out
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same metadata and tensors, whatever their layout
+    (``apply`` writes tables where it made them: ``rewrite.core.result_file``)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        return (fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys())
+                and all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys()))
 
 
 def ratios(runs: dict[str, Any]) -> dict[str, Any]:
