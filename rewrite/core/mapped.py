@@ -77,8 +77,8 @@ class _DirectReads:
     in by a reader thread came at ~0.9 GB/s, O_DIRECT reads at ~2.7 GB/s)."""
 
     def __init__(self, path: str, largest: int):
-        self.size = -(-(largest + 2 * DIRECT_ALIGN) // PAGE) * PAGE
-        self.buffers = [mmap.mmap(-1, self.size), mmap.mmap(-1, self.size)]
+        size = -(-(largest + 2 * DIRECT_ALIGN) // PAGE) * PAGE
+        self.buffers = [mmap.mmap(-1, size), mmap.mmap(-1, size)]
         self.path = path
         try:
             self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_DIRECT), True
@@ -338,6 +338,15 @@ def is_mapped(t: torch.Tensor) -> bool:
     return any(a <= t.data_ptr() < b for a, b, _, _ in _private_file_maps())
 
 
+def map_back(f, start: int, like: torch.Tensor) -> torch.Tensor:
+    """The bytes of open file ``f`` from ``start`` (just written and flushed) as a tensor of
+    ``like``'s dtype and shape, backed by a private map of the file (clean, droppable pages)."""
+    nbytes = like.numel() * like.element_size()
+    base = start // PAGE * PAGE
+    mm = mmap.mmap(f.fileno(), start + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start - base).view(like.dtype).view(like.shape)
+
+
 def spill(module: torch.nn.Module, directory: str | None = None, into=None) -> int:
     """Move ``module``'s large state tensors (``SPILL_MIN_BYTES`` and up, not already mapped) into
     an unlinked scratch file in ``directory`` (default: the system's temporary directory) and back
@@ -364,8 +373,7 @@ def spill(module: torch.nn.Module, directory: str | None = None, into=None) -> i
                 f.seek(start)
                 f.write(memoryview(raw.numpy()))
                 f.flush()
-                mm = mmap.mmap(f.fileno(), raw.numel(), offset=start, access=mmap.ACCESS_COPY)
-                moved[k] = torch.frombuffer(mm, dtype=torch.uint8).view(v.dtype).view(v.shape)
+                moved[k] = map_back(f, start, v)
                 total += raw.numel()
     if moved:
         module.load_state_dict(moved, strict=False, assign=True)

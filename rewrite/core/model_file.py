@@ -45,7 +45,7 @@ DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.c
           torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8",
           torch.uint8: "U8", torch.bool: "BOOL"}
-_RANK = {dtype: k for k, dtype in enumerate(DTYPES)}
+RANK = {dtype: k for k, dtype in enumerate(DTYPES)}   # safetensors' order of dtypes
 PROGRESS_MIN_BYTES = 256 << 20   # writes at least this large show a progress bar on stderr
 
 
@@ -58,26 +58,34 @@ def is_native(path: Path) -> bool:
     return len(head) == MAGIC_OFFSET + 1 and head[MAGIC_OFFSET:] == b"{"
 
 
+def header_text(tensors: dict[str, torch.Tensor], metadata: dict[str, str], offsets: dict[str, int]) -> bytes:
+    """safetensors' JSON header (unpadded): ``__metadata__`` when there is any, then each tensor's
+    dtype, shape and ``data_offsets`` (from ``offsets``: its start in the data), by offset."""
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    for k in sorted(offsets, key=offsets.get):
+        t = tensors[k]
+        entries[k] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                      "data_offsets": [offsets[k], offsets[k] + t.numel() * t.element_size()]}
+    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
     """safetensors' header for ``tensors`` (its first 8 bytes included) and the order their
     bytes follow it."""
     unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in DTYPES})
     if unknown:
         raise RewriteError(f"cannot store dtype(s) {', '.join(unknown)} in safetensors")
-    order = sorted(tensors, key=lambda k: (_RANK[tensors[k].dtype], k))
-    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
+    order = sorted(tensors, key=lambda k: (RANK[tensors[k].dtype], k))
+    offsets, offset = {}, 0
     for k in order:
-        t = tensors[k]
-        n = t.numel() * t.element_size()
-        entries[k] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+        offsets[k] = offset
+        offset += tensors[k].numel() * tensors[k].element_size()
+    text = header_text(tensors, metadata, offsets)
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, order
 
 
-def _write_tensor(f, t: torch.Tensor, bar: tqdm, pages: mapped.FilePages) -> None:
+def write_tensor(f, t: torch.Tensor, bar: tqdm, pages: mapped.FilePages) -> None:
     """t's bytes, a large tensor in row blocks, releasing the file-backed source pages once written
     (``pages``: those of every tensor written, found once, not per tensor)."""
     flat = t.contiguous().reshape(-1)
@@ -117,7 +125,7 @@ def write_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pa
         f.write(head)
         pages = mapped.FilePages(*tensors.values())
         for k in order:
-            _write_tensor(f, tensors[k], bar, pages)
+            write_tensor(f, tensors[k], bar, pages)
 
 
 def read_spec(path: Path) -> dict[str, Any]:

@@ -22,17 +22,18 @@ element size does not divide, or when the header outgrows its space.  ``discard`
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import struct
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from rewrite.core import mapped
 from rewrite.core.atomic import temp_beside
 from rewrite.core.model import RecModel
-from rewrite.core.model_file import DTYPES, _RANK, contents, write_tensors
+from rewrite.core.model_file import (DTYPES, PROGRESS_MIN_BYTES, RANK, contents, header_text, write_tensor,
+                                     write_tensors)
 
 HEADER_SPACE = 1 << 20      # bytes before the data: the u64 length and the header, padded
 WRITE_BYTES = 64 << 20      # bytes per write() call
@@ -75,10 +76,7 @@ class ResultFile:
         start, raw = self.end, _raw(t)
         self._append(raw)
         self.file.flush()
-        base = start // mmap.PAGESIZE * mmap.PAGESIZE
-        mm = mmap.mmap(self.file.fileno(), self.end - base, offset=base, access=mmap.ACCESS_COPY)
-        out = torch.frombuffer(mm, dtype=torch.uint8, count=raw.numel(), offset=start - base)
-        out = out.view(t.dtype).view(t.shape)
+        out = mapped.map_back(self.file, start, t)
         self.placed[out.data_ptr()] = (start, raw.numel())
         return out
 
@@ -99,7 +97,7 @@ class ResultFile:
             return None
         placed_end = end = spans[-1][0] + spans[-1][1]
         offsets = {name: off - HEADER_SPACE for name, (off, _) in where.items()}
-        rest.sort(key=lambda k: (_RANK[tensors[k].dtype], k))
+        rest.sort(key=lambda k: (RANK[tensors[k].dtype], k))
         for name in rest:
             t = tensors[name]
             if (end - HEADER_SPACE) % t.element_size():
@@ -108,16 +106,10 @@ class ResultFile:
             end += t.numel() * t.element_size()
         return offsets, rest, placed_end
 
-    def _header(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                offsets: dict[str, int]) -> bytes | None:
+    @staticmethod
+    def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str], offsets: dict[str, int]) -> bytes | None:
         """The u64 length and the JSON header padded to ``HEADER_SPACE``; None when it does not fit."""
-        entries: dict = {"__metadata__": metadata}
-        for name in sorted(offsets, key=offsets.get):
-            t = tensors[name]
-            entries[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
-                             "data_offsets": [offsets[name], offsets[name] + t.numel() * t.element_size()]}
-        text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
-        room = HEADER_SPACE - 8
+        text, room = header_text(tensors, metadata, offsets), HEADER_SPACE - 8
         return struct.pack("<Q", room) + text + b" " * (room - len(text)) if len(text) <= room else None
 
     def finish(self, model: RecModel) -> None:
@@ -132,8 +124,13 @@ class ResultFile:
             return
         _, rest, self.end = layout
         self.file.truncate(self.end)     # bytes of a placed tensor the model no longer holds, at the end
-        for name in rest:
-            self._append(_raw(tensors[name]))
+        self.file.seek(self.end)
+        total = sum(tensors[k].numel() * tensors[k].element_size() for k in rest)
+        with tqdm(total=total, desc=f"writing {self.target.name}", unit="B", unit_scale=True, leave=False,
+                  mininterval=1.0, disable=total < PROGRESS_MIN_BYTES) as bar:
+            pages = mapped.FilePages(*(tensors[k] for k in rest))   # a table left as it was: mapped
+            for name in rest:
+                write_tensor(self.file, tensors[name], bar, pages)
         self.file.seek(0)
         self.file.write(head)
         self.file.flush()

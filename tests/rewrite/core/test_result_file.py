@@ -119,3 +119,20 @@ def test_apply_writes_spilled_tables_once_into_the_output(tmp_path, make_dlrm):
     in_memory, _ = apply(model, [passes.quantize(bits=4)])
     assert_holds(tmp_path / "q4.safetensors", in_memory)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "q4.safetensors"]
+
+
+def test_tables_left_as_they_were_are_copied_with_their_pages_handed_back(tmp_path, make_dlrm):
+    """The tensors not placed (here a table mapped from the input, untouched) are written in
+    blocks whose source pages are released, as ``save`` writes them: not faulted in and kept."""
+    from tests.rewrite.core.test_mapped import resident_bytes
+
+    source = tmp_path / "in.safetensors"
+    rewrite.save(make_dlrm(rows=(3, 40_000, 50, 300_000), dim=16), source)     # t3: 19 MB
+    model = rewrite.load(source)
+    model.embeddings["t1"].weight = torch.nn.Parameter(model.embeddings["t1"].weight.detach() * 2)
+    with ResultFile(tmp_path / "out.safetensors") as result:
+        place_tables(model, result, "t1")
+        result.finish(model)
+    assert header_length(tmp_path / "out.safetensors") == HEADER_SPACE - 8
+    assert resident_bytes(source) < 4 << 20
+    assert_holds(tmp_path / "out.safetensors", model)

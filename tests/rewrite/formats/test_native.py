@@ -86,7 +86,7 @@ def test_write_is_atomic(small_dlrm, tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(native, "_write_tensor", crash)
+    monkeypatch.setattr(native, "write_tensor", crash)
     with pytest.raises(OSError, match="disk full"):
         rewrite.save(small_dlrm, path)
     with pytest.raises(OSError, match="disk full"):
